@@ -1,0 +1,9 @@
+//! The pure-Rust core of vsql_vault.
+//!
+//! Everything here builds and tests with plain `cargo test`, without a PostgreSQL server, so that
+//! the extension and the offline tool apply byte-for-byte the same rules and encodings.
+
+pub mod canonical;
+pub mod rules;
+
+pub use rules::{InputError, Limits};

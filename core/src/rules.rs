@@ -1,0 +1,229 @@
+//! Input rules for the storage API. The extension calls these before touching a table, so a bad
+//! input is refused with the same SQLSTATE whatever function receives it.
+
+use thiserror::Error;
+
+/// Longest purpose name: a purpose is used as an identifier in reports and metrics.
+pub const PURPOSE_MAX_LEN: usize = 63;
+/// Longest external id, in bytes.
+pub const EXTERNAL_ID_MAX_BYTES: usize = 256;
+/// Largest metadata document, in bytes of its JSON text.
+pub const METADATA_MAX_BYTES: usize = 64 * 1024;
+/// Longest policy description.
+pub const DESCRIPTION_MAX_CHARS: usize = 1000;
+
+/// Why an input was refused. Each variant maps to one documented SQLSTATE.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum InputError {
+    #[error("{0} must not be NULL")]
+    Null(&'static str),
+    #[error("invalid purpose {0:?}: a purpose matches ^[a-z0-9][a-z0-9_.-]{{0,62}}$")]
+    Purpose(String),
+    #[error("invalid external_id: {0}")]
+    ExternalId(&'static str),
+    #[error("encrypted_value must not be empty")]
+    EmptyValue,
+    #[error("encrypted_value is {size} bytes, above vsql_vault.max_value_bytes ({limit})")]
+    ValueTooLarge { size: usize, limit: usize },
+    #[error("metadata must be a JSON object, not {0}")]
+    MetadataNotObject(&'static str),
+    #[error("metadata is {size} bytes, above the limit of {limit}")]
+    MetadataTooLarge { size: usize, limit: usize },
+    #[error("invalid policy name {0:?}: a policy name matches ^[a-z0-9][a-z0-9_.-]{{0,62}}$")]
+    PolicyName(String),
+    #[error("unknown purge method {0:?}: expected physical-delete, crypto-shred or retention-expire")]
+    PurgeMethod(String),
+    #[error("{name} must be a positive number of days, got {value}")]
+    Days { name: &'static str, value: i32 },
+    #[error("default_ttl_days ({ttl}) must not exceed max_retention_days ({max})")]
+    TtlAboveMax { ttl: i32, max: i32 },
+    #[error("max_retrievals must be positive, got {0}")]
+    MaxRetrievals(i32),
+    #[error("description is longer than {DESCRIPTION_MAX_CHARS} characters")]
+    Description,
+}
+
+impl InputError {
+    /// The SQLSTATE documented in README for this refusal.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            InputError::Null(_) => "22004",
+            InputError::ValueTooLarge { .. } | InputError::MetadataTooLarge { .. } => "54000",
+            _ => "22023",
+        }
+    }
+}
+
+/// Limits that come from settings rather than from the format.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_value_bytes: usize,
+}
+
+fn is_identifier(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > PURPOSE_MAX_LEN {
+        return false;
+    }
+    let first_ok = b[0].is_ascii_lowercase() || b[0].is_ascii_digit();
+    first_ok
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+pub fn required<T>(value: Option<T>, name: &'static str) -> Result<T, InputError> {
+    value.ok_or(InputError::Null(name))
+}
+
+pub fn purpose(p: &str) -> Result<(), InputError> {
+    if is_identifier(p) {
+        Ok(())
+    } else {
+        Err(InputError::Purpose(p.to_owned()))
+    }
+}
+
+pub fn policy_name(p: &str) -> Result<(), InputError> {
+    if is_identifier(p) {
+        Ok(())
+    } else {
+        Err(InputError::PolicyName(p.to_owned()))
+    }
+}
+
+pub fn external_id(id: &str) -> Result<(), InputError> {
+    if id.is_empty() {
+        return Err(InputError::ExternalId("must not be empty"));
+    }
+    if id.len() > EXTERNAL_ID_MAX_BYTES {
+        return Err(InputError::ExternalId("longer than 256 bytes"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(InputError::ExternalId("contains control characters"));
+    }
+    Ok(())
+}
+
+pub fn encrypted_value(value: &[u8], limits: Limits) -> Result<(), InputError> {
+    if value.is_empty() {
+        return Err(InputError::EmptyValue);
+    }
+    if value.len() > limits.max_value_bytes {
+        return Err(InputError::ValueTooLarge { size: value.len(), limit: limits.max_value_bytes });
+    }
+    Ok(())
+}
+
+/// `json` is the metadata's text as PostgreSQL prints it.
+pub fn metadata(json: &str) -> Result<(), InputError> {
+    if json.len() > METADATA_MAX_BYTES {
+        return Err(InputError::MetadataTooLarge { size: json.len(), limit: METADATA_MAX_BYTES });
+    }
+    match json.trim_start().as_bytes().first() {
+        Some(b'{') => Ok(()),
+        Some(b'[') => Err(InputError::MetadataNotObject("an array")),
+        Some(b'"') => Err(InputError::MetadataNotObject("a string")),
+        Some(b'n') => Err(InputError::MetadataNotObject("null")),
+        Some(b't' | b'f') => Err(InputError::MetadataNotObject("a boolean")),
+        _ => Err(InputError::MetadataNotObject("a number")),
+    }
+}
+
+pub const PURGE_METHODS: [&str; 3] = ["physical-delete", "crypto-shred", "retention-expire"];
+
+pub fn purge_method(m: &str) -> Result<(), InputError> {
+    if PURGE_METHODS.contains(&m) {
+        Ok(())
+    } else {
+        Err(InputError::PurgeMethod(m.to_owned()))
+    }
+}
+
+pub fn retention_days(max_retention_days: i32, default_ttl_days: i32) -> Result<(), InputError> {
+    if max_retention_days <= 0 {
+        return Err(InputError::Days { name: "max_retention_days", value: max_retention_days });
+    }
+    if default_ttl_days <= 0 {
+        return Err(InputError::Days { name: "default_ttl_days", value: default_ttl_days });
+    }
+    if default_ttl_days > max_retention_days {
+        return Err(InputError::TtlAboveMax { ttl: default_ttl_days, max: max_retention_days });
+    }
+    Ok(())
+}
+
+pub fn max_retrievals(n: Option<i32>) -> Result<(), InputError> {
+    match n {
+        Some(v) if v <= 0 => Err(InputError::MaxRetrievals(v)),
+        _ => Ok(()),
+    }
+}
+
+pub fn description(d: Option<&str>) -> Result<(), InputError> {
+    match d {
+        Some(s) if s.chars().count() > DESCRIPTION_MAX_CHARS => Err(InputError::Description),
+        _ => Ok(()),
+    }
+}
+
+/// Roles in an access policy are role names or one of these tokens, resolved per entry.
+pub const ROLE_TOKENS: [&str; 2] = ["@owner", "@purpose"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purposes() {
+        for ok in ["card", "a", "pan.v2", "x-1_y", &"a".repeat(63)] {
+            assert_eq!(purpose(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "Card", " card", "card ", "_card", "-x", "a'b", "drop table", &"a".repeat(64), "é", "a\u{202e}b", "a\0b"] {
+            assert!(purpose(bad).is_err(), "{bad:?}");
+            assert_eq!(purpose(bad).unwrap_err().sqlstate(), "22023");
+        }
+    }
+
+    #[test]
+    fn external_ids() {
+        assert!(external_id("p1").is_ok());
+        assert!(external_id(&"x".repeat(256)).is_ok());
+        assert!(external_id(&"x".repeat(257)).is_err());
+        assert!(external_id("").is_err());
+        assert!(external_id("a\nb").is_err());
+        assert!(external_id("a\0b").is_err());
+        assert!(external_id("Ünïcødé id").is_ok());
+    }
+
+    #[test]
+    fn values_and_metadata() {
+        let limits = Limits { max_value_bytes: 4 };
+        assert_eq!(encrypted_value(b"", limits), Err(InputError::EmptyValue));
+        assert!(encrypted_value(b"abcd", limits).is_ok());
+        let err = encrypted_value(b"abcde", limits).unwrap_err();
+        assert_eq!(err.sqlstate(), "54000");
+        assert!(metadata("{}").is_ok());
+        assert!(metadata(" {\"a\": 1}").is_ok());
+        for bad in ["[]", "1", "\"s\"", "null", "true"] {
+            assert_eq!(metadata(bad).unwrap_err().sqlstate(), "22023", "{bad}");
+        }
+        let huge = format!("{{\"a\":\"{}\"}}", "x".repeat(METADATA_MAX_BYTES));
+        assert_eq!(metadata(&huge).unwrap_err().sqlstate(), "54000");
+    }
+
+    #[test]
+    fn retention() {
+        assert!(retention_days(365, 90).is_ok());
+        assert!(retention_days(90, 90).is_ok());
+        assert!(retention_days(0, 1).is_err());
+        assert!(retention_days(10, 0).is_err());
+        assert!(retention_days(10, -1).is_err());
+        assert!(matches!(retention_days(30, 31), Err(InputError::TtlAboveMax { .. })));
+        assert!(purge_method("crypto-shred").is_ok());
+        assert!(purge_method("shred").is_err());
+        assert!(max_retrievals(None).is_ok());
+        assert!(max_retrievals(Some(0)).is_err());
+        assert_eq!(required(None::<i32>, "purpose").unwrap_err().sqlstate(), "22004");
+    }
+}

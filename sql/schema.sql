@@ -1,0 +1,175 @@
+-- vsql_vault schema: roles, tables, append-only protection and privileges.
+-- Runs first in CREATE EXTENSION (bootstrap). Hand-written so the layout reads as documentation.
+
+-- Group roles are cluster-wide: a second database that installs the extension reuses them.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vault_app') THEN
+        CREATE ROLE vault_app NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vault_auditor') THEN
+        CREATE ROLE vault_auditor NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vault_admin') THEN
+        CREATE ROLE vault_admin NOLOGIN;
+    END IF;
+END
+$roles$;
+
+CREATE SCHEMA IF NOT EXISTS vault;
+REVOKE ALL ON SCHEMA vault FROM PUBLIC;
+-- USAGE lets callers reach the API's helper functions; every table keeps its own privileges.
+GRANT USAGE ON SCHEMA vault TO PUBLIC;
+
+CREATE TABLE vault.retention_policies (
+    purpose             text PRIMARY KEY CHECK (purpose ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
+    max_retention_days  int NOT NULL CHECK (max_retention_days > 0),
+    default_ttl_days    int NOT NULL CHECK (default_ttl_days > 0),
+    purge_method        text NOT NULL
+        CHECK (purge_method IN ('physical-delete', 'crypto-shred', 'retention-expire')),
+    require_purge_proof bool NOT NULL DEFAULT true,
+    description         text,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    updated_by          name NOT NULL,
+    CHECK (default_ttl_days <= max_retention_days)
+);
+
+CREATE TABLE vault.access_policies (
+    name           text PRIMARY KEY CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
+    store_roles    name[] NOT NULL,
+    retrieve_roles name[] NOT NULL,
+    purge_roles    name[] NOT NULL,
+    max_retrievals int CHECK (max_retrievals > 0),
+    description    text,
+    builtin        bool NOT NULL DEFAULT false,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    updated_by     name NOT NULL
+);
+
+-- '@owner' is the entry's owner, '@purpose' any role granted the entry's purpose.
+INSERT INTO vault.access_policies
+    (name, store_roles, retrieve_roles, purge_roles, description, builtin, updated_by)
+VALUES
+    ('owner-only', '{vault_app,vault_admin}', '{@owner}', '{@owner}',
+     'Only the role that stored the entry retrieves it (default).', true, current_user),
+    ('same-purpose', '{vault_app,vault_admin}', '{@owner,@purpose}', '{@owner}',
+     'The owner and any role granted the purpose retrieve it.', true, current_user),
+    ('open-retrieve', '{vault_app,vault_admin}', '{@owner,vault_app}', '{@owner}',
+     'Any vault_app member retrieves it.', true, current_user),
+    ('admin-only', '{vault_admin}', '{vault_admin}', '{vault_admin}',
+     'Only vault_admin members store and retrieve it.', true, current_user);
+
+CREATE TABLE vault.purpose_grants (
+    purpose    text NOT NULL REFERENCES vault.retention_policies (purpose),
+    role_name  name NOT NULL,
+    granted_by name NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (purpose, role_name)
+);
+
+CREATE TABLE vault.entries (
+    id              bigserial PRIMARY KEY,
+    purpose         text NOT NULL REFERENCES vault.retention_policies (purpose),
+    external_id     text NOT NULL,
+    encrypted_value bytea NOT NULL,
+    algorithm_hint  text,
+    key_ref         text,
+    metadata        jsonb NOT NULL DEFAULT '{}',
+    access_policy   text NOT NULL REFERENCES vault.access_policies (name),
+    owner           name NOT NULL,
+    created_at      timestamptz NOT NULL,
+    updated_at      timestamptz NOT NULL,
+    expires_at      timestamptz NOT NULL,
+    purged_at       timestamptz,
+    UNIQUE (purpose, external_id)
+);
+-- Ciphertext does not compress; storing it out of line uncompressed saves the attempt.
+ALTER TABLE vault.entries ALTER COLUMN encrypted_value SET STORAGE EXTERNAL;
+CREATE INDEX entries_expires_at ON vault.entries (expires_at) WHERE purged_at IS NULL;
+
+-- One row per decision the vault made, granted or denied. Rows are written by the audit writer
+-- (a background worker) in its own transactions, so they survive the caller's ROLLBACK.
+CREATE TABLE vault.access_log (
+    id                bigserial PRIMARY KEY,
+    logged_at         timestamptz NOT NULL,
+    role_name         name NOT NULL,
+    session_user_name name NOT NULL,
+    application_name  text,
+    client_addr       inet,
+    backend_pid       int NOT NULL,
+    operation         text NOT NULL,
+    purpose           text,
+    external_id       text,
+    entry_id          bigint,
+    granted           bool NOT NULL,
+    sqlstate          text,
+    reason            text,
+    details           jsonb,
+    caller_xid        xid8,
+    -- Chain fields, filled by the tamper-evident audit layer (hash chain and signed checkpoints).
+    chain_id          int,
+    chain_seq         bigint,
+    prev_hash         bytea,
+    row_hash          bytea
+);
+CREATE INDEX access_log_logged_at ON vault.access_log (logged_at);
+CREATE INDEX access_log_entry_gets ON vault.access_log (entry_id) WHERE operation = 'get' AND granted;
+
+CREATE FUNCTION vault.refuse_modification() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = 'VV403',
+        MESSAGE = format('%s on %I.%I is refused: the table is append-only',
+                         TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME);
+END
+$fn$;
+
+CREATE TRIGGER access_log_append_only BEFORE UPDATE OR DELETE ON vault.access_log
+    FOR EACH ROW EXECUTE FUNCTION vault.refuse_modification();
+CREATE TRIGGER access_log_no_truncate BEFORE TRUNCATE ON vault.access_log
+    FOR EACH STATEMENT EXECUTE FUNCTION vault.refuse_modification();
+-- ALWAYS: also under session_replication_role = replica.
+ALTER TABLE vault.access_log ENABLE ALWAYS TRIGGER access_log_append_only;
+ALTER TABLE vault.access_log ENABLE ALWAYS TRIGGER access_log_no_truncate;
+
+-- Nobody but the owner (the role that ran CREATE EXTENSION) touches the tables directly; the API
+-- functions switch to the owner internally after recording who called them.
+REVOKE ALL ON vault.retention_policies, vault.access_policies, vault.purpose_grants,
+              vault.entries, vault.access_log FROM PUBLIC;
+GRANT SELECT ON vault.retention_policies, vault.access_policies, vault.purpose_grants,
+                vault.access_log TO vault_auditor, vault_admin;
+-- Metadata, never the blob.
+GRANT SELECT (id, purpose, external_id, algorithm_hint, key_ref, metadata, access_policy, owner,
+              created_at, updated_at, expires_at, purged_at)
+    ON vault.entries TO vault_auditor, vault_admin;
+
+-- pg_dump keeps the extension's data (built-in policies come back with CREATE EXTENSION).
+SELECT pg_catalog.pg_extension_config_dump('vault.retention_policies', '');
+SELECT pg_catalog.pg_extension_config_dump('vault.access_policies', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('vault.purpose_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('vault.entries', '');
+SELECT pg_catalog.pg_extension_config_dump('vault.entries_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vault.access_log', '');
+SELECT pg_catalog.pg_extension_config_dump('vault.access_log_id_seq', '');
+
+-- True when `caller` may act under a policy role list for an entry of `purpose` owned by `owner`.
+CREATE FUNCTION vault.role_allowed(roles name[], caller oid, owner name, purpose text)
+RETURNS bool LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (
+        SELECT 1 FROM unnest(roles) AS r(role_name)
+        WHERE (r.role_name = '@owner'
+               AND owner = (SELECT rolname FROM pg_roles WHERE oid = caller))
+           OR (r.role_name = '@purpose'
+               AND EXISTS (SELECT 1 FROM vault.purpose_grants g
+                           JOIN pg_roles gr ON gr.rolname = g.role_name
+                           WHERE g.purpose = role_allowed.purpose
+                             AND pg_has_role(caller, gr.oid, 'USAGE')))
+           OR (left(r.role_name, 1) <> '@'
+               AND EXISTS (SELECT 1 FROM pg_roles x
+                           WHERE x.rolname = r.role_name
+                             AND pg_has_role(caller, x.oid, 'USAGE'))))
+$fn$;
+REVOKE ALL ON FUNCTION vault.role_allowed(name[], oid, name, text) FROM PUBLIC;

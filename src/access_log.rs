@@ -1,0 +1,116 @@
+//! Building access records and making them durable through the audit writer.
+
+use crate::audit_queue::{self, RawRecord, OUTCOME_LIMIT_REACHED};
+use crate::errors::VaultError;
+use crate::identity::{self, Caller};
+use pgrx::prelude::*;
+
+/// One decision of the vault, as it will appear in `vault.access_log`.
+pub struct Event<'a> {
+    pub caller: &'a Caller,
+    pub operation: &'static str,
+    pub purpose: Option<String>,
+    pub external_id: Option<String>,
+    pub entry_id: Option<i64>,
+    pub max_retrievals: Option<i32>,
+    pub details: Option<serde_json::Value>,
+}
+
+impl<'a> Event<'a> {
+    pub fn new(caller: &'a Caller, operation: &'static str, purpose: Option<&str>, external_id: Option<&str>) -> Self {
+        Event {
+            caller,
+            operation,
+            purpose: purpose.map(str::to_owned),
+            external_id: external_id.map(str::to_owned),
+            entry_id: None,
+            max_retrievals: None,
+            details: None,
+        }
+    }
+
+    fn raw(&self, granted: bool, error: Option<&VaultError>) -> RawRecord {
+        let mut r = audit_queue::empty_record();
+        r.logged_at = identity::now_micros();
+        r.backend_pid = self.caller.backend_pid;
+        r.granted = granted;
+        if let Some(id) = self.entry_id {
+            r.has_entry = true;
+            r.entry_id = id;
+        }
+        r.max_retrievals = if granted { self.max_retrievals.unwrap_or(0) } else { 0 };
+        if let Some(xid) = identity::current_xid() {
+            r.has_xid = true;
+            r.caller_xid = xid;
+        }
+        r.role_name.set(Some(&self.caller.role_name));
+        r.session_user.set(Some(&self.caller.session_user));
+        r.application_name.set(self.caller.application_name.as_deref());
+        r.client_addr.set(self.caller.client_addr.as_deref());
+        r.operation.set(Some(self.operation));
+        r.purpose.set(self.purpose.as_deref());
+        r.external_id.set(self.external_id.as_deref());
+        if let Some(e) = error {
+            r.sqlstate.set(Some(e.sqlstate()));
+            r.reason.set(Some(&e.to_string()));
+        }
+        if let Some(d) = &self.details {
+            let text = d.to_string();
+            // A cut JSON document would not parse; say it was too long instead.
+            let text = if text.len() <= 1536 {
+                text
+            } else {
+                serde_json::json!({"truncated": true, "bytes": text.len()}).to_string()
+            };
+            r.details.set(Some(&text));
+        }
+        r
+    }
+
+    /// Makes a granted decision durable. Errors when the writer could not, or when the writer
+    /// refused it because the entry's retrieval limit was reached.
+    pub fn granted(&self) -> Result<(), VaultError> {
+        match audit_queue::submit(&self.raw(true, None))? {
+            OUTCOME_LIMIT_REACHED => Err(VaultError::Denied(format!(
+                "entry has reached its max_retrievals ({})",
+                self.max_retrievals.unwrap_or(0)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes a refusal durable and returns the error for the caller. If the refusal itself cannot
+    /// be recorded the caller still gets its error, with that fact added.
+    pub fn refused(&self, error: VaultError) -> VaultError {
+        match audit_queue::submit(&self.raw(false, Some(&error))) {
+            Ok(_) => error,
+            Err(audit) => {
+                pgrx::warning!("vsql_vault: a refused call could not be logged: {audit}");
+                error
+            }
+        }
+    }
+}
+
+/// Runs `write` in a subtransaction that is kept only if `log` succeeds, so that a change whose
+/// record cannot be made durable is not stored, even for a caller that ignores the error row.
+pub fn write_then_log<T>(
+    write: impl FnOnce() -> Result<T, VaultError>,
+    log: impl FnOnce(&T) -> Result<(), VaultError>,
+) -> Result<T, VaultError> {
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+        let result = write().and_then(|v| log(&v).map(|_| v));
+        if result.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+        result
+    }
+}

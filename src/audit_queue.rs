@@ -1,0 +1,318 @@
+//! The shared queue between backends and the audit writer.
+//!
+//! A backend that made an access decision puts the record in a slot, wakes the writer and waits
+//! on its own latch until the writer reports the record durable (or refused, or failed). The
+//! writer takes every pending slot at once and commits them in one transaction, so one WAL flush
+//! serves many concurrent callers and the writer alone sequences the log. PostgreSQL has no
+//! autonomous transactions; this is how a record survives the caller's ROLLBACK.
+
+use crate::errors::VaultError;
+use crate::settings;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+use std::time::{Duration, Instant};
+
+pub const SLOTS: usize = 256;
+
+const FREE: u32 = 0;
+const PENDING: u32 = 1;
+const WRITING: u32 = 2;
+const DONE: u32 = 3;
+
+/// What the writer decided for a record.
+pub const OUTCOME_WRITTEN: u32 = 0;
+/// The entry's `max_retrievals` was reached: the record was written as a denial.
+pub const OUTCOME_LIMIT_REACHED: u32 = 1;
+/// The writer could not commit the batch; the record is not durable.
+pub const OUTCOME_FAILED: u32 = 2;
+
+/// A UTF-8 string of at most `N` bytes in shared memory, cut at a character boundary.
+#[derive(Copy, Clone)]
+#[repr(C)]
+pub struct FixedStr<const N: usize> {
+    len: u16,
+    present: bool,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> FixedStr<N> {
+    pub fn set(&mut self, s: Option<&str>) {
+        match s {
+            None => {
+                self.present = false;
+                self.len = 0;
+            }
+            Some(s) => {
+                let mut end = s.len().min(N);
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                self.bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
+                self.len = end as u16;
+                self.present = true;
+            }
+        }
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.present
+            .then(|| String::from_utf8_lossy(&self.bytes[..self.len as usize]).into_owned())
+    }
+}
+
+/// One access record as the writer inserts it into `vault.access_log`.
+#[derive(Copy, Clone)]
+#[repr(C)]
+pub struct RawRecord {
+    pub logged_at: i64,
+    pub backend_pid: i32,
+    pub granted: bool,
+    pub has_entry: bool,
+    pub entry_id: i64,
+    /// 0: no limit. Otherwise the writer refuses a granted get once this many are logged.
+    pub max_retrievals: i32,
+    pub has_xid: bool,
+    pub caller_xid: u64,
+    pub role_name: FixedStr<64>,
+    pub session_user: FixedStr<64>,
+    pub application_name: FixedStr<64>,
+    pub client_addr: FixedStr<48>,
+    pub operation: FixedStr<32>,
+    pub purpose: FixedStr<64>,
+    pub external_id: FixedStr<256>,
+    pub sqlstate: FixedStr<5>,
+    pub reason: FixedStr<320>,
+    pub details: FixedStr<1536>,
+}
+
+#[derive(Copy, Clone)]
+#[repr(C)]
+struct Slot {
+    state: u32,
+    outcome: u32,
+    /// The caller gave up waiting: the writer frees the slot itself once it is written.
+    abandoned: bool,
+    latch: usize,
+    record: RawRecord,
+}
+
+#[derive(Copy, Clone)]
+#[repr(C)]
+pub struct AuditQueue {
+    slots: [Slot; SLOTS],
+    next: usize,
+    writer_latch: usize,
+    writer_pid: i32,
+    writer_db: u32,
+}
+
+unsafe impl PGRXSharedMemory for AuditQueue {}
+
+impl Default for AuditQueue {
+    fn default() -> Self {
+        // SAFETY: every field is plain data for which all-zero bytes are a valid value
+        // (FREE slots, absent strings, no writer).
+        unsafe { std::mem::zeroed() }
+    }
+}
+
+static QUEUE: PgLwLock<AuditQueue> = unsafe { PgLwLock::new(c"vsql_vault_audit_queue") };
+
+pub fn init_shmem() {
+    pg_shmem_init!(QUEUE);
+}
+
+pub fn empty_record() -> RawRecord {
+    // SAFETY: as for AuditQueue, all-zero is a valid RawRecord.
+    unsafe { std::mem::zeroed() }
+}
+
+fn my_latch() -> usize {
+    unsafe { pg_sys::MyLatch as usize }
+}
+
+fn set_latch(latch: usize) {
+    if latch != 0 {
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) }
+    }
+}
+
+/// Frees the slot if the caller leaves (error, cancel) before it has read the outcome.
+struct SlotClaim {
+    index: usize,
+    settled: bool,
+}
+
+impl Drop for SlotClaim {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut q = QUEUE.exclusive();
+        let slot = &mut q.slots[self.index];
+        if slot.state == DONE {
+            slot.state = FREE;
+        } else {
+            slot.abandoned = true;
+        }
+    }
+}
+
+/// Hands `record` to the audit writer and waits until it is durable.
+/// Returns the writer's outcome (`OUTCOME_WRITTEN` or `OUTCOME_LIMIT_REACHED`).
+pub fn submit(record: &RawRecord) -> Result<u32, VaultError> {
+    if !crate::preloaded() {
+        return Err(VaultError::NotPreloaded);
+    }
+    let timeout = Duration::from_millis(settings::AUDIT_TIMEOUT_MS.get().max(1) as u64);
+    let deadline = Instant::now() + timeout;
+    let my_db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+
+    let claim = loop {
+        {
+            let mut q = QUEUE.exclusive();
+            if q.writer_db != 0 && q.writer_db != my_db {
+                drop(q);
+                return Err(VaultError::WrongDatabase(settings::database()));
+            }
+            let start = q.next;
+            let found = (0..SLOTS).map(|i| (start + i) % SLOTS).find(|&i| q.slots[i].state == FREE);
+            if let Some(i) = found {
+                let latch = my_latch();
+                let slot = &mut q.slots[i];
+                slot.state = PENDING;
+                slot.outcome = OUTCOME_WRITTEN;
+                slot.abandoned = false;
+                slot.latch = latch;
+                slot.record = *record;
+                q.next = (i + 1) % SLOTS;
+                let writer = q.writer_latch;
+                drop(q);
+                set_latch(writer);
+                break SlotClaim { index: i, settled: false };
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(VaultError::AuditUnavailable("the audit queue is full".into()));
+        }
+        wait_my_latch(Duration::from_millis(1));
+    };
+    wait_for(claim, deadline, timeout)
+}
+
+fn wait_for(mut claim: SlotClaim, deadline: Instant, timeout: Duration) -> Result<u32, VaultError> {
+    loop {
+        unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+        {
+            let mut q = QUEUE.exclusive();
+            let slot = &mut q.slots[claim.index];
+            if slot.state == DONE {
+                let outcome = slot.outcome;
+                slot.state = FREE;
+                claim.settled = true;
+                drop(q);
+                return match outcome {
+                    OUTCOME_FAILED => Err(VaultError::AuditUnavailable(
+                        "the audit writer could not commit the record".into(),
+                    )),
+                    o => Ok(o),
+                };
+            }
+            // A writer that died mid-batch leaves WRITING slots; its successor fails them.
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            // `claim` is dropped here: the slot is marked abandoned, the writer still logs it.
+            return Err(VaultError::AuditUnavailable(format!(
+                "no confirmation from the audit writer within {} ms (vsql_vault.audit_timeout)",
+                timeout.as_millis()
+            )));
+        }
+        wait_my_latch((deadline - now).min(Duration::from_millis(100)));
+    }
+}
+
+fn wait_my_latch(d: Duration) {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            d.as_millis().max(1) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+// ---- the writer's side ----
+
+/// Called once by the writer after it connected: later callers find it here.
+pub fn writer_attach() {
+    let mut q = QUEUE.exclusive();
+    q.writer_latch = my_latch();
+    q.writer_pid = unsafe { pg_sys::MyProcPid };
+    q.writer_db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    // A previous writer that died mid-batch never committed these: their callers must fail.
+    let mut wake = Vec::new();
+    for slot in q.slots.iter_mut().filter(|s| s.state == WRITING) {
+        finish_slot(slot, OUTCOME_FAILED, &mut wake);
+    }
+    drop(q);
+    wake.into_iter().for_each(set_latch);
+}
+
+pub fn writer_detach() {
+    let mut q = QUEUE.exclusive();
+    if q.writer_pid == unsafe { pg_sys::MyProcPid } {
+        q.writer_latch = 0;
+        q.writer_pid = 0;
+        q.writer_db = 0;
+    }
+}
+
+/// A record taken by the writer, with whether its caller already gave up.
+pub struct Taken {
+    pub index: usize,
+    pub record: RawRecord,
+    pub abandoned: bool,
+}
+
+/// Takes every pending record, oldest claim order first.
+pub fn take_pending() -> Vec<Taken> {
+    let mut q = QUEUE.exclusive();
+    let start = q.next;
+    let mut out = Vec::new();
+    for i in (0..SLOTS).map(|k| (start + k) % SLOTS) {
+        let slot = &mut q.slots[i];
+        if slot.state == PENDING {
+            slot.state = WRITING;
+            out.push(Taken { index: i, record: slot.record, abandoned: slot.abandoned });
+        }
+    }
+    out
+}
+
+fn finish_slot(slot: &mut Slot, outcome: u32, wake: &mut Vec<usize>) {
+    if slot.abandoned {
+        slot.state = FREE;
+    } else {
+        slot.state = DONE;
+        slot.outcome = outcome;
+        wake.push(slot.latch);
+    }
+}
+
+/// Reports the outcome of each taken record and wakes its caller.
+pub fn complete(results: &[(usize, u32)]) {
+    let mut wake = Vec::with_capacity(results.len());
+    {
+        let mut q = QUEUE.exclusive();
+        for &(index, outcome) in results {
+            let slot = &mut q.slots[index];
+            if slot.state == WRITING {
+                finish_slot(slot, outcome, &mut wake);
+            }
+        }
+    }
+    wake.into_iter().for_each(set_latch);
+}

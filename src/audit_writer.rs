@@ -1,0 +1,200 @@
+//! The audit writer: a background worker that makes access records durable in batches.
+//!
+//! It is the only process that inserts into `vault.access_log`, which makes it the log's single
+//! sequencer: it also enforces `max_retrievals`, because only it sees every granted get in order.
+
+use crate::audit_queue::{self, Taken, OUTCOME_FAILED, OUTCOME_LIMIT_REACHED, OUTCOME_WRITTEN};
+use crate::settings;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("vsql_vault audit writer")
+        .set_type("vsql_vault audit writer")
+        .set_function("vsql_vault_audit_writer_main")
+        .set_library("vsql_vault")
+        .enable_spi_access()
+        // An ERROR ends the worker; callers waiting on its batch fail closed, and the postmaster
+        // starts a fresh writer a second later.
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+const INSERT: &str = "
+INSERT INTO vault.access_log
+    (logged_at, role_name, session_user_name, application_name, client_addr, backend_pid,
+     operation, purpose, external_id, entry_id, granted, sqlstate, reason, details, caller_xid)
+SELECT '2000-01-01 00:00:00+00'::timestamptz + r.us * interval '1 microsecond',
+       r.role_name, r.session_user_name, r.application_name, r.client_addr::inet, r.pid,
+       r.operation, r.purpose, r.external_id, r.entry_id, r.granted, r.sqlstate, r.reason,
+       r.details::jsonb, r.xid::xid8
+FROM unnest($1::int8[], $2::name[], $3::name[], $4::text[], $5::text[], $6::int4[],
+            $7::text[], $8::text[], $9::text[], $10::int8[], $11::bool[], $12::text[],
+            $13::text[], $14::text[], $15::text[])
+     AS r(us, role_name, session_user_name, application_name, client_addr, pid, operation,
+          purpose, external_id, entry_id, granted, sqlstate, reason, details, xid)";
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = settings::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // A writer stuck behind someone's table lock would hold every caller until its timeout; with a
+    // lock timeout the batch fails, its callers fail closed, and the next writer tries again.
+    BackgroundWorker::transaction(|| {
+        Spi::run("SET lock_timeout = '2s'; SET synchronous_commit = on; SET application_name = 'vsql_vault audit writer'")
+    })
+    .unwrap_or_else(|e| pgrx::error!("vsql_vault audit writer could not configure its session: {e}"));
+    audit_queue::writer_attach();
+    log!("vsql_vault audit writer started for database \"{database}\"");
+
+    while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            if settings::database() != database {
+                log!("vsql_vault.database changed: audit writer restarts to follow it");
+                audit_queue::writer_detach();
+                unsafe { pg_sys::proc_exit(1) };
+            }
+        }
+        loop {
+            let batch = audit_queue::take_pending();
+            if batch.is_empty() {
+                break;
+            }
+            write_batch(batch);
+        }
+    }
+    audit_queue::writer_detach();
+}
+
+fn write_batch(batch: Vec<Taken>) {
+    let indexes: Vec<usize> = batch.iter().map(|t| t.index).collect();
+    let result = PgTryBuilder::new(|| BackgroundWorker::transaction(|| insert_batch(&batch)))
+        .catch_others(|e| {
+            // Tell the callers now rather than at their timeout, then let the worker restart.
+            let failed: Vec<(usize, u32)> = indexes.iter().map(|&i| (i, OUTCOME_FAILED)).collect();
+            audit_queue::complete(&failed);
+            e.rethrow()
+        })
+        .execute();
+    match result {
+        Ok(outcomes) => audit_queue::complete(&outcomes),
+        Err(e) => {
+            let failed: Vec<(usize, u32)> = indexes.iter().map(|&i| (i, OUTCOME_FAILED)).collect();
+            audit_queue::complete(&failed);
+            pgrx::error!("vsql_vault audit writer could not write a batch: {e}");
+        }
+    }
+}
+
+#[derive(Default)]
+struct Columns(
+    Vec<i64>,
+    Vec<String>,
+    Vec<String>,
+    Vec<Option<String>>,
+    Vec<Option<String>>,
+    Vec<i32>,
+    Vec<String>,
+    Vec<Option<String>>,
+    Vec<Option<String>>,
+    Vec<Option<i64>>,
+    Vec<bool>,
+    Vec<Option<String>>,
+    Vec<Option<String>>,
+    Vec<Option<String>>,
+    Vec<Option<String>>,
+);
+
+fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
+    Spi::connect_mut(|client| {
+        let present = client
+            .select("SELECT to_regclass('vault.access_log') IS NOT NULL", None, &[])?
+            .first()
+            .get_one::<bool>()?
+            .unwrap_or(false);
+        if !present {
+            return Ok(batch.iter().map(|t| (t.index, OUTCOME_FAILED)).collect());
+        }
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut retrievals: HashMap<i64, i64> = HashMap::new();
+        let mut c: Columns = Default::default();
+        for t in batch {
+            let r = &t.record;
+            let mut granted = r.granted;
+            let mut sqlstate = r.sqlstate.get();
+            let mut reason = r.reason.get();
+            let mut outcome = OUTCOME_WRITTEN;
+            if granted && r.max_retrievals > 0 && r.has_entry {
+                let count = match retrievals.get(&r.entry_id) {
+                    Some(n) => *n,
+                    None => client
+                        .select(
+                            "SELECT count(*) FROM vault.access_log
+                             WHERE entry_id = $1 AND operation = 'get' AND granted",
+                            None,
+                            &[r.entry_id.into()],
+                        )?
+                        .first()
+                        .get_one::<i64>()?
+                        .unwrap_or(0),
+                };
+                if count >= i64::from(r.max_retrievals) {
+                    granted = false;
+                    sqlstate = Some("42501".into());
+                    reason = Some(format!("max_retrievals ({}) reached", r.max_retrievals));
+                    outcome = OUTCOME_LIMIT_REACHED;
+                } else {
+                    retrievals.insert(r.entry_id, count + 1);
+                }
+            }
+            if t.abandoned {
+                let note = "caller stopped waiting for this record; no data was returned";
+                reason = Some(match reason {
+                    Some(r) => format!("{r}; {note}"),
+                    None => note.to_owned(),
+                });
+            }
+            c.0.push(r.logged_at);
+            c.1.push(r.role_name.get().unwrap_or_default());
+            c.2.push(r.session_user.get().unwrap_or_default());
+            c.3.push(r.application_name.get());
+            c.4.push(r.client_addr.get());
+            c.5.push(r.backend_pid);
+            c.6.push(r.operation.get().unwrap_or_default());
+            c.7.push(r.purpose.get());
+            c.8.push(r.external_id.get());
+            c.9.push(r.has_entry.then_some(r.entry_id));
+            c.10.push(granted);
+            c.11.push(sqlstate);
+            c.12.push(reason);
+            c.13.push(r.details.get());
+            c.14.push(r.has_xid.then(|| r.caller_xid.to_string()));
+            outcomes.push((t.index, outcome));
+        }
+        let args: Vec<DatumWithOid> = vec![
+            c.0.into(),
+            c.1.into(),
+            c.2.into(),
+            c.3.into(),
+            c.4.into(),
+            c.5.into(),
+            c.6.into(),
+            c.7.into(),
+            c.8.into(),
+            c.9.into(),
+            c.10.into(),
+            c.11.into(),
+            c.12.into(),
+            c.13.into(),
+            c.14.into(),
+        ];
+        client.update(INSERT, None, &args)?;
+        Ok(outcomes)
+    })
+}

@@ -1,0 +1,56 @@
+//! The storage API's failures and their SQLSTATEs.
+//!
+//! pgrx's `ErrorReport` only carries SQLSTATEs PostgreSQL itself defines, and ours (`VV410`,
+//! `VV422`, ...) are custom. So the Rust functions return a failure as a (sqlstate, message) pair
+//! and the SQL wrappers in `sql/api.sql` raise it with `RAISE ... USING ERRCODE`, after the
+//! attempt has been made durable in the access log.
+
+use thiserror::Error;
+use vsql_vault_core::InputError;
+
+#[derive(Debug, Error)]
+pub enum VaultError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error("purpose \"{0}\" has no retention policy; an administrator must call vault_set_retention_policy first")]
+    NoRetentionPolicy(String),
+    #[error("expires_at {requested} is beyond the maximum retention of purpose \"{purpose}\" ({max_days} days, until {limit})")]
+    BeyondRetention { purpose: String, requested: String, max_days: i32, limit: String },
+    #[error("expires_at {0} is in the past")]
+    ExpiryInPast(String),
+    #[error("unknown access policy \"{0}\"")]
+    UnknownPolicy(String),
+    #[error("access policy \"{0}\" is built in and cannot be changed")]
+    BuiltinPolicy(String),
+    #[error("role \"{0}\" does not exist")]
+    UnknownRole(String),
+    #[error("permission denied: {0}")]
+    Denied(String),
+    #[error("entry \"{external_id}\" of purpose \"{purpose}\" is gone ({why})")]
+    Gone { purpose: String, external_id: String, why: &'static str },
+    #[error("entry \"{external_id}\" of purpose \"{purpose}\" does not exist")]
+    NotFound { purpose: String, external_id: String },
+    #[error("the access record could not be made durable: {0}")]
+    AuditUnavailable(String),
+    #[error("vsql_vault serves database \"{0}\" only (vsql_vault.database)")]
+    WrongDatabase(String),
+    #[error("vsql_vault must be loaded through shared_preload_libraries")]
+    NotPreloaded,
+}
+
+impl VaultError {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            VaultError::Input(e) => e.sqlstate(),
+            VaultError::NoRetentionPolicy(_) => "VV428",
+            VaultError::BeyondRetention { .. } => "VV422",
+            VaultError::ExpiryInPast(_) | VaultError::UnknownPolicy(_) => "22023",
+            VaultError::BuiltinPolicy(_) | VaultError::Denied(_) => "42501",
+            VaultError::UnknownRole(_) => "42704",
+            VaultError::Gone { .. } => "VV410",
+            VaultError::NotFound { .. } => "P0002",
+            VaultError::AuditUnavailable(_) => "VV503",
+            VaultError::WrongDatabase(_) | VaultError::NotPreloaded => "55000",
+        }
+    }
+}

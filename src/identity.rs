@@ -1,0 +1,115 @@
+//! Who is calling, and running the API's table access as the extension's owner.
+//!
+//! The API functions are not SECURITY DEFINER: inside one, `current_user` would be the owner and
+//! the caller's effective role (after SET ROLE) would be lost. Instead they read the caller's
+//! identity first, then switch the user id to the owner of the vault tables for their own queries
+//! only, exactly as PostgreSQL does for a SECURITY DEFINER call, and switch back.
+
+use pgrx::prelude::*;
+use std::cell::OnceCell;
+use std::ffi::CStr;
+
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub role_oid: pg_sys::Oid,
+    pub role_name: String,
+    pub session_user: String,
+    pub application_name: Option<String>,
+    pub client_addr: Option<String>,
+    pub backend_pid: i32,
+}
+
+thread_local! {
+    static CLIENT_ADDR: OnceCell<Option<String>> = const { OnceCell::new() };
+    static OWNER: OnceCell<pg_sys::Oid> = const { OnceCell::new() };
+}
+
+fn role_name(oid: pg_sys::Oid) -> String {
+    unsafe {
+        let p = pg_sys::GetUserNameFromId(oid, true);
+        if p.is_null() {
+            format!("oid {}", oid.to_u32())
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+impl Caller {
+    pub fn current() -> Caller {
+        let role_oid = unsafe { pg_sys::GetUserId() };
+        let session_oid = unsafe { pg_sys::GetSessionUserId() };
+        let application_name = unsafe {
+            let p = pg_sys::application_name;
+            (!p.is_null())
+                .then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty())
+        };
+        let client_addr = CLIENT_ADDR.with(|c| {
+            c.get_or_init(|| {
+                Spi::get_one::<String>("SELECT inet_client_addr()::text").ok().flatten()
+            })
+            .clone()
+        });
+        Caller {
+            role_oid,
+            role_name: role_name(role_oid),
+            session_user: role_name(session_oid),
+            application_name,
+            client_addr,
+            backend_pid: unsafe { pg_sys::MyProcPid },
+        }
+    }
+}
+
+/// The owner of the vault tables (the role that ran CREATE EXTENSION), cached per backend.
+fn vault_owner() -> pg_sys::Oid {
+    OWNER.with(|o| {
+        *o.get_or_init(|| {
+            Spi::get_one::<pg_sys::Oid>(
+                "SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'vault.entries'::pg_catalog.regclass",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| pgrx::error!("vsql_vault: cannot find the owner of vault.entries"))
+        })
+    })
+}
+
+/// Restores the caller's user id when dropped, also when an error unwinds through it.
+pub struct AsOwner {
+    saved_user: pg_sys::Oid,
+    saved_context: i32,
+}
+
+impl AsOwner {
+    pub fn enter() -> AsOwner {
+        let owner = vault_owner();
+        let mut saved_user = pg_sys::Oid::INVALID;
+        let mut saved_context = 0;
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+            pg_sys::SetUserIdAndSecContext(
+                owner,
+                saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+            );
+        }
+        AsOwner { saved_user, saved_context }
+    }
+}
+
+impl Drop for AsOwner {
+    fn drop(&mut self) {
+        unsafe { pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context) };
+    }
+}
+
+/// The caller's top-level transaction id, if it has one (a put has one after its write).
+pub fn current_xid() -> Option<u64> {
+    let full = unsafe { pg_sys::GetTopFullTransactionIdIfAny() };
+    (full.value != 0).then_some(full.value)
+}
+
+pub fn now_micros() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}

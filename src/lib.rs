@@ -1,0 +1,45 @@
+//! vsql_vault: governed opaque storage for PostgreSQL.
+//!
+//! The extension is a thin shell over `vsql_vault_core`: it validates with the core's rules,
+//! decides with policies kept in `vault.*` tables and hands every decision to the audit writer,
+//! a background worker that makes it durable before the caller sees any data.
+
+use pgrx::prelude::*;
+
+mod access_log;
+mod audit_queue;
+mod audit_writer;
+mod errors;
+mod identity;
+mod policy;
+mod settings;
+mod storage;
+
+pgrx::pg_module_magic!();
+
+pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!("../sql/api.sql", name = "api", finalize);
+
+/// Set in `_PG_init` when the library is loaded through `shared_preload_libraries`: only then do
+/// the shared audit queue and the audit writer exist.
+static PRELOADED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn preloaded() -> bool {
+    PRELOADED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::define();
+    // A walsender or a plain backend may load the library too; shared memory and workers can only
+    // be requested while the postmaster preloads it.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+        audit_queue::init_shmem();
+        audit_writer::register();
+    }
+}
+
+/// The schema that holds the vault's tables and the API's internal functions.
+#[pg_schema]
+mod vault {}

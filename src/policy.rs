@@ -1,0 +1,232 @@
+//! Policy administration: retention policies, access policies and purpose grants.
+//! Only `vault_admin` members change policies; every attempt is logged like any access.
+
+use crate::access_log::{write_then_log, Event};
+use crate::errors::VaultError;
+use crate::identity::{AsOwner, Caller};
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use vsql_vault_core::rules::{self, required, ROLE_TOKENS};
+
+
+fn status_row(r: Result<(), VaultError>) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    TableIterator::once(match r {
+        Ok(()) => (None, None),
+        Err(e) => (Some(e.sqlstate().to_owned()), Some(e.to_string())),
+    })
+}
+
+fn is_admin(caller: &Caller) -> bool {
+    let _owner = AsOwner::enter();
+    Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')",
+        &[caller.role_oid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+fn role_exists(role: &str) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
+        &[role.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// Validates, checks the caller is an admin, applies `change` and logs, all or nothing.
+fn administer(
+    event: &mut Event,
+    validate: impl FnOnce() -> Result<(), VaultError>,
+    change: impl FnOnce() -> Result<(), VaultError>,
+) -> Result<(), VaultError> {
+    if let Err(e) = validate() {
+        return Err(event.refused(e));
+    }
+    if !is_admin(event.caller) {
+        let e = VaultError::Denied(format!("role \"{}\" is not a member of vault_admin", event.caller.role_name));
+        return Err(event.refused(e));
+    }
+    let _owner = AsOwner::enter();
+    match write_then_log(change, |_| event.granted()) {
+        Ok(()) => Ok(()),
+        Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
+        Err(e) => Err(event.refused(e)),
+    }
+}
+
+fn spi_update(query: &str, args: &[DatumWithOid]) -> usize {
+    Spi::connect_mut(|c| c.update(query, None, args).map(|t| t.len()))
+        .unwrap_or_else(|e| pgrx::error!("vsql_vault: updating policies failed: {e}"))
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+fn set_retention_policy_impl(
+    purpose: Option<&str>,
+    max_retention_days: Option<i32>,
+    default_ttl_days: Option<i32>,
+    purge_method: Option<&str>,
+    require_purge_proof: Option<bool>,
+    description: Option<&str>,
+) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, "set_retention_policy", purpose, None);
+    event.details = Some(serde_json::json!({
+        "max_retention_days": max_retention_days, "default_ttl_days": default_ttl_days,
+        "purge_method": purge_method, "require_purge_proof": require_purge_proof,
+        "description": description,
+    }));
+    let validate = || {
+        let p = required(purpose, "purpose")?;
+        let max = required(max_retention_days, "max_retention_days")?;
+        let ttl = required(default_ttl_days, "default_ttl_days")?;
+        let m = required(purge_method, "purge_method")?;
+        required(require_purge_proof, "require_purge_proof")?;
+        rules::purpose(p)?;
+        rules::retention_days(max, ttl)?;
+        rules::purge_method(m)?;
+        rules::description(description)?;
+        Ok(())
+    };
+    let change = || {
+        spi_update(
+            "INSERT INTO vault.retention_policies AS r
+                (purpose, max_retention_days, default_ttl_days, purge_method, require_purge_proof,
+                 description, updated_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (purpose) DO UPDATE SET
+                max_retention_days = EXCLUDED.max_retention_days,
+                default_ttl_days = EXCLUDED.default_ttl_days,
+                purge_method = EXCLUDED.purge_method,
+                require_purge_proof = EXCLUDED.require_purge_proof,
+                description = EXCLUDED.description,
+                updated_at = now(), updated_by = EXCLUDED.updated_by",
+            &[
+                purpose.into(),
+                max_retention_days.into(),
+                default_ttl_days.into(),
+                purge_method.into(),
+                require_purge_proof.into(),
+                description.into(),
+                caller.role_name.as_str().into(),
+            ],
+        );
+        Ok(())
+    };
+    status_row(administer(&mut event, validate, change))
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+fn set_access_policy_impl(
+    name: Option<&str>,
+    store_roles: Option<Vec<Option<String>>>,
+    retrieve_roles: Option<Vec<Option<String>>>,
+    purge_roles: Option<Vec<Option<String>>>,
+    max_retrievals: Option<i32>,
+    description: Option<&str>,
+) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, "set_access_policy", None, None);
+    event.details = Some(serde_json::json!({
+        "name": name, "store_roles": store_roles, "retrieve_roles": retrieve_roles,
+        "purge_roles": purge_roles, "max_retrievals": max_retrievals, "description": description,
+    }));
+    let lists = [("store_roles", &store_roles), ("retrieve_roles", &retrieve_roles), ("purge_roles", &purge_roles)];
+    let validate = || {
+        let n = required(name, "name")?;
+        rules::policy_name(n)?;
+        for (label, list) in lists {
+            let list = required(list.as_ref(), label)?;
+            for role in list {
+                let role = required(role.as_deref(), label)?;
+                if !ROLE_TOKENS.contains(&role) && !role_exists(role) {
+                    return Err(VaultError::UnknownRole(role.to_owned()));
+                }
+            }
+        }
+        rules::max_retrievals(max_retrievals)?;
+        rules::description(description)?;
+        Ok(())
+    };
+    let change = || {
+        let n = name.unwrap_or_default();
+        let changed = spi_update(
+            "INSERT INTO vault.access_policies AS p
+                (name, store_roles, retrieve_roles, purge_roles, max_retrievals, description, updated_by)
+             VALUES ($1, $2::name[], $3::name[], $4::name[], $5, $6, $7)
+             ON CONFLICT (name) DO UPDATE SET
+                store_roles = EXCLUDED.store_roles, retrieve_roles = EXCLUDED.retrieve_roles,
+                purge_roles = EXCLUDED.purge_roles, max_retrievals = EXCLUDED.max_retrievals,
+                description = EXCLUDED.description, updated_at = now(), updated_by = EXCLUDED.updated_by
+             WHERE NOT p.builtin
+             RETURNING 1",
+            &[
+                n.into(),
+                store_roles.clone().into(),
+                retrieve_roles.clone().into(),
+                purge_roles.clone().into(),
+                max_retrievals.into(),
+                description.into(),
+                caller.role_name.as_str().into(),
+            ],
+        );
+        if changed == 0 {
+            return Err(VaultError::BuiltinPolicy(n.to_owned()));
+        }
+        Ok(())
+    };
+    status_row(administer(&mut event, validate, change))
+}
+
+fn purpose_grant(operation: &'static str, purpose: Option<&str>, role: Option<&str>) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, operation, purpose, None);
+    event.details = Some(serde_json::json!({ "role": role }));
+    let validate = || {
+        let p = required(purpose, "purpose")?;
+        let r = required(role, "role")?;
+        rules::purpose(p)?;
+        if !role_exists(r) {
+            return Err(VaultError::UnknownRole(r.to_owned()));
+        }
+        Ok(())
+    };
+    let change = || {
+        let p = purpose.unwrap_or_default();
+        let has_policy = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM vault.retention_policies WHERE purpose = $1)",
+            &[p.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !has_policy {
+            return Err(VaultError::NoRetentionPolicy(p.to_owned()));
+        }
+        let args: [DatumWithOid; 3] = [p.into(), role.into(), caller.role_name.as_str().into()];
+        if operation == "grant_purpose" {
+            spi_update(
+                "INSERT INTO vault.purpose_grants (purpose, role_name, granted_by) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &args,
+            );
+        } else {
+            spi_update("DELETE FROM vault.purpose_grants WHERE purpose = $1 AND role_name = $2", &args[..2]);
+        }
+        Ok(())
+    };
+    status_row(administer(&mut event, validate, change))
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+fn grant_purpose_impl(purpose: Option<&str>, role: Option<&str>) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    purpose_grant("grant_purpose", purpose, role)
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+fn revoke_purpose_impl(purpose: Option<&str>, role: Option<&str>) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    purpose_grant("revoke_purpose", purpose, role)
+}
