@@ -17,7 +17,12 @@ pub struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
-    pub fn new(caller: &'a Caller, operation: &'static str, purpose: Option<&str>, external_id: Option<&str>) -> Self {
+    pub fn new(
+        caller: &'a Caller,
+        operation: &'static str,
+        purpose: Option<&str>,
+        external_id: Option<&str>,
+    ) -> Self {
         Event {
             caller,
             operation,
@@ -38,14 +43,19 @@ impl<'a> Event<'a> {
             r.has_entry = true;
             r.entry_id = id;
         }
-        r.max_retrievals = if granted { self.max_retrievals.unwrap_or(0) } else { 0 };
+        r.max_retrievals = if granted {
+            self.max_retrievals.unwrap_or(0)
+        } else {
+            0
+        };
         if let Some(xid) = identity::current_xid() {
             r.has_xid = true;
             r.caller_xid = xid;
         }
         r.role_name.set(Some(&self.caller.role_name));
         r.session_user.set(Some(&self.caller.session_user));
-        r.application_name.set(self.caller.application_name.as_deref());
+        r.application_name
+            .set(self.caller.application_name.as_deref());
         r.client_addr.set(self.caller.client_addr.as_deref());
         r.operation.set(Some(self.operation));
         r.purpose.set(self.purpose.as_deref());

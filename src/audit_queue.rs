@@ -176,7 +176,9 @@ pub fn submit(record: &RawRecord) -> Result<u32, VaultError> {
                 return Err(VaultError::WrongDatabase(settings::database()));
             }
             let start = q.next;
-            let found = (0..SLOTS).map(|i| (start + i) % SLOTS).find(|&i| q.slots[i].state == FREE);
+            let found = (0..SLOTS)
+                .map(|i| (start + i) % SLOTS)
+                .find(|&i| q.slots[i].state == FREE);
             if let Some(i) = found {
                 let latch = my_latch();
                 let slot = &mut q.slots[i];
@@ -189,11 +191,16 @@ pub fn submit(record: &RawRecord) -> Result<u32, VaultError> {
                 let writer = q.writer_latch;
                 drop(q);
                 set_latch(writer);
-                break SlotClaim { index: i, settled: false };
+                break SlotClaim {
+                    index: i,
+                    settled: false,
+                };
             }
         }
         if Instant::now() >= deadline {
-            return Err(VaultError::AuditUnavailable("the audit queue is full".into()));
+            return Err(VaultError::AuditUnavailable(
+                "the audit queue is full".into(),
+            ));
         }
         wait_my_latch(Duration::from_millis(1));
     };
@@ -286,7 +293,11 @@ pub fn take_pending() -> Vec<Taken> {
         let slot = &mut q.slots[i];
         if slot.state == PENDING {
             slot.state = WRITING;
-            out.push(Taken { index: i, record: slot.record, abandoned: slot.abandoned });
+            out.push(Taken {
+                index: i,
+                record: slot.record,
+                abandoned: slot.abandoned,
+            });
         }
     }
     out

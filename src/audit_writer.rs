@@ -114,7 +114,11 @@ struct Columns(
 fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
     Spi::connect_mut(|client| {
         let present = client
-            .select("SELECT to_regclass('vault.access_log') IS NOT NULL", None, &[])?
+            .select(
+                "SELECT to_regclass('vault.access_log') IS NOT NULL",
+                None,
+                &[],
+            )?
             .first()
             .get_one::<bool>()?
             .unwrap_or(false);

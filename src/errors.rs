@@ -15,7 +15,12 @@ pub enum VaultError {
     #[error("purpose \"{0}\" has no retention policy; an administrator must call vault_set_retention_policy first")]
     NoRetentionPolicy(String),
     #[error("expires_at {requested} is beyond the maximum retention of purpose \"{purpose}\" ({max_days} days, until {limit})")]
-    BeyondRetention { purpose: String, requested: String, max_days: i32, limit: String },
+    BeyondRetention {
+        purpose: String,
+        requested: String,
+        max_days: i32,
+        limit: String,
+    },
     #[error("expires_at {0} is in the past")]
     ExpiryInPast(String),
     #[error("unknown access policy \"{0}\"")]
@@ -27,9 +32,16 @@ pub enum VaultError {
     #[error("permission denied: {0}")]
     Denied(String),
     #[error("entry \"{external_id}\" of purpose \"{purpose}\" is gone ({why})")]
-    Gone { purpose: String, external_id: String, why: &'static str },
+    Gone {
+        purpose: String,
+        external_id: String,
+        why: &'static str,
+    },
     #[error("entry \"{external_id}\" of purpose \"{purpose}\" does not exist")]
-    NotFound { purpose: String, external_id: String },
+    NotFound {
+        purpose: String,
+        external_id: String,
+    },
     #[error("the access record could not be made durable: {0}")]
     AuditUnavailable(String),
     #[error("vsql_vault serves database \"{0}\" only (vsql_vault.database)")]

@@ -47,7 +47,9 @@ impl Caller {
         };
         let client_addr = CLIENT_ADDR.with(|c| {
             c.get_or_init(|| {
-                Spi::get_one::<String>("SELECT inet_client_addr()::text").ok().flatten()
+                Spi::get_one::<String>("SELECT inet_client_addr()::text")
+                    .ok()
+                    .flatten()
             })
             .clone()
         });
@@ -94,7 +96,10 @@ impl AsOwner {
                 saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
             );
         }
-        AsOwner { saved_user, saved_context }
+        AsOwner {
+            saved_user,
+            saved_context,
+        }
     }
 }
 

@@ -8,8 +8,15 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::{self, required, ROLE_TOKENS};
 
-
-fn status_row(r: Result<(), VaultError>) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+fn status_row(
+    r: Result<(), VaultError>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
     TableIterator::once(match r {
         Ok(()) => (None, None),
         Err(e) => (Some(e.sqlstate().to_owned()), Some(e.to_string())),
@@ -47,7 +54,10 @@ fn administer(
         return Err(event.refused(e));
     }
     if !is_admin(event.caller) {
-        let e = VaultError::Denied(format!("role \"{}\" is not a member of vault_admin", event.caller.role_name));
+        let e = VaultError::Denied(format!(
+            "role \"{}\" is not a member of vault_admin",
+            event.caller.role_name
+        ));
         return Err(event.refused(e));
     }
     let _owner = AsOwner::enter();
@@ -71,7 +81,13 @@ fn set_retention_policy_impl(
     purge_method: Option<&str>,
     require_purge_proof: Option<bool>,
     description: Option<&str>,
-) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, "set_retention_policy", purpose, None);
     event.details = Some(serde_json::json!({
@@ -127,14 +143,24 @@ fn set_access_policy_impl(
     purge_roles: Option<Vec<Option<String>>>,
     max_retrievals: Option<i32>,
     description: Option<&str>,
-) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, "set_access_policy", None, None);
     event.details = Some(serde_json::json!({
         "name": name, "store_roles": store_roles, "retrieve_roles": retrieve_roles,
         "purge_roles": purge_roles, "max_retrievals": max_retrievals, "description": description,
     }));
-    let lists = [("store_roles", &store_roles), ("retrieve_roles", &retrieve_roles), ("purge_roles", &purge_roles)];
+    let lists = [
+        ("store_roles", &store_roles),
+        ("retrieve_roles", &retrieve_roles),
+        ("purge_roles", &purge_roles),
+    ];
     let validate = || {
         let n = required(name, "name")?;
         rules::policy_name(n)?;
@@ -181,7 +207,17 @@ fn set_access_policy_impl(
     status_row(administer(&mut event, validate, change))
 }
 
-fn purpose_grant(operation: &'static str, purpose: Option<&str>, role: Option<&str>) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+fn purpose_grant(
+    operation: &'static str,
+    purpose: Option<&str>,
+    role: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, operation, purpose, None);
     event.details = Some(serde_json::json!({ "role": role }));
@@ -214,7 +250,10 @@ fn purpose_grant(operation: &'static str, purpose: Option<&str>, role: Option<&s
                 &args,
             );
         } else {
-            spi_update("DELETE FROM vault.purpose_grants WHERE purpose = $1 AND role_name = $2", &args[..2]);
+            spi_update(
+                "DELETE FROM vault.purpose_grants WHERE purpose = $1 AND role_name = $2",
+                &args[..2],
+            );
         }
         Ok(())
     };
@@ -222,11 +261,29 @@ fn purpose_grant(operation: &'static str, purpose: Option<&str>, role: Option<&s
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
-fn grant_purpose_impl(purpose: Option<&str>, role: Option<&str>) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+fn grant_purpose_impl(
+    purpose: Option<&str>,
+    role: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
     purpose_grant("grant_purpose", purpose, role)
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
-fn revoke_purpose_impl(purpose: Option<&str>, role: Option<&str>) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+fn revoke_purpose_impl(
+    purpose: Option<&str>,
+    role: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
     purpose_grant("revoke_purpose", purpose, role)
 }

@@ -4,6 +4,9 @@
 //! `sql/api.sql` raise them (see `errors.rs` for why). Every call, granted or refused, is made
 //! durable in `vault.access_log` before anything is returned.
 
+// pgrx reads a function's result columns from the signature itself, so they cannot be behind a type alias.
+#![allow(clippy::type_complexity)]
+
 use crate::access_log::{write_then_log, Event};
 use crate::errors::VaultError;
 use crate::identity::{AsOwner, Caller};
@@ -23,7 +26,10 @@ fn status<T>(r: &Result<T, VaultError>) -> Status {
 }
 
 /// Runs the decision, logs it either way, and returns the data only when its record is durable.
-fn decide_and_log<T>(event: &mut Event, decide: impl FnOnce(&mut Event) -> Result<T, VaultError>) -> Result<T, VaultError> {
+fn decide_and_log<T>(
+    event: &mut Event,
+    decide: impl FnOnce(&mut Event) -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
     match decide(event) {
         Ok(v) => match event.granted() {
             Ok(()) => Ok(v),
@@ -46,10 +52,28 @@ fn put_impl(
     metadata: Option<&str>,
     expires_at: Option<TimestampWithTimeZone>,
     access_policy: Option<&str>,
-) -> TableIterator<'static, (name!(sqlstate, Option<String>), name!(message, Option<String>), name!(expires_at, Option<TimestampWithTimeZone>))> {
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, "put", purpose, external_id);
-    let result = put(&caller, &mut event, purpose, external_id, encrypted_value, algorithm_hint, key_ref, metadata, expires_at, access_policy);
+    let result = put(
+        &caller,
+        &mut event,
+        purpose,
+        external_id,
+        encrypted_value,
+        algorithm_hint,
+        key_ref,
+        metadata,
+        expires_at,
+        access_policy,
+    );
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }
@@ -75,7 +99,9 @@ fn put(
         let access_policy = required(access_policy, "access_policy")?;
         rules::purpose(purpose)?;
         rules::external_id(external_id)?;
-        let limits = Limits { max_value_bytes: settings::MAX_VALUE_BYTES.get().max(1) as usize };
+        let limits = Limits {
+            max_value_bytes: settings::MAX_VALUE_BYTES.get().max(1) as usize,
+        };
         rules::encrypted_value(value, limits)?;
         rules::metadata(metadata)?;
         Ok::<_, VaultError>((purpose, external_id, value, metadata, access_policy))
@@ -139,12 +165,32 @@ fn put(
         ))
     })
     .unwrap_or_else(|e| pgrx::error!("vsql_vault: reading policies failed: {e}"));
-    let (member, has_retention, max_days, policy_exists, may_store, existing_id, existing_owner, may_store_existing, effective, beyond, in_past, limit, requested) = decision;
+    let (
+        member,
+        has_retention,
+        max_days,
+        policy_exists,
+        may_store,
+        existing_id,
+        existing_owner,
+        may_store_existing,
+        effective,
+        beyond,
+        in_past,
+        limit,
+        requested,
+    ) = decision;
     event.entry_id = existing_id;
 
     let refuse = |event: &Event, e: VaultError| Err(event.refused(e));
     if !member {
-        return refuse(event, VaultError::Denied(format!("role \"{}\" is not a member of vault_app or vault_admin", caller.role_name)));
+        return refuse(
+            event,
+            VaultError::Denied(format!(
+                "role \"{}\" is not a member of vault_app or vault_admin",
+                caller.role_name
+            )),
+        );
     }
     if !has_retention {
         return refuse(event, VaultError::NoRetentionPolicy(purpose.to_owned()));
@@ -153,17 +199,36 @@ fn put(
         return refuse(event, VaultError::UnknownPolicy(access_policy.to_owned()));
     }
     if beyond {
-        return refuse(event, VaultError::BeyondRetention { purpose: purpose.to_owned(), requested, max_days, limit });
+        return refuse(
+            event,
+            VaultError::BeyondRetention {
+                purpose: purpose.to_owned(),
+                requested,
+                max_days,
+                limit,
+            },
+        );
     }
     if in_past {
         return refuse(event, VaultError::ExpiryInPast(requested));
     }
     if !may_store {
-        return refuse(event, VaultError::Denied(format!("access policy \"{access_policy}\" does not let role \"{}\" store", caller.role_name)));
+        return refuse(
+            event,
+            VaultError::Denied(format!(
+                "access policy \"{access_policy}\" does not let role \"{}\" store",
+                caller.role_name
+            )),
+        );
     }
     if let Some(owner) = existing_owner.as_deref() {
         if owner != caller.role_name || !may_store_existing {
-            return refuse(event, VaultError::Denied(format!("entry \"{external_id}\" of purpose \"{purpose}\" belongs to another role")));
+            return refuse(
+                event,
+                VaultError::Denied(format!(
+                    "entry \"{external_id}\" of purpose \"{purpose}\" belongs to another role"
+                )),
+            );
         }
     }
     let Some(effective) = effective else {
@@ -209,7 +274,11 @@ fn put(
                     .get_one::<i64>()
             })
             .unwrap_or_else(|e| pgrx::error!("vsql_vault: storing the entry failed: {e}"));
-            id.ok_or_else(|| VaultError::Denied(format!("entry \"{external_id}\" of purpose \"{purpose}\" belongs to another role")))
+            id.ok_or_else(|| {
+                VaultError::Denied(format!(
+                    "entry \"{external_id}\" of purpose \"{purpose}\" belongs to another role"
+                ))
+            })
         },
         |id| {
             event.entry_id = Some(*id);
@@ -243,7 +312,11 @@ struct Found {
 
 fn find(caller: &Caller, purpose: &str, external_id: &str, with_value: bool) -> Found {
     let _owner = AsOwner::enter();
-    let value_col = if with_value { "e.encrypted_value" } else { "NULL::bytea" };
+    let value_col = if with_value {
+        "e.encrypted_value"
+    } else {
+        "NULL::bytea"
+    };
     Spi::connect(|client| {
         let args: Vec<DatumWithOid> = vec![caller.role_oid.into(), purpose.into(), external_id.into()];
         let row = client
@@ -282,7 +355,10 @@ fn find(caller: &Caller, purpose: &str, external_id: &str, with_value: bool) -> 
     .unwrap_or_else(|e| pgrx::error!("vsql_vault: reading the entry failed: {e}"))
 }
 
-fn checked_key<'a>(purpose: Option<&'a str>, external_id: Option<&'a str>) -> Result<(&'a str, &'a str), VaultError> {
+fn checked_key<'a>(
+    purpose: Option<&'a str>,
+    external_id: Option<&'a str>,
+) -> Result<(&'a str, &'a str), VaultError> {
     let purpose = required(purpose, "purpose")?;
     let external_id = required(external_id, "external_id")?;
     rules::purpose(purpose)?;
@@ -291,22 +367,30 @@ fn checked_key<'a>(purpose: Option<&'a str>, external_id: Option<&'a str>) -> Re
 }
 
 fn not_member(caller: &Caller) -> VaultError {
-    VaultError::Denied(format!("role \"{}\" is not a member of vault_app or vault_admin", caller.role_name))
+    VaultError::Denied(format!(
+        "role \"{}\" is not a member of vault_app or vault_admin",
+        caller.role_name
+    ))
 }
 
-
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
-fn get_impl(purpose: Option<&str>, external_id: Option<&str>) -> TableIterator<'static, (
-    name!(sqlstate, Option<String>),
-    name!(message, Option<String>),
-    name!(encrypted_value, Option<Vec<u8>>),
-    name!(algorithm_hint, Option<String>),
-    name!(key_ref, Option<String>),
-    name!(metadata, Option<String>),
-    name!(owner, Option<String>),
-    name!(created_at, Option<TimestampWithTimeZone>),
-    name!(expires_at, Option<TimestampWithTimeZone>),
-)> {
+fn get_impl(
+    purpose: Option<&str>,
+    external_id: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(encrypted_value, Option<Vec<u8>>),
+        name!(algorithm_hint, Option<String>),
+        name!(key_ref, Option<String>),
+        name!(metadata, Option<String>),
+        name!(owner, Option<String>),
+        name!(created_at, Option<TimestampWithTimeZone>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, "get", purpose, external_id);
     let result = decide_and_log(&mut event, |event| {
@@ -318,7 +402,10 @@ fn get_impl(purpose: Option<&str>, external_id: Option<&str>) -> TableIterator<'
             return Err(not_member(&caller));
         }
         if f.id.is_none() {
-            return Err(VaultError::NotFound { purpose: purpose.into(), external_id: external_id.into() });
+            return Err(VaultError::NotFound {
+                purpose: purpose.into(),
+                external_id: external_id.into(),
+            });
         }
         if !f.allowed {
             return Err(VaultError::Denied(format!(
@@ -329,29 +416,48 @@ fn get_impl(purpose: Option<&str>, external_id: Option<&str>) -> TableIterator<'
         }
         if f.purged || f.expired {
             let why = if f.purged { "purged" } else { "expired" };
-            return Err(VaultError::Gone { purpose: purpose.into(), external_id: external_id.into(), why });
+            return Err(VaultError::Gone {
+                purpose: purpose.into(),
+                external_id: external_id.into(),
+                why,
+            });
         }
         Ok(f)
     });
     let (s, m) = status(&result);
     TableIterator::once(match result {
-        Ok(f) => (s, m, f.value, f.algorithm_hint, f.key_ref, f.metadata, f.owner, f.created_at, f.expires_at),
+        Ok(f) => (
+            s,
+            m,
+            f.value,
+            f.algorithm_hint,
+            f.key_ref,
+            f.metadata,
+            f.owner,
+            f.created_at,
+            f.expires_at,
+        ),
         Err(_) => (s, m, None, None, None, None, None, None, None),
     })
 }
 
-
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
-fn head_impl(purpose: Option<&str>, external_id: Option<&str>) -> TableIterator<'static, (
-    name!(sqlstate, Option<String>),
-    name!(message, Option<String>),
-    name!(found, Option<bool>),
-    name!(expired, Option<bool>),
-    name!(owner, Option<String>),
-    name!(access_policy, Option<String>),
-    name!(created_at, Option<TimestampWithTimeZone>),
-    name!(expires_at, Option<TimestampWithTimeZone>),
-)> {
+fn head_impl(
+    purpose: Option<&str>,
+    external_id: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(found, Option<bool>),
+        name!(expired, Option<bool>),
+        name!(owner, Option<String>),
+        name!(access_policy, Option<String>),
+        name!(created_at, Option<TimestampWithTimeZone>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, "head", purpose, external_id);
     let result = decide_and_log(&mut event, |event| {
@@ -375,26 +481,39 @@ fn head_impl(purpose: Option<&str>, external_id: Option<&str>) -> TableIterator<
     TableIterator::once(match result {
         Ok(f) => {
             let found = f.id.is_some();
-            (s, m, Some(found), Some(found && (f.expired || f.purged)), f.owner, f.access_policy, f.created_at, f.expires_at)
+            (
+                s,
+                m,
+                Some(found),
+                Some(found && (f.expired || f.purged)),
+                f.owner,
+                f.access_policy,
+                f.created_at,
+                f.expires_at,
+            )
         }
         Err(_) => (s, m, None, None, None, None, None, None),
     })
 }
 
-
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
-fn list_impl(purpose: Option<&str>) -> TableIterator<'static, (
-    name!(sqlstate, Option<String>),
-    name!(message, Option<String>),
-    name!(external_id, Option<String>),
-    name!(owner, Option<String>),
-    name!(algorithm_hint, Option<String>),
-    name!(key_ref, Option<String>),
-    name!(metadata, Option<String>),
-    name!(access_policy, Option<String>),
-    name!(created_at, Option<TimestampWithTimeZone>),
-    name!(expires_at, Option<TimestampWithTimeZone>),
-)> {
+fn list_impl(
+    purpose: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(external_id, Option<String>),
+        name!(owner, Option<String>),
+        name!(algorithm_hint, Option<String>),
+        name!(key_ref, Option<String>),
+        name!(metadata, Option<String>),
+        name!(access_policy, Option<String>),
+        name!(created_at, Option<TimestampWithTimeZone>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, "list", purpose, None);
     let result = decide_and_log(&mut event, |event| {

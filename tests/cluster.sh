@@ -45,6 +45,13 @@ CONF
         "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
         psql -X -q -h "$dir" -p "$port" -U postgres -d postgres -c "CREATE DATABASE \"$db\""
     fi
+    # The audit writer connects to DB once it exists; wait for it so the first call is served.
+    for _ in $(seq 1 100); do
+        psql -X -q -h "$dir" -p "$port" -U postgres -d postgres -tAc \
+            "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'vsql_vault audit writer' AND datname = '$db'" |
+            grep -q 1 && break
+        sleep 0.2
+    done
     ;;
 stop)
     if [ -f "$dir/data/PG_VERSION" ]; then

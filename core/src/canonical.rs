@@ -101,7 +101,9 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// Encodes a list of named fields in the order given.
 pub fn encode(domain: &str, fields: &[(String, Value)]) -> Encoder {
-    fields.iter().fold(Encoder::new(domain), |e, (n, v)| e.field(n, v))
+    fields
+        .iter()
+        .fold(Encoder::new(domain), |e, (n, v)| e.field(n, v))
 }
 
 #[cfg(test)]
@@ -109,12 +111,20 @@ mod tests {
     use super::*;
 
     fn enc(fields: &[(&str, Value)]) -> Vec<u8> {
-        fields.iter().fold(Encoder::new("t"), |e, (n, v)| e.field(n, v)).bytes().to_vec()
+        fields
+            .iter()
+            .fold(Encoder::new("t"), |e, (n, v)| e.field(n, v))
+            .bytes()
+            .to_vec()
     }
 
     #[test]
     fn layout_is_exact() {
-        let b = enc(&[("a", Value::Text("xy".into())), ("n", Value::Null), ("i", Value::Int(1))]);
+        let b = enc(&[
+            ("a", Value::Text("xy".into())),
+            ("n", Value::Null),
+            ("i", Value::Int(1)),
+        ]);
         let expected: Vec<u8> = [
             b"VSQLV".as_slice(),
             &[1],
@@ -129,12 +139,27 @@ mod tests {
 
     #[test]
     fn encoding_is_injective_on_tricky_pairs() {
-        let a = enc(&[("f", Value::Text("ab".into())), ("g", Value::Text("c".into()))]);
-        let b = enc(&[("f", Value::Text("a".into())), ("g", Value::Text("bc".into()))]);
+        let a = enc(&[
+            ("f", Value::Text("ab".into())),
+            ("g", Value::Text("c".into())),
+        ]);
+        let b = enc(&[
+            ("f", Value::Text("a".into())),
+            ("g", Value::Text("bc".into())),
+        ]);
         assert_ne!(a, b);
-        assert_ne!(enc(&[("f", Value::Null)]), enc(&[("f", Value::Text(String::new()))]));
-        assert_ne!(enc(&[("f", Value::Int(1))]), enc(&[("f", Value::Timestamp(1))]));
-        assert_ne!(enc(&[("f", Value::Text("1".into()))]), enc(&[("f", Value::Bytes(b"1".to_vec()))]));
+        assert_ne!(
+            enc(&[("f", Value::Null)]),
+            enc(&[("f", Value::Text(String::new()))])
+        );
+        assert_ne!(
+            enc(&[("f", Value::Int(1))]),
+            enc(&[("f", Value::Timestamp(1))])
+        );
+        assert_ne!(
+            enc(&[("f", Value::Text("1".into()))]),
+            enc(&[("f", Value::Bytes(b"1".to_vec()))])
+        );
         assert_ne!(Encoder::new("a").bytes(), Encoder::new("b").bytes());
     }
 

@@ -31,7 +31,9 @@ pub enum InputError {
     MetadataTooLarge { size: usize, limit: usize },
     #[error("invalid policy name {0:?}: a policy name matches ^[a-z0-9][a-z0-9_.-]{{0,62}}$")]
     PolicyName(String),
-    #[error("unknown purge method {0:?}: expected physical-delete, crypto-shred or retention-expire")]
+    #[error(
+        "unknown purge method {0:?}: expected physical-delete, crypto-shred or retention-expire"
+    )]
     PurgeMethod(String),
     #[error("{name} must be a positive number of days, got {value}")]
     Days { name: &'static str, value: i32 },
@@ -67,9 +69,9 @@ fn is_identifier(s: &str) -> bool {
     }
     let first_ok = b[0].is_ascii_lowercase() || b[0].is_ascii_digit();
     first_ok
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-'))
+        && b[1..].iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
+        })
 }
 
 pub fn required<T>(value: Option<T>, name: &'static str) -> Result<T, InputError> {
@@ -110,7 +112,10 @@ pub fn encrypted_value(value: &[u8], limits: Limits) -> Result<(), InputError> {
         return Err(InputError::EmptyValue);
     }
     if value.len() > limits.max_value_bytes {
-        return Err(InputError::ValueTooLarge { size: value.len(), limit: limits.max_value_bytes });
+        return Err(InputError::ValueTooLarge {
+            size: value.len(),
+            limit: limits.max_value_bytes,
+        });
     }
     Ok(())
 }
@@ -118,7 +123,10 @@ pub fn encrypted_value(value: &[u8], limits: Limits) -> Result<(), InputError> {
 /// `json` is the metadata's text as PostgreSQL prints it.
 pub fn metadata(json: &str) -> Result<(), InputError> {
     if json.len() > METADATA_MAX_BYTES {
-        return Err(InputError::MetadataTooLarge { size: json.len(), limit: METADATA_MAX_BYTES });
+        return Err(InputError::MetadataTooLarge {
+            size: json.len(),
+            limit: METADATA_MAX_BYTES,
+        });
     }
     match json.trim_start().as_bytes().first() {
         Some(b'{') => Ok(()),
@@ -142,13 +150,22 @@ pub fn purge_method(m: &str) -> Result<(), InputError> {
 
 pub fn retention_days(max_retention_days: i32, default_ttl_days: i32) -> Result<(), InputError> {
     if max_retention_days <= 0 {
-        return Err(InputError::Days { name: "max_retention_days", value: max_retention_days });
+        return Err(InputError::Days {
+            name: "max_retention_days",
+            value: max_retention_days,
+        });
     }
     if default_ttl_days <= 0 {
-        return Err(InputError::Days { name: "default_ttl_days", value: default_ttl_days });
+        return Err(InputError::Days {
+            name: "default_ttl_days",
+            value: default_ttl_days,
+        });
     }
     if default_ttl_days > max_retention_days {
-        return Err(InputError::TtlAboveMax { ttl: default_ttl_days, max: max_retention_days });
+        return Err(InputError::TtlAboveMax {
+            ttl: default_ttl_days,
+            max: max_retention_days,
+        });
     }
     Ok(())
 }
@@ -179,7 +196,20 @@ mod tests {
         for ok in ["card", "a", "pan.v2", "x-1_y", &"a".repeat(63)] {
             assert_eq!(purpose(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "Card", " card", "card ", "_card", "-x", "a'b", "drop table", &"a".repeat(64), "é", "a\u{202e}b", "a\0b"] {
+        for bad in [
+            "",
+            "Card",
+            " card",
+            "card ",
+            "_card",
+            "-x",
+            "a'b",
+            "drop table",
+            &"a".repeat(64),
+            "é",
+            "a\u{202e}b",
+            "a\0b",
+        ] {
             assert!(purpose(bad).is_err(), "{bad:?}");
             assert_eq!(purpose(bad).unwrap_err().sqlstate(), "22023");
         }
@@ -219,11 +249,17 @@ mod tests {
         assert!(retention_days(0, 1).is_err());
         assert!(retention_days(10, 0).is_err());
         assert!(retention_days(10, -1).is_err());
-        assert!(matches!(retention_days(30, 31), Err(InputError::TtlAboveMax { .. })));
+        assert!(matches!(
+            retention_days(30, 31),
+            Err(InputError::TtlAboveMax { .. })
+        ));
         assert!(purge_method("crypto-shred").is_ok());
         assert!(purge_method("shred").is_err());
         assert!(max_retrievals(None).is_ok());
         assert!(max_retrievals(Some(0)).is_err());
-        assert_eq!(required(None::<i32>, "purpose").unwrap_err().sqlstate(), "22004");
+        assert_eq!(
+            required(None::<i32>, "purpose").unwrap_err().sqlstate(),
+            "22004"
+        );
     }
 }

@@ -1,0 +1,91 @@
+-- vault_put / vault_get / vault_head / vault_list: the rules and their SQLSTATEs.
+SET ROLE app_a;
+SELECT vault_put('card', 'p1', '\xc1a55e', 'aes-256-gcm', 'kms://keys/1', '{"last4": "4242"}')
+       BETWEEN now() + interval '90 days' - interval '1 minute' AND now() + interval '90 days' AS default_ttl_applied;
+SELECT encrypted_value, algorithm_hint, key_ref, metadata, owner,
+       expires_at > now() + interval '89 days' AS expiry_ok
+  FROM vault_get('card', 'p1');
+SELECT found, expired, owner, access_policy FROM vault_head('card', 'p1');
+SELECT found, expired, owner FROM vault_head('card', 'nope');
+-- An explicit expiry beyond the purpose's maximum is refused; one within it is kept as given.
+SELECT vault_put('card', 'p2', '\x01', expires_at => '2030-01-01 00:00:00+00');
+SELECT vault_put('card', 'p2', '\x01', expires_at => now() + interval '10 days') = (SELECT expires_at FROM vault_get('card', 'p2')) AS explicit_expiry_kept;
+-- Replacing an entry: the owner may; the new value is returned.
+SELECT vault_put('card', 'p1', '\xc1a55f', metadata => '{"last4": "4243"}') IS NOT NULL AS replaced;
+SELECT encrypted_value, metadata FROM vault_get('card', 'p1');
+RESET ROLE;
+-- Another role cannot replace it.
+SET ROLE app_b;
+SELECT vault_put('card', 'p1', '\x0bad');
+RESET ROLE;
+SELECT count(*) AS entries_p1, min(encode(encrypted_value, 'hex')) AS value FROM vault.entries WHERE external_id = 'p1';
+
+-- Errors: each with its SQLSTATE, nothing stored.
+SET ROLE app_a;
+SELECT vault_put('nopolicy', 'x1', '\x01');
+SELECT vault_put('card', 'x1', '\x01', expires_at => now() + interval '366 days');
+SELECT vault_put('card', 'x1', '\x01', expires_at => 'infinity');
+SELECT vault_put('card', 'x1', '\x01', expires_at => now() - interval '1 second');
+SELECT vault_put('card', 'x1', '\x01', expires_at => '-infinity');
+SELECT vault_put('card', 'x1', '\x01', access_policy => 'no-such-policy');
+SELECT vault_put('card', 'x1', '\x01', access_policy => 'admin-only');
+SELECT vault_put(NULL, 'x1', '\x01');
+SELECT vault_put('card', NULL, '\x01');
+SELECT vault_put('card', 'x1', NULL);
+SELECT vault_put('card', 'x1', '\x01', metadata => NULL);
+SELECT vault_put('card', 'x1', '\x01', access_policy => NULL);
+SELECT vault_put('Card', 'x1', '\x01');
+SELECT vault_put('card; drop table vault.entries', 'x1', '\x01');
+SELECT vault_put(repeat('a', 300), 'x1', '\x01');
+SELECT vault_put(E'ca\u202Erd', 'x1', '\x01');
+SELECT vault_put('card', '', '\x01');
+SELECT vault_put('card', repeat('x', 257), '\x01');
+SELECT vault_put('card', E'x\n1', '\x01');
+SELECT vault_put('card', 'x1', '\x');
+SELECT vault_put('card', 'x1', '\x01', metadata => '[1, 2]');
+SELECT vault_put('card', 'x1', '\x01', metadata => '"text"');
+SELECT vault_put('card', 'x1', '\x01', metadata => jsonb_build_object('k', repeat('m', 70000)));
+RESET ROLE;
+SET vsql_vault.max_value_bytes = 4;
+SET ROLE app_a;
+SELECT vault_put('card', 'x1', '\x0102030405');
+SELECT vault_put('card', 'x1', '\x01020304') IS NOT NULL AS four_bytes_ok;
+RESET ROLE;
+RESET vsql_vault.max_value_bytes;
+-- Only x1 (the last, valid put) was stored.
+SELECT external_id FROM vault.entries ORDER BY external_id;
+-- A role outside vault_app and vault_admin may not use the API at all.
+SET ROLE outsider;
+SELECT vault_put('card', 'o1', '\x01');
+SELECT * FROM vault_get('card', 'p1');
+SELECT * FROM vault_list('card');
+RESET ROLE;
+
+-- Retrieval errors.
+SET ROLE app_a;
+SELECT * FROM vault_get('card', 'does-not-exist');
+SELECT * FROM vault_get(NULL, 'p1');
+SELECT * FROM vault_get('card', NULL);
+SELECT * FROM vault_get('CARD', 'p1');
+RESET ROLE;
+SET ROLE app_b;
+SELECT * FROM vault_get('card', 'p1');
+SELECT * FROM vault_head('card', 'p1');
+RESET ROLE;
+-- Expired and purged entries are gone (VV410); head still reports them.
+UPDATE vault.entries SET expires_at = now() - interval '1 second' WHERE external_id = 'p2';
+UPDATE vault.entries SET purged_at = now() WHERE external_id = 'x1';
+SET ROLE app_a;
+SELECT * FROM vault_get('card', 'p2');
+SELECT * FROM vault_get('card', 'x1');
+SELECT found, expired FROM vault_head('card', 'p2');
+-- vault_list shows metadata only, of entries the caller may retrieve, never purged ones.
+SELECT external_id, owner, metadata, access_policy FROM vault_list('card');
+RESET ROLE;
+SET ROLE app_b;
+SELECT vault_put('card', 'b1', '\x0b') IS NOT NULL AS stored;
+SELECT external_id, owner FROM vault_list('card');
+RESET ROLE;
+SET ROLE admin1;
+SELECT external_id, owner FROM vault_list('card');
+RESET ROLE;

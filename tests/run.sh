@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every test: formatting and lints, the core crate's unit tests, then a private preloaded
+# PostgreSQL cluster for the golden-file SQL tests (pg_test/) and the integration tests (tests/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/setup.sh
+
+echo "==> cargo fmt --check and clippy"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "==> core crate tests (no server)"
+cargo test -p vsql_vault_core
+
+dir=$(mktemp -d /tmp/vsql_vault_test.XXXXXX)
+port=${VSQL_VAULT_TEST_PORT:-54331}
+db=vault_test
+trap 'bash tests/cluster.sh stop "$dir"' EXIT
+echo "==> starting a preloaded cluster in $dir on port $port"
+bash tests/cluster.sh start "$dir" "$port" "$db"
+
+echo "==> golden-file SQL tests (pg_test/)"
+bash pg_test/run.sh "$dir" "$port" "$db"
+
+echo "==> integration tests against the running server (tests/)"
+VSQL_VAULT_TEST_DIR="$dir" VSQL_VAULT_TEST_PORT="$port" VSQL_VAULT_TEST_DB="$db" \
+    cargo test -p vsql_vault_tests -- --test-threads=1
