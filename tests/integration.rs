@@ -1,1 +1,466 @@
-fn main() {}
+//! Integration tests against a real, preloaded PostgreSQL server started by `tests/run.sh`
+//! (socket directory, port and database come from VSQL_VAULT_TEST_*). They check what needs
+//! commits, several sessions or the server itself: durability of the access log across ROLLBACK
+//! and errors, failing closed, concurrency, restart, and pg_dump / pg_restore.
+
+use postgres::{Client, Config, NoTls};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+struct Server {
+    dir: String,
+    port: u16,
+    db: String,
+}
+
+fn server() -> Server {
+    let dir = std::env::var("VSQL_VAULT_TEST_DIR")
+        .expect("run through tests/run.sh (VSQL_VAULT_TEST_DIR)");
+    let port = std::env::var("VSQL_VAULT_TEST_PORT")
+        .expect("VSQL_VAULT_TEST_PORT")
+        .parse()
+        .expect("port");
+    let db = std::env::var("VSQL_VAULT_TEST_DB").expect("VSQL_VAULT_TEST_DB");
+    Server { dir, port, db }
+}
+
+impl Server {
+    fn connect_to(&self, db: &str, user: &str, app: &str) -> Client {
+        Config::new()
+            .host_path(&self.dir)
+            .port(self.port)
+            .dbname(db)
+            .user(user)
+            .application_name(app)
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("connect as {user} to {db}: {e}"))
+    }
+
+    fn connect(&self, user: &str) -> Client {
+        self.connect_to(&self.db, user, "vsql_vault integration")
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = format!("{}/data", self.dir);
+        let status = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "/usr/lib/postgresql/15/bin/pg_ctl",
+                "-D",
+                &data,
+                "-w",
+                "-t",
+                "60",
+            ])
+            .args(args)
+            .status()
+            .expect("pg_ctl");
+        assert!(status.success(), "pg_ctl {args:?}");
+    }
+
+    /// Waits until the audit writer serves `db` (it restarts to follow vsql_vault.database).
+    fn wait_for_writer(&self, db: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = Config::new()
+                .host_path(&self.dir)
+                .port(self.port)
+                .dbname("postgres")
+                .user("postgres")
+                .connect(NoTls)
+            {
+                let n: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'vsql_vault audit writer' AND datname = $1",
+                        &[&db],
+                    )
+                    .unwrap()
+                    .get(0);
+                if n == 1 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "audit writer never connected to {db}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Roles and a purpose shared by the tests; safe to run again.
+fn setup(s: &Server) -> Client {
+    let mut su = s.connect("postgres");
+    su.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS vsql_vault;
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'it_a') THEN
+             CREATE ROLE it_a LOGIN IN ROLE vault_app;
+             CREATE ROLE it_b LOGIN IN ROLE vault_app;
+             CREATE ROLE it_admin LOGIN IN ROLE vault_admin;
+           END IF;
+         END $$;",
+    )
+    .unwrap();
+    let mut admin = s.connect("it_admin");
+    admin
+        .execute("SELECT vault_set_retention_policy('it.card', 30, 7)", &[])
+        .unwrap();
+    su
+}
+
+fn sqlstate(e: &postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no sqlstate: {e}"))
+}
+
+fn log_count(su: &mut Client, op: &str, external_id: &str, granted: bool) -> i64 {
+    su.query_one(
+        "SELECT count(*) FROM vault.access_log WHERE purpose = 'it.card' AND operation = $1 AND external_id = $2 AND granted = $3",
+        &[&op, &external_id, &granted],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn put(c: &mut Client, id: &str, value: &[u8]) -> Result<(), postgres::Error> {
+    c.execute("SELECT vault_put('it.card', $1, $2)", &[&id, &value])
+        .map(|_| ())
+}
+
+fn get(c: &mut Client, id: &str) -> Result<Vec<u8>, postgres::Error> {
+    c.query_one(
+        "SELECT encrypted_value FROM vault_get('it.card', $1)",
+        &[&id],
+    )
+    .map(|r| r.get(0))
+}
+
+#[test]
+fn rolled_back_get_keeps_its_granted_row() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    put(&mut a, "rb1", b"\x01\x02").unwrap();
+    let before = log_count(&mut su, "get", "rb1", true);
+    let mut tx = a.transaction().unwrap();
+    let row = tx
+        .query_one(
+            "SELECT encrypted_value FROM vault_get('it.card', 'rb1')",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, Vec<u8>>(0), b"\x01\x02");
+    tx.rollback().unwrap();
+    assert_eq!(log_count(&mut su, "get", "rb1", true), before + 1);
+}
+
+#[test]
+fn denied_call_row_survives_the_error_and_rollback() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    put(&mut a, "den1", b"secret").unwrap();
+    let mut b = s.connect("it_b");
+    let before = log_count(&mut su, "get", "den1", false);
+    let mut tx = b.transaction().unwrap();
+    let err = tx
+        .query_one(
+            "SELECT encrypted_value FROM vault_get('it.card', 'den1')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42501");
+    tx.rollback().unwrap();
+    assert_eq!(log_count(&mut su, "get", "den1", false), before + 1);
+    let row = su
+        .query_one(
+            "SELECT role_name::text, sqlstate FROM vault.access_log WHERE external_id = 'den1' AND NOT granted ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "it_b");
+    assert_eq!(row.get::<_, String>(1), "42501");
+}
+
+#[test]
+fn fails_closed_when_the_record_cannot_be_written() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    put(&mut a, "fc1", b"blob").unwrap();
+    let granted_before = log_count(&mut su, "get", "fc1", true);
+
+    // Someone holds the access log: the writer cannot insert, so no caller may get data.
+    let mut locker = s.connect("postgres");
+    locker
+        .batch_execute("BEGIN; LOCK TABLE vault.access_log IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let err = get(&mut a, "fc1").unwrap_err();
+    assert_eq!(sqlstate(&err), "VV503", "{err:?}");
+    let err = put(&mut a, "fc-new", b"x").unwrap_err();
+    assert_eq!(sqlstate(&err), "VV503", "{err:?}");
+    locker.batch_execute("COMMIT").unwrap();
+
+    // The writer comes back by itself; the failed calls left neither data nor a granted row.
+    s.wait_for_writer(&s.db);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let value = loop {
+        match get(&mut a, "fc1") {
+            Ok(v) => break v,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(sqlstate(&e), "VV503");
+                thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("vault_get never recovered: {e}"),
+        }
+    };
+    assert_eq!(value, b"blob");
+    assert_eq!(log_count(&mut su, "get", "fc1", true), granted_before + 1);
+    let stored: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.entries WHERE external_id = 'fc-new'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "a put whose record failed must not be stored");
+}
+
+#[test]
+fn purpose_grants_decide_same_purpose_retrieval_across_sessions() {
+    let s = server();
+    let _su = setup(&s);
+    let mut a = s.connect("it_a");
+    a.execute(
+        "SELECT vault_put('it.card', 'sp1', '\\x5301', access_policy => 'same-purpose')",
+        &[],
+    )
+    .unwrap();
+    let mut b = s.connect("it_b");
+    assert_eq!(sqlstate(&get(&mut b, "sp1").unwrap_err()), "42501");
+    let mut admin = s.connect("it_admin");
+    admin
+        .execute("SELECT vault_grant_purpose('it.card', 'it_b')", &[])
+        .unwrap();
+    assert_eq!(get(&mut b, "sp1").unwrap(), b"\x53\x01");
+    admin
+        .execute("SELECT vault_revoke_purpose('it.card', 'it_b')", &[])
+        .unwrap();
+    assert_eq!(sqlstate(&get(&mut b, "sp1").unwrap_err()), "42501");
+}
+
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    put_ok: i64,
+    get_ok: i64,
+    get_denied: i64,
+}
+
+#[test]
+fn sixteen_clients_leave_exactly_one_row_per_call() {
+    let s = Arc::new(server());
+    let mut su = setup(&s);
+    let run = format!("{}", std::process::id());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for i in 0..16 {
+        let s = Arc::clone(&s);
+        let stop = Arc::clone(&stop);
+        let run = run.clone();
+        handles.push(thread::spawn(move || {
+            let user = if i % 2 == 0 { "it_a" } else { "it_b" };
+            let mut c = s.connect_to(&s.db, user, &format!("it-conc-{run}-{i}"));
+            let mut t = Tally::default();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("conc-{run}-{i}-{}", n % 8);
+                put(&mut c, &id, format!("v{n}").as_bytes()).expect("put");
+                t.put_ok += 1;
+                assert_eq!(get(&mut c, &id).expect("get"), format!("v{n}").as_bytes());
+                t.get_ok += 1;
+                // An entry of the other role: owner-only, so denied.
+                let other = format!("conc-{run}-{}-0", (i + 1) % 16);
+                if n > 0 {
+                    match get(&mut c, &other) {
+                        Err(e) => {
+                            assert_eq!(sqlstate(&e), "42501", "{e:?}");
+                            t.get_denied += 1;
+                        }
+                        Ok(_) => panic!("{user} read another role's owner-only entry"),
+                    }
+                }
+                n += 1;
+            }
+            t
+        }));
+    }
+    thread::sleep(Duration::from_secs(6));
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Tally::default();
+    for h in handles {
+        let t = h.join().expect("client thread");
+        total.put_ok += t.put_ok;
+        total.get_ok += t.get_ok;
+        total.get_denied += t.get_denied;
+    }
+    assert!(
+        total.get_ok > 16,
+        "too few calls to mean anything: {total:?}"
+    );
+    let pattern = format!("it-conc-{run}-%");
+    let count = |su: &mut Client, op: &str, granted: bool| -> i64 {
+        su.query_one(
+            "SELECT count(*) FROM vault.access_log WHERE application_name LIKE $1 AND operation = $2 AND granted = $3",
+            &[&pattern, &op, &granted],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let logged = Tally {
+        put_ok: count(&mut su, "put", true),
+        get_ok: count(&mut su, "get", true),
+        get_denied: count(&mut su, "get", false),
+    };
+    assert_eq!(
+        logged, total,
+        "access log rows versus calls the clients saw"
+    );
+    assert_eq!(count(&mut su, "put", false), 0);
+}
+
+#[test]
+fn zz_restart_changes_nothing() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    put(&mut a, "rs1", b"survives").unwrap();
+    let counts = |c: &mut Client| -> (i64, i64, i64) {
+        let r = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM vault.entries), (SELECT count(*) FROM vault.access_log),
+                        (SELECT count(*) FROM vault.retention_policies)",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    let before = counts(&mut su);
+    drop(a);
+    drop(su);
+    s.pg_ctl(&[
+        "-m",
+        "fast",
+        "restart",
+        "-l",
+        &format!("{}/server.log", s.dir),
+    ]);
+    s.wait_for_writer(&s.db);
+    let mut su = s.connect("postgres");
+    assert_eq!(counts(&mut su), before);
+    let mut a = s.connect("it_a");
+    assert_eq!(get(&mut a, "rs1").unwrap(), b"survives");
+    let mut b = s.connect("it_b");
+    assert_eq!(sqlstate(&get(&mut b, "rs1").unwrap_err()), "42501");
+}
+
+#[test]
+fn zz_dump_and_restore_keep_the_vault() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    put(&mut a, "dr1", b"dumped").unwrap();
+    get(&mut a, "dr1").unwrap();
+    let mut admin = s.connect("it_admin");
+    admin
+        .execute(
+            "SELECT vault_set_access_policy('it-custom', '{vault_app}', '{@owner}', '{@owner}', 5)",
+            &[],
+        )
+        .unwrap();
+    admin
+        .execute("SELECT vault_grant_purpose('it.card', 'it_a')", &[])
+        .unwrap();
+    let snapshot = |c: &mut Client| -> Vec<String> {
+        [
+            "SELECT string_agg(format('%s/%s/%s/%s/%s', purpose, external_id, encode(encrypted_value, 'hex'), owner, expires_at), ',' ORDER BY purpose, external_id) FROM vault.entries",
+            "SELECT string_agg(format('%s/%s/%s', purpose, max_retention_days, default_ttl_days), ',' ORDER BY purpose) FROM vault.retention_policies",
+            "SELECT string_agg(format('%s/%s/%s', name, retrieve_roles, max_retrievals), ',' ORDER BY name) FROM vault.access_policies",
+            "SELECT string_agg(format('%s/%s', purpose, role_name), ',' ORDER BY purpose, role_name) FROM vault.purpose_grants",
+            "SELECT format('%s/%s', count(*), max(id)) FROM vault.access_log",
+        ]
+        .iter()
+        .map(|q| c.query_one(*q, &[]).unwrap().get::<_, Option<String>>(0).unwrap_or_default())
+        .collect()
+    };
+    let before = snapshot(&mut su);
+    drop((a, admin));
+
+    let file = format!("{}/vault.dump", s.dir);
+    let port = s.port.to_string();
+    let ok = Command::new("pg_dump")
+        .args([
+            "-h", &s.dir, "-p", &port, "-U", "postgres", "-Fc", "-f", &file, &s.db,
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "pg_dump");
+    su.batch_execute("DROP DATABASE IF EXISTS vault_restored WITH (FORCE)")
+        .unwrap();
+    su.batch_execute("CREATE DATABASE vault_restored").unwrap();
+    let out = Command::new("pg_restore")
+        .args([
+            "-h",
+            &s.dir,
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "--exit-on-error",
+            "-d",
+            "vault_restored",
+            &file,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut restored = s.connect_to("vault_restored", "postgres", "it");
+    assert_eq!(snapshot(&mut restored), before, "restored tables differ");
+
+    // The restored vault behaves the same once the writer serves it.
+    su.batch_execute("ALTER SYSTEM SET vsql_vault.database = 'vault_restored'")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.wait_for_writer("vault_restored");
+    let mut a = s.connect_to("vault_restored", "it_a", "it-restored");
+    assert_eq!(get(&mut a, "dr1").unwrap(), b"dumped");
+    let mut b = s.connect_to("vault_restored", "it_b", "it-restored");
+    assert_eq!(sqlstate(&get(&mut b, "dr1").unwrap_err()), "42501");
+    let logged: i64 = restored
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE application_name = 'it-restored'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 2);
+    // Calls in the database the writer no longer serves are refused, not silently unlogged.
+    let mut old = s.connect("it_a");
+    assert_eq!(sqlstate(&get(&mut old, "dr1").unwrap_err()), "55000");
+
+    su.batch_execute("ALTER SYSTEM RESET vsql_vault.database")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.wait_for_writer(&s.db);
+}
