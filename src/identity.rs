@@ -47,7 +47,7 @@ impl Caller {
         };
         let client_addr = CLIENT_ADDR.with(|c| {
             c.get_or_init(|| {
-                Spi::get_one::<String>("SELECT inet_client_addr()::text")
+                select_one::<String>("SELECT inet_client_addr()::text", &[])
                     .ok()
                     .flatten()
             })
@@ -68,8 +68,9 @@ impl Caller {
 fn vault_owner() -> pg_sys::Oid {
     OWNER.with(|o| {
         *o.get_or_init(|| {
-            Spi::get_one::<pg_sys::Oid>(
+            select_one::<pg_sys::Oid>(
                 "SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'vault.entries'::pg_catalog.regclass",
+                &[],
             )
             .ok()
             .flatten()
@@ -117,4 +118,13 @@ pub fn current_xid() -> Option<u64> {
 
 pub fn now_micros() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// One value from a read-only query. (pgrx's `Spi::get_one` runs as a writer and assigns the
+/// transaction an xid, which would turn every read into a commit with a WAL flush.)
+pub fn select_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
+    query: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> Result<Option<T>, pgrx::spi::Error> {
+    Spi::connect(|c| c.select(query, Some(1), args)?.first().get_one::<T>())
 }

@@ -3,7 +3,7 @@
 
 use crate::access_log::{write_then_log, Event};
 use crate::errors::VaultError;
-use crate::identity::{AsOwner, Caller};
+use crate::identity::{select_one, AsOwner, Caller};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::{self, required, ROLE_TOKENS};
@@ -25,7 +25,7 @@ fn status_row(
 
 fn is_admin(caller: &Caller) -> bool {
     let _owner = AsOwner::enter();
-    Spi::get_one_with_args::<bool>(
+    select_one::<bool>(
         "SELECT pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')",
         &[caller.role_oid.into()],
     )
@@ -35,7 +35,7 @@ fn is_admin(caller: &Caller) -> bool {
 }
 
 fn role_exists(role: &str) -> bool {
-    Spi::get_one_with_args::<bool>(
+    select_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
         &[role.into()],
     )
@@ -232,7 +232,7 @@ fn purpose_grant(
     };
     let change = || {
         let p = purpose.unwrap_or_default();
-        let has_policy = Spi::get_one_with_args::<bool>(
+        let has_policy = select_one::<bool>(
             "SELECT EXISTS (SELECT 1 FROM vault.retention_policies WHERE purpose = $1)",
             &[p.into()],
         )

@@ -36,6 +36,17 @@ SELECT external_id, pg_xact_status(caller_xid) AS caller_transaction
   FROM vault.access_log WHERE id > :last_id AND operation = 'put' AND granted ORDER BY id;
 SELECT count(*) AS rolled_back_entries FROM vault.entries WHERE external_id = 'rolled-back';
 
+-- Reads do not turn the caller's transaction into a writer (no xid, no commit flush of its own).
+SET ROLE app_a;
+BEGIN;
+SELECT count(*) AS got FROM vault_get('card', 'p1');
+SELECT count(*) AS listed FROM vault_list('card');
+SELECT txid_current_if_assigned() IS NULL AS still_read_only;
+ROLLBACK;
+RESET ROLE;
+SELECT count(*) AS reads_with_xid FROM vault.access_log
+ WHERE id > :last_id AND operation IN ('get', 'head', 'list') AND caller_xid IS NOT NULL;
+
 -- Append-only: UPDATE, DELETE and TRUNCATE are refused, for the superuser too.
 UPDATE vault.access_log SET granted = true WHERE id = 1;
 DELETE FROM vault.access_log WHERE id = 1;
