@@ -74,6 +74,7 @@ fn spi_update(query: &str, args: &[DatumWithOid]) -> usize {
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
 fn set_retention_policy_impl(
     purpose: Option<&str>,
     max_retention_days: Option<i32>,
@@ -136,6 +137,7 @@ fn set_retention_policy_impl(
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
 fn set_access_policy_impl(
     name: Option<&str>,
     store_roles: Option<Vec<Option<String>>>,
@@ -261,6 +263,7 @@ fn purpose_grant(
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
 fn grant_purpose_impl(
     purpose: Option<&str>,
     role: Option<&str>,
@@ -275,6 +278,7 @@ fn grant_purpose_impl(
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
 fn revoke_purpose_impl(
     purpose: Option<&str>,
     role: Option<&str>,

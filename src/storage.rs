@@ -43,6 +43,7 @@ const MEMBER: &str = "(pg_catalog.pg_has_role($1, 'vault_app', 'USAGE') OR pg_ca
 
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
 fn put_impl(
     purpose: Option<&str>,
     external_id: Option<&str>,
@@ -374,6 +375,7 @@ fn not_member(caller: &Caller) -> VaultError {
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
 fn get_impl(
     purpose: Option<&str>,
     external_id: Option<&str>,
@@ -442,6 +444,7 @@ fn get_impl(
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
 fn head_impl(
     purpose: Option<&str>,
     external_id: Option<&str>,
@@ -497,6 +500,7 @@ fn head_impl(
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
 fn list_impl(
     purpose: Option<&str>,
 ) -> TableIterator<
