@@ -156,20 +156,22 @@ SELECT pg_catalog.pg_extension_config_dump('vault.access_log', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.access_log_id_seq', '');
 
 -- True when `caller` may act under a policy role list for an entry of `purpose` owned by `owner`.
+-- No SET clause, so the planner can inline it into the API's queries; it is only executable by
+-- the owner, and the API calls it under a pinned search_path.
 CREATE FUNCTION vault.role_allowed(roles name[], caller oid, owner name, purpose text)
-RETURNS bool LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+RETURNS bool LANGUAGE sql STABLE AS $fn$
     SELECT EXISTS (
-        SELECT 1 FROM unnest(roles) AS r(role_name)
+        SELECT 1 FROM pg_catalog.unnest(roles) AS r(role_name)
         WHERE (r.role_name = '@owner'
-               AND owner = (SELECT rolname FROM pg_roles WHERE oid = caller))
+               AND owner = (SELECT rolname FROM pg_catalog.pg_roles WHERE oid = caller))
            OR (r.role_name = '@purpose'
                AND EXISTS (SELECT 1 FROM vault.purpose_grants g
-                           JOIN pg_roles gr ON gr.rolname = g.role_name
+                           JOIN pg_catalog.pg_roles gr ON gr.rolname = g.role_name
                            WHERE g.purpose = role_allowed.purpose
-                             AND pg_has_role(caller, gr.oid, 'USAGE')))
-           OR (left(r.role_name, 1) <> '@'
-               AND EXISTS (SELECT 1 FROM pg_roles x
+                             AND pg_catalog.pg_has_role(caller, gr.oid, 'USAGE')))
+           OR (pg_catalog.left(r.role_name, 1) <> '@'
+               AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles x
                            WHERE x.rolname = r.role_name
-                             AND pg_has_role(caller, x.oid, 'USAGE'))))
+                             AND pg_catalog.pg_has_role(caller, x.oid, 'USAGE'))))
 $fn$;
 REVOKE ALL ON FUNCTION vault.role_allowed(name[], oid, name, text) FROM PUBLIC;

@@ -4,6 +4,7 @@
 //! sequencer: it also enforces `max_retrievals`, because only it sees every granted get in order.
 
 use crate::audit_queue::{self, Taken, OUTCOME_FAILED, OUTCOME_LIMIT_REACHED, OUTCOME_WRITTEN};
+use crate::plans::{self, types::*};
 use crate::settings;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::datum::DatumWithOid;
@@ -36,6 +37,11 @@ FROM unnest($1::int8[], $2::name[], $3::name[], $4::text[], $5::text[], $6::int4
             $13::text[], $14::text[], $15::text[])
      AS r(us, role_name, session_user_name, application_name, client_addr, pid, operation,
           purpose, external_id, entry_id, granted, sqlstate, reason, details, xid)";
+
+const LOG_PRESENT: &str = "SELECT pg_catalog.to_regclass('vault.access_log') IS NOT NULL";
+
+const RETRIEVALS: &str =
+    "SELECT count(*) FROM vault.access_log WHERE entry_id = $1 AND operation = 'get' AND granted";
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -114,11 +120,7 @@ struct Columns(
 fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
     Spi::connect_mut(|client| {
         let present = client
-            .select(
-                "SELECT to_regclass('vault.access_log') IS NOT NULL",
-                None,
-                &[],
-            )?
+            .select(&*plans::plan(client, LOG_PRESENT, &[], false)?, None, &[])?
             .first()
             .get_one::<bool>()?
             .unwrap_or(false);
@@ -139,8 +141,7 @@ fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> 
                     Some(n) => *n,
                     None => client
                         .select(
-                            "SELECT count(*) FROM vault.access_log
-                             WHERE entry_id = $1 AND operation = 'get' AND granted",
+                            &*plans::plan(client, RETRIEVALS, &[INT8], false)?,
                             None,
                             &[r.entry_id.into()],
                         )?
@@ -198,7 +199,17 @@ fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> 
             c.13.into(),
             c.14.into(),
         ];
-        client.update(INSERT, None, &args)?;
+        let stmt = plans::plan(
+            client,
+            INSERT,
+            &[
+                INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY, TEXT_ARRAY,
+                TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, BOOL_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY,
+                TEXT_ARRAY,
+            ],
+            true,
+        )?;
+        client.update(&*stmt, None, &args)?;
         Ok(outcomes)
     })
 }

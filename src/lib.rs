@@ -11,6 +11,7 @@ mod audit_queue;
 mod audit_writer;
 mod errors;
 mod identity;
+mod plans;
 mod policy;
 mod settings;
 mod storage;

@@ -10,6 +10,7 @@
 use crate::access_log::{write_then_log, Event};
 use crate::errors::VaultError;
 use crate::identity::{AsOwner, Caller};
+use crate::plans::{self, types::*};
 use crate::settings;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -39,7 +40,83 @@ fn decide_and_log<T>(
     }
 }
 
-const MEMBER: &str = "(pg_catalog.pg_has_role($1, 'vault_app', 'USAGE') OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE'))";
+/// Whether role `$1` may use the storage API at all.
+macro_rules! member {
+    () => {
+        "(pg_catalog.pg_has_role($1, 'vault_app', 'USAGE') OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE'))"
+    };
+}
+
+const PUT_DECISION: &str = concat!(
+    "SELECT ",
+    member!(),
+    ",
+        rp.purpose IS NOT NULL,
+        rp.max_retention_days,
+        ap.name IS NOT NULL,
+        vault.role_allowed(ap.store_roles, $1, $5, $2),
+        e.id,
+        e.owner::text,
+        vault.role_allowed(eap.store_roles, $1, e.owner, $2),
+        COALESCE($6, now() + pg_catalog.make_interval(days => rp.default_ttl_days)),
+        $6 > now() + pg_catalog.make_interval(days => rp.max_retention_days),
+        $6 <= now(),
+        (now() + pg_catalog.make_interval(days => rp.max_retention_days))::text,
+        $6::text
+     FROM (SELECT 1) AS one
+     LEFT JOIN vault.retention_policies rp ON rp.purpose = $2
+     LEFT JOIN vault.access_policies ap ON ap.name = $4
+     LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
+     LEFT JOIN vault.access_policies eap ON eap.name = e.access_policy"
+);
+
+const UPSERT: &str = "INSERT INTO vault.entries AS e
+        (purpose, external_id, encrypted_value, algorithm_hint, key_ref, metadata,
+         access_policy, owner, created_at, updated_at, expires_at)
+     VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, now(), now(), $9)
+     ON CONFLICT (purpose, external_id) DO UPDATE SET
+        id = nextval('vault.entries_id_seq'),
+        encrypted_value = EXCLUDED.encrypted_value,
+        algorithm_hint = EXCLUDED.algorithm_hint,
+        key_ref = EXCLUDED.key_ref,
+        metadata = EXCLUDED.metadata,
+        access_policy = EXCLUDED.access_policy,
+        updated_at = now(),
+        expires_at = EXCLUDED.expires_at,
+        purged_at = NULL
+     WHERE e.owner = EXCLUDED.owner
+     RETURNING id";
+
+macro_rules! find_query {
+    ($value:literal) => {
+        concat!(
+            "SELECT ",
+            member!(),
+            ", NULL::bool, e.id, ",
+            $value,
+            ", e.algorithm_hint, e.key_ref, e.metadata::text, e.owner::text,
+                e.created_at, e.expires_at, e.access_policy,
+                e.purged_at IS NOT NULL, e.expires_at <= now(), p.max_retrievals,
+                vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose)
+             FROM (SELECT 1) AS one
+             LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
+             LEFT JOIN vault.access_policies p ON p.name = e.access_policy"
+        )
+    };
+}
+const FIND_WITH_VALUE: &str = find_query!("e.encrypted_value");
+const FIND_WITHOUT_VALUE: &str = find_query!("NULL::bytea");
+
+const IS_MEMBER: &str = concat!("SELECT ", member!());
+
+const LIST: &str =
+    "SELECT e.external_id, e.owner::text, e.algorithm_hint, e.key_ref, e.metadata::text,
+        e.access_policy, e.created_at, e.expires_at
+     FROM vault.entries e JOIN vault.access_policies p ON p.name = e.access_policy
+     WHERE e.purpose = $2 AND e.purged_at IS NULL
+       AND (pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
+            OR vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose))
+     ORDER BY e.external_id";
 
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
@@ -123,32 +200,13 @@ fn put(
             caller.role_name.as_str().into(),
             expires_at.into(),
         ];
-        let row = client
-            .select(
-                &format!(
-                    "SELECT {MEMBER},
-                        rp.purpose IS NOT NULL,
-                        rp.max_retention_days,
-                        ap.name IS NOT NULL,
-                        vault.role_allowed(ap.store_roles, $1, $5, $2),
-                        e.id,
-                        e.owner::text,
-                        vault.role_allowed(eap.store_roles, $1, e.owner, $2),
-                        COALESCE($6, now() + pg_catalog.make_interval(days => rp.default_ttl_days)),
-                        $6 > now() + pg_catalog.make_interval(days => rp.max_retention_days),
-                        $6 <= now(),
-                        (now() + pg_catalog.make_interval(days => rp.max_retention_days))::text,
-                        $6::text
-                     FROM (SELECT 1) AS one
-                     LEFT JOIN vault.retention_policies rp ON rp.purpose = $2
-                     LEFT JOIN vault.access_policies ap ON ap.name = $4
-                     LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
-                     LEFT JOIN vault.access_policies eap ON eap.name = e.access_policy"
-                ),
-                None,
-                &args,
-            )?
-            .first();
+        let stmt = plans::plan(
+            client,
+            PUT_DECISION,
+            &[OID, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ],
+            false,
+        )?;
+        let row = client.select(&*stmt, None, &args)?.first();
         Ok::<_, pgrx::spi::Error>((
             row.get::<bool>(1)?.unwrap_or(false),
             row.get::<bool>(2)?.unwrap_or(false),
@@ -250,29 +308,13 @@ fn put(
                 effective.into(),
             ];
             let id = Spi::connect_mut(|client| {
-                client
-                    .update(
-                        "INSERT INTO vault.entries AS e
-                            (purpose, external_id, encrypted_value, algorithm_hint, key_ref, metadata,
-                             access_policy, owner, created_at, updated_at, expires_at)
-                         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, now(), now(), $9)
-                         ON CONFLICT (purpose, external_id) DO UPDATE SET
-                            id = nextval('vault.entries_id_seq'),
-                            encrypted_value = EXCLUDED.encrypted_value,
-                            algorithm_hint = EXCLUDED.algorithm_hint,
-                            key_ref = EXCLUDED.key_ref,
-                            metadata = EXCLUDED.metadata,
-                            access_policy = EXCLUDED.access_policy,
-                            updated_at = now(),
-                            expires_at = EXCLUDED.expires_at,
-                            purged_at = NULL
-                         WHERE e.owner = EXCLUDED.owner
-                         RETURNING id",
-                        None,
-                        &args,
-                    )?
-                    .first()
-                    .get_one::<i64>()
+                let stmt = plans::plan(
+                    client,
+                    UPSERT,
+                    &[TEXT, TEXT, BYTEA, TEXT, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ],
+                    true,
+                )?;
+                client.update(&*stmt, None, &args)?.first().get_one::<i64>()
             })
             .unwrap_or_else(|e| pgrx::error!("vsql_vault: storing the entry failed: {e}"));
             id.ok_or_else(|| {
@@ -313,29 +355,16 @@ struct Found {
 
 fn find(caller: &Caller, purpose: &str, external_id: &str, with_value: bool) -> Found {
     let _owner = AsOwner::enter();
-    let value_col = if with_value {
-        "e.encrypted_value"
+    let query = if with_value {
+        FIND_WITH_VALUE
     } else {
-        "NULL::bytea"
+        FIND_WITHOUT_VALUE
     };
     Spi::connect(|client| {
-        let args: Vec<DatumWithOid> = vec![caller.role_oid.into(), purpose.into(), external_id.into()];
-        let row = client
-            .select(
-                &format!(
-                    "SELECT {MEMBER}, NULL::bool,
-                        e.id, {value_col}, e.algorithm_hint, e.key_ref, e.metadata::text, e.owner::text,
-                        e.created_at, e.expires_at, e.access_policy,
-                        e.purged_at IS NOT NULL, e.expires_at <= now(), p.max_retrievals,
-                        vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose)
-                     FROM (SELECT 1) AS one
-                     LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
-                     LEFT JOIN vault.access_policies p ON p.name = e.access_policy"
-                ),
-                None,
-                &args,
-            )?
-            .first();
+        let args: Vec<DatumWithOid> =
+            vec![caller.role_oid.into(), purpose.into(), external_id.into()];
+        let stmt = plans::plan(client, query, &[OID, TEXT, TEXT], false)?;
+        let row = client.select(&*stmt, None, &args)?.first();
         Ok::<_, pgrx::spi::Error>(Found {
             member: row.get::<bool>(1)?.unwrap_or(false),
             id: row.get::<i64>(3)?,
@@ -525,8 +554,9 @@ fn list_impl(
         rules::purpose(purpose)?;
         let _owner = AsOwner::enter();
         let rows = Spi::connect(|client| {
+            let stmt = plans::plan(client, IS_MEMBER, &[OID], false)?;
             let member = client
-                .select(&format!("SELECT {MEMBER}"), None, &[caller.role_oid.into()])?
+                .select(&*stmt, None, &[caller.role_oid.into()])?
                 .first()
                 .get_one::<bool>()?
                 .unwrap_or(false);
@@ -535,17 +565,8 @@ fn list_impl(
             }
             let args: Vec<DatumWithOid> = vec![caller.role_oid.into(), purpose.into()];
             let mut out = Vec::new();
-            for row in client.select(
-                "SELECT e.external_id, e.owner::text, e.algorithm_hint, e.key_ref, e.metadata::text,
-                        e.access_policy, e.created_at, e.expires_at
-                 FROM vault.entries e JOIN vault.access_policies p ON p.name = e.access_policy
-                 WHERE e.purpose = $2 AND e.purged_at IS NULL
-                   AND (pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
-                        OR vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose))
-                 ORDER BY e.external_id",
-                None,
-                &args,
-            )? {
+            let stmt = plans::plan(client, LIST, &[OID, TEXT], false)?;
+            for row in client.select(&*stmt, None, &args)? {
                 out.push((
                     row.get::<String>(1)?,
                     row.get::<String>(2)?,

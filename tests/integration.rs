@@ -163,6 +163,35 @@ fn rolled_back_get_keeps_its_granted_row() {
 }
 
 #[test]
+fn identity_over_tcp_records_client_address_and_pid() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = Config::new()
+        .host("127.0.0.1")
+        .port(s.port)
+        .dbname(&s.db)
+        .user("it_a")
+        .application_name("it-tcp")
+        .connect(NoTls)
+        .expect("tcp connection");
+    put(&mut a, "tcp1", b"t").unwrap();
+    let pid: i32 = a.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    get(&mut a, "tcp1").unwrap();
+    let row = su
+        .query_one(
+            "SELECT role_name::text, session_user_name::text, host(client_addr), backend_pid
+             FROM vault.access_log WHERE application_name = 'it-tcp' AND operation = 'get'
+             ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "it_a");
+    assert_eq!(row.get::<_, String>(1), "it_a");
+    assert_eq!(row.get::<_, String>(2), "127.0.0.1");
+    assert_eq!(row.get::<_, i32>(3), pid);
+}
+
+#[test]
 fn denied_call_row_survives_the_error_and_rollback() {
     let s = server();
     let mut su = setup(&s);
