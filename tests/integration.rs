@@ -6,7 +6,7 @@
 use postgres::{Client, Config, NoTls};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -299,15 +299,21 @@ fn sixteen_clients_leave_exactly_one_row_per_call() {
     let mut su = setup(&s);
     let run = format!("{}", std::process::id());
     let stop = Arc::new(AtomicBool::new(false));
+    // Every client stores its first entry before any client reads another's.
+    let ready = Arc::new(Barrier::new(16));
     let mut handles = Vec::new();
     for i in 0..16 {
         let s = Arc::clone(&s);
         let stop = Arc::clone(&stop);
+        let ready = Arc::clone(&ready);
         let run = run.clone();
         handles.push(thread::spawn(move || {
             let user = if i % 2 == 0 { "it_a" } else { "it_b" };
             let mut c = s.connect_to(&s.db, user, &format!("it-conc-{run}-{i}"));
             let mut t = Tally::default();
+            put(&mut c, &format!("conc-{run}-{i}-0"), b"first").expect("first put");
+            t.put_ok += 1;
+            ready.wait();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let id = format!("conc-{run}-{i}-{}", n % 8);
@@ -317,7 +323,7 @@ fn sixteen_clients_leave_exactly_one_row_per_call() {
                 t.get_ok += 1;
                 // An entry of the other role: owner-only, so denied.
                 let other = format!("conc-{run}-{}-0", (i + 1) % 16);
-                if n > 0 {
+                {
                     match get(&mut c, &other) {
                         Err(e) => {
                             assert_eq!(sqlstate(&e), "42501", "{e:?}");
