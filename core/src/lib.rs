@@ -4,6 +4,8 @@
 //! the extension and the offline tool apply byte-for-byte the same rules and encodings.
 
 pub mod canonical;
+pub mod chain;
+pub mod keys;
 pub mod rules;
 
 pub use rules::{InputError, Limits};

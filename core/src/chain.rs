@@ -1,0 +1,354 @@
+//! Hash-chained rows, signed checkpoints, and the verifier shared by the database and the
+//! offline tool. The format is specified in `docs/audit-format.md`.
+
+use crate::canonical::{Encoder, Value};
+use crate::keys;
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const ROW_DOMAIN: &str = "vsql_vault.row";
+pub const CHECKPOINT_DOMAIN: &str = "vsql_vault.checkpoint";
+/// `prev_hash` of the first row of every chain.
+pub const GENESIS: [u8; 32] = [0u8; 32];
+
+/// Column names the chain itself owns; they are encoded as the row's header, not as columns.
+pub const CHAIN_COLUMNS: [&str; 4] = ["chain_id", "chain_seq", "prev_hash", "row_hash"];
+
+/// The hash of one row. NULL columns are left out, so adding a nullable column to a protected
+/// table later keeps every old row's hash valid.
+pub fn row_hash(table: &str, chain: i32, seq: i64, prev_hash: &[u8], columns: &[(String, Value)]) -> [u8; 32] {
+    let mut e = Encoder::new(ROW_DOMAIN)
+        .field("table", &Value::Text(table.to_owned()))
+        .field("chain", &Value::Int(i64::from(chain)))
+        .field("seq", &Value::Int(seq))
+        .field("prev_hash", &Value::Bytes(prev_hash.to_vec()));
+    for (name, value) in columns {
+        if *value != Value::Null {
+            e = e.field(name, value);
+        }
+    }
+    e.sha256()
+}
+
+/// One exported row, as `vault_export_audit` writes it (one JSON object per line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportRow {
+    pub table: String,
+    pub chain: i32,
+    pub seq: i64,
+    #[serde(with = "hex32")]
+    pub prev_hash: [u8; 32],
+    #[serde(with = "hex32")]
+    pub row_hash: [u8; 32],
+    pub columns: Vec<(String, Value)>,
+}
+
+/// A signed statement that a chain's head was `head_hash` at `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub table: String,
+    pub chain: i32,
+    pub seq: i64,
+    #[serde(with = "hex32")]
+    pub head_hash: [u8; 32],
+    /// Microseconds since 2000-01-01 UTC.
+    pub signed_at: i64,
+    pub key_id: String,
+    pub signature: String,
+}
+
+impl Checkpoint {
+    pub fn message(table: &str, chain: i32, seq: i64, head_hash: &[u8], signed_at: i64, key_id: &str) -> Vec<u8> {
+        Encoder::new(CHECKPOINT_DOMAIN)
+            .field("table", &Value::Text(table.to_owned()))
+            .field("chain", &Value::Int(i64::from(chain)))
+            .field("seq", &Value::Int(seq))
+            .field("head_hash", &Value::Bytes(head_hash.to_vec()))
+            .field("signed_at", &Value::Timestamp(signed_at))
+            .field("key_id", &Value::Text(key_id.to_owned()))
+            .bytes()
+            .to_vec()
+    }
+
+    pub fn signature_ok(&self, keys: &BTreeMap<String, VerifyingKey>) -> bool {
+        let Some(public) = keys.get(&self.key_id) else {
+            return false;
+        };
+        let Ok(sig) = hex::decode(&self.signature) else {
+            return false;
+        };
+        let msg = Checkpoint::message(&self.table, self.chain, self.seq, &self.head_hash, self.signed_at, &self.key_id);
+        keys::verify(public, &msg, &sig)
+    }
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+/// The verdict on one chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    pub table: String,
+    pub chain: i32,
+    pub rows_checked: i64,
+    pub first_bad_seq: Option<i64>,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+struct ChainState {
+    rows: i64,
+    last_seq: Option<i64>,
+    last_hash: [u8; 32],
+    first_bad: Option<(i64, String)>,
+    /// Row hashes at the sequence numbers a checkpoint names.
+    at_checkpoints: BTreeMap<i64, [u8; 32]>,
+}
+
+/// Streams rows ordered by (table, chain, seq) and checks hashes, links, continuity and
+/// checkpoints. Rows of an export that starts after seq 1 are accepted from their first
+/// `prev_hash`; everything after is linked.
+pub struct Verifier {
+    /// Whether the rows are a whole table (chains must start at seq 1) or an export from a later seq.
+    partial: bool,
+    checkpoints: Vec<Checkpoint>,
+    keys: BTreeMap<String, VerifyingKey>,
+    chains: BTreeMap<(String, i32), ChainState>,
+    wanted: BTreeMap<(String, i32), Vec<i64>>,
+}
+
+impl Verifier {
+    pub fn new(checkpoints: Vec<Checkpoint>, public_keys: &[VerifyingKey]) -> Verifier {
+        Verifier::with_partial(checkpoints, public_keys, false)
+    }
+
+    pub fn with_partial(checkpoints: Vec<Checkpoint>, public_keys: &[VerifyingKey], partial: bool) -> Verifier {
+        let keys = public_keys.iter().map(|k| (keys::key_id(k), *k)).collect();
+        let mut wanted: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
+        for c in &checkpoints {
+            wanted.entry((c.table.clone(), c.chain)).or_default().push(c.seq);
+        }
+        Verifier { partial, checkpoints, keys, chains: BTreeMap::new(), wanted }
+    }
+
+    pub fn push(&mut self, row: &ExportRow) {
+        let key = (row.table.clone(), row.chain);
+        let wants = self.wanted.get(&key).is_some_and(|s| s.contains(&row.seq));
+        let st = self.chains.entry(key).or_default();
+        st.rows += 1;
+        if wants {
+            st.at_checkpoints.insert(row.seq, row.row_hash);
+        }
+        if st.first_bad.is_some() {
+            return;
+        }
+        let bad = |why: String| Some((row.seq, why));
+        let computed = row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns);
+        let partial = self.partial;
+        st.first_bad = match st.last_seq {
+            _ if row.chain < 0 => bad("row carries no chain fields (inserted while the chain trigger was disabled?)".into()),
+            None if !partial && row.seq != 1 => bad(format!("rows 1..{} are missing (deleted?)", row.seq - 1)),
+            None if row.seq == 1 && row.prev_hash != GENESIS => bad("first row does not start from the genesis hash".into()),
+            Some(last) if row.seq != last + 1 => bad(format!("rows {}..{} are missing (deleted?)", last + 1, row.seq - 1)),
+            Some(_) if row.prev_hash != st.last_hash => bad("prev_hash does not match the previous row (link broken)".into()),
+            _ if computed != row.row_hash => bad("row hash does not match the row's contents (row changed)".into()),
+            _ => None,
+        };
+        st.last_seq = Some(row.seq);
+        st.last_hash = row.row_hash;
+    }
+
+    pub fn finish(mut self) -> Vec<ChainReport> {
+        for c in &self.checkpoints {
+            let st = self.chains.entry((c.table.clone(), c.chain)).or_default();
+            if !c.signature_ok(&self.keys) {
+                let why = format!("checkpoint at seq {} has no valid signature from a known key ({})", c.seq, c.key_id);
+                if st.first_bad.is_none() {
+                    st.first_bad = Some((c.seq, why));
+                }
+                continue;
+            }
+            let problem = match st.at_checkpoints.get(&c.seq) {
+                None => Some(format!(
+                    "row {} was signed in a checkpoint but is missing (rows after {} deleted?)",
+                    c.seq,
+                    st.last_seq.unwrap_or(0)
+                )),
+                Some(h) if *h != c.head_hash => Some(format!("row {} differs from its signed checkpoint", c.seq)),
+                _ => None,
+            };
+            if let Some(why) = problem {
+                let earlier = st.first_bad.as_ref().is_some_and(|(s, _)| *s <= c.seq);
+                if !earlier {
+                    st.first_bad = Some((c.seq, why));
+                }
+            }
+        }
+        self.chains
+            .into_iter()
+            .map(|((table, chain), st)| {
+                let (first_bad_seq, detail) = match st.first_bad {
+                    Some((seq, why)) => (Some(seq), why),
+                    None => (None, format!("{} rows intact", st.rows)),
+                };
+                ChainReport { table, chain, rows_checked: st.rows, ok: first_bad_seq.is_none(), first_bad_seq, detail }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: i64) -> Vec<ExportRow> {
+        let mut prev = GENESIS;
+        (1..=n)
+            .map(|seq| {
+                let columns = vec![("id".to_string(), Value::Int(seq)), ("note".to_string(), Value::Text(format!("r{seq}")))];
+                let h = row_hash("t", 0, seq, &prev, &columns);
+                let r = ExportRow { table: "t".into(), chain: 0, seq, prev_hash: prev, row_hash: h, columns };
+                prev = h;
+                r
+            })
+            .collect()
+    }
+
+    fn checkpoint(key: &ed25519_dalek::SigningKey, row: &ExportRow) -> Checkpoint {
+        let key_id = keys::key_id(&key.verifying_key());
+        let msg = Checkpoint::message(&row.table, row.chain, row.seq, &row.row_hash, 1, &key_id);
+        Checkpoint {
+            table: row.table.clone(),
+            chain: row.chain,
+            seq: row.seq,
+            head_hash: row.row_hash,
+            signed_at: 1,
+            key_id,
+            signature: hex::encode(keys::sign(key, &msg)),
+        }
+    }
+
+    fn run(rows: &[ExportRow], cps: Vec<Checkpoint>, key: &ed25519_dalek::SigningKey) -> ChainReport {
+        let mut v = Verifier::new(cps, &[key.verifying_key()]);
+        rows.iter().for_each(|r| v.push(r));
+        v.finish().remove(0)
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        let key = keys::generate().unwrap();
+        let rows = chain(5);
+        let r = run(&rows, vec![checkpoint(&key, &rows[4])], &key);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.rows_checked, 5);
+    }
+
+    #[test]
+    fn edited_row_is_named() {
+        let key = keys::generate().unwrap();
+        let mut rows = chain(5);
+        rows[2].columns[1].1 = Value::Text("forged".into());
+        let r = run(&rows, vec![], &key);
+        assert_eq!(r.first_bad_seq, Some(3));
+        assert!(r.detail.contains("row changed"));
+    }
+
+    #[test]
+    fn deleted_middle_row_is_named() {
+        let key = keys::generate().unwrap();
+        let mut rows = chain(5);
+        rows.remove(2);
+        let r = run(&rows, vec![], &key);
+        assert_eq!(r.first_bad_seq, Some(4));
+        assert!(r.detail.contains("3..3 are missing"), "{}", r.detail);
+    }
+
+    #[test]
+    fn recomputed_chain_is_caught_by_the_checkpoint() {
+        let key = keys::generate().unwrap();
+        let rows = chain(5);
+        let cp = checkpoint(&key, &rows[4]);
+        // Whoever forges row 2 and recomputes every hash after it still cannot re-sign.
+        let mut forged = rows.clone();
+        forged[1].columns[1].1 = Value::Text("forged".into());
+        let mut prev = forged[0].row_hash;
+        for r in forged.iter_mut().skip(1) {
+            r.prev_hash = prev;
+            r.row_hash = row_hash(&r.table, r.chain, r.seq, &r.prev_hash, &r.columns);
+            prev = r.row_hash;
+        }
+        let r = run(&forged, vec![cp], &key);
+        assert_eq!(r.first_bad_seq, Some(5));
+        assert!(r.detail.contains("differs from its signed checkpoint"));
+    }
+
+    #[test]
+    fn truncated_tail_after_checkpoint_is_caught() {
+        let key = keys::generate().unwrap();
+        let rows = chain(5);
+        let cp = checkpoint(&key, &rows[4]);
+        let r = run(&rows[..3], vec![cp], &key);
+        assert_eq!(r.first_bad_seq, Some(5));
+        assert!(r.detail.contains("missing"));
+    }
+
+    #[test]
+    fn forged_checkpoint_signature_is_caught() {
+        let key = keys::generate().unwrap();
+        let rows = chain(3);
+        let mut cp = checkpoint(&key, &rows[2]);
+        cp.seq = 2;
+        let r = run(&rows, vec![cp], &key);
+        assert!(!r.ok);
+        assert!(r.detail.contains("signature"));
+    }
+
+    #[test]
+    fn deleted_first_rows_are_named_unless_the_export_is_partial() {
+        let key = keys::generate().unwrap();
+        let rows = chain(4);
+        let r = run(&rows[1..], vec![], &key);
+        assert_eq!(r.first_bad_seq, Some(2));
+        let mut v = Verifier::with_partial(vec![], &[key.verifying_key()], true);
+        rows[1..].iter().for_each(|r| v.push(r));
+        assert!(v.finish()[0].ok);
+    }
+
+    #[test]
+    fn unchained_rows_are_named() {
+        let key = keys::generate().unwrap();
+        let mut rows = chain(1);
+        rows[0].chain = -1;
+        rows[0].seq = 0;
+        let r = run(&rows, vec![], &key);
+        assert!(!r.ok);
+        assert!(r.detail.contains("no chain fields"));
+    }
+
+    #[test]
+    fn null_columns_do_not_change_the_hash() {
+        let a = row_hash("t", 0, 1, &GENESIS, &[("a".into(), Value::Int(1))]);
+        let b = row_hash("t", 0, 1, &GENESIS, &[("a".into(), Value::Int(1)), ("added_later".into(), Value::Null)]);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn export_rows_round_trip_json() {
+        let rows = chain(2);
+        let line = serde_json::to_string(&rows[1]).unwrap();
+        let back: ExportRow = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, rows[1]);
+    }
+}

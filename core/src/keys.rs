@@ -1,0 +1,114 @@
+//! Ed25519 signing keys: generation, the key file format and its permission rule, key ids.
+
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Error)]
+pub enum KeyError {
+    #[error("signing key file {path} is readable or writable by others (mode {mode:o}); it must be owner-only (chmod 600)")]
+    Permissions { path: String, mode: u32 },
+    #[error("signing key file {path} is not owned by the server's user")]
+    Owner { path: String },
+    #[error("signing key file {path}: {why}")]
+    Io { path: String, why: String },
+    #[error("signing key file {path} does not hold a 32-byte Ed25519 seed in hex")]
+    Format { path: String },
+    #[error("no randomness available to generate a key: {0}")]
+    Random(String),
+    #[error("invalid public key: {0}")]
+    PublicKey(String),
+}
+
+/// A short, stable name for a key: the first 8 bytes of SHA-256 over its public key, in hex.
+pub fn key_id(public: &VerifyingKey) -> String {
+    hex::encode(&crate::canonical::sha256(public.as_bytes())[..8])
+}
+
+pub fn generate() -> Result<SigningKey, KeyError> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::getrandom(seed.as_mut()).map_err(|e| KeyError::Random(e.to_string()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// The key file holds the 32-byte seed as 64 hex characters (and an optional newline).
+pub fn encode_file(key: &SigningKey) -> Zeroizing<String> {
+    Zeroizing::new(format!("{}\n", hex::encode(key.to_bytes())))
+}
+
+pub fn decode_file(path: &str, contents: &[u8]) -> Result<SigningKey, KeyError> {
+    let text = std::str::from_utf8(contents).map_err(|_| KeyError::Format { path: path.into() })?;
+    let mut seed = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.trim(), seed.as_mut()).map_err(|_| KeyError::Format { path: path.into() })?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Refuses a key file that anyone but its owner can read or write, or that another user owns.
+#[cfg(unix)]
+pub fn check_permissions(path: &str, meta: &std::fs::Metadata, expected_uid: u32) -> Result<(), KeyError> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Permissions { path: path.into(), mode });
+    }
+    if meta.uid() != expected_uid {
+        return Err(KeyError::Owner { path: path.into() });
+    }
+    Ok(())
+}
+
+pub fn parse_public(hex_text: &str) -> Result<VerifyingKey, KeyError> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(hex_text.trim(), &mut bytes).map_err(|e| KeyError::PublicKey(e.to_string()))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| KeyError::PublicKey(e.to_string()))
+}
+
+pub fn sign(key: &SigningKey, message: &[u8]) -> [u8; 64] {
+    key.sign(message).to_bytes()
+}
+
+pub fn verify(public: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
+    let Ok(sig) = ed25519_dalek::Signature::from_slice(signature) else {
+        return false;
+    };
+    public.verify(message, &sig).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_round_trip_and_signatures() {
+        let key = generate().unwrap();
+        let file = encode_file(&key);
+        let back = decode_file("k", file.as_bytes()).unwrap();
+        assert_eq!(back.to_bytes(), key.to_bytes());
+        let sig = sign(&key, b"head");
+        assert!(verify(&key.verifying_key(), b"head", &sig));
+        assert!(!verify(&key.verifying_key(), b"head!", &sig));
+        assert!(!verify(&generate().unwrap().verifying_key(), b"head", &sig));
+        assert!(!verify(&key.verifying_key(), b"head", &sig[..10]));
+        assert_eq!(key_id(&key.verifying_key()).len(), 16);
+        assert!(decode_file("k", b"not hex").is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn permissions_are_checked() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("vv-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        std::fs::write(&path, "00").unwrap();
+        let uid = std::fs::metadata(&path).unwrap().uid();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(matches!(check_permissions("key", &meta, uid), Err(KeyError::Permissions { .. })));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(check_permissions("key", &meta, uid).is_ok());
+        assert!(matches!(check_permissions("key", &meta, uid + 1), Err(KeyError::Owner { .. })));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
