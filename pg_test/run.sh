@@ -8,6 +8,12 @@ cd "$(dirname "$0")"
 dir=$1 port=$2 db=$3
 out=$dir/pg_test_results
 mkdir -p "$out"
+# The tests expect a database that has never had the extension: refuse to record anything else.
+if [ -n "${UPDATE_EXPECTED:-}" ] && psql -X -q -h "$dir" -p "$port" -U postgres -d "$db" -tAc \
+    "SELECT 1 FROM pg_extension WHERE extname = 'vsql_vault'" | grep -q 1; then
+    echo "UPDATE_EXPECTED needs a fresh database (vsql_vault is already installed in $db)" >&2
+    exit 2
+fi
 passed=0 failed=0
 for t in $(grep -v '^#' schedule); do
     # Source locations in Rust error reports move with every edit, and messages that name a time

@@ -10,7 +10,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub fn register() {
     BackgroundWorkerBuilder::new("vsql_vault audit writer")
@@ -57,6 +57,15 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
     .unwrap_or_else(|e| pgrx::error!("vsql_vault audit writer could not configure its session: {e}"));
     audit_queue::writer_attach();
     log!("vsql_vault audit writer started for database \"{database}\"");
+    // The data-directory signing key is made on first start, so checkpoints can always be signed.
+    match crate::keys::current() {
+        Ok(key) => log!(
+            "vsql_vault signing key {}",
+            vsql_vault_core::keys::key_id(&key.verifying_key())
+        ),
+        Err(e) => warning!("vsql_vault cannot load its signing key: {e}"),
+    }
+    let mut last_checkpoint = Instant::now();
 
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
@@ -74,8 +83,39 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
             }
             write_batch(batch);
         }
+        let interval = Duration::from_secs(settings::CHECKPOINT_INTERVAL_S.get().max(1) as u64);
+        if last_checkpoint.elapsed() >= interval {
+            last_checkpoint = Instant::now();
+            scheduled_checkpoint();
+        }
     }
     audit_queue::writer_detach();
+}
+
+/// Signs the chain heads if the extension is installed; a failure is reported and retried at the
+/// next interval rather than ending the writer.
+fn scheduled_checkpoint() {
+    let result = PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(|| {
+            let present =
+                Spi::get_one::<bool>("SELECT to_regclass('vault.audit_checkpoints') IS NOT NULL")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false);
+            if present {
+                crate::audit::checkpoint()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                Ok(())
+            }
+        })
+    })
+    .catch_others(|e| e.rethrow())
+    .execute();
+    if let Err(e) = result {
+        warning!("vsql_vault checkpoint failed: {e}");
+    }
 }
 
 fn write_batch(batch: Vec<Taken>) {

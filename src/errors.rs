@@ -48,6 +48,16 @@ pub enum VaultError {
     WrongDatabase(String),
     #[error("vsql_vault must be loaded through shared_preload_libraries")]
     NotPreloaded,
+    #[error(transparent)]
+    Key(#[from] vsql_vault_core::keys::KeyError),
+    #[error("the signing key is managed through vsql_vault.signing_key_file: replace that file to rotate")]
+    KeyManagedExternally,
+    #[error("{0} is not protected by vsql_vault")]
+    NotProtected(String),
+    #[error("chains must be between 1 and 256, got {0}")]
+    ChainCount(i32),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl VaultError {
@@ -63,6 +73,10 @@ impl VaultError {
             VaultError::NotFound { .. } => "P0002",
             VaultError::AuditUnavailable(_) => "VV503",
             VaultError::WrongDatabase(_) | VaultError::NotPreloaded => "55000",
+            VaultError::Key(_) => "58000",
+            VaultError::KeyManagedExternally | VaultError::NotProtected(_) => "55000",
+            VaultError::ChainCount(_) => "22023",
+            VaultError::Internal(_) => "XX000",
         }
     }
 }

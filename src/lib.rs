@@ -7,10 +7,13 @@
 use pgrx::prelude::*;
 
 mod access_log;
+mod audit;
+mod audit_api;
 mod audit_queue;
 mod audit_writer;
 mod errors;
 mod identity;
+mod keys;
 mod plans;
 mod policy;
 mod settings;
@@ -19,7 +22,8 @@ mod storage;
 pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-pgrx::extension_sql_file!("../sql/api.sql", name = "api", finalize);
+pgrx::extension_sql_file!("../sql/api.sql", name = "api", requires = ["schema"]);
+pgrx::extension_sql_file!("../sql/audit.sql", name = "audit", finalize);
 
 /// Set in `_PG_init` when the library is loaded through `shared_preload_libraries`: only then do
 /// the shared audit queue and the audit writer exist.
@@ -43,4 +47,14 @@ pub extern "C-unwind" fn _PG_init() {
 
 /// The schema that holds the vault's tables and the API's internal functions.
 #[pg_schema]
-mod vault {}
+mod vault {
+    use pgrx::prelude::*;
+
+    /// BEFORE INSERT trigger of every protected table: links the row into its hash chain.
+    #[pg_trigger]
+    fn chain_row<'a>(
+        trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, crate::errors::VaultError> {
+        crate::audit::chain_row(trigger).map(Some)
+    }
+}

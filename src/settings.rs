@@ -12,7 +12,52 @@ pub static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024
 /// How long a call waits for its access record to become durable before it fails closed.
 pub static AUDIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
+/// An Ed25519 key file (64 hex characters), owner-only; unset: a key generated in the data directory.
+pub static SIGNING_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Seconds between signed checkpoints of every chain head.
+pub static CHECKPOINT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// A file each checkpoint is also appended to as one JSON line.
+pub static CHECKPOINT_EXPORT_PATH: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// While on, the chain trigger keeps the chain fields rows arrive with (pg_restore of an export).
+pub static RESTORE_MODE: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 pub fn define() {
+    GucRegistry::define_bool_guc(
+        c"vsql_vault.restore_mode",
+        c"Keep the chain fields of inserted rows (for pg_restore only).",
+        c"Superuser-only. While on, rows inserted into protected tables keep the chain fields they carry instead of being linked anew; vault_verify_audit still checks every one.",
+        &RESTORE_MODE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"vsql_vault.signing_key_file",
+        c"Ed25519 signing key file for audit checkpoints (owner-only permissions).",
+        c"Unset: a key is generated on first use inside the data directory.",
+        &SIGNING_KEY_FILE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.checkpoint_interval",
+        c"Seconds between signed checkpoints of the audit chains.",
+        c"",
+        &CHECKPOINT_INTERVAL_S,
+        1,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"vsql_vault.checkpoint_export_path",
+        c"File each signed checkpoint is appended to as a JSON line.",
+        c"Keeps chain heads outside the database, which is how truncation of the newest rows is caught.",
+        &CHECKPOINT_EXPORT_PATH,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"vsql_vault.database",
         c"Database served by the vsql_vault audit writer.",

@@ -17,7 +17,13 @@ pub const CHAIN_COLUMNS: [&str; 4] = ["chain_id", "chain_seq", "prev_hash", "row
 
 /// The hash of one row. NULL columns are left out, so adding a nullable column to a protected
 /// table later keeps every old row's hash valid.
-pub fn row_hash(table: &str, chain: i32, seq: i64, prev_hash: &[u8], columns: &[(String, Value)]) -> [u8; 32] {
+pub fn row_hash(
+    table: &str,
+    chain: i32,
+    seq: i64,
+    prev_hash: &[u8],
+    columns: &[(String, Value)],
+) -> [u8; 32] {
     let mut e = Encoder::new(ROW_DOMAIN)
         .field("table", &Value::Text(table.to_owned()))
         .field("chain", &Value::Int(i64::from(chain)))
@@ -59,7 +65,14 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    pub fn message(table: &str, chain: i32, seq: i64, head_hash: &[u8], signed_at: i64, key_id: &str) -> Vec<u8> {
+    pub fn message(
+        table: &str,
+        chain: i32,
+        seq: i64,
+        head_hash: &[u8],
+        signed_at: i64,
+        key_id: &str,
+    ) -> Vec<u8> {
         Encoder::new(CHECKPOINT_DOMAIN)
             .field("table", &Value::Text(table.to_owned()))
             .field("chain", &Value::Int(i64::from(chain)))
@@ -78,7 +91,14 @@ impl Checkpoint {
         let Ok(sig) = hex::decode(&self.signature) else {
             return false;
         };
-        let msg = Checkpoint::message(&self.table, self.chain, self.seq, &self.head_hash, self.signed_at, &self.key_id);
+        let msg = Checkpoint::message(
+            &self.table,
+            self.chain,
+            self.seq,
+            &self.head_hash,
+            self.signed_at,
+            &self.key_id,
+        );
         keys::verify(public, &msg, &sig)
     }
 }
@@ -134,13 +154,26 @@ impl Verifier {
         Verifier::with_partial(checkpoints, public_keys, false)
     }
 
-    pub fn with_partial(checkpoints: Vec<Checkpoint>, public_keys: &[VerifyingKey], partial: bool) -> Verifier {
+    pub fn with_partial(
+        checkpoints: Vec<Checkpoint>,
+        public_keys: &[VerifyingKey],
+        partial: bool,
+    ) -> Verifier {
         let keys = public_keys.iter().map(|k| (keys::key_id(k), *k)).collect();
         let mut wanted: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
         for c in &checkpoints {
-            wanted.entry((c.table.clone(), c.chain)).or_default().push(c.seq);
+            wanted
+                .entry((c.table.clone(), c.chain))
+                .or_default()
+                .push(c.seq);
         }
-        Verifier { partial, checkpoints, keys, chains: BTreeMap::new(), wanted }
+        Verifier {
+            partial,
+            checkpoints,
+            keys,
+            chains: BTreeMap::new(),
+            wanted,
+        }
     }
 
     pub fn push(&mut self, row: &ExportRow) {
@@ -158,12 +191,27 @@ impl Verifier {
         let computed = row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns);
         let partial = self.partial;
         st.first_bad = match st.last_seq {
-            _ if row.chain < 0 => bad("row carries no chain fields (inserted while the chain trigger was disabled?)".into()),
-            None if !partial && row.seq != 1 => bad(format!("rows 1..{} are missing (deleted?)", row.seq - 1)),
-            None if row.seq == 1 && row.prev_hash != GENESIS => bad("first row does not start from the genesis hash".into()),
-            Some(last) if row.seq != last + 1 => bad(format!("rows {}..{} are missing (deleted?)", last + 1, row.seq - 1)),
-            Some(_) if row.prev_hash != st.last_hash => bad("prev_hash does not match the previous row (link broken)".into()),
-            _ if computed != row.row_hash => bad("row hash does not match the row's contents (row changed)".into()),
+            _ if row.chain < 0 => bad(
+                "row carries no chain fields (inserted while the chain trigger was disabled?)"
+                    .into(),
+            ),
+            None if !partial && row.seq != 1 => {
+                bad(format!("rows 1..{} are missing (deleted?)", row.seq - 1))
+            }
+            None if row.seq == 1 && row.prev_hash != GENESIS => {
+                bad("first row does not start from the genesis hash".into())
+            }
+            Some(last) if row.seq != last + 1 => bad(format!(
+                "rows {}..{} are missing (deleted?)",
+                last + 1,
+                row.seq - 1
+            )),
+            Some(_) if row.prev_hash != st.last_hash => {
+                bad("prev_hash does not match the previous row (link broken)".into())
+            }
+            _ if computed != row.row_hash => {
+                bad("row hash does not match the row's contents (row changed)".into())
+            }
             _ => None,
         };
         st.last_seq = Some(row.seq);
@@ -174,7 +222,10 @@ impl Verifier {
         for c in &self.checkpoints {
             let st = self.chains.entry((c.table.clone(), c.chain)).or_default();
             if !c.signature_ok(&self.keys) {
-                let why = format!("checkpoint at seq {} has no valid signature from a known key ({})", c.seq, c.key_id);
+                let why = format!(
+                    "checkpoint at seq {} has no valid signature from a known key ({})",
+                    c.seq, c.key_id
+                );
                 if st.first_bad.is_none() {
                     st.first_bad = Some((c.seq, why));
                 }
@@ -186,7 +237,9 @@ impl Verifier {
                     c.seq,
                     st.last_seq.unwrap_or(0)
                 )),
-                Some(h) if *h != c.head_hash => Some(format!("row {} differs from its signed checkpoint", c.seq)),
+                Some(h) if *h != c.head_hash => {
+                    Some(format!("row {} differs from its signed checkpoint", c.seq))
+                }
                 _ => None,
             };
             if let Some(why) = problem {
@@ -203,7 +256,14 @@ impl Verifier {
                     Some((seq, why)) => (Some(seq), why),
                     None => (None, format!("{} rows intact", st.rows)),
                 };
-                ChainReport { table, chain, rows_checked: st.rows, ok: first_bad_seq.is_none(), first_bad_seq, detail }
+                ChainReport {
+                    table,
+                    chain,
+                    rows_checked: st.rows,
+                    ok: first_bad_seq.is_none(),
+                    first_bad_seq,
+                    detail,
+                }
             })
             .collect()
     }
@@ -217,9 +277,19 @@ mod tests {
         let mut prev = GENESIS;
         (1..=n)
             .map(|seq| {
-                let columns = vec![("id".to_string(), Value::Int(seq)), ("note".to_string(), Value::Text(format!("r{seq}")))];
+                let columns = vec![
+                    ("id".to_string(), Value::Int(seq)),
+                    ("note".to_string(), Value::Text(format!("r{seq}"))),
+                ];
                 let h = row_hash("t", 0, seq, &prev, &columns);
-                let r = ExportRow { table: "t".into(), chain: 0, seq, prev_hash: prev, row_hash: h, columns };
+                let r = ExportRow {
+                    table: "t".into(),
+                    chain: 0,
+                    seq,
+                    prev_hash: prev,
+                    row_hash: h,
+                    columns,
+                };
                 prev = h;
                 r
             })
@@ -240,7 +310,11 @@ mod tests {
         }
     }
 
-    fn run(rows: &[ExportRow], cps: Vec<Checkpoint>, key: &ed25519_dalek::SigningKey) -> ChainReport {
+    fn run(
+        rows: &[ExportRow],
+        cps: Vec<Checkpoint>,
+        key: &ed25519_dalek::SigningKey,
+    ) -> ChainReport {
         let mut v = Verifier::new(cps, &[key.verifying_key()]);
         rows.iter().for_each(|r| v.push(r));
         v.finish().remove(0)
@@ -340,7 +414,16 @@ mod tests {
     #[test]
     fn null_columns_do_not_change_the_hash() {
         let a = row_hash("t", 0, 1, &GENESIS, &[("a".into(), Value::Int(1))]);
-        let b = row_hash("t", 0, 1, &GENESIS, &[("a".into(), Value::Int(1)), ("added_later".into(), Value::Null)]);
+        let b = row_hash(
+            "t",
+            0,
+            1,
+            &GENESIS,
+            &[
+                ("a".into(), Value::Int(1)),
+                ("added_later".into(), Value::Null),
+            ],
+        );
         assert_eq!(a, b);
     }
 

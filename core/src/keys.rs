@@ -39,17 +39,25 @@ pub fn encode_file(key: &SigningKey) -> Zeroizing<String> {
 pub fn decode_file(path: &str, contents: &[u8]) -> Result<SigningKey, KeyError> {
     let text = std::str::from_utf8(contents).map_err(|_| KeyError::Format { path: path.into() })?;
     let mut seed = Zeroizing::new([0u8; 32]);
-    hex::decode_to_slice(text.trim(), seed.as_mut()).map_err(|_| KeyError::Format { path: path.into() })?;
+    hex::decode_to_slice(text.trim(), seed.as_mut())
+        .map_err(|_| KeyError::Format { path: path.into() })?;
     Ok(SigningKey::from_bytes(&seed))
 }
 
 /// Refuses a key file that anyone but its owner can read or write, or that another user owns.
 #[cfg(unix)]
-pub fn check_permissions(path: &str, meta: &std::fs::Metadata, expected_uid: u32) -> Result<(), KeyError> {
+pub fn check_permissions(
+    path: &str,
+    meta: &std::fs::Metadata,
+    expected_uid: u32,
+) -> Result<(), KeyError> {
     use std::os::unix::fs::MetadataExt;
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions { path: path.into(), mode });
+        return Err(KeyError::Permissions {
+            path: path.into(),
+            mode,
+        });
     }
     if meta.uid() != expected_uid {
         return Err(KeyError::Owner { path: path.into() });
@@ -59,7 +67,8 @@ pub fn check_permissions(path: &str, meta: &std::fs::Metadata, expected_uid: u32
 
 pub fn parse_public(hex_text: &str) -> Result<VerifyingKey, KeyError> {
     let mut bytes = [0u8; 32];
-    hex::decode_to_slice(hex_text.trim(), &mut bytes).map_err(|e| KeyError::PublicKey(e.to_string()))?;
+    hex::decode_to_slice(hex_text.trim(), &mut bytes)
+        .map_err(|e| KeyError::PublicKey(e.to_string()))?;
     VerifyingKey::from_bytes(&bytes).map_err(|e| KeyError::PublicKey(e.to_string()))
 }
 
@@ -104,11 +113,17 @@ mod tests {
         let uid = std::fs::metadata(&path).unwrap().uid();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
-        assert!(matches!(check_permissions("key", &meta, uid), Err(KeyError::Permissions { .. })));
+        assert!(matches!(
+            check_permissions("key", &meta, uid),
+            Err(KeyError::Permissions { .. })
+        ));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert!(check_permissions("key", &meta, uid).is_ok());
-        assert!(matches!(check_permissions("key", &meta, uid + 1), Err(KeyError::Owner { .. })));
+        assert!(matches!(
+            check_permissions("key", &meta, uid + 1),
+            Err(KeyError::Owner { .. })
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,0 +1,609 @@
+//! Tamper-evident audit: hash-chained append-only tables, signed checkpoints, export and
+//! verification. The row hash, the checkpoint message and the verifier all come from
+//! `vsql_vault_core::chain`, which the offline tool uses too.
+
+use crate::errors::VaultError;
+use crate::identity::AsOwner;
+use crate::plans::{self, types::*};
+use crate::{keys, settings};
+use pgrx::prelude::*;
+use pgrx::PgTupleDesc;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io::Write;
+use vsql_vault_core::canonical::Value;
+use vsql_vault_core::chain::{self, Checkpoint, ExportRow, Verifier, CHAIN_COLUMNS, GENESIS};
+
+/// A column value in its canonical form. Types whose text output depends on session settings
+/// (timestamps, dates) are taken in their internal form; others by their output function.
+pub fn datum_value(datum: Option<pg_sys::Datum>, typid: pg_sys::Oid) -> Value {
+    let Some(d) = datum else {
+        return Value::Null;
+    };
+    unsafe {
+        match pg_sys::BuiltinOid::from_u32(typid.to_u32()) {
+            Ok(pg_sys::BuiltinOid::BOOLOID) => Value::Bool(d.value() != 0),
+            Ok(pg_sys::BuiltinOid::INT2OID) => Value::Int(i64::from(d.value() as i16)),
+            Ok(pg_sys::BuiltinOid::INT4OID) => Value::Int(i64::from(d.value() as i32)),
+            Ok(pg_sys::BuiltinOid::INT8OID) => Value::Int(d.value() as i64),
+            Ok(pg_sys::BuiltinOid::OIDOID) => Value::Int(i64::from(d.value() as u32)),
+            Ok(pg_sys::BuiltinOid::DATEOID) => Value::Int(i64::from(d.value() as i32)),
+            Ok(pg_sys::BuiltinOid::TIMESTAMPTZOID | pg_sys::BuiltinOid::TIMESTAMPOID) => {
+                Value::Timestamp(d.value() as i64)
+            }
+            Ok(pg_sys::BuiltinOid::BYTEAOID) => {
+                Value::Bytes(<Vec<u8> as FromDatum>::from_datum(d, false).unwrap_or_default())
+            }
+            _ => {
+                let mut out = pg_sys::Oid::INVALID;
+                let mut varlena = false;
+                pg_sys::getTypeOutputInfo(typid, &mut out, &mut varlena);
+                let p = pg_sys::OidOutputFunctionCall(out, d);
+                Value::Text(CStr::from_ptr(p).to_string_lossy().into_owned())
+            }
+        }
+    }
+}
+
+/// The hashed columns of a table: live, not generated, not the chain's own fields.
+fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::Oid)> {
+    let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
+    desc.iter()
+        .enumerate()
+        .filter(|(_, a)| {
+            !a.attisdropped && a.attgenerated == 0 && !CHAIN_COLUMNS.contains(&a.name())
+        })
+        .map(|(i, a)| (i, a.name().to_owned(), a.atttypid))
+        .collect()
+}
+
+thread_local! {
+    /// The chain this backend's current transaction already holds, per table, so that a
+    /// transaction inserting many rows stays on one chain.
+    static HELD: RefCell<HashMap<String, (pg_sys::TransactionId, i32)>> = RefCell::new(HashMap::new());
+}
+
+const TAKE_CHAIN: &str = "SELECT chain_id, seq, head_hash FROM vault.chain_heads
+     WHERE table_name OPERATOR(pg_catalog.=) $1
+     ORDER BY chain_id OPERATOR(pg_catalog.=) $3 DESC, chain_id OPERATOR(pg_catalog.#) $2
+     LIMIT 1 FOR UPDATE SKIP LOCKED";
+const WAIT_CHAIN: &str = "SELECT chain_id, seq, head_hash FROM vault.chain_heads
+     WHERE table_name OPERATOR(pg_catalog.=) $1
+     ORDER BY chain_id OPERATOR(pg_catalog.=) $3 DESC, chain_id OPERATOR(pg_catalog.#) $2
+     LIMIT 1 FOR UPDATE";
+const ADVANCE_CHAIN: &str = "UPDATE vault.chain_heads SET seq = $3, head_hash = $4
+     WHERE table_name OPERATOR(pg_catalog.=) $1 AND chain_id OPERATOR(pg_catalog.=) $2";
+
+/// Locks a chain of `table` for this transaction (a free one if any) and returns its head.
+fn take_chain(table: &str) -> Result<(i32, i64, Vec<u8>), VaultError> {
+    let xid = unsafe { pg_sys::GetTopTransactionId() };
+    let held = HELD
+        .with(|h| {
+            h.borrow()
+                .get(table)
+                .filter(|(x, _)| *x == xid)
+                .map(|(_, c)| *c)
+        })
+        .unwrap_or(-1);
+    let pid = unsafe { pg_sys::MyProcPid };
+    let _owner = AsOwner::enter();
+    let found = Spi::connect_mut(|c| {
+        let args = [table.into(), pid.into(), held.into()];
+        for query in [TAKE_CHAIN, WAIT_CHAIN] {
+            let stmt = plans::plan(c, query, &[TEXT, INT4, INT4], true)?;
+            let rows = c.update(&*stmt, None, &args)?;
+            if let Some(row) = rows.into_iter().next() {
+                return Ok(Some((
+                    row.get::<i32>(1)?.unwrap_or(0),
+                    row.get::<i64>(2)?.unwrap_or(0),
+                    row.get::<Vec<u8>>(3)?.unwrap_or_default(),
+                )));
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(None)
+    })
+    .map_err(|e| VaultError::Internal(format!("taking a chain head failed: {e}")))?;
+    let found = found.ok_or_else(|| VaultError::NotProtected(table.to_owned()))?;
+    HELD.with(|h| h.borrow_mut().insert(table.to_owned(), (xid, found.0)));
+    Ok(found)
+}
+
+fn advance_chain(table: &str, chain: i32, seq: i64, head: &[u8]) -> Result<(), VaultError> {
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|c| {
+        let stmt = plans::plan(c, ADVANCE_CHAIN, &[TEXT, INT4, INT8, BYTEA], true)?;
+        c.update(
+            &*stmt,
+            None,
+            &[table.into(), chain.into(), seq.into(), head.into()],
+        )
+        .map(|_| ())
+    })
+    .map_err(|e| VaultError::Internal(format!("advancing the chain head failed: {e}")))
+}
+
+fn qualified_name(trigger: &PgTrigger) -> Result<String, VaultError> {
+    let schema = trigger
+        .table_schema()
+        .map_err(|e| VaultError::Internal(e.to_string()))?;
+    let table = trigger
+        .table_name()
+        .map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(format!("{schema}.{table}"))
+}
+
+/// BEFORE INSERT: links the new row to its chain and fills the chain fields.
+pub fn chain_row<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<PgHeapTuple<'a, AllocatedByRust>, VaultError> {
+    let table = qualified_name(trigger)?;
+    let td = trigger.trigger_data();
+    let columns = unsafe {
+        let tupdesc = (*td.tg_relation).rd_att;
+        let values = deform(td.tg_trigtuple, tupdesc);
+        columns_of(&values, &hashed_attributes(tupdesc))
+    };
+    if settings::RESTORE_MODE.get() {
+        if let Some(kept) = restored_row(trigger, &table)? {
+            return Ok(kept);
+        }
+    }
+    let (chain_id, last_seq, prev) = take_chain(&table)?;
+    let seq = last_seq + 1;
+    let hash = chain::row_hash(&table, chain_id, seq, &prev, &columns);
+    advance_chain(&table, chain_id, seq, &hash)?;
+    let set = |e: pgrx::datum::TryFromDatumError| VaultError::Internal(e.to_string());
+    let mut new = trigger
+        .new()
+        .ok_or_else(|| VaultError::Internal("no new row".into()))?
+        .into_owned();
+    new.set_by_name("chain_id", chain_id).map_err(set)?;
+    new.set_by_name("chain_seq", seq).map_err(set)?;
+    new.set_by_name("prev_hash", prev).map_err(set)?;
+    new.set_by_name("row_hash", hash.to_vec()).map_err(set)?;
+    Ok(new)
+}
+
+/// The attribute values of a heap tuple, NULL as None.
+unsafe fn deform(
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+) -> Vec<Option<pg_sys::Datum>> {
+    unsafe {
+        let natts = (*tupdesc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        values
+            .into_iter()
+            .zip(nulls)
+            .map(|(v, n)| (!n).then_some(v))
+            .collect()
+    }
+}
+
+fn columns_of(
+    values: &[Option<pg_sys::Datum>],
+    attrs: &[(usize, String, pg_sys::Oid)],
+) -> Vec<(String, Value)> {
+    attrs
+        .iter()
+        .map(|(i, name, typid)| (name.clone(), datum_value(values[*i], *typid)))
+        .collect()
+}
+
+/// Index of a named attribute in a tuple descriptor.
+fn attribute_index(tupdesc: pg_sys::TupleDesc, name: &str) -> Option<usize> {
+    let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
+    desc.iter()
+        .position(|a| !a.attisdropped && a.name() == name)
+}
+
+/// Calls `each` with every tuple of the current SPI result (`SPI_tuptable`) and its descriptor.
+unsafe fn for_each_spi_tuple(mut each: impl FnMut(pg_sys::HeapTuple, pg_sys::TupleDesc)) {
+    unsafe {
+        let tt = pg_sys::SPI_tuptable;
+        if tt.is_null() {
+            return;
+        }
+        for i in 0..pg_sys::SPI_processed as usize {
+            each(*(*tt).vals.add(i), (*tt).tupdesc);
+        }
+    }
+}
+
+/// In restore mode, a row that arrives with all its chain fields keeps them, and the chain's head
+/// moves forward to it. Returns None for a row without chain fields (it is chained normally).
+fn restored_row<'a>(
+    trigger: &'a PgTrigger<'a>,
+    table: &str,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, VaultError> {
+    let new = trigger
+        .new()
+        .ok_or_else(|| VaultError::Internal("no new row".into()))?;
+    let get = |e: pgrx::datum::TryFromDatumError| VaultError::Internal(e.to_string());
+    let chain_id = new.get_by_name::<i32>("chain_id").map_err(get)?;
+    let seq = new.get_by_name::<i64>("chain_seq").map_err(get)?;
+    let prev = new
+        .get_by_name::<&[u8]>("prev_hash")
+        .map_err(get)?
+        .map(<[u8]>::to_vec);
+    let hash = new
+        .get_by_name::<&[u8]>("row_hash")
+        .map_err(get)?
+        .map(<[u8]>::to_vec);
+    let (Some(chain_id), Some(seq), Some(_), Some(hash)) = (chain_id, seq, prev, hash) else {
+        return Ok(None);
+    };
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|c| {
+        c.update(
+            "INSERT INTO vault.chain_heads AS h (table_name, chain_id, seq, head_hash) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (table_name, chain_id) DO UPDATE SET seq = EXCLUDED.seq, head_hash = EXCLUDED.head_hash
+             WHERE h.seq < EXCLUDED.seq",
+            None,
+            &[table.into(), chain_id.into(), seq.into(), hash.as_slice().into()],
+        )
+        .map(|_| ())
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(Some(new.into_owned()))
+}
+
+fn export_row(table: &str, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> ExportRow {
+    let values = unsafe { deform(tuple, tupdesc) };
+    let get = |name: &str| attribute_index(tupdesc, name).and_then(|i| values[i]);
+    let hash32 = |d: Option<pg_sys::Datum>| -> [u8; 32] {
+        let mut out = [0u8; 32];
+        if let Some(v) = d.and_then(|d| unsafe { <Vec<u8> as FromDatum>::from_datum(d, false) }) {
+            if v.len() == 32 {
+                out.copy_from_slice(&v);
+            }
+        }
+        out
+    };
+    ExportRow {
+        table: table.to_owned(),
+        chain: get("chain_id").map(|d| d.value() as i32).unwrap_or(-1),
+        seq: get("chain_seq").map(|d| d.value() as i64).unwrap_or(0),
+        prev_hash: hash32(get("prev_hash")),
+        row_hash: hash32(get("row_hash")),
+        columns: columns_of(&values, &hashed_attributes(tupdesc)),
+    }
+}
+
+/// Streams the rows of a protected table in chain order to `each`.
+fn scan_rows(
+    table: &str,
+    from_seq: i64,
+    mut each: impl FnMut(ExportRow),
+) -> Result<(), VaultError> {
+    let query = format!(
+        "SELECT * FROM {} WHERE chain_seq IS NULL OR chain_seq >= $1 ORDER BY chain_id NULLS FIRST, chain_seq",
+        table.split('.').map(spi::quote_identifier).collect::<Vec<_>>().join(".")
+    );
+    Spi::connect(|c| {
+        let mut cursor = c.try_open_cursor(query.as_str(), &[from_seq.into()])?;
+        loop {
+            let batch = cursor.fetch(1000)?;
+            if batch.is_empty() {
+                break;
+            }
+            unsafe { for_each_spi_tuple(|t, d| each(export_row(table, t, d))) };
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    })
+    .map_err(|e| VaultError::Internal(format!("reading {table} failed: {e}")))
+}
+
+pub fn protected_tables(only: Option<pg_sys::Oid>) -> Result<Vec<String>, VaultError> {
+    let _owner = AsOwner::enter();
+    Spi::connect(|c| {
+        let mut out = Vec::new();
+        for row in c.select(
+            "SELECT table_name FROM vault.protected_tables
+             WHERE $1 IS NULL OR pg_catalog.to_regclass(table_name) OPERATOR(pg_catalog.=) $1::pg_catalog.regclass
+             ORDER BY table_name",
+            None,
+            &[only.into()],
+        )? {
+            if let Some(t) = row.get::<String>(1)? {
+                out.push(t);
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}
+
+pub fn load_checkpoints(table: Option<&str>) -> Result<Vec<Checkpoint>, VaultError> {
+    Spi::connect(|c| {
+        let mut out = Vec::new();
+        for row in c.select(
+            "SELECT table_name, chain, seq, head_hash, signed_at_us, key_id, signature FROM vault.audit_checkpoints
+             WHERE $1 IS NULL OR table_name OPERATOR(pg_catalog.=) $1 ORDER BY id",
+            None,
+            &[table.into()],
+        )? {
+            let mut head = [0u8; 32];
+            if let Some(h) = row.get::<Vec<u8>>(4)?.filter(|h| h.len() == 32) {
+                head.copy_from_slice(&h);
+            }
+            out.push(Checkpoint {
+                table: row.get::<String>(1)?.unwrap_or_default(),
+                chain: row.get::<i32>(2)?.unwrap_or(0),
+                seq: row.get::<i64>(3)?.unwrap_or(0),
+                head_hash: head,
+                signed_at: row.get::<i64>(5)?.unwrap_or(0),
+                key_id: row.get::<String>(6)?.unwrap_or_default(),
+                signature: hex::encode(row.get::<Vec<u8>>(7)?.unwrap_or_default()),
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}
+
+pub fn public_keys() -> Result<Vec<ed25519_dalek::VerifyingKey>, VaultError> {
+    let texts = Spi::connect(|c| {
+        let mut out = Vec::new();
+        for row in c.select("SELECT public_key FROM vault.signing_keys", None, &[])? {
+            out.extend(row.get::<String>(1)?);
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(texts
+        .iter()
+        .filter_map(|t| vsql_vault_core::keys::parse_public(t).ok())
+        .collect())
+}
+
+/// Checks every chain of the protected tables (or one), with the checkpoints and known keys.
+pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, VaultError> {
+    let tables = protected_tables(only)?;
+    if only.is_some() && tables.is_empty() {
+        return Err(VaultError::NotProtected(format!(
+            "relation {}",
+            only.map(|o| o.to_u32()).unwrap_or(0)
+        )));
+    }
+    let _owner = AsOwner::enter();
+    let keys = public_keys()?;
+    let mut reports = Vec::new();
+    for table in tables {
+        let mut v = Verifier::new(load_checkpoints(Some(&table))?, &keys);
+        scan_rows(&table, 0, |row| v.push(&row))?;
+        let mut r = v.finish();
+        if r.is_empty() {
+            r.push(chain::ChainReport {
+                table: table.clone(),
+                chain: 0,
+                rows_checked: 0,
+                first_bad_seq: None,
+                ok: true,
+                detail: "no rows".into(),
+            });
+        }
+        reports.extend(r);
+    }
+    Ok(reports)
+}
+
+pub fn export(table_oid: pg_sys::Oid, from_seq: i64) -> Result<Vec<String>, VaultError> {
+    let tables = protected_tables(Some(table_oid))?;
+    let table = tables
+        .first()
+        .ok_or_else(|| VaultError::NotProtected(format!("relation {}", table_oid.to_u32())))?;
+    let _owner = AsOwner::enter();
+    let mut lines = Vec::new();
+    scan_rows(table, from_seq, |row| {
+        lines.push(serde_json::to_string(&row).unwrap_or_default())
+    })?;
+    Ok(lines)
+}
+
+pub fn export_checkpoints() -> Result<Vec<String>, VaultError> {
+    let _owner = AsOwner::enter();
+    Ok(load_checkpoints(None)?
+        .iter()
+        .map(|c| serde_json::to_string(c).unwrap_or_default())
+        .collect())
+}
+
+/// Signs the head of every chain that moved since its last checkpoint. Returns how many.
+pub fn checkpoint() -> Result<i64, VaultError> {
+    let key = keys::current()?;
+    let key_id = keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
+    let _owner = AsOwner::enter();
+    let heads = Spi::connect(|c| {
+        let mut out = Vec::new();
+        for row in c.select(
+            "SELECT h.table_name, h.chain_id, h.seq, h.head_hash FROM vault.chain_heads h
+             WHERE h.seq > 0 AND h.table_name <> 'vault.audit_checkpoints'
+               AND h.seq > COALESCE((SELECT max(k.seq) FROM vault.audit_checkpoints k
+                                     WHERE k.table_name = h.table_name AND k.chain = h.chain_id), 0)
+             ORDER BY 1, 2",
+            None,
+            &[],
+        )? {
+            out.push((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<i32>(2)?.unwrap_or(0),
+                row.get::<i64>(3)?.unwrap_or(0),
+                row.get::<Vec<u8>>(4)?.unwrap_or_default(),
+            ));
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    let signed_at = crate::identity::now_micros();
+    let mut lines = Vec::new();
+    for (table, chain_id, seq, head) in &heads {
+        let msg = Checkpoint::message(table, *chain_id, *seq, head, signed_at, &key_id);
+        let sig = vsql_vault_core::keys::sign(&key, &msg);
+        Spi::connect_mut(|c| {
+            c.update(
+                "INSERT INTO vault.audit_checkpoints
+                    (checkpointed_at, table_name, chain, seq, head_hash, signed_at_us, key_id, signature)
+                 VALUES (now(), $1, $2, $3, $4, $5, $6, $7)",
+                None,
+                &[
+                    table.as_str().into(),
+                    (*chain_id).into(),
+                    (*seq).into(),
+                    head.as_slice().into(),
+                    signed_at.into(),
+                    key_id.as_str().into(),
+                    sig.as_slice().into(),
+                ],
+            )
+            .map(|_| ())
+        })
+        .map_err(|e| VaultError::Internal(e.to_string()))?;
+        let mut head32 = [0u8; 32];
+        if head.len() == 32 {
+            head32.copy_from_slice(head);
+        }
+        let cp = Checkpoint {
+            table: table.clone(),
+            chain: *chain_id,
+            seq: *seq,
+            head_hash: head32,
+            signed_at,
+            key_id: key_id.clone(),
+            signature: hex::encode(sig),
+        };
+        lines.push(serde_json::to_string(&cp).unwrap_or_default());
+    }
+    if let Some(path) = settings::CHECKPOINT_EXPORT_PATH
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty())
+    {
+        if !lines.is_empty() {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| {
+                    VaultError::Internal(format!(
+                        "cannot append checkpoints to {path}: {}",
+                        e.kind()
+                    ))
+                })?;
+            for l in &lines {
+                writeln!(f, "{l}").map_err(|e| {
+                    VaultError::Internal(format!("cannot write {path}: {}", e.kind()))
+                })?;
+            }
+            f.sync_all()
+                .map_err(|e| VaultError::Internal(format!("cannot sync {path}: {}", e.kind())))?;
+        }
+    }
+    Ok(heads.len() as i64)
+}
+
+fn quote_qualified(table: &str) -> String {
+    table
+        .split('.')
+        .map(spi::quote_identifier)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Makes `table` append-only and hash-chained: adds the chain fields, chains the rows it already
+/// holds, and installs the triggers (ENABLE ALWAYS).
+pub fn protect(table_oid: pg_sys::Oid, chains: i32) -> Result<String, VaultError> {
+    let _owner = AsOwner::enter();
+    let name = crate::identity::select_one::<String>(
+        "SELECT n.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) c.relname
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+         WHERE c.oid OPERATOR(pg_catalog.=) $1 AND c.relkind OPERATOR(pg_catalog.=) 'r'",
+        &[table_oid.into()],
+    )
+    .ok()
+    .flatten()
+    .ok_or_else(|| VaultError::Internal("only ordinary tables can be protected".into()))?;
+    let q = quote_qualified(&name);
+    let ddl = format!(
+        "ALTER TABLE {q} ADD COLUMN IF NOT EXISTS chain_id int, ADD COLUMN IF NOT EXISTS chain_seq bigint,
+             ADD COLUMN IF NOT EXISTS prev_hash bytea, ADD COLUMN IF NOT EXISTS row_hash bytea;
+         CREATE UNIQUE INDEX IF NOT EXISTS {idx} ON {q} (chain_id, chain_seq);
+         INSERT INTO vault.protected_tables (table_name, chains) VALUES ({lit}, {chains})
+             ON CONFLICT (table_name) DO NOTHING;
+         INSERT INTO vault.chain_heads (table_name, chain_id)
+             SELECT {lit}, g FROM pg_catalog.generate_series(0, {last}) g ON CONFLICT DO NOTHING;",
+        idx = spi::quote_identifier(format!("{}_vault_chain", name.rsplit('.').next().unwrap_or("t"))),
+        lit = spi::quote_literal(&name),
+        last = chains - 1,
+    );
+    Spi::run(&ddl).map_err(|e| VaultError::Internal(e.to_string()))?;
+    chain_existing_rows(&name)?;
+    let triggers = format!(
+        "CREATE OR REPLACE TRIGGER vault_chain BEFORE INSERT ON {q} FOR EACH ROW EXECUTE FUNCTION vault.chain_row();
+         CREATE OR REPLACE TRIGGER vault_append_only BEFORE UPDATE OR DELETE ON {q}
+             FOR EACH ROW EXECUTE FUNCTION vault.refuse_modification();
+         CREATE OR REPLACE TRIGGER vault_no_truncate BEFORE TRUNCATE ON {q}
+             FOR EACH STATEMENT EXECUTE FUNCTION vault.refuse_modification();
+         ALTER TABLE {q} ENABLE ALWAYS TRIGGER vault_chain, ENABLE ALWAYS TRIGGER vault_append_only,
+             ENABLE ALWAYS TRIGGER vault_no_truncate;"
+    );
+    Spi::run(&triggers).map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(name)
+}
+
+/// Rows a table held before it was protected are chained in physical order on chain 0.
+fn chain_existing_rows(table: &str) -> Result<(), VaultError> {
+    let q = quote_qualified(table);
+    let rows: Vec<(String, Vec<(String, Value)>)> = Spi::connect(|c| {
+        let mut out = Vec::new();
+        c.select(&format!("SELECT ctid::pg_catalog.text AS vault_ctid, * FROM {q} WHERE chain_id IS NULL ORDER BY ctid"), None, &[])?;
+        unsafe {
+            for_each_spi_tuple(|t, d| {
+                let values = deform(t, d);
+                // Column 0 is the ctid this query adds; the table's own columns follow.
+                let attrs: Vec<_> = hashed_attributes(d).into_iter().filter(|(i, ..)| *i != 0).collect();
+                if let Value::Text(ctid) = datum_value(values[0], pg_sys::TEXTOID) {
+                    out.push((ctid, columns_of(&values, &attrs)));
+                }
+            })
+        };
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let (chain_id, mut seq, mut prev) = take_chain_zero(table)?;
+    for (ctid, cols) in rows {
+        seq += 1;
+        let hash = chain::row_hash(table, chain_id, seq, &prev, &cols);
+        Spi::connect_mut(|c| {
+            c.update(
+                &format!("UPDATE {q} SET chain_id = $1, chain_seq = $2, prev_hash = $3, row_hash = $4 WHERE ctid = $5::tid"),
+                None,
+                &[chain_id.into(), seq.into(), prev.as_slice().into(), hash.as_slice().into(), ctid.as_str().into()],
+            )
+            .map(|_| ())
+        })
+        .map_err(|e| VaultError::Internal(e.to_string()))?;
+        prev = hash.to_vec();
+    }
+    advance_chain(table, chain_id, seq, &prev)
+}
+
+fn take_chain_zero(table: &str) -> Result<(i32, i64, Vec<u8>), VaultError> {
+    Spi::connect_mut(|c| {
+        let row = c
+            .update(
+                "SELECT chain_id, seq, head_hash FROM vault.chain_heads WHERE table_name = $1 AND chain_id = 0 FOR UPDATE",
+                None,
+                &[table.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>((0, row.get::<i64>(2)?.unwrap_or(0), row.get::<Vec<u8>>(3)?.unwrap_or(GENESIS.to_vec())))
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}

@@ -1,0 +1,289 @@
+//! SQL functions of the tamper-evident audit. As for storage, failures come back as
+//! `(sqlstate, message)` and the wrappers in `sql/audit.sql` raise them.
+
+// pgrx reads result columns from the signature itself, so they cannot be behind a type alias.
+#![allow(clippy::type_complexity)]
+
+use crate::access_log::Event;
+use crate::audit;
+use crate::errors::VaultError;
+use crate::identity::{select_one, AsOwner, Caller};
+use pgrx::prelude::*;
+
+fn has_role(caller: &Caller, role: &str) -> bool {
+    let _owner = AsOwner::enter();
+    select_one::<bool>(
+        "SELECT pg_catalog.pg_has_role($1, $2, 'USAGE')",
+        &[caller.role_oid.into(), role.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+fn is_superuser(caller: &Caller) -> bool {
+    unsafe { pg_sys::superuser_arg(caller.role_oid) }
+}
+
+fn require(caller: &Caller, roles: &[&str]) -> Result<(), VaultError> {
+    if roles.iter().any(|r| has_role(caller, r)) {
+        Ok(())
+    } else {
+        Err(VaultError::Denied(format!(
+            "role \"{}\" is not a member of {}",
+            caller.role_name,
+            roles.join(" or ")
+        )))
+    }
+}
+
+fn status(r: &Result<impl Sized, VaultError>) -> (Option<String>, Option<String>) {
+    match r {
+        Ok(_) => (None, None),
+        Err(e) => (Some(e.sqlstate().to_owned()), Some(e.to_string())),
+    }
+}
+
+/// Runs `work` after `check`, logging the call (granted or refused) in the access log.
+fn logged<T>(
+    operation: &'static str,
+    details: serde_json::Value,
+    check: impl FnOnce(&Caller) -> Result<(), VaultError>,
+    work: impl FnOnce() -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, operation, None, None);
+    event.details = Some(details);
+    if let Err(e) = check(&caller) {
+        return Err(event.refused(e));
+    }
+    match work() {
+        Ok(v) => event.granted().map(|_| v),
+        Err(e) => Err(event.refused(e)),
+    }
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn protect_table_impl(
+    tbl: Option<pg_sys::Oid>,
+    chains: Option<i32>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
+    let result = logged(
+        "protect_table",
+        serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "chains": chains }),
+        |caller| {
+            let tbl = tbl.ok_or(vsql_vault_core::InputError::Null("tbl"))?;
+            let chains = chains.ok_or(vsql_vault_core::InputError::Null("chains"))?;
+            if !(1..=256).contains(&chains) {
+                return Err(VaultError::ChainCount(chains));
+            }
+            let owns = {
+                let _owner = AsOwner::enter();
+                select_one::<bool>(
+                    "SELECT pg_catalog.pg_has_role($1, c.relowner, 'USAGE') FROM pg_catalog.pg_class c WHERE c.oid = $2",
+                    &[caller.role_oid.into(), tbl.into()],
+                )
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+            };
+            if owns || has_role(caller, "vault_admin") {
+                Ok(())
+            } else {
+                Err(VaultError::Denied(format!(
+                    "role \"{}\" neither owns the table nor is a vault_admin",
+                    caller.role_name
+                )))
+            }
+        },
+        || audit::protect(tbl.unwrap_or(pg_sys::Oid::INVALID), chains.unwrap_or(16)).map(|_| ()),
+    );
+    TableIterator::once(status(&result))
+}
+
+/// Protects the extension's own tables while CREATE EXTENSION runs (the audit writer cannot see
+/// the uncommitted extension yet, so this is not logged). Not executable by PUBLIC.
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn protect_builtin(tbl: pg_sys::Oid, chains: i32) -> String {
+    audit::protect(tbl, chains)
+        .unwrap_or_else(|e| pgrx::error!("vsql_vault: protecting a built-in table failed: {e}"))
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn checkpoint_impl() -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(checkpoints, Option<i64>),
+    ),
+> {
+    let result = logged(
+        "checkpoint",
+        serde_json::json!({}),
+        |c| require(c, &["vault_admin"]),
+        audit::checkpoint,
+    );
+    let (s, m) = status(&result);
+    TableIterator::once((s, m, result.ok()))
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn rotate_signing_key_impl() -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(key_id, Option<String>),
+    ),
+> {
+    let result = logged(
+        "rotate_signing_key",
+        serde_json::json!({}),
+        |c| {
+            if is_superuser(c) {
+                Ok(())
+            } else {
+                Err(VaultError::Denied(
+                    "only a superuser rotates the signing key".into(),
+                ))
+            }
+        },
+        crate::keys::rotate,
+    );
+    let (s, m) = status(&result);
+    TableIterator::once((s, m, result.ok()))
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn verify_audit_impl(
+    tbl: Option<pg_sys::Oid>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(table_name, Option<String>),
+        name!(chain, Option<i32>),
+        name!(rows_checked, Option<i64>),
+        name!(first_bad_seq, Option<i64>),
+        name!(ok, Option<bool>),
+        name!(detail, Option<String>),
+    ),
+> {
+    let result = logged(
+        "verify_audit",
+        serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()) }),
+        |c| require(c, &["vault_auditor", "vault_admin"]),
+        || audit::verify(tbl),
+    );
+    match result {
+        Ok(reports) => TableIterator::new(
+            reports
+                .into_iter()
+                .map(|r| {
+                    (
+                        None,
+                        None,
+                        Some(r.table),
+                        Some(r.chain),
+                        Some(r.rows_checked),
+                        r.first_bad_seq,
+                        Some(r.ok),
+                        Some(r.detail),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Err(e) => TableIterator::new(vec![(
+            Some(e.sqlstate().to_owned()),
+            Some(e.to_string()),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )]),
+    }
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn export_audit_impl(
+    tbl: Option<pg_sys::Oid>,
+    from_seq: Option<i64>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(line, Option<String>),
+    ),
+> {
+    let result = logged(
+        "export_audit",
+        serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "from_seq": from_seq }),
+        |c| {
+            tbl.ok_or(vsql_vault_core::InputError::Null("tbl"))?;
+            require(c, &["vault_auditor", "vault_admin"])
+        },
+        || audit::export(tbl.unwrap_or(pg_sys::Oid::INVALID), from_seq.unwrap_or(0)),
+    );
+    rows_or_error(result)
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn export_checkpoints_impl() -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(line, Option<String>),
+    ),
+> {
+    let result = logged(
+        "export_checkpoints",
+        serde_json::json!({}),
+        |c| require(c, &["vault_auditor", "vault_admin"]),
+        audit::export_checkpoints,
+    );
+    rows_or_error(result)
+}
+
+fn rows_or_error(
+    result: Result<Vec<String>, VaultError>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(line, Option<String>),
+    ),
+> {
+    match result {
+        Ok(lines) => TableIterator::new(
+            lines
+                .into_iter()
+                .map(|l| (None, None, Some(l)))
+                .collect::<Vec<_>>(),
+        ),
+        Err(e) => TableIterator::new(vec![(
+            Some(e.sqlstate().to_owned()),
+            Some(e.to_string()),
+            None,
+        )]),
+    }
+}
