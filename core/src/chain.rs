@@ -188,6 +188,13 @@ impl Verifier {
             return;
         }
         let bad = |why: String| Some((row.seq, why));
+        // A gap is reported at its first missing row: that is the row an auditor must ask about.
+        let gap = |from: i64| {
+            Some((
+                from,
+                format!("rows {}..{} are missing (deleted?)", from, row.seq - 1),
+            ))
+        };
         let computed = row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns);
         let partial = self.partial;
         st.first_bad = match st.last_seq {
@@ -195,17 +202,11 @@ impl Verifier {
                 "row carries no chain fields (inserted while the chain trigger was disabled?)"
                     .into(),
             ),
-            None if !partial && row.seq != 1 => {
-                bad(format!("rows 1..{} are missing (deleted?)", row.seq - 1))
-            }
+            None if !partial && row.seq != 1 => gap(1),
             None if row.seq == 1 && row.prev_hash != GENESIS => {
                 bad("first row does not start from the genesis hash".into())
             }
-            Some(last) if row.seq != last + 1 => bad(format!(
-                "rows {}..{} are missing (deleted?)",
-                last + 1,
-                row.seq - 1
-            )),
+            Some(last) if row.seq != last + 1 => gap(last + 1),
             Some(_) if row.prev_hash != st.last_hash => {
                 bad("prev_hash does not match the previous row (link broken)".into())
             }
@@ -231,21 +232,21 @@ impl Verifier {
                 }
                 continue;
             }
+            let last = st.last_seq.unwrap_or(0);
             let problem = match st.at_checkpoints.get(&c.seq) {
-                None => Some(format!(
-                    "row {} was signed in a checkpoint but is missing (rows after {} deleted?)",
-                    c.seq,
-                    st.last_seq.unwrap_or(0)
+                // The newest rows are gone: the checkpoint proves they existed.
+                None if last < c.seq => Some((
+                    last + 1,
+                    format!("rows {}..{} are missing, yet a checkpoint signed row {} (newest rows deleted?)", last + 1, c.seq, c.seq),
                 )),
-                Some(h) if *h != c.head_hash => {
-                    Some(format!("row {} differs from its signed checkpoint", c.seq))
-                }
+                None => Some((c.seq, format!("row {} was signed in a checkpoint but is missing", c.seq))),
+                Some(h) if *h != c.head_hash => Some((c.seq, format!("row {} differs from its signed checkpoint", c.seq))),
                 _ => None,
             };
-            if let Some(why) = problem {
-                let earlier = st.first_bad.as_ref().is_some_and(|(s, _)| *s <= c.seq);
+            if let Some((seq, why)) = problem {
+                let earlier = st.first_bad.as_ref().is_some_and(|(s, _)| *s <= seq);
                 if !earlier {
-                    st.first_bad = Some((c.seq, why));
+                    st.first_bad = Some((seq, why));
                 }
             }
         }
@@ -345,7 +346,7 @@ mod tests {
         let mut rows = chain(5);
         rows.remove(2);
         let r = run(&rows, vec![], &key);
-        assert_eq!(r.first_bad_seq, Some(4));
+        assert_eq!(r.first_bad_seq, Some(3));
         assert!(r.detail.contains("3..3 are missing"), "{}", r.detail);
     }
 
@@ -374,8 +375,8 @@ mod tests {
         let rows = chain(5);
         let cp = checkpoint(&key, &rows[4]);
         let r = run(&rows[..3], vec![cp], &key);
-        assert_eq!(r.first_bad_seq, Some(5));
-        assert!(r.detail.contains("missing"));
+        assert_eq!(r.first_bad_seq, Some(4));
+        assert!(r.detail.contains("rows 4..5 are missing"), "{}", r.detail);
     }
 
     #[test]
@@ -394,7 +395,7 @@ mod tests {
         let key = keys::generate().unwrap();
         let rows = chain(4);
         let r = run(&rows[1..], vec![], &key);
-        assert_eq!(r.first_bad_seq, Some(2));
+        assert_eq!(r.first_bad_seq, Some(1));
         let mut v = Verifier::with_partial(vec![], &[key.verifying_key()], true);
         rows[1..].iter().for_each(|r| v.push(r));
         assert!(v.finish()[0].ok);

@@ -1,0 +1,125 @@
+//! `vsql-vault`: checks vsql_vault evidence with no database, using the same core crate as the
+//! extension, so the verdict an auditor gets here is the database's own logic.
+//!
+//!   vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE]
+//!                     --public-key HEX [--public-key HEX ...] [--partial]
+//!
+//! Exit status: 0 when every chain is intact, 1 when one is not (the first bad row and the reason
+//! are printed), 2 on a usage or input error.
+
+use std::io::BufRead;
+use std::process::ExitCode;
+use vsql_vault_core::chain::{Checkpoint, ExportRow, Verifier};
+use vsql_vault_core::keys;
+
+const USAGE: &str =
+    "usage: vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE] \
+--public-key HEX [--public-key HEX ...] [--partial]";
+
+struct Args {
+    exports: Vec<String>,
+    checkpoints: Vec<String>,
+    public_keys: Vec<String>,
+    partial: bool,
+}
+
+fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
+    match argv.next().as_deref() {
+        Some("verify") => {}
+        Some("-h" | "--help") | None => return Err(USAGE.into()),
+        Some(other) => return Err(format!("unknown command {other:?}\n{USAGE}")),
+    }
+    let mut a = Args {
+        exports: vec![],
+        checkpoints: vec![],
+        public_keys: vec![],
+        partial: false,
+    };
+    while let Some(flag) = argv.next() {
+        let mut value = || {
+            argv.next()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            "--export" => a.exports.push(value()?),
+            "--checkpoints" => a.checkpoints.push(value()?),
+            "--public-key" => a.public_keys.push(value()?),
+            "--partial" => a.partial = true,
+            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+        }
+    }
+    if a.exports.is_empty() || a.public_keys.is_empty() {
+        return Err(USAGE.into());
+    }
+    Ok(a)
+}
+
+/// Reads one JSON object per non-empty line.
+fn read_lines<T: serde::de::DeserializeOwned>(path: &str) -> Result<Vec<T>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut out = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| format!("{path}: {e}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).map_err(|e| format!("{path} line {}: {e}", n + 1))?);
+    }
+    Ok(out)
+}
+
+fn run(args: Args) -> Result<bool, String> {
+    let keys = args
+        .public_keys
+        .iter()
+        .map(|k| keys::parse_public(k).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    for path in &args.checkpoints {
+        checkpoints.extend(read_lines::<Checkpoint>(path)?);
+    }
+    let mut rows: Vec<ExportRow> = Vec::new();
+    for path in &args.exports {
+        rows.extend(read_lines::<ExportRow>(path)?);
+    }
+    // Checkpoints of tables that were not exported are not this run's business.
+    let exported: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r.table.as_str()).collect();
+    let checkpoints: Vec<Checkpoint> = checkpoints
+        .into_iter()
+        .filter(|c| exported.contains(c.table.as_str()))
+        .collect();
+    rows.sort_by(|a, b| (&a.table, a.chain, a.seq).cmp(&(&b.table, b.chain, b.seq)));
+    let mut v = Verifier::with_partial(checkpoints, &keys, args.partial);
+    rows.iter().for_each(|r| v.push(r));
+    let mut intact = true;
+    for r in v.finish() {
+        match r.first_bad_seq {
+            None if r.ok => println!("ok      {} chain {}: {}", r.table, r.chain, r.detail),
+            bad => {
+                intact = false;
+                let at = bad.map(|s| format!(" at seq {s}")).unwrap_or_default();
+                println!("FAILED  {} chain {}{}: {}", r.table, r.chain, at, r.detail);
+            }
+        }
+    }
+    Ok(intact)
+}
+
+fn main() -> ExitCode {
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("vsql-vault: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
