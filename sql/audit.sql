@@ -2,8 +2,12 @@
 -- extension's own append-only tables. Runs last in CREATE EXTENSION.
 
 -- Tables whose rows are hash-chained and append-only (vault_protect_table).
+-- `identity` names the table inside hashes and checkpoints: its name and the number of this
+-- protection, so a table dropped under break-glass and created again never inherits old evidence.
 CREATE TABLE vault.protected_tables (
+    id           bigserial UNIQUE,
     table_name   text PRIMARY KEY,
+    identity     text UNIQUE NOT NULL,
     chains       int NOT NULL CHECK (chains BETWEEN 1 AND 256),
     builtin      bool NOT NULL DEFAULT false,
     protected_at timestamptz NOT NULL DEFAULT now(),
@@ -13,11 +17,11 @@ CREATE TABLE vault.protected_tables (
 -- The current head of every chain. Not evidence itself (verification recomputes everything from
 -- the rows and the signed checkpoints); it is where writers find the link for the next row.
 CREATE TABLE vault.chain_heads (
-    table_name text NOT NULL,
+    identity   text NOT NULL,
     chain_id   int NOT NULL,
     seq        bigint NOT NULL DEFAULT 0,
     head_hash  bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
-    PRIMARY KEY (table_name, chain_id)
+    PRIMARY KEY (identity, chain_id)
 );
 
 -- Public halves of the Ed25519 keys that signed checkpoints; private keys never enter SQL.
@@ -33,7 +37,7 @@ CREATE TABLE vault.signing_keys (
 CREATE TABLE vault.audit_checkpoints (
     id              bigserial PRIMARY KEY,
     checkpointed_at timestamptz NOT NULL,
-    table_name      text NOT NULL,
+    table_identity  text NOT NULL,
     chain           int NOT NULL,
     seq             bigint NOT NULL,
     head_hash       bytea NOT NULL,
@@ -63,6 +67,7 @@ UPDATE vault.protected_tables SET builtin = true;
 -- pg_dump keeps user-table registrations, keys and checkpoints; chain heads are rebuilt by the
 -- chain trigger while restoring (see vsql_vault.restore_mode).
 SELECT pg_catalog.pg_extension_config_dump('vault.protected_tables', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('vault.protected_tables_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints_id_seq', '');
@@ -142,3 +147,74 @@ BEGIN
     END LOOP;
 END
 $fn$;
+
+-- DDL guard: ALTER (including DISABLE TRIGGER and RENAME) and DROP of a protected table or of its
+-- triggers are refused unless a superuser turned on vsql_vault.break_glass, and either way the
+-- attempt is recorded in the (chained) access log.
+CREATE FUNCTION vault.is_protected(rel oid) RETURNS bool
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM vault.protected_tables p WHERE to_regclass(p.table_name) = rel)
+$fn$;
+
+CREATE FUNCTION vault.is_protected_name(name text) RETURNS bool
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM vault.protected_tables p WHERE p.table_name = name)
+$fn$;
+
+-- After a break-glass DROP the table's registration goes too, so a new table of that name
+-- starts a fresh chain.
+CREATE FUNCTION vault.forget_table(name text) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    DELETE FROM vault.chain_heads
+     WHERE identity IN (SELECT identity FROM vault.protected_tables WHERE table_name = name);
+    DELETE FROM vault.protected_tables WHERE table_name = name;
+$fn$;
+REVOKE ALL ON FUNCTION vault.forget_table(text) FROM PUBLIC;
+
+CREATE FUNCTION vault.guard_alter() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE c record;
+BEGIN
+    FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        IF c.classid = 'pg_class'::regclass AND vault.is_protected(c.objid)
+           AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
+            RAISE EXCEPTION USING ERRCODE = 'VV403',
+                MESSAGE = format('%s on protected table %s is refused (vsql_vault.break_glass is off)',
+                                 c.command_tag, c.object_identity);
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+CREATE FUNCTION vault.guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE o record; tbl text;
+BEGIN
+    FOR o IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
+        tbl := NULL;
+        IF o.object_type = 'table' THEN
+            tbl := o.address_names[1] || '.' || o.address_names[2];
+        ELSIF o.object_type = 'trigger'
+              AND o.address_names[3] IN ('vault_chain', 'vault_append_only', 'vault_no_truncate') THEN
+            tbl := o.address_names[1] || '.' || o.address_names[2];
+        END IF;
+        IF tbl IS NOT NULL AND vault.is_protected_name(tbl) THEN
+            IF NOT vault.ddl_guard_allows('DROP ' || upper(o.object_type), o.object_identity) THEN
+                RAISE EXCEPTION USING ERRCODE = 'VV403',
+                    MESSAGE = format('DROP of %s %s is refused: the table is protected (vsql_vault.break_glass is off)',
+                                     o.object_type, o.object_identity);
+            END IF;
+            IF o.object_type = 'table' THEN
+                PERFORM vault.forget_table(tbl);
+            END IF;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+CREATE EVENT TRIGGER vault_guard_alter ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'CREATE TRIGGER', 'CREATE RULE', 'CREATE POLICY', 'ALTER POLICY')
+    EXECUTE FUNCTION vault.guard_alter();
+CREATE EVENT TRIGGER vault_guard_drop ON sql_drop EXECUTE FUNCTION vault.guard_drop();
+ALTER EVENT TRIGGER vault_guard_alter ENABLE ALWAYS;
+ALTER EVENT TRIGGER vault_guard_drop ENABLE ALWAYS;

@@ -59,24 +59,40 @@ fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::
 }
 
 thread_local! {
+    /// Set while vault_protect_table itself alters the table it protects.
+    pub static PROTECTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The chain this backend's current transaction already holds, per table, so that a
     /// transaction inserting many rows stays on one chain.
     static HELD: RefCell<HashMap<String, (pg_sys::TransactionId, i32)>> = RefCell::new(HashMap::new());
 }
 
-const TAKE_CHAIN: &str = "SELECT chain_id, seq, head_hash FROM vault.chain_heads
-     WHERE table_name OPERATOR(pg_catalog.=) $1
-     ORDER BY chain_id OPERATOR(pg_catalog.=) $3 DESC, chain_id OPERATOR(pg_catalog.#) $2
-     LIMIT 1 FOR UPDATE SKIP LOCKED";
-const WAIT_CHAIN: &str = "SELECT chain_id, seq, head_hash FROM vault.chain_heads
-     WHERE table_name OPERATOR(pg_catalog.=) $1
-     ORDER BY chain_id OPERATOR(pg_catalog.=) $3 DESC, chain_id OPERATOR(pg_catalog.#) $2
-     LIMIT 1 FOR UPDATE";
+macro_rules! chain_query {
+    ($lock:literal) => {
+        concat!(
+            "SELECT h.chain_id, h.seq, h.head_hash, h.identity FROM vault.chain_heads h
+             WHERE h.identity OPERATOR(pg_catalog.=) (SELECT p.identity FROM vault.protected_tables p
+                                                       WHERE p.table_name OPERATOR(pg_catalog.=) $1)
+             ORDER BY h.chain_id OPERATOR(pg_catalog.=) $3 DESC, h.chain_id OPERATOR(pg_catalog.#) $2
+             LIMIT 1 FOR UPDATE OF h",
+            $lock
+        )
+    };
+}
+const TAKE_CHAIN: &str = chain_query!(" SKIP LOCKED");
+const WAIT_CHAIN: &str = chain_query!("");
 const ADVANCE_CHAIN: &str = "UPDATE vault.chain_heads SET seq = $3, head_hash = $4
-     WHERE table_name OPERATOR(pg_catalog.=) $1 AND chain_id OPERATOR(pg_catalog.=) $2";
+     WHERE identity OPERATOR(pg_catalog.=) $1 AND chain_id OPERATOR(pg_catalog.=) $2";
+
+/// A locked chain: the table's identity, the chain, and its head.
+pub struct Head {
+    identity: String,
+    chain: i32,
+    seq: i64,
+    hash: Vec<u8>,
+}
 
 /// Locks a chain of `table` for this transaction (a free one if any) and returns its head.
-fn take_chain(table: &str) -> Result<(i32, i64, Vec<u8>), VaultError> {
+fn take_chain(table: &str) -> Result<Head, VaultError> {
     let xid = unsafe { pg_sys::GetTopTransactionId() };
     let held = HELD
         .with(|h| {
@@ -94,18 +110,19 @@ fn take_chain(table: &str) -> Result<(i32, i64, Vec<u8>), VaultError> {
             let stmt = plans::plan(c, query, &[TEXT, INT4, INT4], true)?;
             let rows = c.update(&*stmt, None, &args)?;
             if let Some(row) = rows.into_iter().next() {
-                return Ok(Some((
-                    row.get::<i32>(1)?.unwrap_or(0),
-                    row.get::<i64>(2)?.unwrap_or(0),
-                    row.get::<Vec<u8>>(3)?.unwrap_or_default(),
-                )));
+                return Ok(Some(Head {
+                    chain: row.get::<i32>(1)?.unwrap_or(0),
+                    seq: row.get::<i64>(2)?.unwrap_or(0),
+                    hash: row.get::<Vec<u8>>(3)?.unwrap_or_default(),
+                    identity: row.get::<String>(4)?.unwrap_or_default(),
+                }));
             }
         }
         Ok::<_, pgrx::spi::Error>(None)
     })
     .map_err(|e| VaultError::Internal(format!("taking a chain head failed: {e}")))?;
     let found = found.ok_or_else(|| VaultError::NotProtected(table.to_owned()))?;
-    HELD.with(|h| h.borrow_mut().insert(table.to_owned(), (xid, found.0)));
+    HELD.with(|h| h.borrow_mut().insert(table.to_owned(), (xid, found.chain)));
     Ok(found)
 }
 
@@ -149,10 +166,15 @@ pub fn chain_row<'a>(
             return Ok(kept);
         }
     }
-    let (chain_id, last_seq, prev) = take_chain(&table)?;
+    let Head {
+        identity,
+        chain: chain_id,
+        seq: last_seq,
+        hash: prev,
+    } = take_chain(&table)?;
     let seq = last_seq + 1;
-    let hash = chain::row_hash(&table, chain_id, seq, &prev, &columns);
-    advance_chain(&table, chain_id, seq, &hash)?;
+    let hash = chain::row_hash(&identity, chain_id, seq, &prev, &columns);
+    advance_chain(&identity, chain_id, seq, &hash)?;
     let set = |e: pgrx::datum::TryFromDatumError| VaultError::Internal(e.to_string());
     let mut new = trigger
         .new()
@@ -239,8 +261,9 @@ fn restored_row<'a>(
     let _owner = AsOwner::enter();
     Spi::connect_mut(|c| {
         c.update(
-            "INSERT INTO vault.chain_heads AS h (table_name, chain_id, seq, head_hash) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (table_name, chain_id) DO UPDATE SET seq = EXCLUDED.seq, head_hash = EXCLUDED.head_hash
+            "INSERT INTO vault.chain_heads AS h (identity, chain_id, seq, head_hash)
+             SELECT p.identity, $2, $3, $4 FROM vault.protected_tables p WHERE p.table_name = $1
+             ON CONFLICT (identity, chain_id) DO UPDATE SET seq = EXCLUDED.seq, head_hash = EXCLUDED.head_hash
              WHERE h.seq < EXCLUDED.seq",
             None,
             &[table.into(), chain_id.into(), seq.into(), hash.as_slice().into()],
@@ -276,6 +299,7 @@ fn export_row(table: &str, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc)
 /// Streams the rows of a protected table in chain order to `each`.
 fn scan_rows(
     table: &str,
+    identity: &str,
     from_seq: i64,
     mut each: impl FnMut(ExportRow),
 ) -> Result<(), VaultError> {
@@ -290,26 +314,27 @@ fn scan_rows(
             if batch.is_empty() {
                 break;
             }
-            unsafe { for_each_spi_tuple(|t, d| each(export_row(table, t, d))) };
+            unsafe { for_each_spi_tuple(|t, d| each(export_row(identity, t, d))) };
         }
         Ok::<_, pgrx::spi::Error>(())
     })
     .map_err(|e| VaultError::Internal(format!("reading {table} failed: {e}")))
 }
 
-pub fn protected_tables(only: Option<pg_sys::Oid>) -> Result<Vec<String>, VaultError> {
+/// (name, identity) of the protected tables, or of one.
+pub fn protected_tables(only: Option<pg_sys::Oid>) -> Result<Vec<(String, String)>, VaultError> {
     let _owner = AsOwner::enter();
     Spi::connect(|c| {
         let mut out = Vec::new();
         for row in c.select(
-            "SELECT table_name FROM vault.protected_tables
+            "SELECT table_name, identity FROM vault.protected_tables
              WHERE $1 IS NULL OR pg_catalog.to_regclass(table_name) OPERATOR(pg_catalog.=) $1::pg_catalog.regclass
              ORDER BY table_name",
             None,
             &[only.into()],
         )? {
-            if let Some(t) = row.get::<String>(1)? {
-                out.push(t);
+            if let (Some(t), Some(i)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
+                out.push((t, i));
             }
         }
         Ok::<_, pgrx::spi::Error>(out)
@@ -317,14 +342,14 @@ pub fn protected_tables(only: Option<pg_sys::Oid>) -> Result<Vec<String>, VaultE
     .map_err(|e| VaultError::Internal(e.to_string()))
 }
 
-pub fn load_checkpoints(table: Option<&str>) -> Result<Vec<Checkpoint>, VaultError> {
+pub fn load_checkpoints(identity: Option<&str>) -> Result<Vec<Checkpoint>, VaultError> {
     Spi::connect(|c| {
         let mut out = Vec::new();
         for row in c.select(
-            "SELECT table_name, chain, seq, head_hash, signed_at_us, key_id, signature FROM vault.audit_checkpoints
-             WHERE $1 IS NULL OR table_name OPERATOR(pg_catalog.=) $1 ORDER BY id",
+            "SELECT table_identity, chain, seq, head_hash, signed_at_us, key_id, signature FROM vault.audit_checkpoints
+             WHERE $1 IS NULL OR table_identity OPERATOR(pg_catalog.=) $1 ORDER BY id",
             None,
-            &[table.into()],
+            &[identity.into()],
         )? {
             let mut head = [0u8; 32];
             if let Some(h) = row.get::<Vec<u8>>(4)?.filter(|h| h.len() == 32) {
@@ -372,13 +397,13 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
     let _owner = AsOwner::enter();
     let keys = public_keys()?;
     let mut reports = Vec::new();
-    for table in tables {
-        let mut v = Verifier::new(load_checkpoints(Some(&table))?, &keys);
-        scan_rows(&table, 0, |row| v.push(&row))?;
+    for (table, identity) in tables {
+        let mut v = Verifier::new(load_checkpoints(Some(&identity))?, &keys);
+        scan_rows(&table, &identity, 0, |row| v.push(&row))?;
         let mut r = v.finish();
         if r.is_empty() {
             r.push(chain::ChainReport {
-                table: table.clone(),
+                table: identity.clone(),
                 chain: 0,
                 rows_checked: 0,
                 first_bad_seq: None,
@@ -393,12 +418,12 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
 
 pub fn export(table_oid: pg_sys::Oid, from_seq: i64) -> Result<Vec<String>, VaultError> {
     let tables = protected_tables(Some(table_oid))?;
-    let table = tables
+    let (table, identity) = tables
         .first()
         .ok_or_else(|| VaultError::NotProtected(format!("relation {}", table_oid.to_u32())))?;
     let _owner = AsOwner::enter();
     let mut lines = Vec::new();
-    scan_rows(table, from_seq, |row| {
+    scan_rows(table, identity, from_seq, |row| {
         lines.push(serde_json::to_string(&row).unwrap_or_default())
     })?;
     Ok(lines)
@@ -420,10 +445,11 @@ pub fn checkpoint() -> Result<i64, VaultError> {
     let heads = Spi::connect(|c| {
         let mut out = Vec::new();
         for row in c.select(
-            "SELECT h.table_name, h.chain_id, h.seq, h.head_hash FROM vault.chain_heads h
-             WHERE h.seq > 0 AND h.table_name <> 'vault.audit_checkpoints'
+            "SELECT h.identity, h.chain_id, h.seq, h.head_hash
+             FROM vault.chain_heads h JOIN vault.protected_tables p ON p.identity = h.identity
+             WHERE h.seq > 0 AND p.table_name <> 'vault.audit_checkpoints'
                AND h.seq > COALESCE((SELECT max(k.seq) FROM vault.audit_checkpoints k
-                                     WHERE k.table_name = h.table_name AND k.chain = h.chain_id), 0)
+                                     WHERE k.table_identity = h.identity AND k.chain = h.chain_id), 0)
              ORDER BY 1, 2",
             None,
             &[],
@@ -446,7 +472,7 @@ pub fn checkpoint() -> Result<i64, VaultError> {
         Spi::connect_mut(|c| {
             c.update(
                 "INSERT INTO vault.audit_checkpoints
-                    (checkpointed_at, table_name, chain, seq, head_hash, signed_at_us, key_id, signature)
+                    (checkpointed_at, table_identity, chain, seq, head_hash, signed_at_us, key_id, signature)
                  VALUES (now(), $1, $2, $3, $4, $5, $6, $7)",
                 None,
                 &[
@@ -516,6 +542,14 @@ fn quote_qualified(table: &str) -> String {
 /// Makes `table` append-only and hash-chained: adds the chain fields, chains the rows it already
 /// holds, and installs the triggers (ENABLE ALWAYS).
 pub fn protect(table_oid: pg_sys::Oid, chains: i32) -> Result<String, VaultError> {
+    struct Protecting;
+    impl Drop for Protecting {
+        fn drop(&mut self) {
+            PROTECTING.with(|p| p.set(false));
+        }
+    }
+    PROTECTING.with(|p| p.set(true));
+    let _protecting = Protecting;
     let _owner = AsOwner::enter();
     let name = crate::identity::select_one::<String>(
         "SELECT n.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) c.relname
@@ -531,10 +565,13 @@ pub fn protect(table_oid: pg_sys::Oid, chains: i32) -> Result<String, VaultError
         "ALTER TABLE {q} ADD COLUMN IF NOT EXISTS chain_id int, ADD COLUMN IF NOT EXISTS chain_seq bigint,
              ADD COLUMN IF NOT EXISTS prev_hash bytea, ADD COLUMN IF NOT EXISTS row_hash bytea;
          CREATE UNIQUE INDEX IF NOT EXISTS {idx} ON {q} (chain_id, chain_seq);
-         INSERT INTO vault.protected_tables (table_name, chains) VALUES ({lit}, {chains})
-             ON CONFLICT (table_name) DO NOTHING;
-         INSERT INTO vault.chain_heads (table_name, chain_id)
-             SELECT {lit}, g FROM pg_catalog.generate_series(0, {last}) g ON CONFLICT DO NOTHING;",
+         INSERT INTO vault.protected_tables (id, table_name, identity, chains)
+             SELECT n.id, {lit}, {lit} || '/' || n.id, {chains}
+             FROM (SELECT pg_catalog.nextval('vault.protected_tables_id_seq') AS id) n
+             WHERE NOT EXISTS (SELECT 1 FROM vault.protected_tables WHERE table_name = {lit});
+         INSERT INTO vault.chain_heads (identity, chain_id)
+             SELECT p.identity, g FROM vault.protected_tables p, pg_catalog.generate_series(0, {last}) g
+             WHERE p.table_name = {lit} ON CONFLICT DO NOTHING;",
         idx = spi::quote_identifier(format!("{}_vault_chain", name.rsplit('.').next().unwrap_or("t"))),
         lit = spi::quote_literal(&name),
         last = chains - 1,
@@ -576,10 +613,10 @@ fn chain_existing_rows(table: &str) -> Result<(), VaultError> {
     if rows.is_empty() {
         return Ok(());
     }
-    let (chain_id, mut seq, mut prev) = take_chain_zero(table)?;
+    let (identity, chain_id, mut seq, mut prev) = take_chain_zero(table)?;
     for (ctid, cols) in rows {
         seq += 1;
-        let hash = chain::row_hash(table, chain_id, seq, &prev, &cols);
+        let hash = chain::row_hash(&identity, chain_id, seq, &prev, &cols);
         Spi::connect_mut(|c| {
             c.update(
                 &format!("UPDATE {q} SET chain_id = $1, chain_seq = $2, prev_hash = $3, row_hash = $4 WHERE ctid = $5::tid"),
@@ -591,19 +628,26 @@ fn chain_existing_rows(table: &str) -> Result<(), VaultError> {
         .map_err(|e| VaultError::Internal(e.to_string()))?;
         prev = hash.to_vec();
     }
-    advance_chain(table, chain_id, seq, &prev)
+    advance_chain(&identity, chain_id, seq, &prev)
 }
 
-fn take_chain_zero(table: &str) -> Result<(i32, i64, Vec<u8>), VaultError> {
+fn take_chain_zero(table: &str) -> Result<(String, i32, i64, Vec<u8>), VaultError> {
     Spi::connect_mut(|c| {
         let row = c
             .update(
-                "SELECT chain_id, seq, head_hash FROM vault.chain_heads WHERE table_name = $1 AND chain_id = 0 FOR UPDATE",
+                "SELECT h.identity, h.seq, h.head_hash FROM vault.chain_heads h JOIN vault.protected_tables p
+                   ON p.identity = h.identity
+                 WHERE p.table_name = $1 AND h.chain_id = 0 FOR UPDATE OF h",
                 None,
                 &[table.into()],
             )?
             .first();
-        Ok::<_, pgrx::spi::Error>((0, row.get::<i64>(2)?.unwrap_or(0), row.get::<Vec<u8>>(3)?.unwrap_or(GENESIS.to_vec())))
+        Ok::<_, pgrx::spi::Error>((
+            row.get::<String>(1)?.unwrap_or_default(),
+            0,
+            row.get::<i64>(2)?.unwrap_or(0),
+            row.get::<Vec<u8>>(3)?.unwrap_or(GENESIS.to_vec()),
+        ))
     })
     .map_err(|e| VaultError::Internal(e.to_string()))
 }

@@ -287,3 +287,27 @@ fn rows_or_error(
         )]),
     }
 }
+
+/// Asked by the DDL event triggers before a command touches a protected table: allowed while
+/// vault_protect_table runs, or under `vsql_vault.break_glass` (recorded); refused otherwise
+/// (also recorded).
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn ddl_guard_allows(command: &str, object: &str) -> bool {
+    // pg_restore recreates protected tables and their triggers; restore mode is superuser-only.
+    if audit::PROTECTING.with(|p| p.get()) || crate::settings::RESTORE_MODE.get() {
+        return true;
+    }
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, "break_glass", None, None);
+    event.details = Some(serde_json::json!({ "command": command, "object": object }));
+    if crate::settings::BREAK_GLASS.get() {
+        match event.granted() {
+            Ok(()) => true,
+            Err(e) => pgrx::error!("vsql_vault: a break-glass command could not be recorded: {e}"),
+        }
+    } else {
+        let _ = event.refused(VaultError::ProtectedDdl(format!("{command} on {object}")));
+        false
+    }
+}

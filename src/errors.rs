@@ -56,6 +56,8 @@ pub enum VaultError {
     NotProtected(String),
     #[error("chains must be between 1 and 256, got {0}")]
     ChainCount(i32),
+    #[error("{0} is refused: the table is protected (vsql_vault.break_glass is off)")]
+    ProtectedDdl(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -76,6 +78,7 @@ impl VaultError {
             VaultError::Key(_) => "58000",
             VaultError::KeyManagedExternally | VaultError::NotProtected(_) => "55000",
             VaultError::ChainCount(_) => "22023",
+            VaultError::ProtectedDdl(_) => "VV403",
             VaultError::Internal(_) => "XX000",
         }
     }

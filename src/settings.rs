@@ -23,7 +23,19 @@ pub static CHECKPOINT_EXPORT_PATH: GucSetting<Option<CString>> =
 /// While on, the chain trigger keeps the chain fields rows arrive with (pg_restore of an export).
 pub static RESTORE_MODE: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// Superuser-only: lets DDL reach protected tables (ALTER, DROP, disabling triggers); each such
+/// command is recorded in the access log.
+pub static BREAK_GLASS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 pub fn define() {
+    GucRegistry::define_bool_guc(
+        c"vsql_vault.break_glass",
+        c"Allow ALTER/DROP of protected tables and their triggers; every such command is recorded.",
+        c"Superuser-only break-glass switch. Off: DDL that could weaken a protected table is refused.",
+        &BREAK_GLASS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"vsql_vault.restore_mode",
         c"Keep the chain fields of inserted rows (for pg_restore only).",

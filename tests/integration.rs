@@ -3,145 +3,15 @@
 //! commits, several sessions or the server itself: durability of the access log across ROLLBACK
 //! and errors, failing closed, concurrency, restart, and pg_dump / pg_restore.
 
+mod common;
+
+use common::*;
 use postgres::{Client, Config, NoTls};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
-
-struct Server {
-    dir: String,
-    port: u16,
-    db: String,
-}
-
-fn server() -> Server {
-    let dir = std::env::var("VSQL_VAULT_TEST_DIR")
-        .expect("run through tests/run.sh (VSQL_VAULT_TEST_DIR)");
-    let port = std::env::var("VSQL_VAULT_TEST_PORT")
-        .expect("VSQL_VAULT_TEST_PORT")
-        .parse()
-        .expect("port");
-    let db = std::env::var("VSQL_VAULT_TEST_DB").expect("VSQL_VAULT_TEST_DB");
-    Server { dir, port, db }
-}
-
-impl Server {
-    fn connect_to(&self, db: &str, user: &str, app: &str) -> Client {
-        Config::new()
-            .host_path(&self.dir)
-            .port(self.port)
-            .dbname(db)
-            .user(user)
-            .application_name(app)
-            .connect(NoTls)
-            .unwrap_or_else(|e| panic!("connect as {user} to {db}: {e}"))
-    }
-
-    fn connect(&self, user: &str) -> Client {
-        self.connect_to(&self.db, user, "vsql_vault integration")
-    }
-
-    fn pg_ctl(&self, args: &[&str]) {
-        let data = format!("{}/data", self.dir);
-        let status = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                "/usr/lib/postgresql/15/bin/pg_ctl",
-                "-D",
-                &data,
-                "-w",
-                "-t",
-                "60",
-            ])
-            .args(args)
-            .status()
-            .expect("pg_ctl");
-        assert!(status.success(), "pg_ctl {args:?}");
-    }
-
-    /// Waits until the audit writer serves `db` (it restarts to follow vsql_vault.database).
-    fn wait_for_writer(&self, db: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(mut c) = Config::new()
-                .host_path(&self.dir)
-                .port(self.port)
-                .dbname("postgres")
-                .user("postgres")
-                .connect(NoTls)
-            {
-                let n: i64 = c
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'vsql_vault audit writer' AND datname = $1",
-                        &[&db],
-                    )
-                    .unwrap()
-                    .get(0);
-                if n == 1 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "audit writer never connected to {db}"
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-/// Roles and a purpose shared by the tests; safe to run again.
-fn setup(s: &Server) -> Client {
-    let mut su = s.connect("postgres");
-    su.batch_execute(
-        "CREATE EXTENSION IF NOT EXISTS vsql_vault;
-         DO $$ BEGIN
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'it_a') THEN
-             CREATE ROLE it_a LOGIN IN ROLE vault_app;
-             CREATE ROLE it_b LOGIN IN ROLE vault_app;
-             CREATE ROLE it_admin LOGIN IN ROLE vault_admin;
-           END IF;
-         END $$;",
-    )
-    .unwrap();
-    let mut admin = s.connect("it_admin");
-    admin
-        .execute("SELECT vault_set_retention_policy('it.card', 30, 7)", &[])
-        .unwrap();
-    su
-}
-
-fn sqlstate(e: &postgres::Error) -> String {
-    e.code()
-        .map(|c| c.code().to_owned())
-        .unwrap_or_else(|| format!("no sqlstate: {e}"))
-}
-
-fn log_count(su: &mut Client, op: &str, external_id: &str, granted: bool) -> i64 {
-    su.query_one(
-        "SELECT count(*) FROM vault.access_log WHERE purpose = 'it.card' AND operation = $1 AND external_id = $2 AND granted = $3",
-        &[&op, &external_id, &granted],
-    )
-    .unwrap()
-    .get(0)
-}
-
-fn put(c: &mut Client, id: &str, value: &[u8]) -> Result<(), postgres::Error> {
-    c.execute("SELECT vault_put('it.card', $1, $2)", &[&id, &value])
-        .map(|_| ())
-}
-
-fn get(c: &mut Client, id: &str) -> Result<Vec<u8>, postgres::Error> {
-    c.query_one(
-        "SELECT encrypted_value FROM vault_get('it.card', $1)",
-        &[&id],
-    )
-    .map(|r| r.get(0))
-}
 
 #[test]
 fn rolled_back_get_keeps_its_granted_row() {
@@ -450,7 +320,9 @@ fn zz_dump_and_restore_keep_the_vault() {
     su.batch_execute("DROP DATABASE IF EXISTS vault_restored WITH (FORCE)")
         .unwrap();
     su.batch_execute("CREATE DATABASE vault_restored").unwrap();
+    // Restore mode keeps the chain fields the rows were exported with (superuser-only).
     let out = Command::new("pg_restore")
+        .env("PGOPTIONS", "-c vsql_vault.restore_mode=on")
         .args([
             "-h",
             &s.dir,

@@ -24,4 +24,5 @@ bash pg_test/run.sh "$dir" "$port" "$db"
 
 echo "==> integration tests against the running server (tests/)"
 VSQL_VAULT_TEST_DIR="$dir" VSQL_VAULT_TEST_PORT="$port" VSQL_VAULT_TEST_DB="$db" \
+    VSQL_VAULT_CLI="$PWD/target/release/vsql-vault" \
     cargo test -p vsql_vault_tests -- --test-threads=1

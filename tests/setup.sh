@@ -39,3 +39,6 @@ say "Building and installing vsql_vault into $("$PG_CONFIG" --pkglibdir)"
 cargo pgrx install --pg-config "$PG_CONFIG" ${VSQL_VAULT_RELEASE:+--release} 2>&1 |
     grep -E 'Finished|Installing|error|warning: unused' || true
 test -f "$("$PG_CONFIG" --pkglibdir)/vsql_vault.so"
+
+say "Building the offline verifier: target/release/vsql-vault"
+cargo build --release -q -p vsql-vault

@@ -1,0 +1,404 @@
+//! Tamper-evidence against a real server: a superuser who goes around the rules is caught by
+//! `vault_verify_audit` and by the offline tool alike, which must agree row for row.
+
+mod common;
+
+use common::*;
+use postgres::Client;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+/// A fresh protected table with `rows` rows on one chain (so sequence numbers are predictable).
+fn protected_table(su: &mut Client, name: &str, rows: i32, chains: i32) {
+    su.batch_execute(&format!(
+        "SET vsql_vault.break_glass = on;
+         DROP TABLE IF EXISTS {name};
+         RESET vsql_vault.break_glass;
+         CREATE TABLE {name} (id bigserial PRIMARY KEY, tenant text NOT NULL, event text, at timestamptz DEFAULT now());"
+    ))
+    .unwrap();
+    su.execute(
+        &format!("SELECT vault_protect_table('{name}', {chains})"),
+        &[],
+    )
+    .unwrap();
+    su.execute(
+        &format!("INSERT INTO {name} (tenant, event) SELECT 'acme', 'event ' || g FROM generate_series(1, $1) g"),
+        &[&rows],
+    )
+    .unwrap();
+}
+
+/// (chain, first_bad_seq, ok, detail) of each chain of `table`, as the database sees it.
+fn db_verdict(su: &mut Client, table: &str) -> Vec<(i32, Option<i64>, bool, String)> {
+    su.query(
+        &format!("SELECT chain, first_bad_seq, ok, detail FROM vault_verify_audit('{table}') ORDER BY chain"),
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+/// Exports `table` and the checkpoints, runs the offline tool; returns (exit code, output).
+fn offline_verdict(s: &Server, su: &mut Client, table: &str, tag: &str) -> (i32, String) {
+    let export = format!("{}/{tag}.export.jsonl", s.dir);
+    let checkpoints = format!("{}/{tag}.checkpoints.jsonl", s.dir);
+    let lines: Vec<String> = su
+        .query(&format!("SELECT vault_export_audit('{table}')"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+    let cps: Vec<String> = su
+        .query("SELECT vault_export_checkpoints()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    std::fs::write(&checkpoints, cps.join("\n") + "\n").unwrap();
+    let mut cmd = Command::new(
+        std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI (run through tests/run.sh)"),
+    );
+    cmd.args(["verify", "--export", &export, "--checkpoints", &checkpoints]);
+    for r in su
+        .query("SELECT public_key FROM vault.signing_keys", &[])
+        .unwrap()
+    {
+        cmd.args(["--public-key", r.get::<_, &str>(0)]);
+    }
+    let out = cmd.output().expect("run vsql-vault");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Runs `sql` the way a superuser goes around the rules: the refusing triggers disabled.
+fn behind_the_triggers(su: &mut Client, table: &str, sql: &str) {
+    // Without the break-glass setting even a superuser cannot disable the trigger.
+    let e = su
+        .batch_execute(&format!(
+            "ALTER TABLE {table} DISABLE TRIGGER vault_append_only"
+        ))
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "VV403", "{e}");
+    su.batch_execute(&format!(
+        "SET vsql_vault.break_glass = on;
+         ALTER TABLE {table} DISABLE TRIGGER vault_append_only;
+         SET session_replication_role = replica;
+         {sql};
+         RESET session_replication_role;
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER vault_append_only;
+         RESET vsql_vault.break_glass;"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn intact_table_verifies_in_the_database_and_offline() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_intact", 25, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let v = db_verdict(&mut su, "it_intact");
+    assert_eq!(v.len(), 1);
+    assert!(v[0].2, "{v:?}");
+    let (code, out) = offline_verdict(&s, &mut su, "it_intact", "intact");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok      public.it_intact/"), "{out}");
+}
+
+#[test]
+fn modifications_are_refused_for_owner_and_superuser_alike() {
+    let s = server();
+    let mut su = setup(&s);
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on; DROP TABLE IF EXISTS it_owned; RESET vsql_vault.break_glass;
+         CREATE TABLE it_owned (id int, note text);
+         ALTER TABLE it_owned OWNER TO it_a; GRANT SELECT ON it_owned TO it_b;",
+    )
+    .unwrap();
+    let mut a = s.connect("it_a");
+    a.execute("SELECT vault_protect_table('it_owned')", &[])
+        .unwrap();
+    a.execute("INSERT INTO it_owned VALUES (1, 'one'), (2, 'two')", &[])
+        .unwrap();
+    let before: Vec<String> = su
+        .query("SELECT note FROM it_owned ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for c in [&mut a, &mut su] {
+        for sql in [
+            "UPDATE it_owned SET note = 'x'",
+            "DELETE FROM it_owned",
+            "TRUNCATE it_owned",
+        ] {
+            let e = c.batch_execute(sql).unwrap_err();
+            assert_eq!(sqlstate(&e), "VV403", "{sql}");
+        }
+        c.batch_execute("SET session_replication_role = replica")
+            .unwrap_or(());
+        let e = c
+            .batch_execute("UPDATE it_owned SET note = 'x'")
+            .unwrap_err();
+        assert!(["VV403", "42501"].contains(&sqlstate(&e).as_str()), "{e}");
+        c.batch_execute("RESET session_replication_role")
+            .unwrap_or(());
+    }
+    let after: Vec<String> = su
+        .query("SELECT note FROM it_owned ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before, after);
+    // A role that neither owns the table nor administers the vault cannot protect tables.
+    su.batch_execute("DROP TABLE IF EXISTS it_foreign; CREATE TABLE it_foreign (id int)")
+        .unwrap();
+    let mut b = s.connect("it_b");
+    assert_eq!(
+        sqlstate(
+            &b.execute("SELECT vault_protect_table('it_foreign')", &[])
+                .unwrap_err()
+        ),
+        "42501"
+    );
+}
+
+#[test]
+fn edited_row_is_named_by_both_verifiers() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_edit", 10, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    behind_the_triggers(
+        &mut su,
+        "it_edit",
+        "UPDATE it_edit SET event = 'forged' WHERE chain_seq = 4",
+    );
+    let v = db_verdict(&mut su, "it_edit");
+    assert_eq!((v[0].1, v[0].2), (Some(4), false), "{v:?}");
+    let (code, out) = offline_verdict(&s, &mut su, "it_edit", "edit");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("chain 0 at seq 4: row hash does not match"),
+        "{out}"
+    );
+}
+
+#[test]
+fn deleted_middle_row_is_named_by_both_verifiers() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_hole", 10, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    behind_the_triggers(
+        &mut su,
+        "it_hole",
+        "DELETE FROM it_hole WHERE chain_seq = 6",
+    );
+    let v = db_verdict(&mut su, "it_hole");
+    assert_eq!((v[0].1, v[0].2), (Some(6), false), "{v:?}");
+    assert!(v[0].3.contains("rows 6..6 are missing"), "{v:?}");
+    let (code, out) = offline_verdict(&s, &mut su, "it_hole", "hole");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("at seq 6: rows 6..6 are missing"), "{out}");
+}
+
+#[test]
+fn newest_rows_deleted_after_a_checkpoint_are_named_by_both_verifiers() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_tail", 10, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    behind_the_triggers(
+        &mut su,
+        "it_tail",
+        "DELETE FROM it_tail WHERE chain_seq >= 9",
+    );
+    let v = db_verdict(&mut su, "it_tail");
+    assert_eq!((v[0].1, v[0].2), (Some(9), false), "{v:?}");
+    let (code, out) = offline_verdict(&s, &mut su, "it_tail", "tail");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("at seq 9: rows 9..10 are missing, yet a checkpoint signed row 10"),
+        "{out}"
+    );
+}
+
+#[test]
+fn recomputed_hashes_do_not_fool_the_signed_checkpoint() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_rehash", 5, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    // A superuser who knows the format re-chains the table after editing row 2: links and hashes
+    // all check out again, but row 5 no longer matches what the key signed.
+    let mut export: Vec<vsql_vault_core::chain::ExportRow> = su
+        .query("SELECT vault_export_audit('it_rehash')", &[])
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect();
+    let mut prev = vsql_vault_core::chain::GENESIS;
+    for row in export.iter_mut() {
+        if row.seq == 2 {
+            for (name, value) in row.columns.iter_mut() {
+                if name == "event" {
+                    *value = vsql_vault_core::canonical::Value::Text("forged".into());
+                }
+            }
+        }
+        row.prev_hash = prev;
+        row.row_hash = vsql_vault_core::chain::row_hash(
+            &row.table,
+            row.chain,
+            row.seq,
+            &row.prev_hash,
+            &row.columns,
+        );
+        prev = row.row_hash;
+    }
+    let mut sql = String::from("UPDATE it_rehash SET event = 'forged' WHERE chain_seq = 2;");
+    for row in &export {
+        sql.push_str(&format!(
+            "UPDATE it_rehash SET prev_hash = '\\x{}', row_hash = '\\x{}' WHERE chain_seq = {};",
+            hex::encode(row.prev_hash),
+            hex::encode(row.row_hash),
+            row.seq
+        ));
+    }
+    behind_the_triggers(&mut su, "it_rehash", &sql);
+    let v = db_verdict(&mut su, "it_rehash");
+    assert_eq!((v[0].1, v[0].2), (Some(5), false), "{v:?}");
+    assert!(
+        v[0].3.contains("differs from its signed checkpoint"),
+        "{v:?}"
+    );
+    let (code, out) = offline_verdict(&s, &mut su, "it_rehash", "rehash");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("at seq 5: row 5 differs from its signed checkpoint"),
+        "{out}"
+    );
+}
+
+#[test]
+fn sixteen_concurrent_writers_never_fork_a_chain() {
+    let s = Arc::new(server());
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_busy", 0, 16);
+    su.batch_execute(
+        "GRANT INSERT, SELECT ON it_busy TO it_a; GRANT USAGE ON SEQUENCE it_busy_id_seq TO it_a",
+    )
+    .unwrap();
+    let start = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let s = Arc::clone(&s);
+            let start = Arc::clone(&start);
+            thread::spawn(move || {
+                let mut c = s.connect("it_a");
+                start.wait();
+                let mut inserted = 0i64;
+                for n in 0..150 {
+                    if n % 10 == 0 {
+                        // Several rows in one transaction stay on one chain.
+                        c.execute(
+                            "INSERT INTO it_busy (tenant, event) SELECT $1, 'batch' FROM generate_series(1, 5)",
+                            &[&format!("w{i}")],
+                        )
+                        .expect("batch insert");
+                        inserted += 5;
+                    } else {
+                        c.execute("INSERT INTO it_busy (tenant, event) VALUES ($1, 'one')", &[&format!("w{i}")])
+                            .expect("insert");
+                        inserted += 1;
+                    }
+                }
+                inserted
+            })
+        })
+        .collect();
+    let total: i64 = handles.into_iter().map(|h| h.join().expect("writer")).sum();
+    let rows: i64 = su
+        .query_one("SELECT count(*) FROM it_busy", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, total);
+    let v = db_verdict(&mut su, "it_busy");
+    assert!(v.iter().all(|c| c.2), "{v:?}");
+    let checked: i64 = su
+        .query_one(
+            "SELECT sum(rows_checked)::bigint FROM vault_verify_audit('it_busy')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(checked, total);
+    assert!(
+        v.len() > 1,
+        "writers should spread over several chains: {v:?}"
+    );
+}
+
+#[test]
+fn the_access_log_itself_is_chained_and_verifies() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    put(&mut a, "chained1", b"x").unwrap();
+    get(&mut a, "chained1").unwrap();
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let v = db_verdict(&mut su, "vault.access_log");
+    assert!(v.iter().all(|c| c.2), "{v:?}");
+    let (code, out) = offline_verdict(&s, &mut su, "vault.access_log", "access_log");
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn break_glass_is_recorded_in_the_chained_log() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_glass", 3, 1);
+    let before: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'break_glass'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on;
+         ALTER TABLE it_glass DISABLE TRIGGER vault_append_only;
+         ALTER TABLE it_glass ENABLE ALWAYS TRIGGER vault_append_only;
+         RESET vsql_vault.break_glass;",
+    )
+    .unwrap();
+    let rows = su
+        .query(
+            "SELECT granted, details->>'command', details->>'object' FROM vault.access_log
+             WHERE operation = 'break_glass' ORDER BY id OFFSET $1",
+            &[&before],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 2, "both commands recorded");
+    assert!(rows.iter().all(|r| r.get::<_, bool>(0)));
+    assert_eq!(rows[0].get::<_, String>(1), "ALTER TABLE");
+    assert_eq!(rows[0].get::<_, String>(2), "public.it_glass");
+    // Only a superuser may turn it on.
+    let mut a = s.connect("it_a");
+    assert_eq!(
+        sqlstate(
+            &a.batch_execute("SET vsql_vault.break_glass = on")
+                .unwrap_err()
+        ),
+        "42501"
+    );
+}

@@ -1,0 +1,140 @@
+//! Shared by the integration test files: the running server and the roles the tests use.
+#![allow(dead_code)]
+
+use postgres::{Client, Config, NoTls};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub dir: String,
+    pub port: u16,
+    pub db: String,
+}
+
+pub fn server() -> Server {
+    let dir = std::env::var("VSQL_VAULT_TEST_DIR")
+        .expect("run through tests/run.sh (VSQL_VAULT_TEST_DIR)");
+    let port = std::env::var("VSQL_VAULT_TEST_PORT")
+        .expect("VSQL_VAULT_TEST_PORT")
+        .parse()
+        .expect("port");
+    let db = std::env::var("VSQL_VAULT_TEST_DB").expect("VSQL_VAULT_TEST_DB");
+    Server { dir, port, db }
+}
+
+impl Server {
+    pub fn connect_to(&self, db: &str, user: &str, app: &str) -> Client {
+        Config::new()
+            .host_path(&self.dir)
+            .port(self.port)
+            .dbname(db)
+            .user(user)
+            .application_name(app)
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("connect as {user} to {db}: {e}"))
+    }
+
+    pub fn connect(&self, user: &str) -> Client {
+        self.connect_to(&self.db, user, "vsql_vault integration")
+    }
+
+    pub fn pg_ctl(&self, args: &[&str]) {
+        let data = format!("{}/data", self.dir);
+        let status = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "/usr/lib/postgresql/15/bin/pg_ctl",
+                "-D",
+                &data,
+                "-w",
+                "-t",
+                "60",
+            ])
+            .args(args)
+            .status()
+            .expect("pg_ctl");
+        assert!(status.success(), "pg_ctl {args:?}");
+    }
+
+    /// Waits until the audit writer serves `db` (it restarts to follow vsql_vault.database).
+    pub fn wait_for_writer(&self, db: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = Config::new()
+                .host_path(&self.dir)
+                .port(self.port)
+                .dbname("postgres")
+                .user("postgres")
+                .connect(NoTls)
+            {
+                let n: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'vsql_vault audit writer' AND datname = $1",
+                        &[&db],
+                    )
+                    .unwrap()
+                    .get(0);
+                if n == 1 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "audit writer never connected to {db}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Roles and a purpose shared by the tests; safe to run again.
+pub fn setup(s: &Server) -> Client {
+    let mut su = s.connect("postgres");
+    su.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS vsql_vault;
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'it_a') THEN
+             CREATE ROLE it_a LOGIN IN ROLE vault_app;
+             CREATE ROLE it_b LOGIN IN ROLE vault_app;
+             CREATE ROLE it_admin LOGIN IN ROLE vault_admin;
+           END IF;
+         END $$;",
+    )
+    .unwrap();
+    let mut admin = s.connect("it_admin");
+    admin
+        .execute("SELECT vault_set_retention_policy('it.card', 30, 7)", &[])
+        .unwrap();
+    su
+}
+
+pub fn sqlstate(e: &postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no sqlstate: {e}"))
+}
+
+pub fn log_count(su: &mut Client, op: &str, external_id: &str, granted: bool) -> i64 {
+    su.query_one(
+        "SELECT count(*) FROM vault.access_log WHERE purpose = 'it.card' AND operation = $1 AND external_id = $2 AND granted = $3",
+        &[&op, &external_id, &granted],
+    )
+    .unwrap()
+    .get(0)
+}
+
+pub fn put(c: &mut Client, id: &str, value: &[u8]) -> Result<(), postgres::Error> {
+    c.execute("SELECT vault_put('it.card', $1, $2)", &[&id, &value])
+        .map(|_| ())
+}
+
+pub fn get(c: &mut Client, id: &str) -> Result<Vec<u8>, postgres::Error> {
+    c.query_one(
+        "SELECT encrypted_value FROM vault_get('it.card', $1)",
+        &[&id],
+    )
+    .map(|r| r.get(0))
+}
