@@ -171,10 +171,22 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
 $fn$;
 REVOKE ALL ON FUNCTION vault.forget_table(text) FROM PUBLIC;
 
+-- A protected table whose name no longer resolves was renamed or moved by the command at hand.
+CREATE FUNCTION vault.protected_gone() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT table_name FROM vault.protected_tables WHERE to_regclass(table_name) IS NULL LIMIT 1
+$fn$;
+
 CREATE FUNCTION vault.guard_alter() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE c record;
+DECLARE c record; gone text;
 BEGIN
+    gone := vault.protected_gone();
+    IF gone IS NOT NULL AND NOT vault.ddl_guard_allows(tg_tag, gone) THEN
+        RAISE EXCEPTION USING ERRCODE = 'VV403',
+            MESSAGE = format('%s would rename or move protected table %s: refused (vsql_vault.break_glass is off)',
+                             tg_tag, gone);
+    END IF;
     FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         IF c.classid = 'pg_class'::regclass AND vault.is_protected(c.objid)
            AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
@@ -213,7 +225,7 @@ END
 $fn$;
 
 CREATE EVENT TRIGGER vault_guard_alter ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'CREATE TRIGGER', 'CREATE RULE', 'CREATE POLICY', 'ALTER POLICY')
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'CREATE RULE', 'CREATE POLICY', 'ALTER POLICY')
     EXECUTE FUNCTION vault.guard_alter();
 CREATE EVENT TRIGGER vault_guard_drop ON sql_drop EXECUTE FUNCTION vault.guard_drop();
 ALTER EVENT TRIGGER vault_guard_alter ENABLE ALWAYS;

@@ -398,6 +398,26 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
     let keys = public_keys()?;
     let mut reports = Vec::new();
     for (table, identity) in tables {
+        let exists = crate::identity::select_one::<bool>(
+            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+            &[table.as_str().into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !exists {
+            reports.push(chain::ChainReport {
+                table: identity.clone(),
+                chain: 0,
+                rows_checked: 0,
+                first_bad_seq: None,
+                ok: false,
+                detail: format!(
+                    "protected table {table} is missing (dropped or renamed around the guard?)"
+                ),
+            });
+            continue;
+        }
         let mut v = Verifier::new(load_checkpoints(Some(&identity))?, &keys);
         scan_rows(&table, &identity, 0, |row| v.push(&row))?;
         let mut r = v.finish();
@@ -559,7 +579,7 @@ pub fn protect(table_oid: pg_sys::Oid, chains: i32) -> Result<String, VaultError
     )
     .ok()
     .flatten()
-    .ok_or_else(|| VaultError::Internal("only ordinary tables can be protected".into()))?;
+    .ok_or(VaultError::NotATable)?;
     let q = quote_qualified(&name);
     let ddl = format!(
         "ALTER TABLE {q} ADD COLUMN IF NOT EXISTS chain_id int, ADD COLUMN IF NOT EXISTS chain_seq bigint,

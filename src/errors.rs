@@ -58,6 +58,8 @@ pub enum VaultError {
     ChainCount(i32),
     #[error("{0} is refused: the table is protected (vsql_vault.break_glass is off)")]
     ProtectedDdl(String),
+    #[error("only ordinary tables can be protected")]
+    NotATable,
     #[error("{0}")]
     Internal(String),
 }
@@ -79,6 +81,7 @@ impl VaultError {
             VaultError::KeyManagedExternally | VaultError::NotProtected(_) => "55000",
             VaultError::ChainCount(_) => "22023",
             VaultError::ProtectedDdl(_) => "VV403",
+            VaultError::NotATable => "42809",
             VaultError::Internal(_) => "XX000",
         }
     }

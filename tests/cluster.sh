@@ -39,7 +39,10 @@ CONF
         echo "include_if_exists = 'vsql_vault.conf'" >>"$dir/data/postgresql.conf"
     chown postgres "$dir/data/vsql_vault.conf"
     if ! as_pg "$PGBIN/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
-        as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+        # A backtrace setting inherited from a developer's shell would put Rust backtraces into
+        # error details.
+        env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE runuser -u postgres -- \
+            "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
     fi
     if ! psql -X -q -h "$dir" -p "$port" -U postgres -d postgres -tAc \
         "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then

@@ -42,6 +42,7 @@ impl Server {
     pub fn pg_ctl(&self, args: &[&str]) {
         let data = format!("{}/data", self.dir);
         let status = Command::new("runuser")
+            .env_remove("RUST_BACKTRACE")
             .args([
                 "-u",
                 "postgres",
