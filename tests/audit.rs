@@ -402,3 +402,209 @@ fn break_glass_is_recorded_in_the_chained_log() {
         "42501"
     );
 }
+
+/// Runs as postgres, like the server, so files it makes belong to the server's user.
+fn as_postgres(args: &[&str]) {
+    let ok = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "{args:?}");
+}
+
+#[test]
+fn a_key_file_readable_by_others_is_refused_and_an_owner_only_one_signs() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_keyfile", 2, 1);
+    let path = format!("{}/external.key", s.dir);
+    let _ = std::fs::remove_file(&path);
+    // 32-byte seed in hex, as the key file format says.
+    let seed = "4f".repeat(32);
+    as_postgres(&[
+        "sh",
+        "-c",
+        &format!("printf '%s\\n' {seed} > {path} && chmod 644 {path}"),
+    ]);
+    su.batch_execute(&format!("SET vsql_vault.signing_key_file = '{path}'"))
+        .unwrap();
+    let e = su.query_one("SELECT vault_checkpoint()", &[]).unwrap_err();
+    assert_eq!(sqlstate(&e), "58000", "{e}");
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(msg.contains("owner-only"), "{msg}");
+    assert!(
+        !msg.contains(&seed),
+        "the key must never appear in an error"
+    );
+    as_postgres(&["chmod", "600", &path]);
+    let n: i64 = su
+        .query_one("SELECT vault_checkpoint()", &[])
+        .unwrap()
+        .get(0);
+    assert!(n >= 1);
+    let source: String = su
+        .query_one(
+            "SELECT k.source FROM vault.audit_checkpoints c JOIN vault.signing_keys k USING (key_id)
+             ORDER BY c.id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(source, "signing_key_file");
+    // Rotation is for the generated key only.
+    assert_eq!(
+        sqlstate(
+            &su.query_one("SELECT vault_rotate_signing_key()", &[])
+                .unwrap_err()
+        ),
+        "55000"
+    );
+    su.batch_execute("RESET vsql_vault.signing_key_file")
+        .unwrap();
+    // Only a superuser may point the vault at a key file.
+    let mut admin = s.connect("it_admin");
+    let e = admin
+        .batch_execute(&format!("SET vsql_vault.signing_key_file = '{path}'"))
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501");
+    // No role reads a private key through SQL: the generated key lives in the data directory.
+    let e = admin
+        .query_one("SELECT pg_read_file('vsql_vault_signing.key')", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501");
+    let v = db_verdict(&mut su, "it_keyfile");
+    assert!(v.iter().all(|c| c.2), "{v:?}");
+}
+
+#[test]
+fn rotation_keeps_old_checkpoints_verifiable() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_rotate", 3, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let old: String = su
+        .query_one("SELECT key_id FROM vault.signing_keys WHERE retired_at IS NULL AND source = 'generated'", &[])
+        .unwrap()
+        .get(0);
+    let new: String = su
+        .query_one("SELECT vault_rotate_signing_key()", &[])
+        .unwrap()
+        .get(0);
+    assert_ne!(old, new);
+    let retired: bool = su
+        .query_one(
+            "SELECT retired_at IS NOT NULL FROM vault.signing_keys WHERE key_id = $1",
+            &[&old],
+        )
+        .unwrap()
+        .get(0);
+    assert!(retired);
+    su.execute(
+        "INSERT INTO it_rotate (tenant, event) VALUES ('acme', 'after rotation')",
+        &[],
+    )
+    .unwrap();
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let keys: Vec<String> = su
+        .query("SELECT DISTINCT key_id FROM vault.audit_checkpoints WHERE table_identity LIKE 'public.it_rotate/%'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys.len(), 2, "checkpoints signed by both keys: {keys:?}");
+    assert!(db_verdict(&mut su, "it_rotate").iter().all(|c| c.2));
+    let (code, out) = offline_verdict(&s, &mut su, "it_rotate", "rotate");
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn the_writer_checkpoints_on_schedule_and_exports_each_checkpoint_to_a_file() {
+    let s = server();
+    let mut su = setup(&s);
+    let file = format!("{}/checkpoints-export.jsonl", s.dir);
+    let _ = std::fs::remove_file(&file);
+    su.batch_execute(&format!(
+        "ALTER SYSTEM SET vsql_vault.checkpoint_export_path = '{file}'"
+    ))
+    .unwrap();
+    su.batch_execute("ALTER SYSTEM SET vsql_vault.checkpoint_interval = 1")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    protected_table(&mut su, "it_scheduled", 4, 1);
+    let identity: String = su
+        .query_one(
+            "SELECT identity FROM vault.protected_tables WHERE table_name = 'public.it_scheduled'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let n: i64 = su
+            .query_one("SELECT count(*) FROM vault.audit_checkpoints WHERE table_identity = $1 AND seq = 4", &[&identity])
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled checkpoint within 30 s"
+        );
+        thread::sleep(std::time::Duration::from_millis(200));
+    }
+    su.batch_execute("ALTER SYSTEM RESET vsql_vault.checkpoint_export_path")
+        .unwrap();
+    su.batch_execute("ALTER SYSTEM RESET vsql_vault.checkpoint_interval")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    // The file outside the database holds the signed head, and the offline tool accepts it.
+    let text = std::fs::read_to_string(&file).expect("checkpoint export file");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&identity) && l.contains("\"seq\":4")),
+        "{text}"
+    );
+    let export = format!("{}/scheduled.export.jsonl", s.dir);
+    let lines: Vec<String> = su
+        .query("SELECT vault_export_audit('it_scheduled')", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+    let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").unwrap());
+    cmd.args(["verify", "--export", &export, "--checkpoints", &file]);
+    for r in su
+        .query("SELECT public_key FROM vault.signing_keys", &[])
+        .unwrap()
+    {
+        cmd.args(["--public-key", r.get::<_, &str>(0)]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Deleting the newest row is now caught offline with the file alone.
+    behind_the_triggers(
+        &mut su,
+        "it_scheduled",
+        "DELETE FROM it_scheduled WHERE chain_seq = 4",
+    );
+    let lines: Vec<String> = su
+        .query("SELECT vault_export_audit('it_scheduled')", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("at seq 4"));
+}
