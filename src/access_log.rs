@@ -102,6 +102,48 @@ impl<'a> Event<'a> {
     }
 }
 
+impl Event<'_> {
+    /// Records a refusal without waiting for the writer: for DDL refused while the caller holds
+    /// the lock on a protected table the writer may need (the access log itself).
+    pub fn refused_detached(&self, error: VaultError) -> VaultError {
+        if let Err(audit) = audit_queue::submit_detached(&self.raw(false, Some(&error))) {
+            pgrx::warning!("vsql_vault: a refused call could not be logged: {audit}");
+        }
+        error
+    }
+
+    /// Records a granted decision in the caller's own transaction, through the chain trigger:
+    /// for break-glass DDL, whose record must commit exactly when the command does (and which may
+    /// hold the access log's lock itself).
+    pub fn granted_in_transaction(&self) -> Result<(), VaultError> {
+        let r = self.raw(true, None);
+        let _owner = crate::identity::AsOwner::enter();
+        Spi::connect_mut(|c| {
+            c.update(
+                "INSERT INTO vault.access_log
+                    (logged_at, role_name, session_user_name, application_name, client_addr, backend_pid,
+                     operation, purpose, external_id, entry_id, granted, details, caller_xid)
+                 VALUES (pg_catalog.now(), $1, $2, $3, $4::pg_catalog.inet, $5, $6, $7, $8, NULL, true,
+                         $9::pg_catalog.jsonb, NULL)",
+                None,
+                &[
+                    r.role_name.get().unwrap_or_default().into(),
+                    r.session_user.get().unwrap_or_default().into(),
+                    r.application_name.get().into(),
+                    r.client_addr.get().into(),
+                    r.backend_pid.into(),
+                    r.operation.get().unwrap_or_default().into(),
+                    r.purpose.get().into(),
+                    r.external_id.get().into(),
+                    r.details.get().into(),
+                ],
+            )
+            .map(|_| ())
+        })
+        .map_err(|e| VaultError::Internal(format!("recording the break-glass command failed: {e}")))
+    }
+}
+
 /// Runs `write` in a subtransaction that is kept only if `log` succeeds, so that a change whose
 /// record cannot be made durable is not stored, even for a caller that ignores the error row.
 pub fn write_then_log<T>(

@@ -302,12 +302,12 @@ fn ddl_guard_allows(command: &str, object: &str) -> bool {
     let mut event = Event::new(&caller, "break_glass", None, None);
     event.details = Some(serde_json::json!({ "command": command, "object": object }));
     if crate::settings::BREAK_GLASS.get() {
-        match event.granted() {
+        match event.granted_in_transaction() {
             Ok(()) => true,
             Err(e) => pgrx::error!("vsql_vault: a break-glass command could not be recorded: {e}"),
         }
     } else {
-        let _ = event.refused(VaultError::ProtectedDdl(format!("{command} on {object}")));
+        let _ = event.refused_detached(VaultError::ProtectedDdl(format!("{command} on {object}")));
         false
     }
 }

@@ -73,6 +73,8 @@ pub struct RawRecord {
     pub max_retrievals: i32,
     pub has_xid: bool,
     pub caller_xid: u64,
+    /// Handed over without waiting (the caller holds a lock the writer needs until it aborts).
+    pub detached: bool,
     pub role_name: FixedStr<64>,
     pub session_user: FixedStr<64>,
     pub application_name: FixedStr<64>,
@@ -158,9 +160,34 @@ impl Drop for SlotClaim {
     }
 }
 
+/// Hands `record` to the audit writer without waiting for it: for a refusal made while the caller
+/// holds a lock the writer needs, which it releases as soon as it raises its error.
+pub fn submit_detached(record: &RawRecord) -> Result<(), VaultError> {
+    let mut r = *record;
+    r.detached = true;
+    let claim = claim_slot(&r)?;
+    let mut q = QUEUE.exclusive();
+    let slot = &mut q.slots[claim.index];
+    if slot.state == DONE {
+        slot.state = FREE;
+    } else {
+        slot.abandoned = true;
+    }
+    drop(q);
+    std::mem::forget(claim);
+    Ok(())
+}
+
 /// Hands `record` to the audit writer and waits until it is durable.
 /// Returns the writer's outcome (`OUTCOME_WRITTEN` or `OUTCOME_LIMIT_REACHED`).
 pub fn submit(record: &RawRecord) -> Result<u32, VaultError> {
+    let timeout = Duration::from_millis(settings::AUDIT_TIMEOUT_MS.get().max(1) as u64);
+    let deadline = Instant::now() + timeout;
+    let claim = claim_slot(record)?;
+    wait_for(claim, deadline, timeout)
+}
+
+fn claim_slot(record: &RawRecord) -> Result<SlotClaim, VaultError> {
     if !crate::preloaded() {
         return Err(VaultError::NotPreloaded);
     }
@@ -204,7 +231,7 @@ pub fn submit(record: &RawRecord) -> Result<u32, VaultError> {
         }
         wait_my_latch(Duration::from_millis(1));
     };
-    wait_for(claim, deadline, timeout)
+    Ok(claim)
 }
 
 fn wait_for(mut claim: SlotClaim, deadline: Instant, timeout: Duration) -> Result<u32, VaultError> {

@@ -198,7 +198,7 @@ fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> 
                     retrievals.insert(r.entry_id, count + 1);
                 }
             }
-            if t.abandoned {
+            if t.abandoned && !r.detached {
                 let note = "caller stopped waiting for this record; no data was returned";
                 reason = Some(match reason {
                     Some(r) => format!("{r}; {note}"),

@@ -509,8 +509,18 @@ fn rotation_keeps_old_checkpoints_verifiable() {
     )
     .unwrap();
     su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let identity: String = su
+        .query_one(
+            "SELECT identity FROM vault.protected_tables WHERE table_name = 'public.it_rotate'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     let keys: Vec<String> = su
-        .query("SELECT DISTINCT key_id FROM vault.audit_checkpoints WHERE table_identity LIKE 'public.it_rotate/%'", &[])
+        .query(
+            "SELECT DISTINCT key_id FROM vault.audit_checkpoints WHERE table_identity = $1",
+            &[&identity],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -607,4 +617,45 @@ fn the_writer_checkpoints_on_schedule_and_exports_each_checkpoint_to_a_file() {
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("at seq 4"));
+}
+
+#[test]
+fn ddl_on_the_access_log_itself_is_refused_or_recorded_without_stalling() {
+    let s = server();
+    let mut su = setup(&s);
+    let count = |su: &mut Client, granted: bool| -> i64 {
+        su.query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'break_glass'
+               AND details->>'object' = 'vault.access_log' AND granted = $1",
+            &[&granted],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let (refused_before, granted_before) = (count(&mut su, false), count(&mut su, true));
+    // Refused: the caller holds the log's lock when the guard runs, so the refusal is handed to
+    // the writer without waiting and written once the caller has rolled back.
+    let e = su
+        .batch_execute("ALTER TABLE vault.access_log DISABLE TRIGGER vault_append_only")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "VV403");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while count(&mut su, false) == refused_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal was never recorded"
+        );
+        thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Break-glass: recorded in the same transaction as the command itself.
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on;
+         ALTER TABLE vault.access_log DISABLE TRIGGER vault_append_only;
+         ALTER TABLE vault.access_log ENABLE ALWAYS TRIGGER vault_append_only;
+         RESET vsql_vault.break_glass;",
+    )
+    .unwrap();
+    assert_eq!(count(&mut su, true), granted_before + 2);
+    let v = db_verdict(&mut su, "vault.access_log");
+    assert!(v.iter().all(|c| c.2), "{v:?}");
 }

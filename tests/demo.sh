@@ -14,11 +14,12 @@ echo
 echo "==> Starting a private PostgreSQL 15 cluster in $dir (port $port, preloaded with vsql_vault)"
 bash tests/cluster.sh start "$dir" "$port" "$db"
 
-run() { # run USER SQL... : one psql session as USER, errors shown with their SQLSTATE
+run() { # run USER SQL... : one psql session as USER, errors shown with their SQLSTATE.
+    # Refusals are part of the demo, so an ERROR does not stop it.
     local user=$1
     shift
     psql -X -q -h "$dir" -p "$port" -U "$user" -d "$db" -v VERBOSITY=verbose -v SHOW_CONTEXT=never \
-        "$@" 2>&1 | sed -e '/^LOCATION:/d'
+        "$@" 2>&1 | sed -e '/^LOCATION:/d' || true
 }
 
 run postgres <<'SQL'
@@ -71,6 +72,52 @@ SELECT id, role_name, operation, external_id, pg_xact_status(caller_xid) AS tran
 \echo '==> The log is append-only, for everyone (VV403)'
 SQL
 run postgres -c "DELETE FROM vault.access_log WHERE role_name = 'app_b'"
+
+run postgres <<'SQL'
+\echo '==> Tamper evidence: the log is hash-chained; security_admin signs the chain heads (Ed25519)'
+SET ROLE security_admin;
+SELECT vault_checkpoint() AS chains_signed;
+RESET ROLE;
+SELECT table_identity, chain, seq, key_id FROM vault.audit_checkpoints;
+\echo '==> A team protects its own audit table (append-only, chained)'
+CREATE TABLE tenant_audit_log (id bigserial PRIMARY KEY, tenant text NOT NULL, event text NOT NULL);
+SELECT vault_protect_table('tenant_audit_log', 4);
+INSERT INTO tenant_audit_log (tenant, event) VALUES ('acme', 'login'), ('acme', 'export'), ('acme', 'logout');
+\echo '==> Nobody, superuser included, may change it or switch the protection off (VV403)'
+UPDATE tenant_audit_log SET event = 'nothing happened';
+ALTER TABLE tenant_audit_log DISABLE TRIGGER vault_append_only;
+\echo '==> The auditor verifies: everything intact'
+SET ROLE auditor;
+SELECT table_name, chain, rows_checked, ok, detail FROM vault_verify_audit();
+RESET ROLE;
+\echo '==> A superuser goes around the rules: break-glass (recorded), then edits the log behind the triggers'
+SET vsql_vault.break_glass = on;
+ALTER TABLE vault.access_log DISABLE TRIGGER vault_append_only;
+UPDATE vault.access_log SET granted = true, sqlstate = NULL, reason = NULL WHERE role_name = 'app_b';
+ALTER TABLE vault.access_log ENABLE ALWAYS TRIGGER vault_append_only;
+RESET vsql_vault.break_glass;
+\echo '==> ...and is caught, with the exact row:'
+SET ROLE auditor;
+SELECT table_name, chain, first_bad_seq, ok, detail FROM vault_verify_audit('vault.access_log');
+SELECT operation, role_name, details->>'command' AS command, details->>'object' AS object
+  FROM vault.access_log WHERE operation = 'break_glass';
+SQL
+
+echo
+echo "==> The auditor takes the evidence away and checks it offline with vsql-vault (no database):"
+out=$dir/evidence
+install -d "$out"
+psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT vault_export_audit('vault.access_log')" >"$out/access_log.jsonl"
+psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT vault_export_checkpoints()" >"$out/checkpoints.jsonl"
+keys=()
+for k in $(psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT public_key FROM vault.signing_keys"); do
+    keys+=(--public-key "$k")
+done
+echo "   target/release/vsql-vault verify --export $out/access_log.jsonl --checkpoints $out/checkpoints.jsonl ${keys[*]}"
+set +e
+target/release/vsql-vault verify --export "$out/access_log.jsonl" --checkpoints "$out/checkpoints.jsonl" "${keys[@]}"
+echo "   exit status $? (1: tampering found)"
+set -e
 
 cat <<EOF
 
