@@ -19,7 +19,7 @@ start)
     fi
     plugins=""
     # 15.19+ only load output plugins named in output_plugin_libraries; older minors refuse the name.
-    if as_pg "$PGBIN/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries'; then
+    if as_pg "$PGBIN/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
         plugins="output_plugin_libraries = 'pgoutput, test_decoding, vsql_vault'"
     fi
     cat >"$dir/data/vsql_vault.conf" <<CONF

@@ -15,7 +15,7 @@ for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 # A server older than 15.19 lacks the output_plugin_libraries hardening; bring the current minor.
-if [ ${#missing[@]} -eq 0 ] && ! runuser -u postgres -- "$PGBIN/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries'; then
+if [ ${#missing[@]} -eq 0 ] && ! runuser -u postgres -- "$PGBIN/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
     missing+=(postgresql-15)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
