@@ -6,6 +6,8 @@
 pub mod canonical;
 pub mod chain;
 pub mod keys;
+pub mod merkle;
+pub mod purge;
 pub mod rules;
 
 pub use rules::{InputError, Limits};
