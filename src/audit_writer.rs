@@ -90,6 +90,9 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
         }
     }
     audit_queue::writer_detach();
+    // Exit code 1: after pg_terminate_backend the postmaster starts a new writer (code 0 would
+    // retire it for good, and every audited call would fail until the server restarts).
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// Signs the chain heads if the extension is installed; a failure is reported and retried at the

@@ -128,3 +128,11 @@ pub fn select_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
 ) -> Result<Option<T>, pgrx::spi::Error> {
     Spi::connect(|c| c.select(query, Some(1), args)?.first().get_one::<T>())
 }
+
+/// One value from a statement that writes (INSERT ... RETURNING, nextval).
+pub fn write_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
+    query: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> Result<Option<T>, pgrx::spi::Error> {
+    Spi::connect_mut(|c| c.update(query, Some(1), args)?.first().get_one::<T>())
+}

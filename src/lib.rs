@@ -16,6 +16,9 @@ mod identity;
 mod keys;
 mod plans;
 mod policy;
+mod retention;
+mod retention_api;
+mod retention_worker;
 mod settings;
 mod storage;
 
@@ -23,7 +26,17 @@ pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!("../sql/api.sql", name = "api", requires = ["schema"]);
-pgrx::extension_sql_file!("../sql/audit.sql", name = "audit", finalize);
+pgrx::extension_sql_file!(
+    "../sql/audit.sql",
+    name = "audit",
+    requires = [
+        "api",
+        vault::chain_row,
+        audit_api::protect_builtin,
+        audit_api::ddl_guard_allows
+    ]
+);
+pgrx::extension_sql_file!("../sql/retention.sql", name = "retention", finalize);
 
 /// Set in `_PG_init` when the library is loaded through `shared_preload_libraries`: only then do
 /// the shared audit queue and the audit writer exist.
@@ -41,7 +54,9 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
         audit_queue::init_shmem();
+        retention_worker::init_shmem();
         audit_writer::register();
+        retention_worker::register();
     }
 }
 

@@ -27,7 +27,32 @@ pub static RESTORE_MODE: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// command is recorded in the access log.
 pub static BREAK_GLASS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// Seconds between retention sweeps.
+pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// Entries destroyed per committed batch (one signed Merkle root each).
+pub static SWEEP_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
 pub fn define() {
+    GucRegistry::define_int_guc(
+        c"vsql_vault.sweep_interval",
+        c"Seconds between retention sweeps of the retention worker.",
+        c"",
+        &SWEEP_INTERVAL_S,
+        1,
+        7 * 86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.sweep_batch_size",
+        c"Expired entries destroyed per committed batch; each batch signs one Merkle root.",
+        c"",
+        &SWEEP_BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"vsql_vault.break_glass",
         c"Allow ALTER/DROP of protected tables and their triggers; every such command is recorded.",

@@ -97,7 +97,9 @@ macro_rules! find_query {
             ", e.algorithm_hint, e.key_ref, e.metadata::text, e.owner::text,
                 e.created_at, e.expires_at, e.access_policy,
                 e.purged_at IS NOT NULL, e.expires_at <= now(), p.max_retrievals,
-                vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose)
+                vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose),
+                e.id IS NULL AND EXISTS (SELECT 1 FROM vault.purge_log pl
+                                         WHERE pl.purpose = $2 AND pl.external_id = $3)
              FROM (SELECT 1) AS one
              LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
              LEFT JOIN vault.access_policies p ON p.name = e.access_policy"
@@ -351,6 +353,8 @@ struct Found {
     expired: bool,
     max_retrievals: Option<i32>,
     allowed: bool,
+    /// No entry, but a purge proof for this key: it existed and was destroyed.
+    destroyed: bool,
 }
 
 fn find(caller: &Caller, purpose: &str, external_id: &str, with_value: bool) -> Found {
@@ -380,6 +384,7 @@ fn find(caller: &Caller, purpose: &str, external_id: &str, with_value: bool) -> 
             expired: row.get::<bool>(13)?.unwrap_or(false),
             max_retrievals: row.get::<i32>(14)?,
             allowed: row.get::<bool>(15)?.unwrap_or(false),
+            destroyed: row.get::<bool>(16)?.unwrap_or(false),
         })
     })
     .unwrap_or_else(|e| pgrx::error!("vsql_vault: reading the entry failed: {e}"))
@@ -431,6 +436,13 @@ fn get_impl(
         event.max_retrievals = f.max_retrievals;
         if !f.member {
             return Err(not_member(&caller));
+        }
+        if f.id.is_none() && f.destroyed {
+            return Err(VaultError::Gone {
+                purpose: purpose.into(),
+                external_id: external_id.into(),
+                why: "purged",
+            });
         }
         if f.id.is_none() {
             return Err(VaultError::NotFound {

@@ -3,6 +3,7 @@
 //!
 //!   vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE]
 //!                     --public-key HEX [--public-key HEX ...] [--partial]
+//!   vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
 //!
 //! Exit status: 0 when every chain is intact, 1 when one is not (the first bad row and the reason
 //! are printed), 2 on a usage or input error.
@@ -11,12 +12,16 @@ use std::io::BufRead;
 use std::process::ExitCode;
 use vsql_vault_core::chain::{Checkpoint, ExportRow, Verifier};
 use vsql_vault_core::keys;
+use vsql_vault_core::purge::PurgeProof;
 
 const USAGE: &str =
     "usage: vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE] \
---public-key HEX [--public-key HEX ...] [--partial]";
+--public-key HEX [--public-key HEX ...] [--partial]
+       vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]";
 
 struct Args {
+    command: String,
+    proofs: Vec<String>,
     exports: Vec<String>,
     checkpoints: Vec<String>,
     public_keys: Vec<String>,
@@ -24,12 +29,14 @@ struct Args {
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
-    match argv.next().as_deref() {
-        Some("verify") => {}
+    let command = match argv.next().as_deref() {
+        Some(c @ ("verify" | "verify-purge")) => c.to_owned(),
         Some("-h" | "--help") | None => return Err(USAGE.into()),
         Some(other) => return Err(format!("unknown command {other:?}\n{USAGE}")),
-    }
+    };
     let mut a = Args {
+        command,
+        proofs: vec![],
         exports: vec![],
         checkpoints: vec![],
         public_keys: vec![],
@@ -42,13 +49,19 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         };
         match flag.as_str() {
             "--export" => a.exports.push(value()?),
+            "--proofs" => a.proofs.push(value()?),
             "--checkpoints" => a.checkpoints.push(value()?),
             "--public-key" => a.public_keys.push(value()?),
             "--partial" => a.partial = true,
             other => return Err(format!("unknown option {other:?}\n{USAGE}")),
         }
     }
-    if a.exports.is_empty() || a.public_keys.is_empty() {
+    let inputs = if a.command == "verify" {
+        &a.exports
+    } else {
+        &a.proofs
+    };
+    if inputs.is_empty() || a.public_keys.is_empty() {
         return Err(USAGE.into());
     }
     Ok(a)
@@ -68,7 +81,39 @@ fn read_lines<T: serde::de::DeserializeOwned>(path: &str) -> Result<Vec<T>, Stri
     Ok(out)
 }
 
+/// Checks each purge proof alone: its statement's inclusion under the signed root, and the root's
+/// signature by one of the given keys.
+fn run_purge(args: Args) -> Result<bool, String> {
+    let keys = args
+        .public_keys
+        .iter()
+        .map(|k| keys::parse_public(k).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let by_id = |id: &str| keys.iter().find(|k| keys::key_id(k) == id).copied();
+    let mut intact = true;
+    let mut count = 0;
+    for path in &args.proofs {
+        for p in read_lines::<PurgeProof>(path)? {
+            count += 1;
+            if let Err(why) = p.check(&by_id) {
+                intact = false;
+                println!(
+                    "FAILED  purge proof {} ({} / {}): {why}",
+                    p.id, p.statement.purpose, p.statement.external_id
+                );
+            }
+        }
+    }
+    if intact {
+        println!("ok      {count} purge proofs verify");
+    }
+    Ok(intact)
+}
+
 fn run(args: Args) -> Result<bool, String> {
+    if args.command == "verify-purge" {
+        return run_purge(args);
+    }
     let keys = args
         .public_keys
         .iter()

@@ -59,7 +59,13 @@ pub fn inclusion_path(leaves: &[[u8; 32]], index: usize) -> Vec<[u8; 32]> {
 
 /// Verifies that `leaf` is leaf `index` of a tree of `size` leaves with root `root`
 /// (the algorithm of RFC 9162 section 2.1.3.2).
-pub fn verify_inclusion(leaf: &[u8; 32], index: u64, size: u64, path: &[[u8; 32]], root: &[u8; 32]) -> bool {
+pub fn verify_inclusion(
+    leaf: &[u8; 32],
+    index: u64,
+    size: u64,
+    path: &[[u8; 32]],
+    root: &[u8; 32],
+) -> bool {
     if index >= size {
         return false;
     }
@@ -91,7 +97,9 @@ mod tests {
     use super::*;
 
     fn leaves(n: usize) -> Vec<[u8; 32]> {
-        (0..n).map(|i| leaf_hash(format!("leaf {i}").as_bytes())).collect()
+        (0..n)
+            .map(|i| leaf_hash(format!("leaf {i}").as_bytes()))
+            .collect()
     }
 
     #[test]
@@ -101,11 +109,23 @@ mod tests {
             let r = root(&l);
             for i in 0..n {
                 let p = inclusion_path(&l, i);
-                assert!(verify_inclusion(&l[i], i as u64, n as u64, &p, &r), "n={n} i={i}");
+                assert!(
+                    verify_inclusion(&l[i], i as u64, n as u64, &p, &r),
+                    "n={n} i={i}"
+                );
                 // A wrong index, a wrong leaf or a wrong size fails.
                 if n > 1 {
-                    assert!(!verify_inclusion(&l[i], ((i + 1) % n) as u64, n as u64, &p, &r), "n={n} i={i}");
-                    assert!(!verify_inclusion(&l[(i + 1) % n], i as u64, n as u64, &p, &r));
+                    assert!(
+                        !verify_inclusion(&l[i], ((i + 1) % n) as u64, n as u64, &p, &r),
+                        "n={n} i={i}"
+                    );
+                    assert!(!verify_inclusion(
+                        &l[(i + 1) % n],
+                        i as u64,
+                        n as u64,
+                        &p,
+                        &r
+                    ));
                 }
                 // (A different tree size may still fit a path; the signed root message binds the
                 // size, which is what makes that harmless.)

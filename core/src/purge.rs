@@ -42,7 +42,10 @@ impl EntrySnapshot {
             .field("id", &Value::Int(self.id))
             .field("purpose", &Value::Text(self.purpose.clone()))
             .field("external_id", &Value::Text(self.external_id.clone()))
-            .field("encrypted_value", &Value::Bytes(self.encrypted_value.clone()))
+            .field(
+                "encrypted_value",
+                &Value::Bytes(self.encrypted_value.clone()),
+            )
             .field("algorithm_hint", &opt(&self.algorithm_hint))
             .field("key_ref", &opt(&self.key_ref))
             .field("metadata", &Value::Text(self.metadata.clone()))
@@ -84,8 +87,14 @@ impl PurgeStatement {
             .field("entry_id", &Value::Int(self.entry_id))
             .field("created_at", &Value::Timestamp(self.created_at))
             .field("expires_at", &Value::Timestamp(self.expires_at))
-            .field("max_retention_days", &Value::Int(i64::from(self.max_retention_days)))
-            .field("default_ttl_days", &Value::Int(i64::from(self.default_ttl_days)))
+            .field(
+                "max_retention_days",
+                &Value::Int(i64::from(self.max_retention_days)),
+            )
+            .field(
+                "default_ttl_days",
+                &Value::Int(i64::from(self.default_ttl_days)),
+            )
             .field("purge_method", &Value::Text(self.purge_method.clone()))
             .field("access_policy", &Value::Text(self.access_policy.clone()))
             .field("reason", &Value::Text(self.reason.clone()))
@@ -102,7 +111,13 @@ impl PurgeStatement {
 }
 
 /// The signed root of one sweep batch (or of a single manual purge: a tree of one leaf).
-pub fn root_message(root: &[u8; 32], tree_size: i64, batch_id: i64, signed_at: i64, key_id: &str) -> Vec<u8> {
+pub fn root_message(
+    root: &[u8; 32],
+    tree_size: i64,
+    batch_id: i64,
+    signed_at: i64,
+    key_id: &str,
+) -> Vec<u8> {
     Encoder::new(ROOT_DOMAIN)
         .field("root", &Value::Bytes(root.to_vec()))
         .field("tree_size", &Value::Int(tree_size))
@@ -141,12 +156,25 @@ impl PurgeProof {
         if self.leaf_index < 0 || self.tree_size < 1 {
             return Err("malformed leaf index or tree size".into());
         }
-        if !merkle::verify_inclusion(&self.statement.leaf(), self.leaf_index as u64, self.tree_size as u64, &path, &self.root) {
+        if !merkle::verify_inclusion(
+            &self.statement.leaf(),
+            self.leaf_index as u64,
+            self.tree_size as u64,
+            &path,
+            &self.root,
+        ) {
             return Err("the proof's statement is not in the signed tree (proof altered)".into());
         }
-        let public = keys_by_id(&self.key_id).ok_or_else(|| format!("unknown signing key {}", self.key_id))?;
+        let public = keys_by_id(&self.key_id)
+            .ok_or_else(|| format!("unknown signing key {}", self.key_id))?;
         let sig = hex::decode(&self.signature).map_err(|_| "malformed signature".to_string())?;
-        let msg = root_message(&self.root, self.tree_size, self.batch_id, self.signed_at, &self.key_id);
+        let msg = root_message(
+            &self.root,
+            self.tree_size,
+            self.batch_id,
+            self.signed_at,
+            &self.key_id,
+        );
         if !keys::verify(&public, &msg, &sig) {
             return Err("the root's signature does not verify".into());
         }
@@ -177,22 +205,46 @@ mod hexvec {
     }
 }
 
-/// Builds the signed proofs of one batch of statements.
+/// One statement of a batch with its place in the batch's signed tree.
+#[derive(Debug, Clone)]
+pub struct ProvedLeaf {
+    pub statement: PurgeStatement,
+    pub leaf_index: i64,
+    pub tree_size: i64,
+    pub path: Vec<[u8; 32]>,
+    pub root: [u8; 32],
+    pub key_id: String,
+    pub signature: Vec<u8>,
+}
+
+/// Builds the signed proofs of one batch of statements: one Merkle root, one signature.
 pub fn prove_batch(
     statements: Vec<PurgeStatement>,
     batch_id: i64,
     signed_at: i64,
     key: &ed25519_dalek::SigningKey,
-) -> Vec<(PurgeStatement, i64, i64, Vec<[u8; 32]>, [u8; 32], String, Vec<u8>)> {
+) -> Vec<ProvedLeaf> {
     let leaves: Vec<[u8; 32]> = statements.iter().map(PurgeStatement::leaf).collect();
     let root = merkle::root(&leaves);
     let key_id = keys::key_id(&key.verifying_key());
     let size = leaves.len() as i64;
-    let sig = keys::sign(key, &root_message(&root, size, batch_id, signed_at, &key_id)).to_vec();
+    let signature = keys::sign(
+        key,
+        &root_message(&root, size, batch_id, signed_at, &key_id),
+    )
+    .to_vec();
     statements
         .into_iter()
         .enumerate()
-        .map(|(i, s)| (s, i as i64, size, merkle::inclusion_path(&leaves, i), root, key_id.clone(), sig.clone()))
+        .map(|(i, statement)| ProvedLeaf {
+            statement,
+            leaf_index: i as i64,
+            tree_size: size,
+            path: merkle::inclusion_path(&leaves, i),
+            root,
+            key_id: key_id.clone(),
+            signature: signature.clone(),
+        })
         .collect()
 }
 
@@ -224,17 +276,17 @@ mod tests {
         let out = prove_batch((0..n).map(statement).collect(), 9, 5, &key)
             .into_iter()
             .enumerate()
-            .map(|(i, (s, idx, size, path, root, key_id, sig))| PurgeProof {
+            .map(|(i, l)| PurgeProof {
                 id: i as i64,
-                statement: s,
+                statement: l.statement,
                 batch_id: 9,
-                leaf_index: idx,
-                tree_size: size,
-                path: path.iter().map(hex::encode).collect(),
-                root,
+                leaf_index: l.leaf_index,
+                tree_size: l.tree_size,
+                path: l.path.iter().map(hex::encode).collect(),
+                root: l.root,
                 signed_at: 5,
-                key_id,
-                signature: hex::encode(sig),
+                key_id: l.key_id,
+                signature: hex::encode(l.signature),
             })
             .collect();
         (key, out)
@@ -258,13 +310,19 @@ mod tests {
         let public = key.verifying_key();
         let mut p = ps[3].clone();
         p.statement.reason = "manual".into();
-        assert!(p.check(&|_| Some(public)).unwrap_err().contains("not in the signed tree"));
+        assert!(p
+            .check(&|_| Some(public))
+            .unwrap_err()
+            .contains("not in the signed tree"));
         let mut p = ps[3].clone();
         p.path[0] = hex::encode([0u8; 32]);
         assert!(p.check(&|_| Some(public)).is_err());
         let mut p = ps[3].clone();
         p.signed_at += 1;
-        assert!(p.check(&|_| Some(public)).unwrap_err().contains("signature"));
+        assert!(p
+            .check(&|_| Some(public))
+            .unwrap_err()
+            .contains("signature"));
         let other = keys::generate().unwrap().verifying_key();
         assert!(ps[0].check(&|_| Some(other)).is_err());
         assert!(ps[0].check(&|_| None).is_err());

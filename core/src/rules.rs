@@ -43,6 +43,8 @@ pub enum InputError {
     MaxRetrievals(i32),
     #[error("description is longer than {DESCRIPTION_MAX_CHARS} characters")]
     Description,
+    #[error("{name} must be positive, got {value}")]
+    NotPositive { name: &'static str, value: i64 },
 }
 
 impl InputError {

@@ -1,0 +1,321 @@
+//! Retention enforcement: sweeps of expired entries, manual deletes, and the signed purge proofs
+//! that make every destruction evidence. Removal and proof happen in one transaction: never a
+//! proof without a purge, never a purge without a proof.
+
+use crate::errors::VaultError;
+use crate::identity::AsOwner;
+use crate::keys;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use vsql_vault_core::purge::{prove_batch, EntrySnapshot, PurgeProof, PurgeStatement};
+
+/// One entry chosen for destruction, with its retention policy as it stands now.
+struct Doomed {
+    snapshot: EntrySnapshot,
+    max_retention_days: i32,
+    default_ttl_days: i32,
+    purge_method: String,
+}
+
+const SELECT_COLUMNS: &str =
+    "e.id, e.purpose, e.external_id, e.encrypted_value, e.algorithm_hint, e.key_ref,
+       e.metadata::text, e.access_policy, e.owner::text, vault.to_us(e.created_at),
+       vault.to_us(e.updated_at), vault.to_us(e.expires_at),
+       rp.max_retention_days, rp.default_ttl_days, rp.purge_method";
+
+fn read_doomed(query: &str, args: &[DatumWithOid]) -> Result<Vec<Doomed>, VaultError> {
+    Spi::connect_mut(|c| {
+        let mut out = Vec::new();
+        for row in c.update(query, None, args)? {
+            out.push(Doomed {
+                snapshot: EntrySnapshot {
+                    id: row.get::<i64>(1)?.unwrap_or(0),
+                    purpose: row.get::<String>(2)?.unwrap_or_default(),
+                    external_id: row.get::<String>(3)?.unwrap_or_default(),
+                    encrypted_value: row.get::<Vec<u8>>(4)?.unwrap_or_default(),
+                    algorithm_hint: row.get::<String>(5)?,
+                    key_ref: row.get::<String>(6)?,
+                    metadata: row.get::<String>(7)?.unwrap_or_default(),
+                    access_policy: row.get::<String>(8)?.unwrap_or_default(),
+                    owner: row.get::<String>(9)?.unwrap_or_default(),
+                    created_at: row.get::<i64>(10)?.unwrap_or(0),
+                    updated_at: row.get::<i64>(11)?.unwrap_or(0),
+                    expires_at: row.get::<i64>(12)?.unwrap_or(0),
+                },
+                max_retention_days: row.get::<i32>(13)?.unwrap_or(0),
+                default_ttl_days: row.get::<i32>(14)?.unwrap_or(0),
+                purge_method: row.get::<String>(15)?.unwrap_or_default(),
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| VaultError::Internal(format!("reading entries to purge failed: {e}")))
+}
+
+/// Destroys `doomed` and writes their proofs (one signed Merkle root for the batch).
+/// Returns the purge_log ids in the same order. Runs in the caller's transaction.
+fn destroy(
+    doomed: Vec<Doomed>,
+    reason: Option<&str>,
+    purged_by: &str,
+    sweep_id: Option<i64>,
+) -> Result<Vec<i64>, VaultError> {
+    if doomed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let key = keys::current()?;
+    keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
+    let now = crate::identity::now_micros();
+    let batch_id =
+        crate::identity::write_one::<i64>("SELECT nextval('vault.purge_batch_seq')", &[])
+            .map_err(|e| VaultError::Internal(e.to_string()))?
+            .unwrap_or(0);
+    let mut ids_shred = Vec::new();
+    let mut ids_delete = Vec::new();
+    let statements: Vec<PurgeStatement> = doomed
+        .iter()
+        .map(|d| {
+            if d.purge_method == "crypto-shred" {
+                ids_shred.push(d.snapshot.id);
+            } else {
+                ids_delete.push(d.snapshot.id);
+            }
+            let reason = match (reason, d.purge_method.as_str()) {
+                (Some(r), _) => r.to_owned(),
+                (None, "retention-expire") => format!(
+                    "retention: policy of purpose {} ({} days max)",
+                    d.snapshot.purpose, d.max_retention_days
+                ),
+                (None, _) => "expired".to_owned(),
+            };
+            PurgeStatement {
+                purpose: d.snapshot.purpose.clone(),
+                external_id: d.snapshot.external_id.clone(),
+                owner: d.snapshot.owner.clone(),
+                entry_id: d.snapshot.id,
+                created_at: d.snapshot.created_at,
+                expires_at: d.snapshot.expires_at,
+                max_retention_days: d.max_retention_days,
+                default_ttl_days: d.default_ttl_days,
+                purge_method: d.purge_method.clone(),
+                access_policy: d.snapshot.access_policy.clone(),
+                reason,
+                purged_by: purged_by.to_owned(),
+                purged_at: now,
+                entry_hash: d.snapshot.hash(),
+            }
+        })
+        .collect();
+    let proved = prove_batch(statements, batch_id, now, &key);
+
+    // The batch's root, key and signature are the same for every proof of the batch.
+    let (root, key_id, sig) = match proved.first() {
+        Some(l) => (l.root.to_vec(), l.key_id.clone(), l.signature.clone()),
+        None => return Ok(Vec::new()),
+    };
+    let ids = Spi::connect_mut(|c| {
+        let st = |f: fn(&PurgeStatement) -> String| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
+        let int = |f: fn(&PurgeStatement) -> i64| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
+        let args: Vec<DatumWithOid> = vec![
+            st(|s| s.purpose.clone()).into(),
+            st(|s| s.external_id.clone()).into(),
+            st(|s| s.owner.clone()).into(),
+            int(|s| s.entry_id).into(),
+            int(|s| s.created_at).into(),
+            int(|s| s.expires_at).into(),
+            proved.iter().map(|l| l.statement.max_retention_days).collect::<Vec<_>>().into(),
+            proved.iter().map(|l| l.statement.default_ttl_days).collect::<Vec<_>>().into(),
+            st(|s| s.purge_method.clone()).into(),
+            st(|s| s.access_policy.clone()).into(),
+            st(|s| s.reason.clone()).into(),
+            proved.iter().map(|l| l.statement.entry_hash.to_vec()).collect::<Vec<_>>().into(),
+            proved.iter().map(|l| l.leaf_index).collect::<Vec<_>>().into(),
+            proved.iter().map(|l| l.tree_size).collect::<Vec<_>>().into(),
+            // Paths travel as one hex text per proof, turned back into bytea[] in SQL.
+            proved
+                .iter()
+                .map(|l| l.path.iter().map(hex::encode).collect::<Vec<_>>().join(","))
+                .collect::<Vec<_>>()
+                .into(),
+            now.into(),
+            purged_by.into(),
+            sweep_id.into(),
+            batch_id.into(),
+            root.as_slice().into(),
+            key_id.as_str().into(),
+            sig.as_slice().into(),
+        ];
+        let mut ids = Vec::new();
+        for row in c.update(
+            "INSERT INTO vault.purge_log
+                (purged_at, purged_at_us, purpose, external_id, owner, entry_id, created_at_us, expires_at_us,
+                 created_at, expires_at, max_retention_days, default_ttl_days, purge_method, access_policy,
+                 reason, purged_by, entry_hash, sweep_id, batch_id, leaf_index, tree_size, inclusion_path,
+                 merkle_root, signed_at_us, key_id, signature)
+             SELECT '2000-01-01 00:00:00+00'::timestamptz + $16 * interval '1 microsecond', $16,
+                    r.purpose, r.external_id, r.owner, r.entry_id, r.created_at_us, r.expires_at_us,
+                    '2000-01-01 00:00:00+00'::timestamptz + r.created_at_us * interval '1 microsecond',
+                    '2000-01-01 00:00:00+00'::timestamptz + r.expires_at_us * interval '1 microsecond',
+                    r.max_days, r.ttl_days, r.method, r.access_policy, r.reason, $17, r.entry_hash, $18, $19,
+                    r.leaf_index, r.tree_size,
+                    COALESCE((SELECT array_agg(decode(p, 'hex') ORDER BY n)
+                              FROM unnest(string_to_array(NULLIF(r.path, ''), ',')) WITH ORDINALITY AS x(p, n)),
+                             '{}'::bytea[]),
+                    $20, $16, $21, $22
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int4[],
+                         $8::int4[], $9::text[], $10::text[], $11::text[], $12::bytea[], $13::int8[],
+                         $14::int8[], $15::text[])
+                  WITH ORDINALITY AS r(purpose, external_id, owner, entry_id, created_at_us, expires_at_us,
+                                       max_days, ttl_days, method, access_policy, reason, entry_hash,
+                                       leaf_index, tree_size, path, ord)
+             ORDER BY r.ord
+             RETURNING id",
+            None,
+            &args,
+        )? {
+            ids.push(row.get::<i64>(1)?.unwrap_or(0));
+        }
+        if !ids_delete.is_empty() {
+            c.update("DELETE FROM vault.entries WHERE id = ANY($1)", None, &[ids_delete.clone().into()])?;
+        }
+        if !ids_shred.is_empty() {
+            // The ciphertext is overwritten; the row stays as a tombstone with purged_at set.
+            c.update(
+                "UPDATE vault.entries SET encrypted_value = '\\x'::bytea, purged_at = now() WHERE id = ANY($1)",
+                None,
+                &[ids_shred.clone().into()],
+            )?;
+        }
+        Ok::<_, pgrx::spi::Error>(ids)
+    })
+    .map_err(|e| VaultError::Internal(format!("purging failed: {e}")))?;
+    request_vacuum();
+    Ok(ids)
+}
+
+/// Purges up to `limit` expired entries in the current transaction; returns how many.
+pub fn sweep_batch(limit: i64, purged_by: &str, sweep_id: Option<i64>) -> Result<i64, VaultError> {
+    let _owner = AsOwner::enter();
+    let doomed = read_doomed(
+        &format!(
+            "SELECT {SELECT_COLUMNS} FROM vault.entries e JOIN vault.retention_policies rp ON rp.purpose = e.purpose
+             WHERE e.expires_at <= now() AND e.purged_at IS NULL
+             ORDER BY e.expires_at LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
+        ),
+        &[limit.into()],
+    )?;
+    let n = doomed.len() as i64;
+    destroy(doomed, None, purged_by, sweep_id)?;
+    Ok(n)
+}
+
+/// Purges one entry now (vault_delete), returning its proof's id.
+pub fn delete_one(
+    purpose: &str,
+    external_id: &str,
+    reason: &str,
+    purged_by: &str,
+) -> Result<i64, VaultError> {
+    let _owner = AsOwner::enter();
+    let doomed = read_doomed(
+        &format!(
+            "SELECT {SELECT_COLUMNS} FROM vault.entries e JOIN vault.retention_policies rp ON rp.purpose = e.purpose
+             WHERE e.purpose = $1 AND e.external_id = $2 AND e.purged_at IS NULL FOR UPDATE OF e"
+        ),
+        &[purpose.into(), external_id.into()],
+    )?;
+    if doomed.is_empty() {
+        return Err(VaultError::Gone {
+            purpose: purpose.into(),
+            external_id: external_id.into(),
+            why: "purged",
+        });
+    }
+    destroy(doomed, Some(reason), purged_by, None)?
+        .first()
+        .copied()
+        .ok_or_else(|| VaultError::Internal("no proof written".into()))
+}
+
+pub fn load_proof(id: i64) -> Result<Option<PurgeProof>, VaultError> {
+    Ok(load_proofs("WHERE id = $1", &[id.into()])?
+        .into_iter()
+        .next())
+}
+
+pub fn load_proofs(filter: &str, args: &[DatumWithOid]) -> Result<Vec<PurgeProof>, VaultError> {
+    let _owner = AsOwner::enter();
+    Spi::connect(|c| {
+        let mut out = Vec::new();
+        for row in c.select(
+            &format!(
+                "SELECT id, purpose, external_id, owner::text, entry_id, created_at_us, expires_at_us,
+                        max_retention_days, default_ttl_days, purge_method, access_policy, reason, purged_by,
+                        purged_at_us, entry_hash, batch_id, leaf_index, tree_size,
+                        (SELECT string_agg(encode(p, 'hex'), ',' ORDER BY n)
+                           FROM unnest(inclusion_path) WITH ORDINALITY AS x(p, n)),
+                        merkle_root, signed_at_us, key_id, signature
+                 FROM vault.purge_log {filter} ORDER BY id"
+            ),
+            None,
+            args,
+        )? {
+            let hash32 = |v: Option<Vec<u8>>| {
+                let mut h = [0u8; 32];
+                if let Some(v) = v.filter(|v| v.len() == 32) {
+                    h.copy_from_slice(&v);
+                }
+                h
+            };
+            out.push(PurgeProof {
+                id: row.get::<i64>(1)?.unwrap_or(0),
+                statement: PurgeStatement {
+                    purpose: row.get::<String>(2)?.unwrap_or_default(),
+                    external_id: row.get::<String>(3)?.unwrap_or_default(),
+                    owner: row.get::<String>(4)?.unwrap_or_default(),
+                    entry_id: row.get::<i64>(5)?.unwrap_or(0),
+                    created_at: row.get::<i64>(6)?.unwrap_or(0),
+                    expires_at: row.get::<i64>(7)?.unwrap_or(0),
+                    max_retention_days: row.get::<i32>(8)?.unwrap_or(0),
+                    default_ttl_days: row.get::<i32>(9)?.unwrap_or(0),
+                    purge_method: row.get::<String>(10)?.unwrap_or_default(),
+                    access_policy: row.get::<String>(11)?.unwrap_or_default(),
+                    reason: row.get::<String>(12)?.unwrap_or_default(),
+                    purged_by: row.get::<String>(13)?.unwrap_or_default(),
+                    purged_at: row.get::<i64>(14)?.unwrap_or(0),
+                    entry_hash: hash32(row.get::<Vec<u8>>(15)?),
+                },
+                batch_id: row.get::<i64>(16)?.unwrap_or(0),
+                leaf_index: row.get::<i64>(17)?.unwrap_or(0),
+                tree_size: row.get::<i64>(18)?.unwrap_or(0),
+                path: row
+                    .get::<String>(19)?
+                    .map(|p| p.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default(),
+                root: hash32(row.get::<Vec<u8>>(20)?),
+                signed_at: row.get::<i64>(21)?.unwrap_or(0),
+                key_id: row.get::<String>(22)?.unwrap_or_default(),
+                signature: hex::encode(row.get::<Vec<u8>>(23)?.unwrap_or_default()),
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}
+
+pub fn verify_proof(proof: &PurgeProof) -> Result<Result<(), String>, VaultError> {
+    let _owner = AsOwner::enter();
+    let keys = crate::audit::public_keys()?;
+    let by_id = |id: &str| {
+        keys.iter()
+            .find(|k| vsql_vault_core::keys::key_id(k) == id)
+            .copied()
+    };
+    Ok(proof.check(&by_id))
+}
+
+/// Asks the retention worker to vacuum the entries table (destroyed values must not linger in
+/// dead tuples); the worker does it outside any transaction, as VACUUM requires.
+pub fn request_vacuum() {
+    crate::retention_worker::request_vacuum();
+}

@@ -1,0 +1,200 @@
+//! The retention worker: sweeps expired entries every `vsql_vault.sweep_interval`, one committed
+//! batch at a time (each batch's removals and proofs commit together), records each run in
+//! `vault.sweep_runs`, and vacuums the entries table afterwards so destroyed values do not stay
+//! readable in dead tuples.
+
+use crate::settings;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+use std::time::{Duration, Instant};
+
+pub const WORKER_NAME: &str = "vsql_vault retention worker";
+
+#[derive(Copy, Clone, Default)]
+#[repr(C)]
+pub struct RetentionShared {
+    worker_latch: usize,
+    vacuum_requested: bool,
+}
+
+unsafe impl PGRXSharedMemory for RetentionShared {}
+
+static SHARED: PgLwLock<RetentionShared> = unsafe { PgLwLock::new(c"vsql_vault_retention") };
+
+pub fn init_shmem() {
+    pg_shmem_init!(SHARED);
+}
+
+pub fn register() {
+    BackgroundWorkerBuilder::new(WORKER_NAME)
+        .set_type(WORKER_NAME)
+        .set_function("vsql_vault_retention_worker_main")
+        .set_library("vsql_vault")
+        .enable_spi_access()
+        // An ERROR ends the worker; every sweep batch is its own transaction, so the next worker
+        // simply continues where the last committed batch left off.
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// Called by any backend that destroyed entries: the worker vacuums soon after.
+pub fn request_vacuum() {
+    if !crate::preloaded() {
+        return;
+    }
+    let latch = {
+        let mut s = SHARED.exclusive();
+        s.vacuum_requested = true;
+        s.worker_latch
+    };
+    if latch != 0 {
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    }
+}
+
+fn extension_present() -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT to_regclass('vault.sweep_runs') IS NOT NULL",
+                None,
+                &[],
+            )?
+            .first()
+            .get_one::<bool>()
+        })
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = settings::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    SHARED.exclusive().worker_latch = unsafe { pg_sys::MyLatch as usize };
+    log!("{WORKER_NAME} started for database \"{database}\"");
+
+    let mut last_sweep = Instant::now();
+    loop {
+        let interval = Duration::from_secs(settings::SWEEP_INTERVAL_S.get().max(1) as u64);
+        let until_sweep = interval.saturating_sub(last_sweep.elapsed());
+        // Wake at least every second so SIGTERM and SIGHUP are handled promptly.
+        if !BackgroundWorker::wait_latch(Some(
+            until_sweep
+                .min(Duration::from_secs(1))
+                .max(Duration::from_millis(10)),
+        )) {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            if settings::database() != database {
+                log!("vsql_vault.database changed: {WORKER_NAME} restarts to follow it");
+                unsafe { pg_sys::proc_exit(1) };
+            }
+            continue;
+        }
+        if last_sweep.elapsed() >= interval {
+            last_sweep = Instant::now();
+            if extension_present() {
+                scheduled_sweep();
+            }
+        }
+        let vacuum = std::mem::take(&mut SHARED.exclusive().vacuum_requested);
+        if vacuum && extension_present() {
+            vacuum_entries();
+        }
+    }
+    SHARED.exclusive().worker_latch = 0;
+    // Exit code 1: if this was pg_terminate_backend rather than a shutdown, the postmaster starts
+    // a new worker (code 0 would retire it for good and silently stop retention).
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// One run: batches until nothing is expired, SIGTERM, or an error (recorded in the run's row).
+fn scheduled_sweep() {
+    let run_id = BackgroundWorker::transaction(|| {
+        Spi::connect_mut(|c| {
+            c.update(
+                "INSERT INTO vault.sweep_runs (started_by) VALUES ('schedule') RETURNING id",
+                None,
+                &[],
+            )?
+            .first()
+            .get_one::<i64>()
+        })
+    });
+    let Ok(Some(run_id)) = run_id else {
+        warning!("{WORKER_NAME}: could not record a sweep run");
+        return;
+    };
+    let batch = settings::SWEEP_BATCH_SIZE.get().max(1) as i64;
+    let (mut purged, mut batches, mut error) = (0i64, 0i32, None::<String>);
+    loop {
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        let result = PgTryBuilder::new(|| {
+            BackgroundWorker::transaction(|| {
+                crate::retention::sweep_batch(batch, WORKER_NAME, Some(run_id))
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .catch_others(|e| Err(format!("{e:?}")))
+        .execute();
+        match result {
+            Ok(0) => break,
+            Ok(n) => {
+                purged += n;
+                batches += 1;
+            }
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let recorded = BackgroundWorker::transaction(|| {
+        Spi::connect_mut(|c| {
+            c.update(
+                "UPDATE vault.sweep_runs SET finished_at = clock_timestamp(), entries_purged = $2, batches = $3,
+                        errors = $4 WHERE id = $1",
+                None,
+                &[run_id.into(), purged.into(), batches.into(), error.clone().into()],
+            )
+            .map(|_| ())
+        })
+    });
+    if let Err(e) = recorded {
+        warning!("{WORKER_NAME}: could not finish the sweep run record: {e}");
+    }
+    if let Some(e) = error {
+        warning!("{WORKER_NAME}: sweep {run_id} stopped: {e}");
+    }
+    if purged > 0 {
+        vacuum_entries();
+    }
+}
+
+/// VACUUM vault.entries, which only works outside a transaction block: the worker runs it the
+/// way a top-level command runs.
+fn vacuum_entries() {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        let stmts = pg_sys::raw_parser(
+            c"VACUUM vault.entries".as_ptr(),
+            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
+        );
+        let raw = (*(*stmts).elements).ptr_value as *mut pg_sys::RawStmt;
+        let stmt = (*raw).stmt as *mut pg_sys::VacuumStmt;
+        let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
+        pg_sys::ExecVacuum(pstate, stmt, true);
+        pg_sys::CommitTransactionCommand();
+    }
+}
