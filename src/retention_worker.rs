@@ -53,6 +53,11 @@ pub fn request_vacuum() {
     }
 }
 
+/// SIGTERM arrived (pgrx's flag for it is cleared when read; this one is not).
+fn stop_requested() -> bool {
+    unsafe { pg_sys::ShutdownRequestPending != 0 }
+}
+
 fn extension_present() -> bool {
     BackgroundWorker::transaction(|| {
         Spi::connect(|c| {
@@ -88,7 +93,8 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
             until_sweep
                 .min(Duration::from_secs(1))
                 .max(Duration::from_millis(10)),
-        )) {
+        )) || stop_requested()
+        {
             break;
         }
         if BackgroundWorker::sighup_received() {
@@ -136,7 +142,7 @@ fn scheduled_sweep() {
     let batch = settings::SWEEP_BATCH_SIZE.get().max(1) as i64;
     let (mut purged, mut batches, mut error) = (0i64, 0i32, None::<String>);
     loop {
-        if BackgroundWorker::sigterm_received() {
+        if stop_requested() {
             break;
         }
         let result = PgTryBuilder::new(|| {

@@ -305,6 +305,19 @@ fn zz_dump_and_restore_keep_the_vault() {
         .map(|q| c.query_one(*q, &[]).unwrap().get::<_, Option<String>>(0).unwrap_or_default())
         .collect()
     };
+    // The verdict on every chain (intact or not: earlier tests tamper on purpose) must survive.
+    let verdicts = |c: &mut Client| -> Vec<String> {
+        c.query(
+            "SELECT format('%s/%s/%s/%s', table_name, chain, ok, first_bad_seq) FROM vault_verify_audit() ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let verdicts_before = verdicts(&mut su);
     let before = snapshot(&mut su);
     drop((a, admin));
 
@@ -362,6 +375,21 @@ fn zz_dump_and_restore_keep_the_vault() {
         .unwrap()
         .get(0);
     assert_eq!(logged, 2);
+    // The restored evidence verifies exactly as the original did, against the restored checkpoints
+    // and keys (the rows keep the chain fields they were signed with).
+    let after: Vec<String> = verdicts(&mut restored)
+        .into_iter()
+        .filter(|v| !v.starts_with("vault.access_log/"))
+        .collect();
+    let expected: Vec<String> = verdicts_before
+        .iter()
+        .filter(|v| !v.starts_with("vault.access_log/"))
+        .cloned()
+        .collect();
+    assert_eq!(after, expected);
+    assert!(verdicts(&mut restored)
+        .iter()
+        .any(|v| v.starts_with("vault.access_log/1/0/t")));
     // Calls in the database the writer no longer serves are refused, not silently unlogged.
     let mut old = s.connect("it_a");
     assert_eq!(sqlstate(&get(&mut old, "dr1").unwrap_err()), "55000");

@@ -1,0 +1,269 @@
+//! Retention enforcement against a real server: the worker on schedule, SIGHUP and SIGTERM,
+//! proofs checked in SQL and offline, and a crash in the middle of a sweep.
+
+mod common;
+
+use common::*;
+use postgres::Client;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn set_and_reload(su: &mut Client, setting: &str, value: Option<&str>) {
+    match value {
+        Some(v) => su
+            .batch_execute(&format!("ALTER SYSTEM SET {setting} = '{v}'"))
+            .unwrap(),
+        None => su
+            .batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
+            .unwrap(),
+    }
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
+fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn live(su: &mut Client, purpose: &str) -> i64 {
+    su.query_one(
+        "SELECT count(*) FROM vault.entries WHERE purpose = $1 AND purged_at IS NULL",
+        &[&purpose],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Entries of `purpose`, already expired, written directly (the sweep is what is under test).
+fn expired_entries(su: &mut Client, purpose: &str, method: &str, n: i32) {
+    let mut admin = server().connect("it_admin");
+    admin
+        .execute(
+            "SELECT vault_set_retention_policy($1, 30, 1, $2)",
+            &[&purpose, &method],
+        )
+        .unwrap();
+    su.execute(
+        "INSERT INTO vault.entries (purpose, external_id, encrypted_value, access_policy, owner, created_at,
+                                    updated_at, expires_at)
+         SELECT $1, 'e' || g, '\\xdeadbeef', 'owner-only', 'it_a', now() - interval '2 days',
+                now() - interval '2 days', now() - interval '1 second'
+         FROM generate_series(1, $2) g
+         ON CONFLICT (purpose, external_id) DO NOTHING",
+        &[&purpose, &n],
+    )
+    .unwrap();
+}
+
+fn worker_pid(su: &mut Client) -> Option<i32> {
+    su.query_opt(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'vsql_vault retention worker'",
+        &[],
+    )
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+/// Exports the proofs from `from_id` on and checks them with the offline tool.
+fn offline_purge_check(s: &Server, su: &mut Client, tag: &str, from_id: i64) -> (i32, String) {
+    let file = format!("{}/{tag}.proofs.jsonl", s.dir);
+    let lines: Vec<String> = su
+        .query("SELECT vault_export_purge_proofs($1)", &[&from_id])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI"));
+    cmd.args(["verify-purge", "--proofs", &file]);
+    for r in su
+        .query("SELECT public_key FROM vault.signing_keys", &[])
+        .unwrap()
+    {
+        cmd.args(["--public-key", r.get::<_, &str>(0)]);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn killed_mid_sweep_every_entry_is_present_or_has_exactly_one_proof() {
+    let s = server();
+    let mut su = setup(&s);
+    let n: i32 = 5_000;
+    expired_entries(&mut su, "it.crash", "physical-delete", n);
+    set_and_reload(&mut su, "vsql_vault.sweep_batch_size", Some("250"));
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", Some("1"));
+    // Kill the server as soon as the first batches have committed.
+    wait_until("the first sweep batch", 60, || {
+        su.query_one(
+            "SELECT count(*) FROM vault.purge_log WHERE purpose = 'it.crash'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+    });
+    drop(su);
+    s.pg_ctl(&["-m", "immediate", "stop"]);
+    s.pg_ctl(&["start", "-l", &format!("{}/server.log", s.dir)]);
+    s.wait_for_writer(&s.db);
+    let mut su = s.connect("postgres");
+    let broken: i64 = su
+        .query_one(
+            "SELECT count(*) FROM generate_series(1, $1) g
+             WHERE (SELECT count(*) FROM vault.entries WHERE purpose = 'it.crash' AND external_id = 'e' || g)
+                 + (SELECT count(*) FROM vault.purge_log WHERE purpose = 'it.crash' AND external_id = 'e' || g) <> 1",
+            &[&n],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(broken, 0, "entries neither present nor proven exactly once");
+    set_and_reload(&mut su, "vsql_vault.sweep_batch_size", None);
+    wait_until("the sweep to finish after the restart", 120, || {
+        live(&mut su, "it.crash") == 0
+    });
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", None);
+    let proofs: i64 = su
+        .query_one(
+            "SELECT count(DISTINCT external_id) FROM vault.purge_log WHERE purpose = 'it.crash'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(proofs, i64::from(n));
+}
+
+#[test]
+fn sighup_changes_the_interval() {
+    let s = server();
+    let mut su = setup(&s);
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", Some("3600"));
+    // Let the worker take the long interval and finish any sweep it was in.
+    thread::sleep(Duration::from_secs(2));
+    expired_entries(&mut su, "it.hup", "physical-delete", 3);
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        live(&mut su, "it.hup"),
+        3,
+        "no sweep while the interval is an hour"
+    );
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", Some("1"));
+    wait_until("a sweep after the reload", 30, || {
+        live(&mut su, "it.hup") == 0
+    });
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", None);
+}
+
+#[test]
+fn sigterm_stops_the_worker_and_the_postmaster_starts_a_new_one() {
+    let s = server();
+    let mut su = setup(&s);
+    wait_until("the retention worker", 30, || worker_pid(&mut su).is_some());
+    let pid = worker_pid(&mut su).unwrap();
+    su.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    wait_until("the worker to stop on SIGTERM", 10, || {
+        worker_pid(&mut su) != Some(pid)
+    });
+    wait_until("a new retention worker", 30, || {
+        worker_pid(&mut su).is_some_and(|p| p != pid)
+    });
+}
+
+#[test]
+fn worker_sweeps_on_schedule_and_its_proofs_verify_in_sql_and_offline() {
+    let s = server();
+    let mut su = setup(&s);
+    expired_entries(&mut su, "it.sched", "physical-delete", 5);
+    expired_entries(&mut su, "it.shred", "crypto-shred", 2);
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", Some("1"));
+    wait_until("the scheduled sweep", 30, || {
+        live(&mut su, "it.sched") + live(&mut su, "it.shred") == 0
+    });
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", None);
+    let run: (i64, Option<String>) = su
+        .query_one(
+            "SELECT entries_purged, errors FROM vault.sweep_runs WHERE started_by = 'schedule' AND entries_purged > 0
+             ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert!(run.0 > 0 && run.1.is_none(), "{run:?}");
+    // crypto-shred keeps a tombstone without the ciphertext; physical-delete leaves nothing.
+    let shredded: Vec<(i32, bool)> = su
+        .query("SELECT length(encrypted_value), purged_at IS NOT NULL FROM vault.entries WHERE purpose = 'it.shred'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(shredded, vec![(0, true), (0, true)]);
+    let mut a = s.connect("it_a");
+    assert_eq!(
+        sqlstate(
+            &a.query_one("SELECT * FROM vault_get('it.sched', 'e1')", &[])
+                .unwrap_err()
+        ),
+        "VV410"
+    );
+    assert_eq!(
+        sqlstate(
+            &a.query_one("SELECT * FROM vault_get('it.shred', 'e1')", &[])
+                .unwrap_err()
+        ),
+        "VV410"
+    );
+    let all_ok: bool = su
+        .query_one(
+            "SELECT bool_and(vault_verify_purge_proof(id)) FROM vault.purge_log WHERE purpose IN ('it.sched', 'it.shred')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(all_ok);
+    // Only this test's proofs: other tests tamper with theirs on purpose.
+    let first: i64 = su
+        .query_one(
+            "SELECT min(id) FROM vault.purge_log WHERE purpose IN ('it.sched', 'it.shred')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let (code, out) = offline_purge_check(&s, &mut su, "sched", first);
+    assert_eq!(code, 0, "{out}");
+    // A proof altered behind the triggers fails in SQL and offline, and is named.
+    let id: i64 = su
+        .query_one(
+            "SELECT max(id) FROM vault.purge_log WHERE purpose = 'it.sched'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    su.batch_execute(&format!(
+        "SET vsql_vault.break_glass = on;
+         ALTER TABLE vault.purge_log DISABLE TRIGGER vault_append_only;
+         UPDATE vault.purge_log SET expires_at_us = expires_at_us + 86400000000 WHERE id = {id};
+         ALTER TABLE vault.purge_log ENABLE ALWAYS TRIGGER vault_append_only;
+         RESET vsql_vault.break_glass;"
+    ))
+    .unwrap();
+    let ok: bool = su
+        .query_one("SELECT vault_verify_purge_proof($1)", &[&id])
+        .unwrap()
+        .get(0);
+    assert!(!ok);
+    let (code, out) = offline_purge_check(&s, &mut su, "sched-tampered", first);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("FAILED  purge proof {id} (it.sched / ")),
+        "{out}"
+    );
+}
