@@ -58,7 +58,15 @@ fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::
         .collect()
 }
 
+/// A chain a single writer holds for a whole batch (the audit writer and the access log): rows
+/// are linked in memory and the head is written back once, when the batch is done.
+struct Cursor {
+    table: String,
+    head: Head,
+}
+
 thread_local! {
+    static CURSOR: RefCell<Option<Cursor>> = const { RefCell::new(None) };
     /// Set while vault_protect_table itself alters the table it protects.
     pub static PROTECTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The chain this backend's current transaction already holds, per table, so that a
@@ -126,6 +134,38 @@ fn take_chain(table: &str) -> Result<Head, VaultError> {
     Ok(found)
 }
 
+/// Locks `table`'s chain for the rest of the transaction and links the rows this process inserts
+/// into it in memory, until `end_batch` writes the head back. For a table with one writer.
+pub fn begin_batch(table: &str) -> Result<(), VaultError> {
+    CURSOR.with(|c| *c.borrow_mut() = None);
+    let head = take_chain(table)?;
+    CURSOR.with(|c| {
+        *c.borrow_mut() = Some(Cursor {
+            table: table.to_owned(),
+            head,
+        })
+    });
+    Ok(())
+}
+
+/// Writes the batch's final head back (in the same transaction as its rows).
+pub fn end_batch() -> Result<(), VaultError> {
+    match CURSOR.with(|c| c.borrow_mut().take()) {
+        Some(cur) => advance_chain(
+            &cur.head.identity,
+            cur.head.chain,
+            cur.head.seq,
+            &cur.head.hash,
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Forgets a batch whose transaction failed.
+pub fn abandon_batch() {
+    CURSOR.with(|c| *c.borrow_mut() = None);
+}
+
 fn advance_chain(table: &str, chain: i32, seq: i64, head: &[u8]) -> Result<(), VaultError> {
     let _owner = AsOwner::enter();
     Spi::connect_mut(|c| {
@@ -166,15 +206,32 @@ pub fn chain_row<'a>(
             return Ok(kept);
         }
     }
-    let Head {
-        identity,
-        chain: chain_id,
-        seq: last_seq,
-        hash: prev,
-    } = take_chain(&table)?;
-    let seq = last_seq + 1;
-    let hash = chain::row_hash(&identity, chain_id, seq, &prev, &columns);
-    advance_chain(&identity, chain_id, seq, &hash)?;
+    let (_identity, chain_id, seq, prev, hash) = match CURSOR.with(|c| c.borrow_mut().take()) {
+        // A writer that holds this table's chain for its whole batch: link in memory.
+        Some(mut cur) if cur.table == table => {
+            let seq = cur.head.seq + 1;
+            let prev = std::mem::take(&mut cur.head.hash);
+            let hash = chain::row_hash(&cur.head.identity, cur.head.chain, seq, &prev, &columns);
+            cur.head.seq = seq;
+            cur.head.hash = hash.to_vec();
+            let out = (cur.head.identity.clone(), cur.head.chain, seq, prev, hash);
+            CURSOR.with(|c| *c.borrow_mut() = Some(cur));
+            out
+        }
+        other => {
+            CURSOR.with(|c| *c.borrow_mut() = other);
+            let Head {
+                identity,
+                chain: chain_id,
+                seq: last_seq,
+                hash: prev,
+            } = take_chain(&table)?;
+            let seq = last_seq + 1;
+            let hash = chain::row_hash(&identity, chain_id, seq, &prev, &columns);
+            advance_chain(&identity, chain_id, seq, &hash)?;
+            (identity, chain_id, seq, prev, hash)
+        }
+    };
     let set = |e: pgrx::datum::TryFromDatumError| VaultError::Internal(e.to_string());
     let mut new = trigger
         .new()

@@ -122,23 +122,24 @@ fn scheduled_checkpoint() {
 }
 
 fn write_batch(batch: Vec<Taken>) {
+    crate::audit::abandon_batch();
     let indexes: Vec<usize> = batch.iter().map(|t| t.index).collect();
-    let result = PgTryBuilder::new(|| BackgroundWorker::transaction(|| insert_batch(&batch)))
-        .catch_others(|e| {
-            // Tell the callers now rather than at their timeout, then let the worker restart.
-            let failed: Vec<(usize, u32)> = indexes.iter().map(|&i| (i, OUTCOME_FAILED)).collect();
-            audit_queue::complete(&failed);
-            e.rethrow()
+    // A failure is raised inside the transaction so that it aborts: never half a batch committed.
+    let result = PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(|| {
+            insert_batch(&batch).unwrap_or_else(|e| {
+                pgrx::error!("vsql_vault audit writer could not write a batch: {e}")
+            })
         })
-        .execute();
-    match result {
-        Ok(outcomes) => audit_queue::complete(&outcomes),
-        Err(e) => {
-            let failed: Vec<(usize, u32)> = indexes.iter().map(|&i| (i, OUTCOME_FAILED)).collect();
-            audit_queue::complete(&failed);
-            pgrx::error!("vsql_vault audit writer could not write a batch: {e}");
-        }
-    }
+    })
+    .catch_others(|e| {
+        // Tell the callers now rather than at their timeout, then let the worker restart.
+        let failed: Vec<(usize, u32)> = indexes.iter().map(|&i| (i, OUTCOME_FAILED)).collect();
+        audit_queue::complete(&failed);
+        e.rethrow()
+    })
+    .execute();
+    audit_queue::complete(&result);
 }
 
 #[derive(Default)]
@@ -160,16 +161,27 @@ struct Columns(
     Vec<Option<String>>,
 );
 
-fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
-    Spi::connect_mut(|client| {
-        let present = client
-            .select(&*plans::plan(client, LOG_PRESENT, &[], false)?, None, &[])?
+fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, String> {
+    let present = Spi::connect(|c| {
+        c.select(&*plans::plan(c, LOG_PRESENT, &[], false)?, None, &[])?
             .first()
-            .get_one::<bool>()?
-            .unwrap_or(false);
-        if !present {
-            return Ok(batch.iter().map(|t| (t.index, OUTCOME_FAILED)).collect());
-        }
+            .get_one::<bool>()
+    })
+    .map_err(|e| e.to_string())?
+    .unwrap_or(false);
+    if !present {
+        return Ok(batch.iter().map(|t| (t.index, OUTCOME_FAILED)).collect());
+    }
+    // The writer is the access log's only inserter: it holds the chain for the whole batch and
+    // the chain trigger links the rows in memory; the head is written back once.
+    crate::audit::begin_batch("vault.access_log").map_err(|e| e.to_string())?;
+    let outcomes = insert_rows(batch).map_err(|e| e.to_string())?;
+    crate::audit::end_batch().map_err(|e| e.to_string())?;
+    Ok(outcomes)
+}
+
+fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
+    Spi::connect_mut(|client| {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut retrievals: HashMap<i64, i64> = HashMap::new();
         let mut c: Columns = Default::default();
@@ -242,6 +254,10 @@ fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> 
             c.13.into(),
             c.14.into(),
         ];
+        // The writer is the access log's only inserter: it holds the chain for the whole batch
+        // and the chain trigger links rows in memory.
+        crate::audit::begin_batch("vault.access_log")
+            .map_err(|e| pgrx::spi::Error::CursorNotFound(e.to_string()))?;
         let stmt = plans::plan(
             client,
             INSERT,

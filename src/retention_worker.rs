@@ -145,13 +145,24 @@ fn scheduled_sweep() {
         if stop_requested() {
             break;
         }
+        // A failure is raised inside the batch's transaction so that it aborts: never a proof
+        // without its purge or a purge without its proof.
         let result = PgTryBuilder::new(|| {
-            BackgroundWorker::transaction(|| {
+            Ok(BackgroundWorker::transaction(|| {
                 crate::retention::sweep_batch(batch, WORKER_NAME, Some(run_id))
-                    .map_err(|e| e.to_string())
+                    .unwrap_or_else(|e| pgrx::error!("{e}"))
+            }))
+        })
+        .catch_others(|e| {
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    r.message().to_owned()
+                }
             })
         })
-        .catch_others(|e| Err(format!("{e:?}")))
         .execute();
         match result {
             Ok(0) => break,
