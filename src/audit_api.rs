@@ -6,20 +6,9 @@
 
 use crate::access_log::Event;
 use crate::audit;
-use crate::errors::VaultError;
-use crate::identity::{select_one, AsOwner, Caller};
+use crate::errors::{status, VaultError};
+use crate::identity::{has_role, select_one, AsOwner, Caller};
 use pgrx::prelude::*;
-
-fn has_role(caller: &Caller, role: &str) -> bool {
-    let _owner = AsOwner::enter();
-    select_one::<bool>(
-        "SELECT pg_catalog.pg_has_role($1, $2, 'USAGE')",
-        &[caller.role_oid.into(), role.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false)
-}
 
 fn is_superuser(caller: &Caller) -> bool {
     unsafe { pg_sys::superuser_arg(caller.role_oid) }
@@ -34,13 +23,6 @@ fn require(caller: &Caller, roles: &[&str]) -> Result<(), VaultError> {
             caller.role_name,
             roles.join(" or ")
         )))
-    }
-}
-
-fn status(r: &Result<impl Sized, VaultError>) -> (Option<String>, Option<String>) {
-    match r {
-        Ok(_) => (None, None),
-        Err(e) => (Some(e.sqlstate().to_owned()), Some(e.to_string())),
     }
 }
 

@@ -89,3 +89,11 @@ impl VaultError {
         }
     }
 }
+
+/// The `(sqlstate, message)` columns every `*_impl` function returns: both NULL on success.
+pub fn status<T>(r: &Result<T, VaultError>) -> (Option<String>, Option<String>) {
+    match r {
+        Ok(_) => (None, None),
+        Err(e) => (Some(e.sqlstate().to_owned()), Some(e.to_string())),
+    }
+}

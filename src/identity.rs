@@ -136,3 +136,15 @@ pub fn write_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
 ) -> Result<Option<T>, pgrx::spi::Error> {
     Spi::connect_mut(|c| c.update(query, Some(1), args)?.first().get_one::<T>())
 }
+
+/// Whether `caller` has the privileges of `role` (membership with inheritance, as for grants).
+pub fn has_role(caller: &Caller, role: &str) -> bool {
+    let _owner = AsOwner::enter();
+    select_one::<bool>(
+        "SELECT pg_catalog.pg_has_role($1, $2, 'USAGE')",
+        &[caller.role_oid.into(), role.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}

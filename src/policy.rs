@@ -3,7 +3,7 @@
 
 use crate::access_log::{write_then_log, Event};
 use crate::errors::VaultError;
-use crate::identity::{select_one, AsOwner, Caller};
+use crate::identity::{has_role, select_one, AsOwner, Caller};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::{self, required, ROLE_TOKENS};
@@ -21,17 +21,6 @@ fn status_row(
         Ok(()) => (None, None),
         Err(e) => (Some(e.sqlstate().to_owned()), Some(e.to_string())),
     })
-}
-
-fn is_admin(caller: &Caller) -> bool {
-    let _owner = AsOwner::enter();
-    select_one::<bool>(
-        "SELECT pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')",
-        &[caller.role_oid.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false)
 }
 
 fn role_exists(role: &str) -> bool {
@@ -53,7 +42,7 @@ fn administer(
     if let Err(e) = validate() {
         return Err(event.refused(e));
     }
-    if !is_admin(event.caller) {
+    if !has_role(event.caller, "vault_admin") {
         let e = VaultError::Denied(format!(
             "role \"{}\" is not a member of vault_admin",
             event.caller.role_name

@@ -113,6 +113,9 @@ fn destroy(
         Some(l) => (l.root.to_vec(), l.key_id.clone(), l.signature.clone()),
         None => return Ok(Vec::new()),
     };
+    // This transaction holds the purge log's chain for the batch: its rows are linked in memory
+    // and the head is written once.
+    crate::audit::begin_batch("vault.purge_log")?;
     let ids = Spi::connect_mut(|c| {
         let st = |f: fn(&PurgeStatement) -> String| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
         let int = |f: fn(&PurgeStatement) -> i64| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
@@ -189,6 +192,7 @@ fn destroy(
         Ok::<_, pgrx::spi::Error>(ids)
     })
     .map_err(|e| VaultError::Internal(format!("purging failed: {e}")))?;
+    crate::audit::end_batch()?;
     request_vacuum();
     Ok(ids)
 }

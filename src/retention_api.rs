@@ -2,29 +2,11 @@
 //! wrappers in `sql/retention.sql` to raise.
 
 use crate::access_log::{write_then_log, Event};
-use crate::errors::VaultError;
-use crate::identity::{select_one, AsOwner, Caller};
+use crate::errors::{status, VaultError};
+use crate::identity::{has_role, AsOwner, Caller};
 use crate::retention;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::{self, required};
-
-fn status(r: &Result<impl Sized, VaultError>) -> (Option<String>, Option<String>) {
-    match r {
-        Ok(_) => (None, None),
-        Err(e) => (Some(e.sqlstate().to_owned()), Some(e.to_string())),
-    }
-}
-
-fn has_role(caller: &Caller, role: &str) -> bool {
-    let _owner = AsOwner::enter();
-    select_one::<bool>(
-        "SELECT pg_catalog.pg_has_role($1, $2, 'USAGE')",
-        &[caller.role_oid.into(), role.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false)
-}
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]

@@ -8,7 +8,7 @@
 #![allow(clippy::type_complexity)]
 
 use crate::access_log::{write_then_log, Event};
-use crate::errors::VaultError;
+use crate::errors::{status, VaultError};
 use crate::identity::{AsOwner, Caller};
 use crate::plans::{self, types::*};
 use crate::settings;
@@ -16,15 +16,6 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::{self, required};
 use vsql_vault_core::Limits;
-
-type Status = (Option<String>, Option<String>);
-
-fn status<T>(r: &Result<T, VaultError>) -> Status {
-    match r {
-        Ok(_) => (None, None),
-        Err(e) => (Some(e.sqlstate().to_owned()), Some(e.to_string())),
-    }
-}
 
 /// Runs the decision, logs it either way, and returns the data only when its record is durable.
 fn decide_and_log<T>(

@@ -43,9 +43,9 @@ pub struct ExportRow {
     pub table: String,
     pub chain: i32,
     pub seq: i64,
-    #[serde(with = "hex32")]
+    #[serde(with = "crate::canonical::hex32")]
     pub prev_hash: [u8; 32],
-    #[serde(with = "hex32")]
+    #[serde(with = "crate::canonical::hex32")]
     pub row_hash: [u8; 32],
     pub columns: Vec<(String, Value)>,
 }
@@ -56,7 +56,7 @@ pub struct Checkpoint {
     pub table: String,
     pub chain: i32,
     pub seq: i64,
-    #[serde(with = "hex32")]
+    #[serde(with = "crate::canonical::hex32")]
     pub head_hash: [u8; 32],
     /// Microseconds since 2000-01-01 UTC.
     pub signed_at: i64,
@@ -100,19 +100,6 @@ impl Checkpoint {
             &self.key_id,
         );
         keys::verify(public, &msg, &sig)
-    }
-}
-
-mod hex32 {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let s = String::deserialize(d)?;
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
-        Ok(out)
     }
 }
 

@@ -39,6 +39,26 @@ pub fn root(leaves: &[[u8; 32]]) -> [u8; 32] {
     }
 }
 
+/// The root and every leaf's audit path at once, in O(n log n): a sweep batch needs all of them,
+/// and computing each path alone would cost O(n) hashing per leaf.
+pub fn root_and_paths(leaves: &[[u8; 32]]) -> ([u8; 32], Vec<Vec<[u8; 32]>>) {
+    match leaves.len() {
+        0 => (root(leaves), Vec::new()),
+        1 => (leaves[0], vec![Vec::new()]),
+        n => {
+            let k = split(n);
+            let (left_root, mut left) = root_and_paths(&leaves[..k]);
+            let (right_root, right) = root_and_paths(&leaves[k..]);
+            left.iter_mut().for_each(|p| p.push(right_root));
+            left.extend(right.into_iter().map(|mut p| {
+                p.push(left_root);
+                p
+            }));
+            (node_hash(&left_root, &right_root), left)
+        }
+    }
+}
+
 /// The audit path of leaf `index` (PATH of RFC 6962), nearest sibling first.
 pub fn inclusion_path(leaves: &[[u8; 32]], index: usize) -> Vec<[u8; 32]> {
     let n = leaves.len();
@@ -129,6 +149,19 @@ mod tests {
                 }
                 // (A different tree size may still fit a path; the signed root message binds the
                 // size, which is what makes that harmless.)
+            }
+        }
+    }
+
+    #[test]
+    fn all_paths_at_once_match_one_at_a_time() {
+        for n in 0..=33 {
+            let l = leaves(n);
+            let (r, paths) = root_and_paths(&l);
+            assert_eq!(r, root(&l));
+            assert_eq!(paths.len(), n);
+            for (i, p) in paths.iter().enumerate() {
+                assert_eq!(*p, inclusion_path(&l, i), "n={n} i={i}");
             }
         }
     }

@@ -19,7 +19,7 @@ pub struct EntrySnapshot {
     pub id: i64,
     pub purpose: String,
     pub external_id: String,
-    #[serde(with = "hexvec")]
+    #[serde(with = "crate::canonical::hex_bytes")]
     pub encrypted_value: Vec<u8>,
     pub algorithm_hint: Option<String>,
     pub key_ref: Option<String>,
@@ -74,7 +74,7 @@ pub struct PurgeStatement {
     pub reason: String,
     pub purged_by: String,
     pub purged_at: i64,
-    #[serde(with = "hex32")]
+    #[serde(with = "crate::canonical::hex32")]
     pub entry_hash: [u8; 32],
 }
 
@@ -137,7 +137,7 @@ pub struct PurgeProof {
     pub leaf_index: i64,
     pub tree_size: i64,
     pub path: Vec<String>,
-    #[serde(with = "hex32")]
+    #[serde(with = "crate::canonical::hex32")]
     pub root: [u8; 32],
     pub signed_at: i64,
     pub key_id: String,
@@ -182,29 +182,6 @@ impl PurgeProof {
     }
 }
 
-mod hex32 {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let s = String::deserialize(d)?;
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
-        Ok(out)
-    }
-}
-
-mod hexvec {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-}
-
 /// One statement of a batch with its place in the batch's signed tree.
 #[derive(Debug, Clone)]
 pub struct ProvedLeaf {
@@ -225,7 +202,7 @@ pub fn prove_batch(
     key: &ed25519_dalek::SigningKey,
 ) -> Vec<ProvedLeaf> {
     let leaves: Vec<[u8; 32]> = statements.iter().map(PurgeStatement::leaf).collect();
-    let root = merkle::root(&leaves);
+    let (root, paths) = merkle::root_and_paths(&leaves);
     let key_id = keys::key_id(&key.verifying_key());
     let size = leaves.len() as i64;
     let signature = keys::sign(
@@ -235,12 +212,13 @@ pub fn prove_batch(
     .to_vec();
     statements
         .into_iter()
+        .zip(paths)
         .enumerate()
-        .map(|(i, statement)| ProvedLeaf {
+        .map(|(i, (statement, path))| ProvedLeaf {
             statement,
             leaf_index: i as i64,
             tree_size: size,
-            path: merkle::inclusion_path(&leaves, i),
+            path,
             root,
             key_id: key_id.clone(),
             signature: signature.clone(),
