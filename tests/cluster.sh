@@ -34,6 +34,7 @@ max_connections = 100
 vsql_vault.database = '$db'
 log_min_messages = warning
 $plugins
+${VSQL_VAULT_EXTRA_CONF:-}
 CONF
     grep -q "include_if_exists = 'vsql_vault.conf'" "$dir/data/postgresql.conf" ||
         echo "include_if_exists = 'vsql_vault.conf'" >>"$dir/data/postgresql.conf"
