@@ -5,9 +5,11 @@
 
 pub mod canonical;
 pub mod chain;
+pub mod envelope;
 pub mod keys;
 pub mod merkle;
 pub mod purge;
 pub mod rules;
+pub mod stream;
 
 pub use rules::{InputError, Limits};

@@ -1,0 +1,471 @@
+//! The replication stream: one JSON line per message. A session line carries the wrapped data
+//! key; each batch line carries a sealed array of change records and a signed record that chains
+//! it to the previous line of its session. The consumer checks everything before it emits a
+//! change as trusted, and stops at the first fault.
+
+use crate::canonical::{sha256, Encoder, Value};
+use crate::envelope::{self, BatchBinding, EnvelopeError, KekRing, Key};
+use crate::keys;
+use crate::merkle;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionLine {
+    pub slot: String,
+    pub session: String,
+    pub kek_id: String,
+    pub wrapped_dek: String,
+    pub started_at: i64,
+    pub key_id: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchLine {
+    pub slot: String,
+    pub session: String,
+    pub seq: i64,
+    pub lsn_start: String,
+    pub lsn_end: String,
+    pub xid: i64,
+    pub commit_time: i64,
+    pub tables: Vec<String>,
+    pub changes: i64,
+    pub ciphertext: String,
+    pub merkle_root: String,
+    pub prev: String,
+    pub key_id: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Line {
+    Session(SessionLine),
+    Batch(BatchLine),
+}
+
+impl SessionLine {
+    pub fn message(&self) -> Vec<u8> {
+        Encoder::new("vsql_vault.stream_session")
+            .field("slot", &Value::Text(self.slot.clone()))
+            .field("session", &Value::Text(self.session.clone()))
+            .field("kek_id", &Value::Text(self.kek_id.clone()))
+            .field("wrapped_dek", &Value::Text(self.wrapped_dek.clone()))
+            .field("started_at", &Value::Timestamp(self.started_at))
+            .field("key_id", &Value::Text(self.key_id.clone()))
+            .bytes()
+            .to_vec()
+    }
+}
+
+impl BatchLine {
+    pub fn message(&self) -> Vec<u8> {
+        let mut e = Encoder::new("vsql_vault.stream_batch")
+            .field("slot", &Value::Text(self.slot.clone()))
+            .field("session", &Value::Text(self.session.clone()))
+            .field("seq", &Value::Int(self.seq))
+            .field("lsn_start", &Value::Text(self.lsn_start.clone()))
+            .field("lsn_end", &Value::Text(self.lsn_end.clone()))
+            .field("xid", &Value::Int(self.xid))
+            .field("commit_time", &Value::Timestamp(self.commit_time))
+            .field("changes", &Value::Int(self.changes));
+        for t in &self.tables {
+            e = e.field("table", &Value::Text(t.clone()));
+        }
+        e.field(
+            "ciphertext_sha256",
+            &Value::Bytes(sha256(self.ciphertext.as_bytes()).to_vec()),
+        )
+        .field("merkle_root", &Value::Text(self.merkle_root.clone()))
+        .field("prev", &Value::Text(self.prev.clone()))
+        .field("key_id", &Value::Text(self.key_id.clone()))
+        .bytes()
+        .to_vec()
+    }
+}
+
+/// Builds a session's lines (used by the output plugin).
+pub struct Sealer {
+    slot: String,
+    session: String,
+    dek: Key,
+    signing: SigningKey,
+    key_id: String,
+    seq: i64,
+    prev: [u8; 32],
+}
+
+impl Sealer {
+    /// Starts a session: a fresh DEK wrapped under the ring's active KEK. Returns the session line.
+    pub fn start(
+        slot: &str,
+        ring: &KekRing,
+        signing: SigningKey,
+        now: i64,
+    ) -> Result<(Sealer, String), EnvelopeError> {
+        let session = hex::encode(envelope::random_bytes::<12>()?);
+        let dek = envelope::random_key()?;
+        let (kek_id, kek) = ring.active();
+        let wrapped = envelope::wrap_dek(kek, kek_id, &session, &dek)?;
+        let key_id = keys::key_id(&signing.verifying_key());
+        let mut line = SessionLine {
+            slot: slot.into(),
+            session: session.clone(),
+            kek_id: kek_id.into(),
+            wrapped_dek: hex::encode(wrapped),
+            started_at: now,
+            key_id: key_id.clone(),
+            signature: String::new(),
+        };
+        let msg = line.message();
+        line.signature = hex::encode(keys::sign(&signing, &msg));
+        let prev = sha256(&msg);
+        let json = serde_json::to_string(&Line::Session(line)).unwrap_or_default();
+        Ok((
+            Sealer {
+                slot: slot.into(),
+                session,
+                dek,
+                signing,
+                key_id,
+                seq: 0,
+                prev,
+            },
+            json,
+        ))
+    }
+
+    /// Seals one batch of change records (each a JSON object) into a signed, chained line.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch(
+        &mut self,
+        changes: &[String],
+        lsn_start: &str,
+        lsn_end: &str,
+        xid: i64,
+        commit_time: i64,
+        tables: Vec<String>,
+    ) -> Result<String, EnvelopeError> {
+        self.seq += 1;
+        let leaves: Vec<[u8; 32]> = changes
+            .iter()
+            .map(|c| merkle::leaf_hash(c.as_bytes()))
+            .collect();
+        let plaintext = zeroize::Zeroizing::new(format!("[{}]", changes.join(",")));
+        let binding = BatchBinding {
+            slot: &self.slot,
+            session: &self.session,
+            seq: self.seq,
+            lsn_start,
+            lsn_end,
+        };
+        let sealed = envelope::seal(&self.dek, &binding, plaintext.as_bytes())?;
+        let mut line = BatchLine {
+            slot: self.slot.clone(),
+            session: self.session.clone(),
+            seq: self.seq,
+            lsn_start: lsn_start.into(),
+            lsn_end: lsn_end.into(),
+            xid,
+            commit_time,
+            tables,
+            changes: changes.len() as i64,
+            ciphertext: hex::encode(sealed),
+            merkle_root: hex::encode(merkle::root(&leaves)),
+            prev: hex::encode(self.prev),
+            key_id: self.key_id.clone(),
+            signature: String::new(),
+        };
+        let msg = line.message();
+        line.signature = hex::encode(keys::sign(&self.signing, &msg));
+        self.prev = sha256(&msg);
+        Ok(serde_json::to_string(&Line::Batch(line)).unwrap_or_default())
+    }
+
+    /// Batches sealed under this session's DEK so far.
+    pub fn sealed(&self) -> i64 {
+        self.seq
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("line {0}: not a vsql_vault stream line (truncated or altered?)")]
+    Malformed(usize),
+    #[error(
+        "line {0}: batch of session {1} before that session's header (stream cut or spliced?)"
+    )]
+    UnknownSession(usize, String),
+    #[error("line {0}: signature does not verify with any given public key (altered or forged)")]
+    Signature(usize),
+    #[error("line {line}: batch {got} where {expected} was due (dropped, duplicated, reordered or replayed)")]
+    Sequence {
+        line: usize,
+        expected: i64,
+        got: i64,
+    },
+    #[error(
+        "line {0}: the chain link to the previous line is broken (batch moved from elsewhere?)"
+    )]
+    Link(usize),
+    #[error("line {0}: batch belongs to slot {1}, not to this session's slot")]
+    Slot(usize, String),
+    #[error("line {0}: {1}")]
+    Envelope(usize, EnvelopeError),
+    #[error("line {0}: the decrypted changes do not match the signed Merkle root")]
+    Root(usize),
+}
+
+struct Open {
+    slot: String,
+    dek: Key,
+    seq: i64,
+    prev: [u8; 32],
+}
+
+/// Checks a stream line by line and yields the plaintext change records it vouches for.
+pub struct Reader {
+    ring: KekRing,
+    keys: Vec<VerifyingKey>,
+    sessions: std::collections::HashMap<String, Open>,
+    line: usize,
+}
+
+impl Reader {
+    pub fn new(ring: KekRing, keys: Vec<VerifyingKey>) -> Reader {
+        Reader {
+            ring,
+            keys,
+            sessions: Default::default(),
+            line: 0,
+        }
+    }
+
+    fn verify(&self, key_id: &str, msg: &[u8], sig: &str) -> bool {
+        let Ok(sig) = hex::decode(sig) else {
+            return false;
+        };
+        self.keys
+            .iter()
+            .any(|k| keys::key_id(k) == key_id && keys::verify(k, msg, &sig))
+    }
+
+    /// Feeds one line; returns the change records of a batch (empty for a session line).
+    pub fn feed(&mut self, text: &str) -> Result<Vec<serde_json::Value>, StreamError> {
+        self.line += 1;
+        let n = self.line;
+        let line: Line = serde_json::from_str(text).map_err(|_| StreamError::Malformed(n))?;
+        match line {
+            Line::Session(s) => {
+                let msg = s.message();
+                if !self.verify(&s.key_id, &msg, &s.signature) {
+                    return Err(StreamError::Signature(n));
+                }
+                let kek = self
+                    .ring
+                    .get(&s.kek_id)
+                    .map_err(|e| StreamError::Envelope(n, e))?;
+                let wrapped = hex::decode(&s.wrapped_dek).map_err(|_| StreamError::Malformed(n))?;
+                let dek = envelope::unwrap_dek(kek, &s.kek_id, &s.session, &wrapped)
+                    .map_err(|e| StreamError::Envelope(n, e))?;
+                if self.sessions.contains_key(&s.session) {
+                    return Err(StreamError::Sequence {
+                        line: n,
+                        expected: 0,
+                        got: 0,
+                    });
+                }
+                self.sessions.insert(
+                    s.session.clone(),
+                    Open {
+                        slot: s.slot,
+                        dek,
+                        seq: 0,
+                        prev: sha256(&msg),
+                    },
+                );
+                Ok(Vec::new())
+            }
+            Line::Batch(b) => {
+                let msg = b.message();
+                if !self.verify(&b.key_id, &msg, &b.signature) {
+                    return Err(StreamError::Signature(n));
+                }
+                let open = self
+                    .sessions
+                    .get_mut(&b.session)
+                    .ok_or_else(|| StreamError::UnknownSession(n, b.session.clone()))?;
+                if b.slot != open.slot {
+                    return Err(StreamError::Slot(n, b.slot.clone()));
+                }
+                if b.seq != open.seq + 1 {
+                    return Err(StreamError::Sequence {
+                        line: n,
+                        expected: open.seq + 1,
+                        got: b.seq,
+                    });
+                }
+                if b.prev != hex::encode(open.prev) {
+                    return Err(StreamError::Link(n));
+                }
+                let binding = BatchBinding {
+                    slot: &b.slot,
+                    session: &b.session,
+                    seq: b.seq,
+                    lsn_start: &b.lsn_start,
+                    lsn_end: &b.lsn_end,
+                };
+                let ct = hex::decode(&b.ciphertext).map_err(|_| StreamError::Malformed(n))?;
+                let plain = envelope::open(&open.dek, &binding, &ct)
+                    .map_err(|e| StreamError::Envelope(n, e))?;
+                // Leaves are the change records exactly as the plugin wrote them.
+                let raw: Vec<Box<serde_json::value::RawValue>> =
+                    serde_json::from_slice(&plain).map_err(|_| StreamError::Malformed(n))?;
+                let leaves: Vec<[u8; 32]> = raw
+                    .iter()
+                    .map(|c| merkle::leaf_hash(c.get().as_bytes()))
+                    .collect();
+                let changes: Vec<serde_json::Value> = raw
+                    .iter()
+                    .map(|c| serde_json::from_str(c.get()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| StreamError::Malformed(n))?;
+                if hex::encode(merkle::root(&leaves)) != b.merkle_root
+                    || changes.len() as i64 != b.changes
+                {
+                    return Err(StreamError::Root(n));
+                }
+                open.seq = b.seq;
+                open.prev = sha256(&msg);
+                Ok(changes)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (KekRing, SigningKey) {
+        let ring = KekRing::parse("k", &format!("v1 {}\n", "33".repeat(32))).unwrap();
+        (ring, keys::generate().unwrap())
+    }
+
+    fn stream(ring: &KekRing, key: &SigningKey, batches: usize) -> Vec<String> {
+        let (mut s, header) = Sealer::start("slot1", ring, key.clone(), 1).unwrap();
+        let mut lines = vec![header];
+        for i in 0..batches {
+            let changes = vec![
+                format!("{{\"table\":\"t\",\"action\":\"I\",\"n\":{i}}}"),
+                serde_json::json!({"action": "D", "table": "t", "n": i, "note": "100% \"quoted\"\nnew line ü"}).to_string(),
+            ];
+            lines.push(
+                s.batch(
+                    &changes,
+                    "0/10",
+                    "0/20",
+                    700 + i as i64,
+                    5,
+                    vec!["public.t".into()],
+                )
+                .unwrap(),
+            );
+        }
+        lines
+    }
+
+    fn reader(key: &SigningKey) -> Reader {
+        let ring = KekRing::parse("k", &format!("v1 {}\n", "33".repeat(32))).unwrap();
+        Reader::new(ring, vec![key.verifying_key()])
+    }
+
+    #[test]
+    fn an_intact_stream_yields_every_change_and_hides_the_values() {
+        let (ring, key) = setup();
+        let lines = stream(&ring, &key, 3);
+        assert!(
+            lines.iter().all(|l| !l.contains("quoted")),
+            "plaintext leaked"
+        );
+        let mut r = reader(&key);
+        let mut all = Vec::new();
+        for l in &lines {
+            all.extend(r.feed(l).unwrap());
+        }
+        assert_eq!(all.len(), 6);
+        assert_eq!(all[1]["note"], "100% \"quoted\"\nnew line ü");
+    }
+
+    #[test]
+    fn every_kind_of_tampering_stops_the_reader() {
+        let (ring, key) = setup();
+        let lines = stream(&ring, &key, 3);
+        let run = |ls: Vec<String>| -> Result<(), StreamError> {
+            let mut r = reader(&key);
+            for l in ls {
+                r.feed(&l)?;
+            }
+            Ok(())
+        };
+        // flipped bit in the ciphertext
+        let mut l = lines.clone();
+        let pos = l[2].find("\"ciphertext\":\"").unwrap() + 20;
+        let c = l[2].as_bytes()[pos];
+        l[2].replace_range(pos..pos + 1, if c == b'0' { "1" } else { "0" });
+        assert!(matches!(run(l), Err(StreamError::Signature(3))));
+        // dropped, duplicated, reordered
+        let mut l = lines.clone();
+        l.remove(2);
+        assert!(matches!(
+            run(l),
+            Err(StreamError::Sequence {
+                line: 3,
+                expected: 2,
+                got: 3
+            })
+        ));
+        let mut l = lines.clone();
+        l.insert(2, l[1].clone());
+        assert!(matches!(run(l), Err(StreamError::Sequence { line: 3, .. })));
+        let mut l = lines.clone();
+        l.swap(1, 2);
+        assert!(matches!(run(l), Err(StreamError::Sequence { line: 2, .. })));
+        // a batch from another session or slot
+        let other = stream(&ring, &key, 2);
+        let mut l = lines.clone();
+        l[2] = other[2].clone();
+        assert!(matches!(run(l), Err(StreamError::UnknownSession(3, _))));
+        // truncated line
+        let mut l = lines.clone();
+        let half = l[3].len() / 2;
+        l[3].truncate(half);
+        assert!(matches!(run(l), Err(StreamError::Malformed(4))));
+        // wrong KEK, unknown signing key
+        let mut r = Reader::new(
+            KekRing::parse("k", &format!("v1 {}\n", "44".repeat(32))).unwrap(),
+            vec![key.verifying_key()],
+        );
+        assert!(matches!(
+            r.feed(&lines[0]),
+            Err(StreamError::Envelope(1, _))
+        ));
+        let mut r = Reader::new(
+            KekRing::parse("k", &format!("v1 {}\n", "33".repeat(32))).unwrap(),
+            vec![keys::generate().unwrap().verifying_key()],
+        );
+        assert!(matches!(r.feed(&lines[0]), Err(StreamError::Signature(1))));
+        // destroyed KEK version: unrecoverable
+        let mut r = Reader::new(
+            KekRing::parse("k", &format!("v2 {}\n", "33".repeat(32))).unwrap(),
+            vec![key.verifying_key()],
+        );
+        assert!(matches!(
+            r.feed(&lines[0]),
+            Err(StreamError::Envelope(1, EnvelopeError::UnknownKek(_)))
+        ));
+    }
+}
