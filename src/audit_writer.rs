@@ -59,10 +59,36 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
     log!("vsql_vault audit writer started for database \"{database}\"");
     // The data-directory signing key is made on first start, so checkpoints can always be signed.
     match crate::keys::current() {
-        Ok(key) => log!(
-            "vsql_vault signing key {}",
-            vsql_vault_core::keys::key_id(&key.verifying_key())
-        ),
+        Ok(key) => {
+            log!(
+                "vsql_vault signing key {}",
+                vsql_vault_core::keys::key_id(&key.verifying_key())
+            );
+            // Publish the public key at once: consumers of the replication stream need it before
+            // the first checkpoint.
+            let registered = PgTryBuilder::new(|| {
+                BackgroundWorker::transaction(|| {
+                    let present = Spi::get_one::<bool>(
+                        "SELECT to_regclass('vault.signing_keys') IS NOT NULL",
+                    )
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false);
+                    if present {
+                        crate::keys::register(&key)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    } else {
+                        Ok(())
+                    }
+                })
+            })
+            .catch_others(|e| e.rethrow())
+            .execute();
+            if let Err(e) = registered {
+                warning!("vsql_vault could not publish its signing key: {e}");
+            }
+        }
         Err(e) => warning!("vsql_vault cannot load its signing key: {e}"),
     }
     let mut last_checkpoint = Instant::now();

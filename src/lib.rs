@@ -11,6 +11,7 @@ mod audit;
 mod audit_api;
 mod audit_queue;
 mod audit_writer;
+mod decoding;
 mod errors;
 mod identity;
 mod keys;

@@ -32,7 +32,18 @@ pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 /// Entries destroyed per committed batch (one signed Merkle root each).
 pub static SWEEP_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+/// The key-encryption key file of the replication stream (versioned keys, the last one active).
+pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub fn define() {
+    GucRegistry::define_string_guc(
+        c"vsql_vault.kek_file",
+        c"Key-encryption key file of the vsql_vault replication stream (owner-only).",
+        c"One key version per line: `<id> <64 hex characters>`; the last line is the active version.",
+        &KEK_FILE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"vsql_vault.sweep_interval",
         c"Seconds between retention sweeps of the retention worker.",

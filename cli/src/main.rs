@@ -4,6 +4,7 @@
 //!   vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE]
 //!                     --public-key HEX [--public-key HEX ...] [--partial]
 //!   vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
+//!   vsql-vault decrypt --kek-file FILE --public-key HEX [--public-key HEX ...] [--input FILE]
 //!
 //! Exit status: 0 when every chain is intact, 1 when one is not (the first bad row and the reason
 //! are printed), 2 on a usage or input error.
@@ -17,10 +18,13 @@ use vsql_vault_core::purge::PurgeProof;
 const USAGE: &str =
     "usage: vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE] \
 --public-key HEX [--public-key HEX ...] [--partial]
-       vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]";
+       vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
+       vsql-vault decrypt --kek-file FILE --public-key HEX [--public-key HEX ...] [--input FILE]";
 
 struct Args {
     command: String,
+    kek_file: Option<String>,
+    input: Option<String>,
     proofs: Vec<String>,
     exports: Vec<String>,
     checkpoints: Vec<String>,
@@ -30,12 +34,14 @@ struct Args {
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let command = match argv.next().as_deref() {
-        Some(c @ ("verify" | "verify-purge")) => c.to_owned(),
+        Some(c @ ("verify" | "verify-purge" | "decrypt")) => c.to_owned(),
         Some("-h" | "--help") | None => return Err(USAGE.into()),
         Some(other) => return Err(format!("unknown command {other:?}\n{USAGE}")),
     };
     let mut a = Args {
         command,
+        kek_file: None,
+        input: None,
         proofs: vec![],
         exports: vec![],
         checkpoints: vec![],
@@ -50,18 +56,20 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         match flag.as_str() {
             "--export" => a.exports.push(value()?),
             "--proofs" => a.proofs.push(value()?),
+            "--kek-file" => a.kek_file = Some(value()?),
+            "--input" => a.input = Some(value()?),
             "--checkpoints" => a.checkpoints.push(value()?),
             "--public-key" => a.public_keys.push(value()?),
             "--partial" => a.partial = true,
             other => return Err(format!("unknown option {other:?}\n{USAGE}")),
         }
     }
-    let inputs = if a.command == "verify" {
-        &a.exports
-    } else {
-        &a.proofs
+    let missing = match a.command.as_str() {
+        "verify" => a.exports.is_empty(),
+        "verify-purge" => a.proofs.is_empty(),
+        _ => a.kek_file.is_none(),
     };
-    if inputs.is_empty() || a.public_keys.is_empty() {
+    if missing || a.public_keys.is_empty() {
         return Err(USAGE.into());
     }
     Ok(a)
@@ -110,9 +118,55 @@ fn run_purge(args: Args) -> Result<bool, String> {
     Ok(intact)
 }
 
+/// Decrypts a vsql_vault replication stream, checking every signature, tag, sequence and link;
+/// prints one plaintext JSON line per change, and stops at the first fault.
+fn run_decrypt(args: Args) -> Result<bool, String> {
+    use std::io::Write;
+    let keys = args
+        .public_keys
+        .iter()
+        .map(|k| keys::parse_public(k).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let kek_path = args.kek_file.clone().unwrap_or_default();
+    let text = std::fs::read_to_string(&kek_path).map_err(|e| format!("{kek_path}: {e}"))?;
+    let ring =
+        vsql_vault_core::envelope::KekRing::parse(&kek_path, &text).map_err(|e| e.to_string())?;
+    let mut reader = vsql_vault_core::stream::Reader::new(ring, keys);
+    let input: Box<dyn BufRead> = match &args.input {
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).map_err(|e| format!("{p}: {e}"))?,
+        )),
+        None => Box::new(std::io::BufReader::new(std::io::stdin())),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for line in input.lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match reader.feed(&line) {
+            Ok(changes) => {
+                for c in changes {
+                    writeln!(out, "{c}").map_err(|e| e.to_string())?;
+                }
+                out.flush().map_err(|e| e.to_string())?;
+            }
+            Err(e) => {
+                eprintln!("vsql-vault decrypt: {e}");
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
 fn run(args: Args) -> Result<bool, String> {
     if args.command == "verify-purge" {
         return run_purge(args);
+    }
+    if args.command == "decrypt" {
+        return run_decrypt(args);
     }
     let keys = args
         .public_keys

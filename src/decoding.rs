@@ -1,0 +1,406 @@
+//! The `vsql_vault` logical-decoding output plugin: every transaction leaves the server as one
+//! sealed, signed, chained batch (or several bounded chunks of a large one). Brokers and files
+//! between `pg_recvlogical` and `vsql-vault decrypt` see ciphertext only.
+
+use crate::settings;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+use vsql_vault_core::envelope::KekRing;
+use vsql_vault_core::stream::Sealer;
+
+/// A transaction larger than this is sent in several batches, so memory stays bounded.
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// A session's data key is replaced after this many batches.
+const BATCHES_PER_DEK: i64 = 100_000;
+
+struct State {
+    slot: String,
+    ring: KekRing,
+    sealer: Option<Sealer>,
+    pending: Vec<String>,
+    pending_bytes: usize,
+    tables: std::collections::BTreeSet<String>,
+    first_lsn: u64,
+    context: pg_sys::MemoryContext,
+}
+
+/// Raises an ERROR with a specific SQLSTATE (decoding errors end the walsender's session).
+fn fail(code: PgSqlErrorCode, message: String) -> ! {
+    pgrx::ereport!(ERROR, code, message);
+}
+
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+unsafe fn state<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut State {
+    unsafe { &mut *((*ctx).output_plugin_private as *mut State) }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
+    unsafe {
+        (*cb).startup_cb = Some(startup);
+        (*cb).begin_cb = Some(begin);
+        (*cb).change_cb = Some(change);
+        (*cb).truncate_cb = Some(truncate);
+        (*cb).commit_cb = Some(commit);
+        (*cb).message_cb = Some(message);
+        (*cb).shutdown_cb = Some(shutdown);
+    }
+}
+
+fn load_ring() -> KekRing {
+    let Some(path) = settings::KEK_FILE
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty())
+    else {
+        fail(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "vsql_vault decoding needs a key-encryption key: set vsql_vault.kek_file".into(),
+        );
+    };
+    let meta = std::fs::metadata(&path).unwrap_or_else(|e| {
+        fail(
+            PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
+            format!("KEK file {path}: {}", e.kind()),
+        )
+    });
+    use std::os::unix::fs::MetadataExt;
+    if meta.mode() & 0o077 != 0 {
+        fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, format!("KEK file {path} is readable or writable by others; it must be owner-only (chmod 600)")
+        );
+    }
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).unwrap_or_default());
+    KekRing::parse(&path, &text)
+        .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()))
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    options: *mut pg_sys::OutputPluginOptions,
+    _is_init: bool,
+) {
+    unsafe {
+        (*options).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_TEXTUAL_OUTPUT;
+        // Options are for the consumer's convenience only; none are supported yet, and an unknown
+        // one is refused rather than silently ignored.
+        let opts = pgrx::PgList::<pg_sys::DefElem>::from_pg((*ctx).output_plugin_options);
+        if let Some(first) = opts.iter_ptr().next() {
+            let name = CStr::from_ptr((*first).defname)
+                .to_string_lossy()
+                .into_owned();
+            fail(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("vsql_vault decoding: unknown option \"{name}\""),
+            );
+        }
+        let slot = CStr::from_ptr((*(*ctx).slot).data.name.data.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        let context = pg_sys::AllocSetContextCreateInternal(
+            (*ctx).context,
+            c"vsql_vault decoding".as_ptr(),
+            0,
+            8 * 1024,
+            8 * 1024 * 1024,
+        );
+        let st = Box::new(State {
+            slot,
+            ring: load_ring(),
+            sealer: None,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            tables: Default::default(),
+            first_lsn: 0,
+            context,
+        });
+        (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
+    unsafe {
+        let p = (*ctx).output_plugin_private as *mut State;
+        if !p.is_null() {
+            // Dropping the sealer zeroizes the session's data key.
+            drop(Box::from_raw(p));
+            (*ctx).output_plugin_private = std::ptr::null_mut();
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+) {
+    let st = unsafe { state(ctx) };
+    st.pending.clear();
+    st.pending_bytes = 0;
+    st.tables.clear();
+    st.first_lsn = 0;
+}
+
+unsafe fn write_line(ctx: *mut pg_sys::LogicalDecodingContext, line: &str, last: bool) {
+    unsafe {
+        pg_sys::OutputPluginPrepareWrite(ctx, last);
+        pg_sys::appendBinaryStringInfo(
+            (*ctx).out,
+            line.as_ptr() as *const std::ffi::c_char,
+            line.len() as i32,
+        );
+        pg_sys::OutputPluginWrite(ctx, last);
+    }
+}
+
+/// Seals what is pending into one batch line (opening a session first if needed) and writes it.
+unsafe fn flush(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    lsn_end: u64,
+    xid: u32,
+    commit_time: i64,
+    last: bool,
+) {
+    let st = unsafe { state(ctx) };
+    if st.pending.is_empty() {
+        return;
+    }
+    if st
+        .sealer
+        .as_ref()
+        .is_none_or(|s| s.sealed() >= BATCHES_PER_DEK)
+    {
+        let key = crate::keys::current()
+            .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()));
+        let (sealer, header) =
+            Sealer::start(&st.slot, &st.ring, key, crate::identity::now_micros())
+                .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));
+        st.sealer = Some(sealer);
+        unsafe { write_line(ctx, &header, false) };
+    }
+    let tables: Vec<String> = st.tables.iter().cloned().collect();
+    let line = st
+        .sealer
+        .as_mut()
+        .map(|s| {
+            s.batch(
+                &st.pending,
+                &lsn_text(st.first_lsn),
+                &lsn_text(lsn_end),
+                i64::from(xid),
+                commit_time,
+                tables,
+            )
+        })
+        .transpose()
+        .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()))
+        .unwrap_or_default();
+    st.pending.clear();
+    st.pending_bytes = 0;
+    st.tables.clear();
+    st.first_lsn = 0;
+    unsafe { write_line(ctx, &line, last) };
+}
+
+unsafe fn push(ctx: *mut pg_sys::LogicalDecodingContext, lsn: u64, xid: u32, record: String) {
+    let st = unsafe { state(ctx) };
+    if st.first_lsn == 0 {
+        st.first_lsn = lsn;
+    }
+    st.pending_bytes += record.len();
+    st.pending.push(record);
+    if st.pending_bytes >= CHUNK_BYTES {
+        // A bounded chunk of a large transaction: its own batch, the rest follows.
+        unsafe { flush(ctx, lsn, xid, 0, false) };
+    }
+}
+
+unsafe fn relation_names(rel: pg_sys::Relation) -> (String, String) {
+    unsafe {
+        let form = (*rel).rd_rel;
+        let table = CStr::from_ptr((*form).relname.data.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        let nsp = pg_sys::get_namespace_name((*form).relnamespace);
+        let schema = if nsp.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(nsp).to_string_lossy().into_owned()
+        };
+        (schema, table)
+    }
+}
+
+/// The columns of a decoded tuple as JSON: name, type, and the value in its text form (NULL as
+/// null); an unchanged TOAST value is marked, not fetched.
+unsafe fn tuple_columns(
+    rel: pg_sys::Relation,
+    tuple: *mut pg_sys::ReorderBufferTupleBuf,
+    key_only: bool,
+) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    if tuple.is_null() {
+        return out;
+    }
+    unsafe {
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(
+            &mut (*tuple).tuple,
+            desc,
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        );
+        let attrs = (*desc).attrs.as_slice(natts);
+        for (i, a) in attrs.iter().enumerate() {
+            if a.attisdropped || a.attnum <= 0 {
+                continue;
+            }
+            if key_only && nulls[i] {
+                continue;
+            }
+            let name = CStr::from_ptr(a.attname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            let tname = CStr::from_ptr(pg_sys::format_type_be(a.atttypid))
+                .to_string_lossy()
+                .into_owned();
+            let value = if nulls[i] {
+                serde_json::json!({ "name": name, "type": tname, "value": null })
+            } else {
+                let ptr = values[i].cast_mut_ptr::<u8>();
+                // A varlena that is an on-disk TOAST pointer: unchanged and not part of the WAL.
+                if a.attlen == -1 && *ptr == 0x01 && *ptr.add(1) == 18 {
+                    serde_json::json!({ "name": name, "type": tname, "unchanged_toast": true })
+                } else {
+                    let mut out_fn = pg_sys::Oid::INVALID;
+                    let mut varlena = false;
+                    pg_sys::getTypeOutputInfo(a.atttypid, &mut out_fn, &mut varlena);
+                    let text = CStr::from_ptr(pg_sys::OidOutputFunctionCall(out_fn, values[i]))
+                        .to_string_lossy()
+                        .into_owned();
+                    serde_json::json!({ "name": name, "type": tname, "value": text })
+                }
+            };
+            out.push(value);
+        }
+    }
+    out
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn change(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    rel: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    unsafe {
+        let st = state(ctx);
+        let old = pg_sys::MemoryContextSwitchTo(st.context);
+        let (schema, table) = relation_names(rel);
+        let tp = (*change).data.tp;
+        let (action, columns, identity) = match (*change).action {
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => {
+                ("I", tuple_columns(rel, tp.newtuple, false), vec![])
+            }
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => (
+                "U",
+                tuple_columns(rel, tp.newtuple, false),
+                tuple_columns(rel, tp.oldtuple, true),
+            ),
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => {
+                ("D", vec![], tuple_columns(rel, tp.oldtuple, true))
+            }
+            _ => {
+                pg_sys::MemoryContextSwitchTo(old);
+                return;
+            }
+        };
+        let record = serde_json::json!({
+            "action": action,
+            "schema": schema,
+            "table": table,
+            "columns": columns,
+            "identity": identity,
+            "lsn": lsn_text((*change).lsn),
+            "xid": (*txn).xid.into_inner(),
+        })
+        .to_string();
+        pg_sys::MemoryContextSwitchTo(old);
+        pg_sys::MemoryContextReset(st.context);
+        st.tables.insert(format!("{schema}.{table}"));
+        push(ctx, (*change).lsn, (*txn).xid.into_inner(), record);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn truncate(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    nrelations: i32,
+    relations: *mut pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    unsafe {
+        for i in 0..nrelations as usize {
+            let (schema, table) = relation_names(*relations.add(i));
+            let record = serde_json::json!({
+                "action": "T", "schema": schema, "table": table, "lsn": lsn_text((*change).lsn), "xid": (*txn).xid.into_inner(),
+            })
+            .to_string();
+            state(ctx).tables.insert(format!("{schema}.{table}"));
+            push(ctx, (*change).lsn, (*txn).xid.into_inner(), record);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn message(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const std::ffi::c_char,
+    size: pg_sys::Size,
+    content: *const std::ffi::c_char,
+) {
+    unsafe {
+        let prefix = CStr::from_ptr(prefix).to_string_lossy().into_owned();
+        let bytes = std::slice::from_raw_parts(content as *const u8, size);
+        let xid = if txn.is_null() {
+            0
+        } else {
+            (*txn).xid.into_inner()
+        };
+        let record = serde_json::json!({
+            "action": "M", "prefix": prefix, "content": String::from_utf8_lossy(bytes), "transactional": transactional,
+            "lsn": lsn_text(lsn), "xid": xid,
+        })
+        .to_string();
+        push(ctx, lsn, xid, record);
+        if !transactional {
+            // A non-transactional message is not part of any commit: it is its own batch.
+            flush(ctx, lsn, xid, crate::identity::now_micros(), true);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn commit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
+    unsafe {
+        let commit_time = (*txn).xact_time.commit_time;
+        flush(ctx, commit_lsn, (*txn).xid.into_inner(), commit_time, true);
+    }
+}

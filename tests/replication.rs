@@ -1,0 +1,237 @@
+//! The encrypting output plugin end to end: pg_recvlogical into `vsql-vault decrypt` reproduces
+//! every change, the stream holds no plaintext, and tampering or a wrong key stops the consumer.
+
+mod common;
+
+use common::*;
+use postgres::Client;
+use std::process::Command;
+
+const SECRET: &str = "card 4111-1111-1111-1111 100% \"quoted\"\nline two ü";
+
+fn kek_line(id: &str, byte: &str) -> String {
+    format!("{id} {}\n", byte.repeat(32))
+}
+
+/// Writes the KEK file as the server's user, owner-only, and points the server at it.
+fn set_kek(s: &Server, su: &mut Client, contents: &str) -> String {
+    let path = format!("{}/replication.kek", s.dir);
+    std::fs::write(&path, contents).unwrap();
+    let ok = Command::new("sh")
+        .args(["-c", &format!("chown postgres {path} && chmod 600 {path}")])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.kek_file = '{path}'"))
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    path
+}
+
+fn public_keys(su: &mut Client) -> Vec<String> {
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    su.query("SELECT public_key FROM vault.signing_keys", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn decrypt(su: &mut Client, kek: &str, stream: &str) -> (i32, String, String) {
+    let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI"));
+    cmd.args(["decrypt", "--kek-file", kek, "--input", stream]);
+    for k in public_keys(su) {
+        cmd.args(["--public-key", &k]);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Receives the slot's changes with pg_recvlogical up to the current WAL position.
+fn recvlogical(s: &Server, su: &mut Client, slot: &str, file: &str) {
+    let end: String = su
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let _ = std::fs::remove_file(file);
+    let port = s.port.to_string();
+    let out = Command::new("pg_recvlogical")
+        .args([
+            "-h", &s.dir, "-p", &port, "-U", "postgres", "-d", &s.db, "--slot", slot, "--start",
+        ])
+        .args(["--endpos", &end, "--no-loop", "-f", file])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_recvlogical: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn fresh_slot(su: &mut Client, slot: &str) {
+    let _ = su.execute("SELECT pg_drop_replication_slot($1)", &[&slot]);
+    su.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'vsql_vault')",
+        &[&slot],
+    )
+    .unwrap();
+}
+
+#[test]
+fn pg_recvlogical_into_the_consumer_reproduces_every_change_and_the_wire_is_ciphertext() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "5a"));
+    su.batch_execute(
+        "DROP TABLE IF EXISTS it_repl;
+         CREATE TABLE it_repl (id int PRIMARY KEY, note text, amount numeric, raw bytea, doc jsonb, tags text[]);",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "it_repl_slot");
+    su.execute(
+        "INSERT INTO it_repl VALUES (1, $1, 12345.678, '\\x00ff10', '{\"k\": \"v\"}', '{a,\"b c\"}'),
+                                    (2, NULL, NULL, NULL, NULL, NULL)",
+        &[&SECRET],
+    )
+    .unwrap();
+    su.batch_execute(
+        "UPDATE it_repl SET note = 'updated' WHERE id = 1;
+         DELETE FROM it_repl WHERE id = 2;
+         SELECT pg_logical_emit_message(true, 'vault', 'a transactional message');
+         TRUNCATE it_repl;",
+    )
+    .unwrap();
+    let file = format!("{}/repl.stream", s.dir);
+    recvlogical(&s, &mut su, "it_repl_slot", &file);
+    let wire = std::fs::read_to_string(&file).unwrap();
+    for plain in [
+        "4111-1111",
+        "quoted",
+        "12345.678",
+        "updated",
+        "a transactional message",
+        "00ff10",
+    ] {
+        assert!(!wire.contains(plain), "{plain:?} travelled in clear");
+    }
+    let (code, out, err) = decrypt(&mut su, &kek, &file);
+    assert_eq!(code, 0, "{err}");
+    let changes: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ours: Vec<&serde_json::Value> = changes
+        .iter()
+        .filter(|c| c["table"] == "it_repl" || c["action"] == "M")
+        .collect();
+    let actions: Vec<&str> = ours.iter().map(|c| c["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["I", "I", "U", "D", "M", "T"]);
+    let value = |c: &serde_json::Value, col: &str| -> serde_json::Value {
+        c["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == col)
+            .unwrap()["value"]
+            .clone()
+    };
+    assert_eq!(value(ours[0], "note"), SECRET);
+    assert_eq!(value(ours[0], "amount"), "12345.678");
+    assert_eq!(value(ours[0], "raw"), "\\x00ff10");
+    assert_eq!(value(ours[0], "doc"), "{\"k\": \"v\"}");
+    assert_eq!(value(ours[0], "tags"), "{a,\"b c\"}");
+    assert_eq!(value(ours[1], "note"), serde_json::Value::Null);
+    assert_eq!(value(ours[2], "note"), "updated");
+    assert_eq!(ours[3]["identity"][0]["value"], "2");
+    assert_eq!(ours[4]["content"], "a transactional message");
+
+    // A flipped character in a batch stops the consumer; nothing after it is emitted.
+    let mut lines: Vec<String> = wire.lines().map(str::to_owned).collect();
+    let batch = lines
+        .iter()
+        .position(|l| l.contains("\"type\":\"batch\""))
+        .unwrap();
+    let pos = lines[batch].find("\"ciphertext\":\"").unwrap() + 30;
+    let c = lines[batch].as_bytes()[pos];
+    lines[batch].replace_range(pos..pos + 1, if c == b'a' { "b" } else { "a" });
+    let tampered = format!("{}/repl-tampered.stream", s.dir);
+    std::fs::write(&tampered, lines.join("\n") + "\n").unwrap();
+    let (code, out, err) = decrypt(&mut su, &kek, &tampered);
+    assert_eq!(code, 1);
+    assert!(err.contains("signature does not verify"), "{err}");
+    assert!(out.is_empty(), "nothing after the fault: {out}");
+    // A dropped batch is caught too.
+    let mut lines: Vec<String> = wire.lines().map(str::to_owned).collect();
+    lines.remove(batch);
+    std::fs::write(&tampered, lines.join("\n") + "\n").unwrap();
+    let (code, _, err) = decrypt(&mut su, &kek, &tampered);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("where 1 was due") || err.contains("where"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kek_rotation_keeps_old_streams_readable_until_the_old_version_is_destroyed() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "6b"));
+    su.batch_execute(
+        "DROP TABLE IF EXISTS it_rot; CREATE TABLE it_rot (id int PRIMARY KEY, v text)",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "it_rot_slot");
+    su.execute("INSERT INTO it_rot VALUES (1, 'under v1')", &[])
+        .unwrap();
+    let old_stream = format!("{}/rot-v1.stream", s.dir);
+    recvlogical(&s, &mut su, "it_rot_slot", &old_stream);
+    // Rotate: v2 becomes active for new sessions; v1 stays for old streams.
+    set_kek(&s, &mut su, &(kek_line("v1", "6b") + &kek_line("v2", "7c")));
+    su.execute("INSERT INTO it_rot VALUES (2, 'under v2')", &[])
+        .unwrap();
+    let new_stream = format!("{}/rot-v2.stream", s.dir);
+    recvlogical(&s, &mut su, "it_rot_slot", &new_stream);
+    assert!(std::fs::read_to_string(&new_stream)
+        .unwrap()
+        .contains("\"kek_id\":\"v2\""));
+    let (code, out, err) = decrypt(&mut su, &kek, &old_stream);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("under v1"));
+    // Crypto-shredding: destroy v1 and every stream sealed under it is gone for good.
+    set_kek(&s, &mut su, &kek_line("v2", "7c"));
+    let (code, out, err) = decrypt(&mut su, &kek, &old_stream);
+    assert_eq!(code, 1);
+    assert!(err.contains("no KEK version v1"), "{err}");
+    assert!(out.is_empty());
+    let (code, out, _) = decrypt(&mut su, &kek, &new_stream);
+    assert_eq!(code, 0);
+    assert!(out.contains("under v2"));
+}
+
+#[test]
+fn unknown_options_and_unsafe_key_files_are_refused() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "8d"));
+    fresh_slot(&mut su, "it_opt_slot");
+    let e = su
+        .query("SELECT data FROM pg_logical_slot_peek_changes('it_opt_slot', NULL, NULL, 'no-such-option', '1')", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    Command::new("chmod").args(["644", &kek]).status().unwrap();
+    let e = su
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_changes('it_opt_slot', NULL, NULL)",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "F0000", "{e}");
+    su.execute("SELECT pg_drop_replication_slot('it_opt_slot')", &[])
+        .unwrap();
+}
