@@ -13,7 +13,97 @@ const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 /// A session's data key is replaced after this many batches.
 const BATCHES_PER_DEK: i64 = 100_000;
 
+/// Consumer-side options, for convenience only: they choose what a consumer receives of what
+/// the server publishes (they can never widen it).
+#[derive(Default)]
+struct Options {
+    include_xids: bool,
+    include_timestamp: bool,
+    add_tables: Vec<(String, String)>,
+    filter_tables: Vec<(String, String)>,
+}
+
+fn matches(pattern: &str, name: &str) -> bool {
+    pattern == "*" || pattern == name
+}
+
+impl Options {
+    fn wants(&self, schema: &str, table: &str) -> bool {
+        let hit = |list: &[(String, String)]| {
+            list.iter()
+                .any(|(s, t)| matches(s, schema) && matches(t, table))
+        };
+        (self.add_tables.is_empty() || hit(&self.add_tables)) && !hit(&self.filter_tables)
+    }
+}
+
+/// `schema.table` patterns separated by commas; `*` stands for any schema or any table.
+fn parse_tables(option: &str, value: &str) -> Vec<(String, String)> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('.') {
+            Some((s, t)) if !s.is_empty() && !t.is_empty() => (s.to_owned(), t.to_owned()),
+            _ => fail(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("vsql_vault decoding: {option} expects schema.table patterns, got \"{p}\""),
+            ),
+        })
+        .collect()
+}
+
+fn parse_bool(option: &str, value: Option<&str>) -> bool {
+    match value.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("1" | "true" | "on" | "yes") => true,
+        Some("0" | "false" | "off" | "no") => false,
+        Some(other) => fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("vsql_vault decoding: {option} expects a boolean, got \"{other}\""),
+        ),
+    }
+}
+
+/// Unknown options are refused rather than silently ignored.
+unsafe fn parse_options(list: *mut pg_sys::List) -> Options {
+    let mut o = Options {
+        include_xids: true,
+        ..Default::default()
+    };
+    let opts = unsafe { pgrx::PgList::<pg_sys::DefElem>::from_pg(list) };
+    for d in opts.iter_ptr() {
+        let (name, value) = unsafe {
+            let name = CStr::from_ptr((*d).defname).to_string_lossy().into_owned();
+            let arg = (*d).arg;
+            let value = if arg.is_null() {
+                None
+            } else {
+                Some(
+                    CStr::from_ptr(pg_sys::defGetString(d))
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            };
+            (name, value)
+        };
+        match name.as_str() {
+            "include-xids" => o.include_xids = parse_bool(&name, value.as_deref()),
+            "include-timestamp" => o.include_timestamp = parse_bool(&name, value.as_deref()),
+            "add-tables" => o.add_tables = parse_tables(&name, value.as_deref().unwrap_or("")),
+            "filter-tables" => {
+                o.filter_tables = parse_tables(&name, value.as_deref().unwrap_or(""))
+            }
+            _ => fail(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("vsql_vault decoding: unknown option \"{name}\""),
+            ),
+        }
+    }
+    o
+}
+
 struct State {
+    options: Options,
     slot: String,
     ring: KekRing,
     sealer: Option<Sealer>,
@@ -86,18 +176,7 @@ unsafe extern "C-unwind" fn startup(
 ) {
     unsafe {
         (*options).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_TEXTUAL_OUTPUT;
-        // Options are for the consumer's convenience only; none are supported yet, and an unknown
-        // one is refused rather than silently ignored.
-        let opts = pgrx::PgList::<pg_sys::DefElem>::from_pg((*ctx).output_plugin_options);
-        if let Some(first) = opts.iter_ptr().next() {
-            let name = CStr::from_ptr((*first).defname)
-                .to_string_lossy()
-                .into_owned();
-            fail(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("vsql_vault decoding: unknown option \"{name}\""),
-            );
-        }
+        let options = parse_options((*ctx).output_plugin_options);
         let slot = CStr::from_ptr((*(*ctx).slot).data.name.data.as_ptr())
             .to_string_lossy()
             .into_owned();
@@ -109,6 +188,7 @@ unsafe extern "C-unwind" fn startup(
             8 * 1024 * 1024,
         );
         let st = Box::new(State {
+            options,
             slot,
             ring: load_ring(),
             sealer: None,
@@ -295,6 +375,25 @@ unsafe fn tuple_columns(
     out
 }
 
+/// Adds the xid and commit time to a change record as the consumer asked.
+unsafe fn decorate(
+    options: &Options,
+    record: &mut serde_json::Value,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
+    if txn.is_null() {
+        return;
+    }
+    unsafe {
+        if options.include_xids {
+            record["xid"] = serde_json::json!((*txn).xid.into_inner());
+        }
+        if options.include_timestamp {
+            record["commit_time"] = serde_json::json!((*txn).xact_time.commit_time);
+        }
+    }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn change(
     ctx: *mut pg_sys::LogicalDecodingContext,
@@ -304,8 +403,11 @@ unsafe extern "C-unwind" fn change(
 ) {
     unsafe {
         let st = state(ctx);
-        let old = pg_sys::MemoryContextSwitchTo(st.context);
         let (schema, table) = relation_names(rel);
+        if !st.options.wants(&schema, &table) {
+            return;
+        }
+        let old = pg_sys::MemoryContextSwitchTo(st.context);
         let tp = (*change).data.tp;
         let (action, columns, identity) = match (*change).action {
             pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => {
@@ -324,16 +426,16 @@ unsafe extern "C-unwind" fn change(
                 return;
             }
         };
-        let record = serde_json::json!({
+        let mut record = serde_json::json!({
             "action": action,
             "schema": schema,
             "table": table,
             "columns": columns,
             "identity": identity,
             "lsn": lsn_text((*change).lsn),
-            "xid": (*txn).xid.into_inner(),
-        })
-        .to_string();
+        });
+        decorate(&st.options, &mut record, txn);
+        let record = record.to_string();
         pg_sys::MemoryContextSwitchTo(old);
         pg_sys::MemoryContextReset(st.context);
         st.tables.insert(format!("{schema}.{table}"));
@@ -352,10 +454,15 @@ unsafe extern "C-unwind" fn truncate(
     unsafe {
         for i in 0..nrelations as usize {
             let (schema, table) = relation_names(*relations.add(i));
-            let record = serde_json::json!({
-                "action": "T", "schema": schema, "table": table, "lsn": lsn_text((*change).lsn), "xid": (*txn).xid.into_inner(),
-            })
-            .to_string();
+            if !state(ctx).options.wants(&schema, &table) {
+                continue;
+            }
+            let mut record = serde_json::json!({
+                "action": "T", "schema": schema, "table": table, "lsn": lsn_text((*change).lsn),
+            });
+            decorate(&state(ctx).options, &mut record, txn);
+            let record = record.to_string();
+
             state(ctx).tables.insert(format!("{schema}.{table}"));
             push(ctx, (*change).lsn, (*txn).xid.into_inner(), record);
         }

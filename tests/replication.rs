@@ -235,3 +235,66 @@ fn unknown_options_and_unsafe_key_files_are_refused() {
     su.execute("SELECT pg_drop_replication_slot('it_opt_slot')", &[])
         .unwrap();
 }
+
+#[test]
+fn consumer_options_choose_tables_and_fields() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "9e"));
+    su.batch_execute(
+        "DROP TABLE IF EXISTS it_keep, it_skip;
+         CREATE TABLE it_keep (id int PRIMARY KEY, v text);
+         CREATE TABLE it_skip (id int PRIMARY KEY, v text);",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "it_sel_slot");
+    su.batch_execute(
+        "INSERT INTO it_keep VALUES (1, 'kept'); INSERT INTO it_skip VALUES (1, 'skipped');",
+    )
+    .unwrap();
+    let peek = |su: &mut Client, opts: &str| -> Result<String, postgres::Error> {
+        let rows = su.query(
+            &format!(
+                "SELECT data FROM pg_logical_slot_peek_changes('it_sel_slot', NULL, NULL {opts})"
+            ),
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n")
+    };
+    let file = format!("{}/sel.stream", s.dir);
+    std::fs::write(
+        &file,
+        peek(
+            &mut su,
+            ", 'add-tables', 'public.it_keep', 'include-xids', '0', 'include-timestamp', '1'",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (code, out, err) = decrypt(&mut su, &kek, &file);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("kept") && !out.contains("skipped"), "{out}");
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(
+        first.get("xid").is_none() && first.get("commit_time").is_some(),
+        "{first}"
+    );
+    std::fs::write(
+        &file,
+        peek(&mut su, ", 'filter-tables', '*.it_keep'").unwrap(),
+    )
+    .unwrap();
+    let (code, out, _) = decrypt(&mut su, &kek, &file);
+    assert_eq!(code, 0);
+    assert!(out.contains("skipped") && !out.contains("kept"), "{out}");
+    for bad in [", 'include-xids', 'maybe'", ", 'add-tables', 'nodot'"] {
+        assert_eq!(sqlstate(&peek(&mut su, bad).unwrap_err()), "22023", "{bad}");
+    }
+    su.execute("SELECT pg_drop_replication_slot('it_sel_slot')", &[])
+        .unwrap();
+}
