@@ -104,6 +104,8 @@ unsafe fn parse_options(list: *mut pg_sys::List) -> Options {
 
 struct State {
     options: Options,
+    /// Excluded columns per relation, read under the historic snapshot, for this transaction.
+    excluded: std::collections::HashMap<pg_sys::Oid, Vec<String>>,
     slot: String,
     ring: KekRing,
     sealer: Option<Sealer>,
@@ -139,6 +141,21 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
         (*cb).message_cb = Some(message);
         (*cb).shutdown_cb = Some(shutdown);
     }
+}
+
+/// The KEK versions the server knows (ids only), for the scope report.
+pub fn kek_ids() -> Vec<String> {
+    let Some(path) = settings::KEK_FILE
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty())
+    else {
+        return Vec::new();
+    };
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).unwrap_or_default());
+    KekRing::parse(&path, &text)
+        .map(|r| r.ids())
+        .unwrap_or_default()
 }
 
 fn load_ring() -> KekRing {
@@ -189,6 +206,7 @@ unsafe extern "C-unwind" fn startup(
         );
         let st = Box::new(State {
             options,
+            excluded: Default::default(),
             slot,
             ring: load_ring(),
             sealer: None,
@@ -224,6 +242,42 @@ unsafe extern "C-unwind" fn begin(
     st.pending_bytes = 0;
     st.tables.clear();
     st.first_lsn = 0;
+    st.excluded.clear();
+}
+
+/// The columns of `relid` that must never leave the server, as of the change being decoded:
+/// `vault.sync_exclusions` is a user catalog table, so it is read under the historic snapshot.
+unsafe fn excluded_columns(relid: pg_sys::Oid) -> Vec<String> {
+    let mut out = Vec::new();
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"vault".as_ptr(), true);
+        if nsp == pg_sys::Oid::INVALID {
+            return out;
+        }
+        let exclusions = pg_sys::get_relname_relid(c"sync_exclusions".as_ptr(), nsp);
+        if exclusions == pg_sys::Oid::INVALID {
+            return out;
+        }
+        let rel = pg_sys::table_open(exclusions, pg_sys::AccessShareLock as i32);
+        let desc = (*rel).rd_att;
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let mut values = [pg_sys::Datum::from(0usize); 5];
+            let mut nulls = [false; 5];
+            pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            if !nulls[0] && pg_sys::Oid::from(values[0].value() as u32) == relid && !nulls[1] {
+                let name = values[1].cast_mut_ptr::<std::ffi::c_char>();
+                out.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+    }
+    out
 }
 
 unsafe fn write_line(ctx: *mut pg_sys::LogicalDecodingContext, line: &str, last: bool) {
@@ -322,6 +376,7 @@ unsafe fn tuple_columns(
     rel: pg_sys::Relation,
     tuple: *mut pg_sys::ReorderBufferTupleBuf,
     key_only: bool,
+    excluded: &[String],
 ) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     if tuple.is_null() {
@@ -349,6 +404,10 @@ unsafe fn tuple_columns(
             let name = CStr::from_ptr(a.attname.data.as_ptr())
                 .to_string_lossy()
                 .into_owned();
+            // Excluded columns never leave the server, not even sealed.
+            if excluded.contains(&name) {
+                continue;
+            }
             let tname = CStr::from_ptr(pg_sys::format_type_be(a.atttypid))
                 .to_string_lossy()
                 .into_owned();
@@ -409,18 +468,28 @@ unsafe extern "C-unwind" fn change(
         }
         let old = pg_sys::MemoryContextSwitchTo(st.context);
         let tp = (*change).data.tp;
+        let relid = (*rel).rd_id;
+        let excluded = st
+            .excluded
+            .entry(relid)
+            .or_insert_with(|| excluded_columns(relid))
+            .clone();
         let (action, columns, identity) = match (*change).action {
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => {
-                ("I", tuple_columns(rel, tp.newtuple, false), vec![])
-            }
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => (
+                "I",
+                tuple_columns(rel, tp.newtuple, false, &excluded),
+                vec![],
+            ),
             pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => (
                 "U",
-                tuple_columns(rel, tp.newtuple, false),
-                tuple_columns(rel, tp.oldtuple, true),
+                tuple_columns(rel, tp.newtuple, false, &excluded),
+                tuple_columns(rel, tp.oldtuple, true, &excluded),
             ),
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => {
-                ("D", vec![], tuple_columns(rel, tp.oldtuple, true))
-            }
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => (
+                "D",
+                vec![],
+                tuple_columns(rel, tp.oldtuple, true, &excluded),
+            ),
             _ => {
                 pg_sys::MemoryContextSwitchTo(old);
                 return;

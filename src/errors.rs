@@ -58,6 +58,8 @@ pub enum VaultError {
     ChainCount(i32),
     #[error("{0} is refused: the table is protected (vsql_vault.break_glass is off)")]
     ProtectedDdl(String),
+    #[error("column \"{0}\" does not exist in that table")]
+    UnknownColumn(String),
     #[error("purge proof {0} does not exist")]
     NoSuchProof(i64),
     #[error("only ordinary tables can be protected")]
@@ -85,6 +87,7 @@ impl VaultError {
             VaultError::ProtectedDdl(_) => "VV403",
             VaultError::NotATable => "42809",
             VaultError::NoSuchProof(_) => "P0002",
+            VaultError::UnknownColumn(_) => "42703",
             VaultError::Internal(_) => "XX000",
         }
     }

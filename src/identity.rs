@@ -120,13 +120,19 @@ pub fn now_micros() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-/// One value from a read-only query. (pgrx's `Spi::get_one` runs as a writer and assigns the
+/// One value from a read-only query; None for no row or NULL. (pgrx's `Spi::get_one` runs as a writer and assigns the
 /// transaction an xid, which would turn every read into a commit with a WAL flush.)
 pub fn select_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
     query: &str,
     args: &[pgrx::datum::DatumWithOid],
 ) -> Result<Option<T>, pgrx::spi::Error> {
-    Spi::connect(|c| c.select(query, Some(1), args)?.first().get_one::<T>())
+    Spi::connect(|c| {
+        let rows = c.select(query, Some(1), args)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        rows.first().get_one::<T>()
+    })
 }
 
 /// One value from a statement that writes (INSERT ... RETURNING, nextval).
@@ -134,7 +140,13 @@ pub fn write_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
     query: &str,
     args: &[pgrx::datum::DatumWithOid],
 ) -> Result<Option<T>, pgrx::spi::Error> {
-    Spi::connect_mut(|c| c.update(query, Some(1), args)?.first().get_one::<T>())
+    Spi::connect_mut(|c| {
+        let rows = c.update(query, Some(1), args)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        rows.first().get_one::<T>()
+    })
 }
 
 /// Whether `caller` has the privileges of `role` (membership with inheritance, as for grants).

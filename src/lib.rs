@@ -12,6 +12,7 @@ mod audit_api;
 mod audit_queue;
 mod audit_writer;
 mod decoding;
+mod decoding_api;
 mod errors;
 mod identity;
 mod keys;
@@ -37,7 +38,12 @@ pgrx::extension_sql_file!(
         audit_api::ddl_guard_allows
     ]
 );
-pgrx::extension_sql_file!("../sql/retention.sql", name = "retention", finalize);
+pgrx::extension_sql_file!(
+    "../sql/retention.sql",
+    name = "retention",
+    requires = ["audit"]
+);
+pgrx::extension_sql_file!("../sql/replication.sql", name = "replication", finalize);
 
 /// Set in `_PG_init` when the library is loaded through `shared_preload_libraries`: only then do
 /// the shared audit queue and the audit writer exist.

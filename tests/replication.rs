@@ -298,3 +298,135 @@ fn consumer_options_choose_tables_and_fields() {
     su.execute("SELECT pg_drop_replication_slot('it_sel_slot')", &[])
         .unwrap();
 }
+
+#[test]
+fn excluded_columns_never_leave_the_server_and_the_signed_scope_report_says_so() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "ab"));
+    su.batch_execute(
+        "DROP TABLE IF EXISTS it_pay;
+         CREATE TABLE it_pay (id int PRIMARY KEY, pan text, amount numeric);",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "it_scope_slot");
+    su.execute(
+        "INSERT INTO it_pay VALUES (1, 'pan-before-exclusion', 10)",
+        &[],
+    )
+    .unwrap();
+    // Only an admin excludes; the change is audited.
+    let mut a = s.connect("it_a");
+    assert_eq!(
+        sqlstate(
+            &a.execute("SELECT vault_sync_exclude('it_pay', 'pan')", &[])
+                .unwrap_err()
+        ),
+        "42501"
+    );
+    let mut admin = s.connect("it_admin");
+    assert_eq!(
+        sqlstate(
+            &admin
+                .execute("SELECT vault_sync_exclude('it_pay', 'nope')", &[])
+                .unwrap_err()
+        ),
+        "42703"
+    );
+    admin
+        .execute("SELECT vault_sync_exclude('it_pay', 'pan')", &[])
+        .unwrap();
+    su.execute(
+        "INSERT INTO it_pay VALUES (2, 'pan-after-exclusion', 20)",
+        &[],
+    )
+    .unwrap();
+    su.execute("UPDATE it_pay SET amount = 21 WHERE id = 2", &[])
+        .unwrap();
+    let file = format!("{}/scope.stream", s.dir);
+    recvlogical(&s, &mut su, "it_scope_slot", &file);
+    let (code, out, err) = decrypt(&mut su, &kek, &file);
+    assert_eq!(code, 0, "{err}");
+    // The exclusion applies to changes committed after it, as read under each change's snapshot.
+    assert!(out.contains("pan-before-exclusion"), "{out}");
+    assert!(
+        !out.contains("pan-after-exclusion"),
+        "an excluded column left the server: {out}"
+    );
+    let after: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|c| {
+            c["table"] == "it_pay"
+                && c["columns"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["value"] == "2"))
+        })
+        .collect();
+    assert_eq!(after.len(), 2);
+    for c in &after {
+        assert!(
+            c["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|x| x["name"] != "pan"),
+            "{c}"
+        );
+    }
+    let logged: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'sync_exclude' AND granted",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(logged >= 1);
+    // The scope report lists the exclusion and the slot, and verifies offline.
+    let mut auditor_like = s.connect("it_admin");
+    let report: String = auditor_like
+        .query_one("SELECT vault_scope_report()::text", &[])
+        .unwrap()
+        .get(0);
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let pay = v["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "public.it_pay")
+        .unwrap();
+    assert_eq!(pay["excluded"][0]["column"], "pan");
+    assert!(pay["published"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c != "pan"));
+    assert!(v["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["slot"] == "it_scope_slot"));
+    assert_eq!(v["kek_ids"], serde_json::json!(["v1"]));
+    let path = format!("{}/scope.json", s.dir);
+    let verify = |su: &mut Client, path: &str| -> i32 {
+        let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").unwrap());
+        cmd.args(["verify-report", "--report", path]);
+        for k in public_keys(su) {
+            cmd.args(["--public-key", &k]);
+        }
+        cmd.status().unwrap().code().unwrap_or(-1)
+    };
+    std::fs::write(&path, &report).unwrap();
+    assert_eq!(verify(&mut su, &path), 0);
+    std::fs::write(&path, report.replace("\"pan\"", "\"card\"")).unwrap();
+    assert_eq!(
+        verify(&mut su, &path),
+        1,
+        "a changed report must not verify"
+    );
+    admin
+        .execute("SELECT vault_sync_include('it_pay', 'pan')", &[])
+        .unwrap();
+    su.execute("SELECT pg_drop_replication_slot('it_scope_slot')", &[])
+        .unwrap();
+}

@@ -4,6 +4,7 @@
 //!   vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE]
 //!                     --public-key HEX [--public-key HEX ...] [--partial]
 //!   vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
+//!   vsql-vault verify-report --report FILE --public-key HEX [--public-key HEX ...]
 //!   vsql-vault decrypt --kek-file FILE --public-key HEX [--public-key HEX ...] [--input FILE]
 //!
 //! Exit status: 0 when every chain is intact, 1 when one is not (the first bad row and the reason
@@ -19,6 +20,7 @@ const USAGE: &str =
     "usage: vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE] \
 --public-key HEX [--public-key HEX ...] [--partial]
        vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
+       vsql-vault verify-report --report FILE --public-key HEX [--public-key HEX ...]
        vsql-vault decrypt --kek-file FILE --public-key HEX [--public-key HEX ...] [--input FILE]";
 
 struct Args {
@@ -34,7 +36,7 @@ struct Args {
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let command = match argv.next().as_deref() {
-        Some(c @ ("verify" | "verify-purge" | "decrypt")) => c.to_owned(),
+        Some(c @ ("verify" | "verify-purge" | "verify-report" | "decrypt")) => c.to_owned(),
         Some("-h" | "--help") | None => return Err(USAGE.into()),
         Some(other) => return Err(format!("unknown command {other:?}\n{USAGE}")),
     };
@@ -57,7 +59,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--export" => a.exports.push(value()?),
             "--proofs" => a.proofs.push(value()?),
             "--kek-file" => a.kek_file = Some(value()?),
-            "--input" => a.input = Some(value()?),
+            "--input" | "--report" => a.input = Some(value()?),
             "--checkpoints" => a.checkpoints.push(value()?),
             "--public-key" => a.public_keys.push(value()?),
             "--partial" => a.partial = true,
@@ -67,6 +69,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let missing = match a.command.as_str() {
         "verify" => a.exports.is_empty(),
         "verify-purge" => a.proofs.is_empty(),
+        "verify-report" => a.input.is_none(),
         _ => a.kek_file.is_none(),
     };
     if missing || a.public_keys.is_empty() {
@@ -161,7 +164,33 @@ fn run_decrypt(args: Args) -> Result<bool, String> {
     Ok(true)
 }
 
+/// Checks a signed JSON report (the scope report) with the public key alone.
+fn run_report(args: Args) -> Result<bool, String> {
+    let path = args.input.clone().unwrap_or_default();
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let report: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(|e| format!("{path}: {e}"))?;
+    let key_id = report["signing_key_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let sig = hex::decode(report["signature"].as_str().unwrap_or_default()).unwrap_or_default();
+    let msg = vsql_vault_core::canonical::report_message(&report);
+    for k in &args.public_keys {
+        let public = keys::parse_public(k).map_err(|e| e.to_string())?;
+        if keys::key_id(&public) == key_id && keys::verify(&public, &msg, &sig) {
+            println!("ok      report signed by key {key_id}");
+            return Ok(true);
+        }
+    }
+    println!("FAILED  report signature does not verify with the given keys (key {key_id})");
+    Ok(false)
+}
+
 fn run(args: Args) -> Result<bool, String> {
+    if args.command == "verify-report" {
+        return run_report(args);
+    }
     if args.command == "verify-purge" {
         return run_purge(args);
     }

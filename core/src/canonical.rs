@@ -114,6 +114,45 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
+/// JSON text with object keys sorted at every level, whatever the map type in use: signed JSON
+/// documents (the scope report) are signed over this text.
+pub fn canonical_json(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| {
+                    format!(
+                        "{}:{}",
+                        serde_json::Value::String(k.clone()),
+                        canonical_json(&m[k])
+                    )
+                })
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        serde_json::Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical_json).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// The bytes a signed JSON report is signed over: the report without its `signature`.
+pub fn report_message(report: &serde_json::Value) -> Vec<u8> {
+    let mut unsigned = report.clone();
+    if let Some(m) = unsigned.as_object_mut() {
+        m.remove("signature");
+    }
+    Encoder::new("vsql_vault.report")
+        .field("report", &Value::Text(canonical_json(&unsigned)))
+        .bytes()
+        .to_vec()
+}
+
 /// Encodes a list of named fields in the order given.
 pub fn encode(domain: &str, fields: &[(String, Value)]) -> Encoder {
     fields

@@ -90,6 +90,10 @@ impl KekRing {
         (id, k)
     }
 
+    pub fn ids(&self) -> Vec<String> {
+        self.versions.iter().map(|(id, _)| id.clone()).collect()
+    }
+
     pub fn get(&self, id: &str) -> Result<&Key, EnvelopeError> {
         self.versions
             .iter()

@@ -1,0 +1,49 @@
+-- Encrypted replication: source-side column exclusion and the scope report.
+
+-- Columns that never leave the server through the vsql_vault output plugin, not even encrypted.
+-- A user catalog table, so decoding reads it under the historic snapshot of each change: an
+-- exclusion applies exactly to the changes committed after it.
+CREATE TABLE vault.sync_exclusions (
+    relid       oid NOT NULL,
+    column_name name NOT NULL,
+    table_name  text NOT NULL,
+    excluded_at timestamptz NOT NULL DEFAULT now(),
+    excluded_by name NOT NULL,
+    PRIMARY KEY (relid, column_name)
+) WITH (user_catalog_table = true);
+REVOKE ALL ON vault.sync_exclusions FROM PUBLIC;
+GRANT SELECT ON vault.sync_exclusions TO vault_auditor, vault_admin;
+
+CREATE FUNCTION vault_sync_exclude(tbl regclass, col name) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM vault.sync_scope_impl($1::oid, $2::text, true);
+    IF r.sqlstate IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION vault_sync_include(tbl regclass, col name) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM vault.sync_scope_impl($1::oid, $2::text, false);
+    IF r.sqlstate IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION vault_scope_report() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM vault.scope_report_impl();
+    IF r.sqlstate IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
+    END IF;
+    RETURN r.report::jsonb;
+END
+$fn$;

@@ -1,0 +1,151 @@
+//! SQL side of replication: which columns never leave the server, and the signed scope report.
+
+use crate::access_log::{write_then_log, Event};
+use crate::errors::{status, VaultError};
+use crate::identity::{has_role, select_one, AsOwner, Caller};
+use pgrx::prelude::*;
+use vsql_vault_core::canonical::report_message;
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn sync_scope_impl(
+    tbl: Option<pg_sys::Oid>,
+    col: Option<&str>,
+    exclude: bool,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
+    let caller = Caller::current();
+    let mut event = Event::new(
+        &caller,
+        if exclude {
+            "sync_exclude"
+        } else {
+            "sync_include"
+        },
+        None,
+        None,
+    );
+    event.details =
+        Some(serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "column": col }));
+    let result = (|| {
+        let checked = (|| {
+            let tbl = tbl.ok_or(vsql_vault_core::InputError::Null("tbl"))?;
+            let col = col.ok_or(vsql_vault_core::InputError::Null("col"))?;
+            if !has_role(&caller, "vault_admin") {
+                return Err(VaultError::Denied(format!(
+                    "role \"{}\" is not a member of vault_admin",
+                    caller.role_name
+                )));
+            }
+            let _owner = AsOwner::enter();
+            let name = select_one::<String>(
+                "SELECT c.oid::regclass::text FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+                 WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[tbl.into(), col.into()],
+            )
+            .map_err(|e| VaultError::Internal(e.to_string()))?
+            .ok_or_else(|| VaultError::UnknownColumn(col.to_owned()))?;
+            Ok((tbl, col, name))
+        })();
+        let (tbl, col, name) = match checked {
+            Ok(v) => v,
+            Err(e) => return Err(event.refused(e)),
+        };
+        event.details = Some(serde_json::json!({ "table": name, "column": col }));
+        let change = || {
+            let _owner = AsOwner::enter();
+            let query = if exclude {
+                "INSERT INTO vault.sync_exclusions (relid, column_name, table_name, excluded_by)
+                 SELECT $1, $2, $3, $4
+                 WHERE NOT EXISTS (SELECT 1 FROM vault.sync_exclusions WHERE relid = $1 AND column_name = $2)"
+            } else {
+                "DELETE FROM vault.sync_exclusions WHERE relid = $1 AND column_name = $2 AND $3 IS NOT NULL AND $4 IS NOT NULL"
+            };
+            Spi::connect_mut(|c| {
+                c.update(
+                    query,
+                    None,
+                    &[
+                        tbl.into(),
+                        col.into(),
+                        name.as_str().into(),
+                        caller.role_name.as_str().into(),
+                    ],
+                )
+                .map(|_| ())
+            })
+            .map_err(|e| VaultError::Internal(e.to_string()))
+        };
+        match write_then_log(change, |_| event.granted()) {
+            Ok(()) => Ok(()),
+            Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
+            Err(e) => Err(event.refused(e)),
+        }
+    })();
+    TableIterator::once(status(&result))
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn scope_report_impl() -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(report, Option<String>),
+    ),
+> {
+    let caller = Caller::current();
+    let event = Event::new(&caller, "scope_report", None, None);
+    let result = (|| {
+        if !(has_role(&caller, "vault_auditor") || has_role(&caller, "vault_admin")) {
+            return Err(event.refused(VaultError::Denied(format!(
+                "role \"{}\" is not a member of vault_auditor or vault_admin",
+                caller.role_name
+            ))));
+        }
+        let _owner = AsOwner::enter();
+        let body = select_one::<pgrx::JsonB>(
+            "SELECT jsonb_build_object(
+               'tables', COALESCE((SELECT jsonb_agg(jsonb_build_object(
+                   'table', c.oid::regclass::text,
+                   'published', (SELECT COALESCE(jsonb_agg(a.attname ORDER BY a.attnum), '[]')
+                                 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                   AND NOT EXISTS (SELECT 1 FROM vault.sync_exclusions x
+                                                   WHERE x.relid = c.oid AND x.column_name = a.attname)),
+                   'excluded', (SELECT COALESCE(jsonb_agg(jsonb_build_object('column', x.column_name,
+                                                 'since', x.excluded_at, 'by', x.excluded_by) ORDER BY x.column_name), '[]')
+                                FROM vault.sync_exclusions x WHERE x.relid = c.oid)) ORDER BY c.oid::regclass::text)
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'vault')
+                   AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'), '[]'),
+               'slots', COALESCE((SELECT jsonb_agg(jsonb_build_object('slot', slot_name, 'database', database,
+                                                   'active', active) ORDER BY slot_name)
+                                  FROM pg_replication_slots WHERE plugin = 'vsql_vault'), '[]'),
+               'generated_at', now())",
+            &[],
+        )
+        .map_err(|e| VaultError::Internal(e.to_string()))?
+        .map(|j| j.0)
+        .unwrap_or_default();
+        let mut report = body;
+        report["kek_ids"] = serde_json::json!(crate::decoding::kek_ids());
+        report["extension_version"] = serde_json::json!(env!("CARGO_PKG_VERSION"));
+        let key = crate::keys::current()?;
+        let key_id =
+            crate::keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
+        report["signing_key_id"] = serde_json::json!(key_id);
+        report["report"] = serde_json::json!("vsql_vault scope report");
+        let signature = vsql_vault_core::keys::sign(&key, &report_message(&report));
+        report["signature"] = serde_json::json!(hex::encode(signature));
+        event.granted()?;
+        Ok(report.to_string())
+    })();
+    let (s, m) = status(&result);
+    TableIterator::once((s, m, result.ok()))
+}
