@@ -430,3 +430,74 @@ fn excluded_columns_never_leave_the_server_and_the_signed_scope_report_says_so()
     su.execute("SELECT pg_drop_replication_slot('it_scope_slot')", &[])
         .unwrap();
 }
+
+#[test]
+fn unchanged_toast_is_marked_and_a_large_transaction_is_sent_in_bounded_batches() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "cd"));
+    su.batch_execute(
+        "DROP TABLE IF EXISTS it_big;
+         CREATE TABLE it_big (id int PRIMARY KEY, counter int, blob text);
+         ALTER TABLE it_big ALTER COLUMN blob SET STORAGE EXTERNAL;",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "it_big_slot");
+    // A value stored out of line, then an update that does not touch it.
+    su.batch_execute(
+        "INSERT INTO it_big VALUES (0, 0, repeat('toasted-value-', 1000));
+         UPDATE it_big SET counter = 1 WHERE id = 0;",
+    )
+    .unwrap();
+    // About 200 MB in one transaction.
+    su.batch_execute(
+        "INSERT INTO it_big SELECT g, g, repeat(md5(g::text), 32) FROM generate_series(1, 200000) g",
+    )
+    .unwrap();
+    let file = format!("{}/big.stream", s.dir);
+    recvlogical(&s, &mut su, "it_big_slot", &file);
+    let wire = std::fs::read_to_string(&file).unwrap();
+    let batches: Vec<&str> = wire
+        .lines()
+        .filter(|l| l.contains("\"type\":\"batch\""))
+        .collect();
+    let longest = wire.lines().map(str::len).max().unwrap_or(0);
+    // 4 MiB of records per batch at most, sealed and hex-encoded: bounded, whatever the size of
+    // the transaction.
+    assert!(longest < 12 * 1024 * 1024, "a line of {longest} bytes");
+    assert!(
+        batches.len() > 20,
+        "the big transaction should arrive in many batches, got {}",
+        batches.len()
+    );
+    let (code, out, err) = decrypt(&mut su, &kek, &file);
+    assert_eq!(code, 0, "{err}");
+    let mut inserts = 0;
+    let mut unchanged = false;
+    for l in out.lines() {
+        let c: serde_json::Value = serde_json::from_str(l).unwrap();
+        if c["table"] != "it_big" {
+            continue;
+        }
+        if c["action"] == "I" {
+            inserts += 1;
+        }
+        if c["action"] == "U" {
+            let blob = c["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["name"] == "blob")
+                .unwrap()
+                .clone();
+            unchanged = blob["unchanged_toast"] == true;
+        }
+    }
+    assert_eq!(inserts, 200_001);
+    assert!(
+        unchanged,
+        "the unchanged TOAST value should be marked, not sent"
+    );
+    su.execute("SELECT pg_drop_replication_slot('it_big_slot')", &[])
+        .unwrap();
+}
