@@ -5,7 +5,7 @@
 use crate::settings;
 use pgrx::prelude::*;
 use std::ffi::CStr;
-use vsql_vault_core::envelope::KekRing;
+use vsql_vault_core::envelope::{Kek, KekRing};
 use vsql_vault_core::stream::Sealer;
 
 /// A transaction larger than this is sent in several batches, so memory stays bounded.
@@ -107,7 +107,7 @@ struct State {
     /// Excluded columns per relation, read under the historic snapshot, for this transaction.
     excluded: std::collections::HashMap<pg_sys::Oid, Vec<String>>,
     slot: String,
-    ring: KekRing,
+    kek: Kek,
     sealer: Option<Sealer>,
     pending: Vec<String>,
     pending_bytes: usize,
@@ -143,8 +143,18 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
     }
 }
 
+fn wrap_command() -> Option<String> {
+    settings::KEK_WRAP_COMMAND
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|c| !c.is_empty())
+}
+
 /// The KEK versions the server knows (ids only), for the scope report.
 pub fn kek_ids() -> Vec<String> {
+    if let Some(cmd) = wrap_command() {
+        return Kek::Command(cmd).ids();
+    }
     let Some(path) = settings::KEK_FILE
         .get()
         .map(|c| c.to_string_lossy().into_owned())
@@ -208,7 +218,10 @@ unsafe extern "C-unwind" fn startup(
             options,
             excluded: Default::default(),
             slot,
-            ring: load_ring(),
+            kek: match wrap_command() {
+                Some(cmd) => Kek::Command(cmd),
+                None => Kek::File(load_ring()),
+            },
             sealer: None,
             pending: Vec::new(),
             pending_bytes: 0,
@@ -311,9 +324,8 @@ unsafe fn flush(
     {
         let key = crate::keys::current()
             .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()));
-        let (sealer, header) =
-            Sealer::start(&st.slot, &st.ring, key, crate::identity::now_micros())
-                .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));
+        let (sealer, header) = Sealer::start(&st.slot, &st.kek, key, crate::identity::now_micros())
+            .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));
         st.sealer = Some(sealer);
         unsafe { write_line(ctx, &header, false) };
     }

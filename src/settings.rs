@@ -35,7 +35,18 @@ pub static SWEEP_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// The key-encryption key file of the replication stream (versioned keys, the last one active).
 pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// A command that wraps data keys through a KMS instead of the KEK file.
+pub static KEK_WRAP_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub fn define() {
+    GucRegistry::define_string_guc(
+        c"vsql_vault.kek_wrap_command",
+        c"Command that wraps replication data keys through a KMS (instead of vsql_vault.kek_file).",
+        c"Run with VSQL_VAULT_OP=wrap: reads the data key in hex on stdin, prints `<kek id> <wrapped hex>`.",
+        &KEK_WRAP_COMMAND,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"vsql_vault.kek_file",
         c"Key-encryption key file of the vsql_vault replication stream (owner-only).",

@@ -501,3 +501,46 @@ fn unchanged_toast_is_marked_and_a_large_transaction_is_sent_in_bounded_batches(
     su.execute("SELECT pg_drop_replication_slot('it_big_slot')", &[])
         .unwrap();
 }
+
+#[test]
+fn a_kms_command_can_wrap_the_data_keys() {
+    let s = server();
+    let mut su = setup(&s);
+    // A stand-in KMS client: swaps hex digits (its own inverse). A real one calls the KMS.
+    let kms = "read x; y=$(echo $x | tr 0123456789abcdef fedcba9876543210); \
+               if [ \"$VSQL_VAULT_OP\" = wrap ]; then echo \"kms-1 $y\"; else echo $y; fi";
+    su.batch_execute(&format!(
+        "ALTER SYSTEM SET vsql_vault.kek_wrap_command = '{}'",
+        kms.replace('\'', "''")
+    ))
+    .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    su.batch_execute(
+        "DROP TABLE IF EXISTS it_kms; CREATE TABLE it_kms (id int PRIMARY KEY, v text)",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "it_kms_slot");
+    su.execute("INSERT INTO it_kms VALUES (1, 'wrapped by the kms')", &[])
+        .unwrap();
+    let file = format!("{}/kms.stream", s.dir);
+    recvlogical(&s, &mut su, "it_kms_slot", &file);
+    su.batch_execute("ALTER SYSTEM RESET vsql_vault.kek_wrap_command")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let wire = std::fs::read_to_string(&file).unwrap();
+    assert!(wire.contains("\"kek_id\":\"kms-1\"") && !wire.contains("wrapped by the kms"));
+    let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").unwrap());
+    cmd.args(["decrypt", "--kek-command", kms, "--input", &file]);
+    for k in public_keys(&mut su) {
+        cmd.args(["--public-key", &k]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrapped by the kms"));
+    su.execute("SELECT pg_drop_replication_slot('it_kms_slot')", &[])
+        .unwrap();
+}

@@ -5,7 +5,7 @@
 //!                     --public-key HEX [--public-key HEX ...] [--partial]
 //!   vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
 //!   vsql-vault verify-report --report FILE --public-key HEX [--public-key HEX ...]
-//!   vsql-vault decrypt --kek-file FILE --public-key HEX [--public-key HEX ...] [--input FILE]
+//!   vsql-vault decrypt (--kek-file FILE | --kek-command CMD) --public-key HEX [...] [--input FILE]
 //!
 //! Exit status: 0 when every chain is intact, 1 when one is not (the first bad row and the reason
 //! are printed), 2 on a usage or input error.
@@ -21,10 +21,11 @@ const USAGE: &str =
 --public-key HEX [--public-key HEX ...] [--partial]
        vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
        vsql-vault verify-report --report FILE --public-key HEX [--public-key HEX ...]
-       vsql-vault decrypt --kek-file FILE --public-key HEX [--public-key HEX ...] [--input FILE]";
+       vsql-vault decrypt (--kek-file FILE | --kek-command CMD) --public-key HEX [--public-key HEX ...] [--input FILE]";
 
 struct Args {
     command: String,
+    kek_command: Option<String>,
     kek_file: Option<String>,
     input: Option<String>,
     proofs: Vec<String>,
@@ -42,6 +43,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     };
     let mut a = Args {
         command,
+        kek_command: None,
         kek_file: None,
         input: None,
         proofs: vec![],
@@ -59,6 +61,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--export" => a.exports.push(value()?),
             "--proofs" => a.proofs.push(value()?),
             "--kek-file" => a.kek_file = Some(value()?),
+            "--kek-command" => a.kek_command = Some(value()?),
             "--input" | "--report" => a.input = Some(value()?),
             "--checkpoints" => a.checkpoints.push(value()?),
             "--public-key" => a.public_keys.push(value()?),
@@ -70,7 +73,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         "verify" => a.exports.is_empty(),
         "verify-purge" => a.proofs.is_empty(),
         "verify-report" => a.input.is_none(),
-        _ => a.kek_file.is_none(),
+        _ => a.kek_file.is_none() && a.kek_command.is_none(),
     };
     if missing || a.public_keys.is_empty() {
         return Err(USAGE.into());
@@ -130,11 +133,18 @@ fn run_decrypt(args: Args) -> Result<bool, String> {
         .iter()
         .map(|k| keys::parse_public(k).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
-    let kek_path = args.kek_file.clone().unwrap_or_default();
-    let text = std::fs::read_to_string(&kek_path).map_err(|e| format!("{kek_path}: {e}"))?;
-    let ring =
-        vsql_vault_core::envelope::KekRing::parse(&kek_path, &text).map_err(|e| e.to_string())?;
-    let mut reader = vsql_vault_core::stream::Reader::new(ring, keys);
+    let kek = match (&args.kek_command, &args.kek_file) {
+        (Some(cmd), _) => vsql_vault_core::envelope::Kek::Command(cmd.clone()),
+        (None, path) => {
+            let path = path.clone().unwrap_or_default();
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+            vsql_vault_core::envelope::Kek::File(
+                vsql_vault_core::envelope::KekRing::parse(&path, &text)
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+    };
+    let mut reader = vsql_vault_core::stream::Reader::new(kek, keys);
     let input: Box<dyn BufRead> = match &args.input {
         Some(p) => Box::new(std::io::BufReader::new(
             std::fs::File::open(p).map_err(|e| format!("{p}: {e}"))?,

@@ -26,6 +26,8 @@ pub enum EnvelopeError {
     Open(i64),
     #[error("no randomness available: {0}")]
     Random(String),
+    #[error("KEK command failed: {0}")]
+    Command(String),
 }
 
 /// A 256-bit key that zeroizes itself.
@@ -45,6 +47,7 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], EnvelopeError> {
 
 /// A KEK file: one version per line, `<id> <64 hex characters>`; the last line is the active
 /// version. Removing a line destroys that version (crypto-shredding every stream sealed under it).
+#[derive(Clone)]
 pub struct KekRing {
     versions: Vec<(String, Key)>,
 }
@@ -100,6 +103,111 @@ impl KekRing {
             .find(|(v, _)| v == id)
             .map(|(_, k)| k)
             .ok_or_else(|| EnvelopeError::UnknownKek(id.into()))
+    }
+}
+
+/// Where data keys are wrapped: a KEK file, or a command that talks to a KMS.
+///
+/// The command runs under `sh -c` with `VSQL_VAULT_OP` set to `wrap` or `unwrap` and
+/// `VSQL_VAULT_SESSION` to the session id (an encryption context a KMS can bind). To wrap, it reads
+/// the data key as 64 hex characters on stdin and prints `<kek id> <wrapped key in hex>`; to
+/// unwrap (with `VSQL_VAULT_KEK_ID` set), it reads the wrapped key in hex and prints the data key
+/// in hex.
+pub enum Kek {
+    File(KekRing),
+    Command(String),
+}
+
+fn run_command(
+    cmd: &str,
+    op: &str,
+    session: &str,
+    kek_id: Option<&str>,
+    input: &str,
+) -> Result<Zeroizing<String>, EnvelopeError> {
+    use std::io::Write;
+    let mut c = std::process::Command::new("sh");
+    c.args(["-c", cmd])
+        .env("VSQL_VAULT_OP", op)
+        .env("VSQL_VAULT_SESSION", session)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    if let Some(id) = kek_id {
+        c.env("VSQL_VAULT_KEK_ID", id);
+    }
+    let mut child = c
+        .spawn()
+        .map_err(|e| EnvelopeError::Command(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| EnvelopeError::Command(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| EnvelopeError::Command(e.to_string()))?;
+    if !out.status.success() {
+        return Err(EnvelopeError::Command(format!(
+            "{op} exited with {}",
+            out.status
+        )));
+    }
+    Ok(Zeroizing::new(
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    ))
+}
+
+impl Kek {
+    /// Wraps a session's data key under the active KEK: (KEK id, wrapped key).
+    pub fn wrap(&self, session: &str, dek: &Key) -> Result<(String, Vec<u8>), EnvelopeError> {
+        match self {
+            Kek::File(ring) => {
+                let (id, kek) = ring.active();
+                Ok((id.to_owned(), wrap_dek(kek, id, session, dek)?))
+            }
+            Kek::Command(cmd) => {
+                let input = Zeroizing::new(format!("{}\n", hex::encode(dek.as_ref())));
+                let out = run_command(cmd, "wrap", session, None, &input)?;
+                let (id, wrapped) = out.split_once(' ').ok_or_else(|| {
+                    EnvelopeError::Command("wrap did not print `<kek id> <hex>`".into())
+                })?;
+                let wrapped = hex::decode(wrapped.trim())
+                    .map_err(|_| EnvelopeError::Command("wrap printed no hex".into()))?;
+                Ok((id.to_owned(), wrapped))
+            }
+        }
+    }
+
+    pub fn unwrap(
+        &self,
+        kek_id: &str,
+        session: &str,
+        wrapped: &[u8],
+    ) -> Result<Key, EnvelopeError> {
+        match self {
+            Kek::File(ring) => unwrap_dek(ring.get(kek_id)?, kek_id, session, wrapped),
+            Kek::Command(cmd) => {
+                let out = run_command(
+                    cmd,
+                    "unwrap",
+                    session,
+                    Some(kek_id),
+                    &format!("{}\n", hex::encode(wrapped)),
+                )?;
+                let mut k = Zeroizing::new([0u8; 32]);
+                hex::decode_to_slice(out.as_str(), k.as_mut())
+                    .map_err(|_| EnvelopeError::Unwrap(kek_id.into()))?;
+                Ok(k)
+            }
+        }
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        match self {
+            Kek::File(ring) => ring.ids(),
+            Kek::Command(_) => vec!["(kek_wrap_command)".into()],
+        }
     }
 }
 
@@ -302,6 +410,23 @@ mod tests {
         flipped[0] ^= 0x80;
         assert!(open(&dek, &b, &flipped).is_err());
         assert!(open(&random_key().unwrap(), &b, &c).is_err());
+    }
+
+    #[test]
+    fn a_kek_command_wraps_and_unwraps() {
+        // A stand-in KMS: swaps hex digits (an involution), so unwrap undoes wrap.
+        let cmd = "read x; y=$(echo $x | tr 0123456789abcdef fedcba9876543210); \
+                   if [ \"$VSQL_VAULT_OP\" = wrap ]; then echo \"kms-1 $y\"; else echo $y; fi";
+        let kek = Kek::Command(cmd.into());
+        let dek = random_key().unwrap();
+        let (id, wrapped) = kek.wrap("s1", &dek).unwrap();
+        assert_eq!(id, "kms-1");
+        assert_ne!(wrapped.as_slice(), dek.as_ref());
+        assert_eq!(*kek.unwrap(&id, "s1", &wrapped).unwrap(), *dek);
+        assert!(matches!(
+            Kek::Command("exit 3".into()).wrap("s1", &dek),
+            Err(EnvelopeError::Command(_))
+        ));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! change as trusted, and stops at the first fault.
 
 use crate::canonical::{sha256, Encoder, Value};
-use crate::envelope::{self, BatchBinding, EnvelopeError, KekRing, Key};
+use crate::envelope::{self, BatchBinding, EnvelopeError, Kek, Key};
 use crate::keys;
 use crate::merkle;
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -102,19 +102,18 @@ impl Sealer {
     /// Starts a session: a fresh DEK wrapped under the ring's active KEK. Returns the session line.
     pub fn start(
         slot: &str,
-        ring: &KekRing,
+        kek: &Kek,
         signing: SigningKey,
         now: i64,
     ) -> Result<(Sealer, String), EnvelopeError> {
         let session = hex::encode(envelope::random_bytes::<12>()?);
         let dek = envelope::random_key()?;
-        let (kek_id, kek) = ring.active();
-        let wrapped = envelope::wrap_dek(kek, kek_id, &session, &dek)?;
+        let (kek_id, wrapped) = kek.wrap(&session, &dek)?;
         let key_id = keys::key_id(&signing.verifying_key());
         let mut line = SessionLine {
             slot: slot.into(),
             session: session.clone(),
-            kek_id: kek_id.into(),
+            kek_id,
             wrapped_dek: hex::encode(wrapped),
             started_at: now,
             key_id: key_id.clone(),
@@ -228,16 +227,16 @@ struct Open {
 
 /// Checks a stream line by line and yields the plaintext change records it vouches for.
 pub struct Reader {
-    ring: KekRing,
+    kek: Kek,
     keys: Vec<VerifyingKey>,
     sessions: std::collections::HashMap<String, Open>,
     line: usize,
 }
 
 impl Reader {
-    pub fn new(ring: KekRing, keys: Vec<VerifyingKey>) -> Reader {
+    pub fn new(kek: Kek, keys: Vec<VerifyingKey>) -> Reader {
         Reader {
-            ring,
+            kek,
             keys,
             sessions: Default::default(),
             line: 0,
@@ -264,12 +263,10 @@ impl Reader {
                 if !self.verify(&s.key_id, &msg, &s.signature) {
                     return Err(StreamError::Signature(n));
                 }
-                let kek = self
-                    .ring
-                    .get(&s.kek_id)
-                    .map_err(|e| StreamError::Envelope(n, e))?;
                 let wrapped = hex::decode(&s.wrapped_dek).map_err(|_| StreamError::Malformed(n))?;
-                let dek = envelope::unwrap_dek(kek, &s.kek_id, &s.session, &wrapped)
+                let dek = self
+                    .kek
+                    .unwrap(&s.kek_id, &s.session, &wrapped)
                     .map_err(|e| StreamError::Envelope(n, e))?;
                 if self.sessions.contains_key(&s.session) {
                     return Err(StreamError::Sequence {
@@ -350,13 +347,16 @@ impl Reader {
 mod tests {
     use super::*;
 
+    use crate::envelope::KekRing;
+
     fn setup() -> (KekRing, SigningKey) {
         let ring = KekRing::parse("k", &format!("v1 {}\n", "33".repeat(32))).unwrap();
         (ring, keys::generate().unwrap())
     }
 
     fn stream(ring: &KekRing, key: &SigningKey, batches: usize) -> Vec<String> {
-        let (mut s, header) = Sealer::start("slot1", ring, key.clone(), 1).unwrap();
+        let (mut s, header) =
+            Sealer::start("slot1", &Kek::File(ring.clone()), key.clone(), 1).unwrap();
         let mut lines = vec![header];
         for i in 0..batches {
             let changes = vec![
@@ -380,7 +380,7 @@ mod tests {
 
     fn reader(key: &SigningKey) -> Reader {
         let ring = KekRing::parse("k", &format!("v1 {}\n", "33".repeat(32))).unwrap();
-        Reader::new(ring, vec![key.verifying_key()])
+        Reader::new(Kek::File(ring), vec![key.verifying_key()])
     }
 
     #[test]
@@ -446,7 +446,7 @@ mod tests {
         assert!(matches!(run(l), Err(StreamError::Malformed(4))));
         // wrong KEK, unknown signing key
         let mut r = Reader::new(
-            KekRing::parse("k", &format!("v1 {}\n", "44".repeat(32))).unwrap(),
+            Kek::File(KekRing::parse("k", &format!("v1 {}\n", "44".repeat(32))).unwrap()),
             vec![key.verifying_key()],
         );
         assert!(matches!(
@@ -454,13 +454,13 @@ mod tests {
             Err(StreamError::Envelope(1, _))
         ));
         let mut r = Reader::new(
-            KekRing::parse("k", &format!("v1 {}\n", "33".repeat(32))).unwrap(),
+            Kek::File(KekRing::parse("k", &format!("v1 {}\n", "33".repeat(32))).unwrap()),
             vec![keys::generate().unwrap().verifying_key()],
         );
         assert!(matches!(r.feed(&lines[0]), Err(StreamError::Signature(1))));
         // destroyed KEK version: unrecoverable
         let mut r = Reader::new(
-            KekRing::parse("k", &format!("v2 {}\n", "33".repeat(32))).unwrap(),
+            Kek::File(KekRing::parse("k", &format!("v2 {}\n", "33".repeat(32))).unwrap()),
             vec![key.verifying_key()],
         );
         assert!(matches!(
