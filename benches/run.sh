@@ -8,6 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VSQL_VAULT_RELEASE=1 bash tests/setup.sh >/dev/null
+# The decoding peer: wal2json (benchmarks only).
+if ! dpkg-query -W -f='${Status}' postgresql-15-wal2json 2>/dev/null | grep -q "install ok installed"; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15-wal2json >/dev/null
+fi
 secs=${BENCH_SECONDS:-5}
 reps=${BENCH_REPS:-3}
 sweep_n=${BENCH_SWEEP:-100000}
@@ -21,7 +25,16 @@ VSQL_VAULT_EXTRA_CONF="shared_buffers = '1GB'
 max_wal_size = '4GB'
 checkpoint_timeout = '30min'
 vsql_vault.checkpoint_interval = 3600
-vsql_vault.sweep_interval = 604800" bash tests/cluster.sh start "$dir" "$port" "$db"
+vsql_vault.sweep_interval = 604800
+vsql_vault.kek_file = '$dir/bench.kek'
+logical_decoding_work_mem = '256MB'
+$(runuser -u postgres -- /usr/lib/postgresql/15/bin/postgres --describe-config 2>/dev/null |
+    grep '^output_plugin_libraries' >/dev/null &&
+    echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json, vsql_vault'")" \
+    bash tests/cluster.sh start "$dir" "$port" "$db"
+printf 'v1 %s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$dir/bench.kek"
+chown postgres "$dir/bench.kek"
+chmod 600 "$dir/bench.kek"
 
 psql_su() { psql -X -q -h "$dir" -p "$port" -U postgres -d "$db" -v ON_ERROR_STOP=1 "$@"; }
 psql_su -c "CREATE EXTENSION vsql_vault"
@@ -111,6 +124,41 @@ end=$(date +%s.%N)
 rate=$(awk -v n="$purged" -v a="$start" -v b="$end" 'BEGIN {printf "%d", n / (b - a)}')
 row "purge with signed proofs, $purged expired entries (entries/s)" "$rate" "33334" "1,000,000 in <= 30 s"
 
+echo "==> decoding: 200,000 inserted rows in 100-row transactions, pg_logical_slot_peek_changes"
+psql_su -c "CREATE TABLE decode_rows (id int PRIMARY KEY, note text, amount numeric, at timestamptz)"
+psql_su -c "CREATE PUBLICATION bench_pub FOR TABLE decode_rows"
+for plugin in vsql_vault wal2json test_decoding pgoutput; do
+    psql_su -Atc "SELECT pg_create_logical_replication_slot('bench_$plugin', '$plugin')" >/dev/null
+done
+psql_su -c "DO \$\$ BEGIN FOR b IN 0..1999 LOOP
+              INSERT INTO decode_rows SELECT g, 'row ' || g, g * 1.5, now() FROM generate_series(b * 100 + 1, b * 100 + 100) g;
+              COMMIT; END LOOP; END \$\$"
+peek_secs() { # median seconds of $reps peeks: slot, SQL function, extra options
+    local runs=()
+    for _ in $(seq 1 "$reps"); do
+        local a b
+        a=$(date +%s.%N)
+        psql_su -Atc "SELECT count(*) FROM $2('bench_$1', NULL, NULL $3)" >/dev/null
+        b=$(date +%s.%N)
+        runs+=("$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.3f", b - a}')")
+    done
+    printf '%s\n' "${runs[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
+}
+ours=$(peek_secs vsql_vault pg_logical_slot_peek_changes "")
+w1=$(peek_secs wal2json pg_logical_slot_peek_changes ", 'format-version', '1'")
+w2=$(peek_secs wal2json pg_logical_slot_peek_changes ", 'format-version', '2'")
+td=$(peek_secs test_decoding pg_logical_slot_peek_changes "")
+po=$(peek_secs pgoutput pg_logical_slot_peek_binary_changes ", 'proto_version', '1', 'publication_names', 'bench_pub'")
+speed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", b / a }'; }
+rows+=("| decoding 200,000 rows, vsql_vault (encrypting, signing) vs wal2json format 1 (s) | $ours | $w1 | $(speed "$ours" "$w1") | >= 1.0x |")
+rows+=("| decoding vs wal2json format 2 (s) | $ours | $w2 | $(speed "$ours" "$w2") | |")
+rows+=("| decoding vs test_decoding (s) | $ours | $td | $(speed "$ours" "$td") | |")
+rows+=("| decoding vs pgoutput (s) | $ours | $po | $(speed "$ours" "$po") | as close as possible |")
+echo "  vsql_vault $ours s, wal2json v1 $w1 s, v2 $w2 s, test_decoding $td s, pgoutput $po s"
+for plugin in vsql_vault wal2json test_decoding pgoutput; do
+    psql_su -Atc "SELECT pg_drop_replication_slot('bench_$plugin')" >/dev/null
+done
+
 pgver=$(psql_su -Atc "SHOW server_version")
 out=benches/results/latest.md
 {
@@ -118,7 +166,8 @@ out=benches/results/latest.md
     echo
     echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(free -g | awk '/^Mem/ {print $2}') GiB, PostgreSQL $pgver,"
     echo "release build; shared_buffers 1GB, synchronous_commit on, fsync on; pgbench -T $secs, median of $reps."
-    echo "The retention peer column is the rate the aim needs (1,000,000 in 30 s)."
+    echo "The retention peer column is the rate the aim needs (1,000,000 in 30 s); decoding rows are"
+    echo "seconds (lower is better) and the ratio is peer time / vsql_vault time."
     echo
     echo "| scenario | vsql_vault | peer | ratio | target |"
     echo "|---|---|---|---|---|"
