@@ -230,6 +230,8 @@ unsafe extern "C-unwind" fn startup(
             context,
         });
         (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
+        // Cached output functions live in this session's memory: start afresh.
+        COLUMNS.with(|c| c.borrow_mut().clear());
     }
 }
 
@@ -241,6 +243,7 @@ unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
             // Dropping the sealer zeroizes the session's data key.
             drop(Box::from_raw(p));
             (*ctx).output_plugin_private = std::ptr::null_mut();
+            COLUMNS.with(|c| c.borrow_mut().clear());
         }
     }
 }
@@ -382,6 +385,80 @@ unsafe fn relation_names(rel: pg_sys::Relation) -> (String, String) {
     }
 }
 
+/// What the plugin needs of each live column of a relation, looked up once per relation (the
+/// per-column catalog lookups are the known hot spot of decoding plugins) and dropped whenever
+/// the relation cache says the relation changed.
+struct Column {
+    index: usize,
+    name: String,
+    type_name: String,
+    attlen: i16,
+    output: Box<pg_sys::FmgrInfo>,
+}
+
+thread_local! {
+    static COLUMNS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Vec<Column>>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+    static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    COLUMNS.with(|c| {
+        let mut c = c.borrow_mut();
+        if relid == pg_sys::Oid::INVALID {
+            c.clear();
+        } else {
+            c.remove(&relid);
+        }
+    });
+}
+
+unsafe fn columns_of(
+    rel: pg_sys::Relation,
+    long_lived: pg_sys::MemoryContext,
+) -> std::rc::Rc<Vec<Column>> {
+    unsafe {
+        let relid = (*rel).rd_id;
+        if let Some(cols) = COLUMNS.with(|c| c.borrow().get(&relid).cloned()) {
+            return cols;
+        }
+        if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(relation_changed),
+                pg_sys::Datum::from(0usize),
+            );
+        }
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut cols = Vec::with_capacity(natts);
+        for (i, a) in (*desc).attrs.as_slice(natts).iter().enumerate() {
+            if a.attisdropped || a.attnum <= 0 {
+                continue;
+            }
+            let mut out_fn = pg_sys::Oid::INVALID;
+            let mut varlena = false;
+            pg_sys::getTypeOutputInfo(a.atttypid, &mut out_fn, &mut varlena);
+            let mut output: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
+            pg_sys::fmgr_info_cxt(out_fn, output.as_mut(), long_lived);
+            cols.push(Column {
+                index: i,
+                name: CStr::from_ptr(a.attname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+                type_name: CStr::from_ptr(pg_sys::format_type_be(a.atttypid))
+                    .to_string_lossy()
+                    .into_owned(),
+                attlen: a.attlen,
+                output,
+            });
+        }
+        let cols = std::rc::Rc::new(cols);
+        COLUMNS.with(|c| c.borrow_mut().insert(relid, cols.clone()));
+        cols
+    }
+}
+
 /// The columns of a decoded tuple as JSON: name, type, and the value in its text form (NULL as
 /// null); an unchanged TOAST value is marked, not fetched.
 unsafe fn tuple_columns(
@@ -389,6 +466,7 @@ unsafe fn tuple_columns(
     tuple: *mut pg_sys::ReorderBufferTupleBuf,
     key_only: bool,
     excluded: &[String],
+    long_lived: pg_sys::MemoryContext,
 ) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     if tuple.is_null() {
@@ -405,39 +483,29 @@ unsafe fn tuple_columns(
             values.as_mut_ptr(),
             nulls.as_mut_ptr(),
         );
-        let attrs = (*desc).attrs.as_slice(natts);
-        for (i, a) in attrs.iter().enumerate() {
-            if a.attisdropped || a.attnum <= 0 {
-                continue;
-            }
+        let cols = columns_of(rel, long_lived);
+        for c in cols.iter() {
+            let i = c.index;
             if key_only && nulls[i] {
                 continue;
             }
-            let name = CStr::from_ptr(a.attname.data.as_ptr())
-                .to_string_lossy()
-                .into_owned();
             // Excluded columns never leave the server, not even sealed.
-            if excluded.contains(&name) {
+            if excluded.contains(&c.name) {
                 continue;
             }
-            let tname = CStr::from_ptr(pg_sys::format_type_be(a.atttypid))
-                .to_string_lossy()
-                .into_owned();
             let value = if nulls[i] {
-                serde_json::json!({ "name": name, "type": tname, "value": null })
+                serde_json::json!({ "name": c.name, "type": c.type_name, "value": null })
             } else {
                 let ptr = values[i].cast_mut_ptr::<u8>();
                 // A varlena that is an on-disk TOAST pointer: unchanged and not part of the WAL.
-                if a.attlen == -1 && *ptr == 0x01 && *ptr.add(1) == 18 {
-                    serde_json::json!({ "name": name, "type": tname, "unchanged_toast": true })
+                if c.attlen == -1 && *ptr == 0x01 && *ptr.add(1) == 18 {
+                    serde_json::json!({ "name": c.name, "type": c.type_name, "unchanged_toast": true })
                 } else {
-                    let mut out_fn = pg_sys::Oid::INVALID;
-                    let mut varlena = false;
-                    pg_sys::getTypeOutputInfo(a.atttypid, &mut out_fn, &mut varlena);
-                    let text = CStr::from_ptr(pg_sys::OidOutputFunctionCall(out_fn, values[i]))
+                    let finfo = (c.output.as_ref() as *const pg_sys::FmgrInfo).cast_mut();
+                    let text = CStr::from_ptr(pg_sys::OutputFunctionCall(finfo, values[i]))
                         .to_string_lossy()
                         .into_owned();
-                    serde_json::json!({ "name": name, "type": tname, "value": text })
+                    serde_json::json!({ "name": c.name, "type": c.type_name, "value": text })
                 }
             };
             out.push(value);
@@ -481,6 +549,7 @@ unsafe extern "C-unwind" fn change(
         let old = pg_sys::MemoryContextSwitchTo(st.context);
         let tp = (*change).data.tp;
         let relid = (*rel).rd_id;
+        let long_lived = (*ctx).context;
         let excluded = st
             .excluded
             .entry(relid)
@@ -489,18 +558,18 @@ unsafe extern "C-unwind" fn change(
         let (action, columns, identity) = match (*change).action {
             pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => (
                 "I",
-                tuple_columns(rel, tp.newtuple, false, &excluded),
+                tuple_columns(rel, tp.newtuple, false, &excluded, long_lived),
                 vec![],
             ),
             pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => (
                 "U",
-                tuple_columns(rel, tp.newtuple, false, &excluded),
-                tuple_columns(rel, tp.oldtuple, true, &excluded),
+                tuple_columns(rel, tp.newtuple, false, &excluded, long_lived),
+                tuple_columns(rel, tp.oldtuple, true, &excluded, long_lived),
             ),
             pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => (
                 "D",
                 vec![],
-                tuple_columns(rel, tp.oldtuple, true, &excluded),
+                tuple_columns(rel, tp.oldtuple, true, &excluded, long_lived),
             ),
             _ => {
                 pg_sys::MemoryContextSwitchTo(old);

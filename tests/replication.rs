@@ -544,3 +544,46 @@ fn a_kms_command_can_wrap_the_data_keys() {
     su.execute("SELECT pg_drop_replication_slot('it_kms_slot')", &[])
         .unwrap();
 }
+
+#[test]
+fn schema_changes_between_transactions_are_followed() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "ef"));
+    su.batch_execute(
+        "DROP TABLE IF EXISTS it_alter; CREATE TABLE it_alter (id int PRIMARY KEY, a text)",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "it_alter_slot");
+    su.batch_execute(
+        "INSERT INTO it_alter VALUES (1, 'x');
+         ALTER TABLE it_alter ADD COLUMN b int;
+         INSERT INTO it_alter VALUES (2, 'y', 7);
+         ALTER TABLE it_alter DROP COLUMN a;
+         INSERT INTO it_alter VALUES (3, 9);",
+    )
+    .unwrap();
+    let file = format!("{}/alter.stream", s.dir);
+    recvlogical(&s, &mut su, "it_alter_slot", &file);
+    let (code, out, err) = decrypt(&mut su, &kek, &file);
+    assert_eq!(code, 0, "{err}");
+    let names: Vec<Vec<String>> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|c| c["table"] == "it_alter")
+        .map(|c| {
+            c["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["name"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![vec!["id", "a"], vec!["id", "a", "b"], vec!["id", "b"]]
+    );
+    su.execute("SELECT pg_drop_replication_slot('it_alter_slot')", &[])
+        .unwrap();
+}
