@@ -216,6 +216,8 @@ pub enum StreamError {
     Envelope(usize, EnvelopeError),
     #[error("line {0}: the decrypted changes do not match the signed Merkle root")]
     Root(usize),
+    #[error("line {0}: session {1} starts a second time (the stream was replayed or spliced)")]
+    ReplayedSession(usize, String),
 }
 
 struct Open {
@@ -269,11 +271,7 @@ impl Reader {
                     .unwrap(&s.kek_id, &s.session, &wrapped)
                     .map_err(|e| StreamError::Envelope(n, e))?;
                 if self.sessions.contains_key(&s.session) {
-                    return Err(StreamError::Sequence {
-                        line: n,
-                        expected: 0,
-                        got: 0,
-                    });
+                    return Err(StreamError::ReplayedSession(n, s.session.clone()));
                 }
                 self.sessions.insert(
                     s.session.clone(),
@@ -439,6 +437,10 @@ mod tests {
         let mut l = lines.clone();
         l[2] = other[2].clone();
         assert!(matches!(run(l), Err(StreamError::UnknownSession(3, _))));
+        // the whole session replayed after itself
+        let mut l = lines.clone();
+        l.extend(lines.clone());
+        assert!(matches!(run(l), Err(StreamError::ReplayedSession(5, _))));
         // truncated line
         let mut l = lines.clone();
         let half = l[3].len() / 2;
