@@ -66,25 +66,11 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
             );
             // Publish the public key at once: consumers of the replication stream need it before
             // the first checkpoint.
-            let registered = PgTryBuilder::new(|| {
-                BackgroundWorker::transaction(|| {
-                    let present = Spi::get_one::<bool>(
-                        "SELECT to_regclass('vault.signing_keys') IS NOT NULL",
-                    )
-                    .ok()
-                    .flatten()
-                    .unwrap_or(false);
-                    if present {
-                        crate::keys::register(&key)
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    } else {
-                        Ok(())
-                    }
-                })
-            })
-            .catch_others(|e| e.rethrow())
-            .execute();
+            let registered = when_installed("vault.signing_keys", || {
+                crate::keys::register(&key)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
             if let Err(e) = registered {
                 warning!("vsql_vault could not publish its signing key: {e}");
             }
@@ -124,27 +110,37 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
 /// Signs the chain heads if the extension is installed; a failure is reported and retried at the
 /// next interval rather than ending the writer.
 fn scheduled_checkpoint() {
-    let result = PgTryBuilder::new(|| {
+    let result = when_installed("vault.audit_checkpoints", || {
+        crate::audit::checkpoint()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = result {
+        warning!("vsql_vault checkpoint failed: {e}");
+    }
+}
+
+/// Runs `work` in a transaction of its own if the extension's `table` exists in the served
+/// database (the writer starts before CREATE EXTENSION and lives on after DROP EXTENSION).
+fn when_installed(table: &str, work: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    let work = std::panic::AssertUnwindSafe(std::cell::Cell::new(Some(work)));
+    PgTryBuilder::new(|| {
         BackgroundWorker::transaction(|| {
-            let present =
-                Spi::get_one::<bool>("SELECT to_regclass('vault.audit_checkpoints') IS NOT NULL")
-                    .ok()
-                    .flatten()
-                    .unwrap_or(false);
-            if present {
-                crate::audit::checkpoint()
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            } else {
-                Ok(())
+            let present = crate::identity::select_one::<bool>(
+                "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+                &[table.into()],
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+            match (present, work.take()) {
+                (true, Some(w)) => w(),
+                _ => Ok(()),
             }
         })
     })
     .catch_others(|e| e.rethrow())
-    .execute();
-    if let Err(e) = result {
-        warning!("vsql_vault checkpoint failed: {e}");
-    }
+    .execute()
 }
 
 fn write_batch(batch: Vec<Taken>) {
