@@ -119,6 +119,47 @@ target/release/vsql-vault verify --export "$out/access_log.jsonl" --checkpoints 
 echo "   exit status $? (1: tampering found)"
 set -e
 
+run security_admin <<'SQL'
+\echo '==> Retention: customer-42 asks to be forgotten; the owner deletes the entry and gets a signed purge proof'
+SQL
+run app_a -c "SELECT vault_delete('card', 'customer-42', 'GDPR erasure request #1234') AS purge_proof_id"
+run app_a -c "SELECT * FROM vault_get('card', 'customer-42')"
+run auditor <<'SQL'
+SELECT id, purpose, external_id, owner, purge_method, reason, purged_by, vault_verify_purge_proof(id) AS proof_verifies
+  FROM vault.purge_log;
+SQL
+psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT vault_export_purge_proofs()" >"$out/proofs.jsonl"
+echo "   target/release/vsql-vault verify-purge --proofs $out/proofs.jsonl ..."
+target/release/vsql-vault verify-purge --proofs "$out/proofs.jsonl" "${keys[@]}" || true
+
+echo
+echo "==> Encrypted replication: a KEK file, a slot with the vsql_vault plugin, pg_recvlogical into the consumer"
+kek=$dir/replication.kek
+printf 'v1 %s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$kek"
+chown postgres "$kek"
+chmod 600 "$kek"
+run postgres <<SQL
+ALTER SYSTEM SET vsql_vault.kek_file = '$kek';
+SELECT pg_reload_conf();
+CREATE TABLE payments (id int PRIMARY KEY, pan text, amount numeric);
+SQL
+echo "   security_admin keeps card numbers on the source: vault_sync_exclude('payments', 'pan')"
+run security_admin -c "SELECT vault_sync_exclude('payments', 'pan')"
+pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot demo_slot --create-slot -P vsql_vault
+run postgres -c "INSERT INTO payments VALUES (1, '4111111111111111', 42.50), (2, '5500000000000004', 9.99)"
+end=$(psql -X -q -h "$dir" -p "$port" -U postgres -d "$db" -Atc "SELECT pg_current_wal_lsn()")
+pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot demo_slot --start --endpos "$end" --no-loop -f "$out/stream.jsonl"
+echo "   on the wire (what a broker would see), first 160 characters of each line:"
+cut -c1-160 "$out/stream.jsonl" | sed 's/^/   /'
+printf '   amounts in clear on the wire: %s\n' "$(grep -c '42.50' "$out/stream.jsonl" || true)"
+keys=()
+for k in $(psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT public_key FROM vault.signing_keys"); do
+    keys+=(--public-key "$k")
+done
+echo "   decrypted by the consumer (the excluded pan column never left the server):"
+target/release/vsql-vault decrypt --kek-file "$kek" "${keys[@]}" --input "$out/stream.jsonl" | sed 's/^/   /'
+pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot demo_slot --drop-slot
+
 cat <<EOF
 
 The demo cluster is still running.
