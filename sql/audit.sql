@@ -64,9 +64,12 @@ SELECT vault.protect_builtin('vault.access_log'::regclass::oid, 1);
 SELECT vault.protect_builtin('vault.audit_checkpoints'::regclass::oid, 1);
 UPDATE vault.protected_tables SET builtin = true;
 
--- pg_dump keeps user-table registrations, keys and checkpoints; chain heads are rebuilt by the
--- chain trigger while restoring (see vsql_vault.restore_mode).
+-- pg_dump keeps user-table registrations, their chain heads, keys and checkpoints (the built-in
+-- tables' registrations and heads come back with CREATE EXTENSION and move forward while their
+-- rows are restored, see vsql_vault.restore_mode).
 SELECT pg_catalog.pg_extension_config_dump('vault.protected_tables', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('vault.chain_heads',
+    'WHERE identity NOT IN (SELECT identity FROM vault.protected_tables WHERE builtin)');
 SELECT pg_catalog.pg_extension_config_dump('vault.protected_tables_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints', '');

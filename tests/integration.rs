@@ -293,6 +293,18 @@ fn zz_dump_and_restore_keep_the_vault() {
     admin
         .execute("SELECT vault_grant_purpose('it.card', 'it_a')", &[])
         .unwrap();
+    // A protected team table, to be written to again after the restore.
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on; DROP TABLE IF EXISTS it_dump_team; RESET vsql_vault.break_glass;
+         CREATE TABLE it_dump_team (id serial PRIMARY KEY, event text NOT NULL);",
+    )
+    .unwrap();
+    su.execute("SELECT vault_protect_table('it_dump_team', 2)", &[])
+        .unwrap();
+    su.batch_execute(
+        "INSERT INTO it_dump_team (event) SELECT 'before ' || g FROM generate_series(1, 3) g",
+    )
+    .unwrap();
     let snapshot = |c: &mut Client| -> Vec<String> {
         [
             "SELECT string_agg(format('%s/%s/%s/%s/%s', purpose, external_id, encode(encrypted_value, 'hex'), owner, expires_at), ',' ORDER BY purpose, external_id) FROM vault.entries",
@@ -390,6 +402,31 @@ fn zz_dump_and_restore_keep_the_vault() {
     assert!(verdicts(&mut restored)
         .iter()
         .any(|v| v.starts_with("vault.access_log/1/0/t")));
+    // The restored protected table keeps chaining where it left off, and stays append-only.
+    restored
+        .batch_execute(
+            "INSERT INTO it_dump_team (event) VALUES ('after restore 1'), ('after restore 2')",
+        )
+        .unwrap();
+    let team: Vec<(bool, i64)> = restored
+        .query(
+            "SELECT ok, rows_checked FROM vault_verify_audit('it_dump_team')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(team.iter().all(|(ok, _)| *ok), "{team:?}");
+    assert_eq!(team.iter().map(|(_, n)| n).sum::<i64>(), 5);
+    assert_eq!(
+        sqlstate(
+            &restored
+                .batch_execute("DELETE FROM it_dump_team")
+                .unwrap_err()
+        ),
+        "VV403"
+    );
     // Calls in the database the writer no longer serves are refused, not silently unlogged.
     let mut old = s.connect("it_a");
     assert_eq!(sqlstate(&get(&mut old, "dr1").unwrap_err()), "55000");
