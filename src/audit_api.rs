@@ -245,7 +245,8 @@ fn export_checkpoints_impl() -> TableIterator<
     rows_or_error(result)
 }
 
-fn rows_or_error(
+/// JSON lines as rows, or the one error row the SQL wrapper raises.
+pub(crate) fn rows_or_error(
     result: Result<Vec<String>, VaultError>,
 ) -> TableIterator<
     'static,

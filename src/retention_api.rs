@@ -260,17 +260,5 @@ fn export_purge_proofs_impl(
             .map(|p| serde_json::to_string(p).unwrap_or_default())
             .collect::<Vec<_>>())
     })();
-    match result {
-        Ok(lines) => TableIterator::new(
-            lines
-                .into_iter()
-                .map(|l| (None, None, Some(l)))
-                .collect::<Vec<_>>(),
-        ),
-        Err(e) => TableIterator::new(vec![(
-            Some(e.sqlstate().to_owned()),
-            Some(e.to_string()),
-            None,
-        )]),
-    }
+    crate::audit_api::rows_or_error(result)
 }

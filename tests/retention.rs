@@ -7,7 +7,7 @@ use common::*;
 use postgres::Client;
 use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn set_and_reload(su: &mut Client, setting: &str, value: Option<&str>) {
     match value {
@@ -21,12 +21,8 @@ fn set_and_reload(su: &mut Client, setting: &str, value: Option<&str>) {
     su.batch_execute("SELECT pg_reload_conf()").unwrap();
 }
 
-fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
+fn wait_until(what: &str, secs: u32, done: impl FnMut() -> bool) {
+    poll(what, secs * 5, done);
 }
 
 fn live(su: &mut Client, purpose: &str) -> i64 {

@@ -4,7 +4,7 @@
 use postgres::{Client, Config, NoTls};
 use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Server {
     pub dir: String,
@@ -62,33 +62,36 @@ impl Server {
 
     /// Waits until the audit writer serves `db` (it restarts to follow vsql_vault.database).
     pub fn wait_for_writer(&self, db: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(mut c) = Config::new()
+        poll(&format!("the audit writer to serve {db}"), 300, || {
+            Config::new()
                 .host_path(&self.dir)
                 .port(self.port)
                 .dbname("postgres")
                 .user("postgres")
                 .connect(NoTls)
-            {
-                let n: i64 = c
-                    .query_one(
+                .ok()
+                .and_then(|mut c| {
+                    c.query_one(
                         "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'vsql_vault audit writer' AND datname = $1",
                         &[&db],
                     )
-                    .unwrap()
-                    .get(0);
-                if n == 1 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "audit writer never connected to {db}"
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
+                    .ok()
+                })
+                .is_some_and(|r| r.get::<_, i64>(0) == 1)
+        });
     }
+}
+
+/// Polls `done` every 200 ms, at most `attempts` times, and fails the test if it never holds.
+/// (A bound on waiting for the server, counted in attempts: tests measure no speed.)
+pub fn poll(what: &str, attempts: u32, mut done: impl FnMut() -> bool) {
+    for _ in 0..attempts {
+        if done() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(done(), "gave up waiting for {what}");
 }
 
 /// Roles and a purpose shared by the tests; safe to run again.
