@@ -45,6 +45,7 @@ CREATE TABLE vault.audit_checkpoints (
     key_id          text NOT NULL,
     signature       bytea NOT NULL
 );
+CREATE INDEX audit_checkpoints_chain ON vault.audit_checkpoints (table_identity, chain, id);
 
 REVOKE ALL ON vault.protected_tables, vault.chain_heads, vault.signing_keys, vault.audit_checkpoints
     FROM PUBLIC;

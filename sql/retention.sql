@@ -51,6 +51,8 @@ CREATE TABLE vault.purge_log (
     signature          bytea NOT NULL
 );
 CREATE INDEX purge_log_entry ON vault.purge_log (purpose, external_id);
+CREATE INDEX purge_log_purged_at ON vault.purge_log (purged_at);
+CREATE INDEX purge_log_sweep ON vault.purge_log (sweep_id) WHERE sweep_id IS NOT NULL;
 
 REVOKE ALL ON vault.sweep_runs, vault.purge_log FROM PUBLIC;
 GRANT SELECT ON vault.sweep_runs, vault.purge_log TO vault_auditor, vault_admin;

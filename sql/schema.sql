@@ -116,6 +116,42 @@ CREATE TABLE vault.access_log (
 );
 CREATE INDEX access_log_logged_at ON vault.access_log (logged_at);
 CREATE INDEX access_log_entry_gets ON vault.access_log (entry_id) WHERE operation = 'get' AND granted;
+-- The evidence queries an auditor runs against a log of millions of rows: recent denials, and the
+-- last verification of the chains.
+CREATE INDEX access_log_denials ON vault.access_log (logged_at) WHERE NOT granted;
+CREATE INDEX access_log_verifications ON vault.access_log (id) WHERE operation = 'verify_audit' AND granted;
+
+-- Decisions counted per UTC day, role, purpose, operation and outcome, so access summaries and
+-- metrics never scan the log. Derived data: a statement trigger adds each insert's rows (the
+-- audit writer inserts a whole batch in one statement), and a restore rebuilds it the same way.
+CREATE TABLE vault.access_daily (
+    day       date NOT NULL,
+    role_name name NOT NULL,
+    purpose   text NOT NULL,
+    operation text NOT NULL,
+    granted   bool NOT NULL,
+    calls     bigint NOT NULL,
+    PRIMARY KEY (day, role_name, purpose, operation, granted)
+);
+REVOKE ALL ON vault.access_daily FROM PUBLIC;
+
+CREATE FUNCTION vault.count_access() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, calls)
+    SELECT (n.logged_at AT TIME ZONE 'UTC')::date, n.role_name, coalesce(n.purpose, ''),
+           n.operation, n.granted, count(*)
+      FROM new_rows n
+     GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT (day, role_name, purpose, operation, granted)
+    DO UPDATE SET calls = d.calls + EXCLUDED.calls;
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER access_log_count AFTER INSERT ON vault.access_log
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION vault.count_access();
+ALTER TABLE vault.access_log ENABLE ALWAYS TRIGGER access_log_count;
 
 CREATE FUNCTION vault.refuse_modification() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$

@@ -147,6 +147,30 @@ fn rotate_signing_key_impl() -> TableIterator<
     TableIterator::once((s, m, result.ok()))
 }
 
+/// The summary of a verification kept in its access record: small enough for the record's
+/// details (the first failures are named, the rest counted).
+fn verdict(
+    tbl: Option<pg_sys::Oid>,
+    reports: &[vsql_vault_core::chain::ChainReport],
+) -> serde_json::Value {
+    let failed: Vec<&vsql_vault_core::chain::ChainReport> =
+        reports.iter().filter(|r| !r.ok).collect();
+    let tables: std::collections::BTreeSet<&str> =
+        reports.iter().map(|r| r.table.as_str()).collect();
+    serde_json::json!({
+        "table_oid": tbl.map(|o| o.to_u32()),
+        "scope": if tbl.is_some() { "table" } else { "all" },
+        "tables": tables,
+        "ok": failed.is_empty(),
+        "chains": reports.len(),
+        "rows_checked": reports.iter().map(|r| r.rows_checked).sum::<i64>(),
+        "failed_chains": failed.len(),
+        "failed": failed.iter().take(8).map(|r| serde_json::json!({
+            "table": r.table, "chain": r.chain, "first_bad_seq": r.first_bad_seq
+        })).collect::<Vec<_>>(),
+    })
+}
+
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
 fn verify_audit_impl(
@@ -164,12 +188,21 @@ fn verify_audit_impl(
         name!(detail, Option<String>),
     ),
 > {
-    let result = logged(
-        "verify_audit",
-        serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()) }),
-        |c| require(c, &["vault_auditor", "vault_admin"]),
-        || audit::verify(tbl),
-    );
+    // The verdict goes into the access record itself, so the last verification and its result
+    // are chained evidence that the compliance report and the audit_integrity view read back.
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, "verify_audit", None, None);
+    event.details = Some(serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()) }));
+    let result = match require(&caller, &["vault_auditor", "vault_admin"]) {
+        Err(e) => Err(event.refused(e)),
+        Ok(()) => match audit::verify(tbl) {
+            Err(e) => Err(event.refused(e)),
+            Ok(reports) => {
+                event.details = Some(verdict(tbl, &reports));
+                event.granted().map(|_| reports)
+            }
+        },
+    };
     match result {
         Ok(reports) => TableIterator::new(
             reports

@@ -254,6 +254,11 @@ unsafe extern "C-unwind" fn begin(
     _txn: *mut pg_sys::ReorderBufferTXN,
 ) {
     let st = unsafe { state(ctx) };
+    if crate::preloaded() {
+        BATCHES_SEALED
+            .get()
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     st.pending.clear();
     st.pending_bytes = 0;
     st.tables.clear();
@@ -354,6 +359,23 @@ unsafe fn flush(
     st.tables.clear();
     st.first_lsn = 0;
     unsafe { write_line(ctx, &line, last) };
+}
+
+/// Batches sealed by every walsender and SQL decoding call since the server started, for
+/// `vault_metrics()`. Shared memory exists only when the library is preloaded.
+static BATCHES_SEALED: pgrx::PgAtomic<std::sync::atomic::AtomicU64> =
+    unsafe { pgrx::PgAtomic::new(c"vsql_vault_batches_sealed") };
+
+pub fn init_shmem() {
+    pgrx::pg_shmem_init!(BATCHES_SEALED);
+}
+
+pub fn batches_sealed() -> Option<u64> {
+    crate::preloaded().then(|| {
+        BATCHES_SEALED
+            .get()
+            .load(std::sync::atomic::Ordering::Relaxed)
+    })
 }
 
 unsafe fn push(ctx: *mut pg_sys::LogicalDecodingContext, lsn: u64, xid: u32, record: String) {

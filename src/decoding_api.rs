@@ -4,7 +4,6 @@ use crate::access_log::{write_then_log, Event};
 use crate::errors::{status, VaultError};
 use crate::identity::{has_role, select_one, AsOwner, Caller};
 use pgrx::prelude::*;
-use vsql_vault_core::canonical::report_message;
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
@@ -103,12 +102,7 @@ fn scope_report_impl() -> TableIterator<
     let caller = Caller::current();
     let event = Event::new(&caller, "scope_report", None, None);
     let result = (|| {
-        if !(has_role(&caller, "vault_auditor") || has_role(&caller, "vault_admin")) {
-            return Err(event.refused(VaultError::Denied(format!(
-                "role \"{}\" is not a member of vault_auditor or vault_admin",
-                caller.role_name
-            ))));
-        }
+        crate::report::require_auditor(&caller).map_err(|e| event.refused(e))?;
         let _owner = AsOwner::enter();
         let body = select_one::<pgrx::JsonB>(
             "SELECT jsonb_build_object(
@@ -136,13 +130,8 @@ fn scope_report_impl() -> TableIterator<
         let mut report = body;
         report["kek_ids"] = serde_json::json!(crate::decoding::kek_ids());
         report["extension_version"] = serde_json::json!(env!("CARGO_PKG_VERSION"));
-        let key = crate::keys::current()?;
-        let key_id =
-            crate::keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
-        report["signing_key_id"] = serde_json::json!(key_id);
         report["report"] = serde_json::json!("vsql_vault scope report");
-        let signature = vsql_vault_core::keys::sign(&key, &report_message(&report));
-        report["signature"] = serde_json::json!(hex::encode(signature));
+        crate::report::sign(&mut report)?;
         event.granted()?;
         Ok(report.to_string())
     })();

@@ -18,6 +18,7 @@ mod identity;
 mod keys;
 mod plans;
 mod policy;
+mod report;
 mod retention;
 mod retention_api;
 mod retention_worker;
@@ -43,7 +44,16 @@ pgrx::extension_sql_file!(
     name = "retention",
     requires = ["audit"]
 );
-pgrx::extension_sql_file!("../sql/replication.sql", name = "replication", finalize);
+pgrx::extension_sql_file!(
+    "../sql/replication.sql",
+    name = "replication",
+    requires = [
+        "retention",
+        decoding_api::sync_scope_impl,
+        decoding_api::scope_report_impl
+    ]
+);
+pgrx::extension_sql_file!("../sql/compliance.sql", name = "compliance", finalize);
 
 /// Set in `_PG_init` when the library is loaded through `shared_preload_libraries`: only then do
 /// the shared audit queue and the audit writer exist.
@@ -62,6 +72,7 @@ pub extern "C-unwind" fn _PG_init() {
         PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
         audit_queue::init_shmem();
         retention_worker::init_shmem();
+        decoding::init_shmem();
         audit_writer::register();
         retention_worker::register();
     }

@@ -9,34 +9,6 @@ use std::process::Command;
 
 const SECRET: &str = "card 4111-1111-1111-1111 100% \"quoted\"\nline two ü";
 
-fn kek_line(id: &str, byte: &str) -> String {
-    format!("{id} {}\n", byte.repeat(32))
-}
-
-/// Writes the KEK file as the server's user, owner-only, and points the server at it.
-fn set_kek(s: &Server, su: &mut Client, contents: &str) -> String {
-    let path = format!("{}/replication.kek", s.dir);
-    std::fs::write(&path, contents).unwrap();
-    let ok = Command::new("sh")
-        .args(["-c", &format!("chown postgres {path} && chmod 600 {path}")])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.kek_file = '{path}'"))
-        .unwrap();
-    su.batch_execute("SELECT pg_reload_conf()").unwrap();
-    path
-}
-
-fn public_keys(su: &mut Client) -> Vec<String> {
-    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
-    su.query("SELECT public_key FROM vault.signing_keys", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 fn decrypt(su: &mut Client, kek: &str, stream: &str) -> (i32, String, String) {
     let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI"));
     cmd.args(["decrypt", "--kek-file", kek, "--input", stream]);

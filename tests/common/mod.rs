@@ -142,3 +142,33 @@ pub fn get(c: &mut Client, id: &str) -> Result<Vec<u8>, postgres::Error> {
     )
     .map(|r| r.get(0))
 }
+
+/// One KEK file line: version id and 32 key bytes.
+pub fn kek_line(id: &str, byte: &str) -> String {
+    format!("{id} {}\n", byte.repeat(32))
+}
+
+/// Writes the KEK file as the server's user, owner-only, and points the server at it.
+pub fn set_kek(s: &Server, su: &mut Client, contents: &str) -> String {
+    let path = format!("{}/replication.kek", s.dir);
+    std::fs::write(&path, contents).unwrap();
+    let ok = Command::new("sh")
+        .args(["-c", &format!("chown postgres {path} && chmod 600 {path}")])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.kek_file = '{path}'"))
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    path
+}
+
+/// The public halves of every signing key, after a checkpoint so the current key is registered.
+pub fn public_keys(su: &mut Client) -> Vec<String> {
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    su.query("SELECT public_key FROM vault.signing_keys", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}

@@ -1,0 +1,139 @@
+-- Compliance evidence: the signed compliance report, Prometheus metrics, and the views an auditor
+-- queries with psql. Runs last in CREATE EXTENSION. Each view answers one question (its comment
+-- says which); docs/compliance.md maps them to PCI DSS, SOC 2, ISO 27001 and HIPAA.
+
+CREATE FUNCTION vault_compliance_report() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM vault.compliance_report_impl();
+    IF r.sqlstate IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
+    END IF;
+    RETURN r.report::jsonb;
+END
+$fn$;
+
+CREATE FUNCTION vault_metrics() RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM vault.metrics_impl();
+    IF r.sqlstate IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
+    END IF;
+    RETURN r.metrics;
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION vault.replication_kek_ids() FROM PUBLIC;
+
+-- Is anything kept longer than its policy allows? Entries past their expiry that are not destroyed
+-- yet (normal for at most one vsql_vault.sweep_interval), and entries whose expiry lies beyond
+-- their purpose's maximum retention counted from when they were stored (possible only after the
+-- maximum was lowered): the second kind must be empty.
+CREATE VIEW vault.retention_compliance AS
+SELECT e.id AS entry_id, e.purpose, e.external_id, e.owner, e.updated_at AS stored_at, e.expires_at,
+       rp.max_retention_days, rp.purge_method,
+       CASE WHEN e.expires_at <= now() THEN 'past expiry, not purged'
+            ELSE 'expiry beyond policy maximum' END AS finding,
+       CASE WHEN e.expires_at <= now() THEN now() - e.expires_at END AS overdue_by,
+       CASE WHEN e.expires_at > e.updated_at + make_interval(days => rp.max_retention_days)
+            THEN e.expires_at - (e.updated_at + make_interval(days => rp.max_retention_days))
+       END AS beyond_maximum_by
+  FROM vault.entries e
+  JOIN vault.retention_policies rp ON rp.purpose = e.purpose
+ WHERE e.purged_at IS NULL
+   AND (e.expires_at <= now()
+        OR e.expires_at > e.updated_at + make_interval(days => rp.max_retention_days));
+COMMENT ON VIEW vault.retention_compliance IS
+    'Is anything kept longer than its policy allows? (entries past expiry not purged; entries whose expiry exceeds the policy maximum: must be none)';
+
+-- Who used the vault, for what, and how often was it refused? Per UTC day, role, purpose and
+-- operation, from counters the access log keeps as it grows.
+CREATE VIEW vault.access_summary AS
+SELECT d.day, d.role_name, nullif(d.purpose, '') AS purpose, d.operation,
+       coalesce(sum(d.calls) FILTER (WHERE d.granted), 0)::bigint AS granted,
+       coalesce(sum(d.calls) FILTER (WHERE NOT d.granted), 0)::bigint AS denied
+  FROM vault.access_daily d
+ GROUP BY d.day, d.role_name, d.purpose, d.operation;
+COMMENT ON VIEW vault.access_summary IS
+    'Who used the vault, for which purpose and operation, per UTC day, and how often was it refused?';
+
+-- Who was refused what, when, from where, and why?
+CREATE VIEW vault.access_denials AS
+SELECT l.id AS log_id, l.logged_at, l.role_name, l.session_user_name, l.application_name,
+       l.client_addr, l.operation, l.purpose, l.external_id, l.sqlstate, l.reason
+  FROM vault.access_log l
+ WHERE NOT l.granted;
+COMMENT ON VIEW vault.access_denials IS
+    'Who was refused what, when, from where, and why? (check one with vault_verify_audit)';
+
+-- What was destroyed, when, by whom, under which policy, and where is the proof?
+-- vault_verify_purge_proof(proof_id) checks one; vault_export_purge_proofs() exports them all.
+CREATE VIEW vault.purge_evidence AS
+SELECT g.id AS proof_id, g.purged_at, g.purpose, g.external_id, g.owner, g.entry_id, g.created_at,
+       g.expires_at, g.purge_method, g.max_retention_days, g.default_ttl_days, g.reason,
+       g.purged_by, g.sweep_id, g.batch_id, g.tree_size, g.key_id,
+       encode(g.merkle_root, 'hex') AS merkle_root, encode(g.entry_hash, 'hex') AS entry_hash
+  FROM vault.purge_log g;
+COMMENT ON VIEW vault.purge_evidence IS
+    'What was destroyed, when, by whom, under which policy, and where is its signed proof? (vault_verify_purge_proof(proof_id))';
+
+-- Which keys protect what? The application's key references (which purposes, how many live
+-- entries, how old the oldest ciphertext is: stale keys show), the Ed25519 keys that sign the
+-- evidence, and the key-encryption keys of the replication stream. Identifiers only: no key
+-- material is readable through SQL.
+CREATE VIEW vault.key_inventory AS
+SELECT 'application key_ref'::text AS kind, e.key_ref AS key_id,
+       array_agg(DISTINCT e.purpose ORDER BY e.purpose) AS purposes, count(*) AS entries,
+       min(e.updated_at) AS oldest_use, max(e.updated_at) AS newest_use,
+       now() - min(e.updated_at) AS oldest_age, NULL::timestamptz AS retired_at
+  FROM vault.entries e
+ WHERE e.purged_at IS NULL
+ GROUP BY e.key_ref
+UNION ALL
+SELECT 'evidence signing key', k.key_id, NULL, NULL, k.created_at, NULL, now() - k.created_at,
+       k.retired_at
+  FROM vault.signing_keys k
+UNION ALL
+SELECT 'replication KEK', x.id, NULL, NULL, NULL, NULL, NULL, NULL
+  FROM unnest(vault.replication_kek_ids()) AS x(id);
+COMMENT ON VIEW vault.key_inventory IS
+    'Which keys protect what, and how old is the oldest ciphertext under each? (identifiers only)';
+
+-- Is the audit trail intact? For every chain of every protected table: how far it reaches, the
+-- last signed checkpoint and what has been appended since, and the last vault_verify_audit that
+-- covered it with its verdict.
+CREATE VIEW vault.audit_integrity AS
+SELECT t.table_name, t.identity AS table_identity, h.chain_id AS chain, h.seq AS rows_chained,
+       c.checkpointed_at AS last_checkpoint_at, c.seq AS checkpoint_seq,
+       h.seq - coalesce(c.seq, 0) AS rows_since_checkpoint, c.key_id AS checkpoint_key_id,
+       v.logged_at AS last_verified_at, v.role_name AS last_verified_by,
+       CASE WHEN v.logged_at IS NULL THEN NULL
+            ELSE NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v.details->'failed') f
+                              WHERE f->>'table' = t.identity
+                                AND (f->>'chain')::int = h.chain_id)
+                 AND ((v.details->>'failed_chains')::int <= jsonb_array_length(v.details->'failed')
+                      OR (v.details->>'ok')::bool)
+       END AS last_verification_ok
+  FROM vault.protected_tables t
+  JOIN vault.chain_heads h ON h.identity = t.identity
+  LEFT JOIN LATERAL (
+      SELECT c.checkpointed_at, c.seq, c.key_id FROM vault.audit_checkpoints c
+       WHERE c.table_identity = t.identity AND c.chain = h.chain_id
+       ORDER BY c.id DESC LIMIT 1) c ON true
+  LEFT JOIN LATERAL (
+      SELECT l.logged_at, l.role_name, l.details FROM vault.access_log l
+       WHERE l.operation = 'verify_audit' AND l.granted
+         AND (l.details->>'scope' = 'all' OR l.details->'tables' ? t.identity)
+       ORDER BY l.id DESC LIMIT 1) v ON true;
+COMMENT ON VIEW vault.audit_integrity IS
+    'Is the audit trail intact? Every chain, its last signed checkpoint, and the last verification that covered it.';
+
+REVOKE ALL ON vault.retention_compliance, vault.access_summary, vault.access_denials,
+              vault.purge_evidence, vault.key_inventory, vault.audit_integrity FROM PUBLIC;
+GRANT SELECT ON vault.retention_compliance, vault.access_summary, vault.access_denials,
+                vault.purge_evidence, vault.key_inventory, vault.audit_integrity,
+                vault.access_daily
+    TO vault_auditor, vault_admin;
