@@ -26,7 +26,10 @@ BEGIN
 END
 $fn$;
 
+-- Functions in a view run with the privileges of whoever queries it: the key inventory's
+-- readers may list KEK identifiers (never key material).
 REVOKE ALL ON FUNCTION vault.replication_kek_ids() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vault.replication_kek_ids() TO vault_auditor, vault_admin;
 
 -- Is anything kept longer than its policy allows? Entries past their expiry that are not destroyed
 -- yet (normal for at most one vsql_vault.sweep_interval), and entries whose expiry lies beyond
