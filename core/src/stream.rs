@@ -210,6 +210,10 @@ pub enum StreamError {
         "line {0}: the chain link to the previous line is broken (batch moved from elsewhere?)"
     )]
     Link(usize),
+    #[error("line {0}: a session of slot {1} inside another slot's stream (spliced?)")]
+    OtherSlot(usize, String),
+    #[error("line {0}: batch of session {1} after a later session began (spliced or replayed?)")]
+    Superseded(usize, String),
     #[error("line {0}: batch belongs to slot {1}, not to this session's slot")]
     Slot(usize, String),
     #[error("line {0}: {1}")]
@@ -233,6 +237,10 @@ pub struct Reader {
     keys: Vec<VerifyingKey>,
     sessions: std::collections::HashMap<String, Open>,
     line: usize,
+    /// The slot of the first session: a stream never carries another slot's sessions.
+    slot: Option<String>,
+    /// Sessions follow one another; only the latest may still send batches.
+    current: Option<String>,
 }
 
 impl Reader {
@@ -242,6 +250,8 @@ impl Reader {
             keys,
             sessions: Default::default(),
             line: 0,
+            slot: None,
+            current: None,
         }
     }
 
@@ -273,6 +283,11 @@ impl Reader {
                 if self.sessions.contains_key(&s.session) {
                     return Err(StreamError::ReplayedSession(n, s.session.clone()));
                 }
+                if self.slot.as_ref().is_some_and(|slot| *slot != s.slot) {
+                    return Err(StreamError::OtherSlot(n, s.slot.clone()));
+                }
+                self.slot = Some(s.slot.clone());
+                self.current = Some(s.session.clone());
                 self.sessions.insert(
                     s.session.clone(),
                     Open {
@@ -295,6 +310,9 @@ impl Reader {
                     .ok_or_else(|| StreamError::UnknownSession(n, b.session.clone()))?;
                 if b.slot != open.slot {
                     return Err(StreamError::Slot(n, b.slot.clone()));
+                }
+                if self.current.as_deref() != Some(b.session.as_str()) {
+                    return Err(StreamError::Superseded(n, b.session.clone()));
                 }
                 if b.seq != open.seq + 1 {
                     return Err(StreamError::Sequence {
@@ -353,8 +371,12 @@ mod tests {
     }
 
     fn stream(ring: &KekRing, key: &SigningKey, batches: usize) -> Vec<String> {
+        stream_of("slot1", ring, key, batches)
+    }
+
+    fn stream_of(slot: &str, ring: &KekRing, key: &SigningKey, batches: usize) -> Vec<String> {
         let (mut s, header) =
-            Sealer::start("slot1", &Kek::File(ring.clone()), key.clone(), 1).unwrap();
+            Sealer::start(slot, &Kek::File(ring.clone()), key.clone(), 1).unwrap();
         let mut lines = vec![header];
         for i in 0..batches {
             let changes = vec![
@@ -437,6 +459,22 @@ mod tests {
         let mut l = lines.clone();
         l[2] = other[2].clone();
         assert!(matches!(run(l), Err(StreamError::UnknownSession(3, _))));
+        // a whole session of another slot spliced in
+        let other = stream_of("slot2", &ring, &key, 1);
+        let mut l = lines.clone();
+        l.insert(2, other[0].clone());
+        l.insert(3, other[1].clone());
+        assert!(matches!(run(l), Err(StreamError::OtherSlot(3, _))));
+        // a later session of the same slot, then a batch of the earlier one
+        let later = stream(&ring, &key, 1);
+        let mut l = lines[..3].to_vec();
+        l.extend(later.clone());
+        l.push(lines[3].clone());
+        assert!(matches!(run(l), Err(StreamError::Superseded(6, _))));
+        // sessions one after another are fine
+        let mut l = lines.clone();
+        l.extend(later);
+        assert!(run(l).is_ok());
         // the whole session replayed after itself
         let mut l = lines.clone();
         l.extend(lines.clone());

@@ -172,3 +172,49 @@ pub fn public_keys(su: &mut Client) -> Vec<String> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// Runs the offline consumer over a captured stream: (exit status, stdout, stderr).
+pub fn decrypt(su: &mut Client, kek: &str, stream: &str) -> (i32, String, String) {
+    let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI"));
+    cmd.args(["decrypt", "--kek-file", kek, "--input", stream]);
+    for k in public_keys(su) {
+        cmd.args(["--public-key", &k]);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Receives the slot's changes with pg_recvlogical up to the current WAL position.
+pub fn recvlogical(s: &Server, su: &mut Client, slot: &str, file: &str) {
+    let end: String = su
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let _ = std::fs::remove_file(file);
+    let port = s.port.to_string();
+    let out = Command::new("pg_recvlogical")
+        .args([
+            "-h", &s.dir, "-p", &port, "-U", "postgres", "-d", &s.db, "--slot", slot, "--start",
+        ])
+        .args(["--endpos", &end, "--no-loop", "-f", file])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_recvlogical: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn fresh_slot(su: &mut Client, slot: &str) {
+    let _ = su.execute("SELECT pg_drop_replication_slot($1)", &[&slot]);
+    su.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'vsql_vault')",
+        &[&slot],
+    )
+    .unwrap();
+}
