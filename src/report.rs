@@ -44,7 +44,7 @@ WITH e AS (
            count(*) FILTER (WHERE e.purged_at IS NULL AND e.expires_at <= now()) AS expired,
            count(*) FILTER (WHERE e.purged_at IS NULL AND e.expires_at > now()
                                   AND e.expires_at <= now() + interval '30 days') AS expiring,
-           count(*) FILTER (WHERE e.purged_at IS NULL
+           count(*) FILTER (WHERE e.purged_at IS NULL AND e.expires_at > now()
                                   AND e.expires_at > e.updated_at + make_interval(days => rp.max_retention_days))
                AS beyond_policy,
            count(*) FILTER (WHERE e.purged_at IS NOT NULL) AS shredded,
@@ -300,7 +300,7 @@ fn metrics() -> Result<String, VaultError> {
     let mut verification_ok = Family::new(
         "vsql_vault_last_verification_ok",
         "gauge",
-        "1 when the last vault_verify_audit found every chain intact, 0 when it did not.",
+        "1 when the last vault_verify_audit (of any scope) found every chain it checked intact, 0 when not.",
     );
     let mut checkpoint_time = Family::new(
         "vsql_vault_last_checkpoint_timestamp_seconds",
