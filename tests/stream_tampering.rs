@@ -137,7 +137,11 @@ fn every_kind_of_tampering_with_a_real_stream_is_rejected_with_its_own_error() {
         .clone();
     l[b[2]] = cap.other_slot[batches(&cap.other_slot)[0]].clone();
     l.insert(b[2], other_header);
-    cases.push(("another slot's session spliced in", l, "inside another slot's stream"));
+    cases.push((
+        "another slot's session spliced in",
+        l,
+        "inside another slot's stream",
+    ));
     let mut l = cap.lines.clone();
     l[b[1]] = cap.earlier_session[batches(&cap.earlier_session)[0]].clone();
     cases.push(("batch moved from another session", l, "spliced"));
