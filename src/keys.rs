@@ -87,6 +87,16 @@ pub fn register(key: &SigningKey) -> Result<String, pgrx::spi::Error> {
         "generated"
     };
     let _owner = AsOwner::enter();
+    // Only write when the key is new, so signing also works in read-only transactions (a
+    // compliance report on a standby or under default_transaction_read_only).
+    let known = crate::identity::select_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM vault.signing_keys WHERE key_id = $1)",
+        &[id.as_str().into()],
+    )?
+    .unwrap_or(false);
+    if known {
+        return Ok(id);
+    }
     Spi::connect_mut(|c| {
         c.update(
             "INSERT INTO vault.signing_keys (key_id, public_key, source) VALUES ($1, $2, $3)

@@ -73,6 +73,16 @@ fn the_compliance_report_verifies_offline_and_an_altered_copy_does_not() {
     unsigned.as_object_mut().unwrap().remove("signature");
     std::fs::write(&path, unsigned.to_string()).unwrap();
     assert_ne!(verify_report(&mut su, &path), 0);
+    // It can be taken in a read-only transaction (as on a standby).
+    let mut ro = s.connect("it_auditor");
+    ro.batch_execute("BEGIN READ ONLY").unwrap();
+    let again: String = ro
+        .query_one("SELECT vault_compliance_report()::text", &[])
+        .unwrap()
+        .get(0);
+    let again: serde_json::Value = serde_json::from_str(&again).unwrap();
+    ro.batch_execute("COMMIT").unwrap();
+    assert_eq!(again["signing_key_id"], v["signing_key_id"]);
     // Only auditors and admins get one; the refusal is logged.
     let e = app
         .query_one("SELECT vault_compliance_report()", &[])
