@@ -5,6 +5,7 @@
 use crate::settings;
 use pgrx::prelude::*;
 use std::ffi::CStr;
+use vsql_vault_core::canonical::push_json_str;
 use vsql_vault_core::envelope::{Kek, KekRing};
 use vsql_vault_core::stream::Sealer;
 
@@ -105,7 +106,9 @@ unsafe fn parse_options(list: *mut pg_sys::List) -> Options {
 struct State {
     options: Options,
     /// Excluded columns per relation, read under the historic snapshot, for this transaction.
-    excluded: std::collections::HashMap<pg_sys::Oid, Vec<String>>,
+    excluded: std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Vec<String>>>,
+    /// The largest change record so far: new records start with room for it.
+    record_capacity: usize,
     slot: String,
     kek: Kek,
     sealer: Option<Sealer>,
@@ -217,6 +220,7 @@ unsafe extern "C-unwind" fn startup(
         let st = Box::new(State {
             options,
             excluded: Default::default(),
+            record_capacity: 256,
             slot,
             kek: match wrap_command() {
                 Some(cmd) => Kek::Command(cmd),
@@ -231,7 +235,7 @@ unsafe extern "C-unwind" fn startup(
         });
         (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
         // Cached output functions live in this session's memory: start afresh.
-        COLUMNS.with(|c| c.borrow_mut().clear());
+        RELATIONS.with(|c| c.borrow_mut().clear());
     }
 }
 
@@ -243,7 +247,7 @@ unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
             // Dropping the sealer zeroizes the session's data key.
             drop(Box::from_raw(p));
             (*ctx).output_plugin_private = std::ptr::null_mut();
-            COLUMNS.with(|c| c.borrow_mut().clear());
+            RELATIONS.with(|c| c.borrow_mut().clear());
         }
     }
 }
@@ -254,11 +258,6 @@ unsafe extern "C-unwind" fn begin(
     _txn: *mut pg_sys::ReorderBufferTXN,
 ) {
     let st = unsafe { state(ctx) };
-    if crate::preloaded() {
-        BATCHES_SEALED
-            .get()
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
     st.pending.clear();
     st.pending_bytes = 0;
     st.tables.clear();
@@ -359,6 +358,11 @@ unsafe fn flush(
     st.tables.clear();
     st.first_lsn = 0;
     unsafe { write_line(ctx, &line, last) };
+    if crate::preloaded() {
+        BATCHES_SEALED
+            .get()
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Batches sealed by every walsender and SQL decoding call since the server started, for
@@ -391,42 +395,37 @@ unsafe fn push(ctx: *mut pg_sys::LogicalDecodingContext, lsn: u64, xid: u32, rec
     }
 }
 
-unsafe fn relation_names(rel: pg_sys::Relation) -> (String, String) {
-    unsafe {
-        let form = (*rel).rd_rel;
-        let table = CStr::from_ptr((*form).relname.data.as_ptr())
-            .to_string_lossy()
-            .into_owned();
-        let nsp = pg_sys::get_namespace_name((*form).relnamespace);
-        let schema = if nsp.is_null() {
-            String::new()
-        } else {
-            CStr::from_ptr(nsp).to_string_lossy().into_owned()
-        };
-        (schema, table)
-    }
-}
-
 /// What the plugin needs of each live column of a relation, looked up once per relation (the
 /// per-column catalog lookups are the known hot spot of decoding plugins) and dropped whenever
 /// the relation cache says the relation changed.
 struct Column {
     index: usize,
     name: String,
-    type_name: String,
     attlen: i16,
     output: Box<pg_sys::FmgrInfo>,
+    /// `{"name":...,"type":...,` already escaped: each row only appends its value.
+    prefix: String,
+}
+
+/// A relation as the change records name it, with its columns.
+struct Relation {
+    schema: String,
+    table: String,
+    qualified: String,
+    /// `"schema":...,"table":...` already escaped.
+    names: String,
+    columns: Vec<Column>,
 }
 
 thread_local! {
-    static COLUMNS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Vec<Column>>>> =
+    static RELATIONS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Relation>>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
     static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    COLUMNS.with(|c| {
+    RELATIONS.with(|c| {
         let mut c = c.borrow_mut();
         if relid == pg_sys::Oid::INVALID {
             c.clear();
@@ -436,24 +435,51 @@ unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, relid: pg_sys:
     });
 }
 
-unsafe fn columns_of(
+/// A renamed schema does not invalidate its relations' cache entries: forget them all.
+#[pg_guard]
+unsafe extern "C-unwind" fn namespace_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    RELATIONS.with(|c| c.borrow_mut().clear());
+}
+
+fn c_text(ptr: *const std::ffi::c_char) -> String {
+    if ptr.is_null() {
+        return String::new();
+    }
+    unsafe { CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+unsafe fn relation_of(
     rel: pg_sys::Relation,
     long_lived: pg_sys::MemoryContext,
-) -> std::rc::Rc<Vec<Column>> {
+) -> std::rc::Rc<Relation> {
     unsafe {
         let relid = (*rel).rd_id;
-        if let Some(cols) = COLUMNS.with(|c| c.borrow().get(&relid).cloned()) {
-            return cols;
+        if let Some(r) = RELATIONS.with(|c| c.borrow().get(&relid).cloned()) {
+            return r;
         }
         if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
             pg_sys::CacheRegisterRelcacheCallback(
                 Some(relation_changed),
                 pg_sys::Datum::from(0usize),
             );
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+                Some(namespace_changed),
+                pg_sys::Datum::from(0usize),
+            );
         }
+        let form = (*rel).rd_rel;
+        let table = c_text((*form).relname.data.as_ptr());
+        let schema = c_text(pg_sys::get_namespace_name((*form).relnamespace));
+        let mut names = String::from("\"schema\":");
+        push_json_str(&mut names, &schema);
+        names.push_str(",\"table\":");
+        push_json_str(&mut names, &table);
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
-        let mut cols = Vec::with_capacity(natts);
+        let mut columns = Vec::with_capacity(natts);
         for (i, a) in (*desc).attrs.as_slice(natts).iter().enumerate() {
             if a.attisdropped || a.attnum <= 0 {
                 continue;
@@ -463,39 +489,48 @@ unsafe fn columns_of(
             pg_sys::getTypeOutputInfo(a.atttypid, &mut out_fn, &mut varlena);
             let mut output: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
             pg_sys::fmgr_info_cxt(out_fn, output.as_mut(), long_lived);
-            cols.push(Column {
+            let name = c_text(a.attname.data.as_ptr());
+            let mut prefix = String::from("{\"name\":");
+            push_json_str(&mut prefix, &name);
+            prefix.push_str(",\"type\":");
+            push_json_str(&mut prefix, &c_text(pg_sys::format_type_be(a.atttypid)));
+            prefix.push(',');
+            columns.push(Column {
                 index: i,
-                name: CStr::from_ptr(a.attname.data.as_ptr())
-                    .to_string_lossy()
-                    .into_owned(),
-                type_name: CStr::from_ptr(pg_sys::format_type_be(a.atttypid))
-                    .to_string_lossy()
-                    .into_owned(),
+                name,
                 attlen: a.attlen,
                 output,
+                prefix,
             });
         }
-        let cols = std::rc::Rc::new(cols);
-        COLUMNS.with(|c| c.borrow_mut().insert(relid, cols.clone()));
-        cols
+        let r = std::rc::Rc::new(Relation {
+            qualified: format!("{schema}.{table}"),
+            schema,
+            table,
+            names,
+            columns,
+        });
+        RELATIONS.with(|c| c.borrow_mut().insert(relid, r.clone()));
+        r
     }
 }
 
-/// The columns of a decoded tuple as JSON: name, type, and the value in its text form (NULL as
-/// null); an unchanged TOAST value is marked, not fetched.
-unsafe fn tuple_columns(
-    rel: pg_sys::Relation,
+/// Appends the columns of a decoded tuple as a JSON array: name, type, and the value in its text
+/// form (NULL as null); an unchanged TOAST value is marked, not fetched.
+unsafe fn write_columns(
+    out: &mut String,
+    r: &Relation,
+    desc: pg_sys::TupleDesc,
     tuple: *mut pg_sys::ReorderBufferTupleBuf,
     key_only: bool,
     excluded: &[String],
-    long_lived: pg_sys::MemoryContext,
-) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
+) {
+    out.push('[');
     if tuple.is_null() {
-        return out;
+        out.push(']');
+        return;
     }
     unsafe {
-        let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
         let mut nulls = vec![false; natts];
@@ -505,52 +540,56 @@ unsafe fn tuple_columns(
             values.as_mut_ptr(),
             nulls.as_mut_ptr(),
         );
-        let cols = columns_of(rel, long_lived);
-        for c in cols.iter() {
+        let mut first = true;
+        for c in &r.columns {
             let i = c.index;
-            if key_only && nulls[i] {
+            if i >= natts || (key_only && nulls[i]) {
                 continue;
             }
             // Excluded columns never leave the server, not even sealed.
-            if excluded.contains(&c.name) {
+            if !excluded.is_empty() && excluded.contains(&c.name) {
                 continue;
             }
-            let value = if nulls[i] {
-                serde_json::json!({ "name": c.name, "type": c.type_name, "value": null })
-            } else {
-                let ptr = values[i].cast_mut_ptr::<u8>();
-                // A varlena that is an on-disk TOAST pointer: unchanged and not part of the WAL.
-                if c.attlen == -1 && *ptr == 0x01 && *ptr.add(1) == 18 {
-                    serde_json::json!({ "name": c.name, "type": c.type_name, "unchanged_toast": true })
-                } else {
-                    let finfo = (c.output.as_ref() as *const pg_sys::FmgrInfo).cast_mut();
-                    let text = CStr::from_ptr(pg_sys::OutputFunctionCall(finfo, values[i]))
-                        .to_string_lossy()
-                        .into_owned();
-                    serde_json::json!({ "name": c.name, "type": c.type_name, "value": text })
-                }
-            };
-            out.push(value);
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&c.prefix);
+            if nulls[i] {
+                out.push_str("\"value\":null}");
+                continue;
+            }
+            let ptr = values[i].cast_mut_ptr::<u8>();
+            // A varlena that is an on-disk TOAST pointer: unchanged and not part of the WAL.
+            if c.attlen == -1 && *ptr == 0x01 && *ptr.add(1) == 18 {
+                out.push_str("\"unchanged_toast\":true}");
+                continue;
+            }
+            let finfo = (c.output.as_ref() as *const pg_sys::FmgrInfo).cast_mut();
+            let text = CStr::from_ptr(pg_sys::OutputFunctionCall(finfo, values[i]));
+            out.push_str("\"value\":");
+            match text.to_str() {
+                Ok(t) => push_json_str(out, t),
+                Err(_) => push_json_str(out, &text.to_string_lossy()),
+            }
+            out.push('}');
         }
     }
-    out
+    out.push(']');
 }
 
-/// Adds the xid and commit time to a change record as the consumer asked.
-unsafe fn decorate(
-    options: &Options,
-    record: &mut serde_json::Value,
-    txn: *mut pg_sys::ReorderBufferTXN,
-) {
+/// Appends the xid and commit time to a change record as the consumer asked.
+unsafe fn decorate(options: &Options, record: &mut String, txn: *mut pg_sys::ReorderBufferTXN) {
+    use std::fmt::Write as _;
     if txn.is_null() {
         return;
     }
     unsafe {
         if options.include_xids {
-            record["xid"] = serde_json::json!((*txn).xid.into_inner());
+            let _ = write!(record, ",\"xid\":{}", (*txn).xid.into_inner());
         }
         if options.include_timestamp {
-            record["commit_time"] = serde_json::json!((*txn).xact_time.commit_time);
+            let _ = write!(record, ",\"commit_time\":{}", (*txn).xact_time.commit_time);
         }
     }
 }
@@ -564,53 +603,53 @@ unsafe extern "C-unwind" fn change(
 ) {
     unsafe {
         let st = state(ctx);
-        let (schema, table) = relation_names(rel);
-        if !st.options.wants(&schema, &table) {
+        let r = relation_of(rel, (*ctx).context);
+        if !st.options.wants(&r.schema, &r.table) {
             return;
         }
-        let old = pg_sys::MemoryContextSwitchTo(st.context);
-        let tp = (*change).data.tp;
+        let (action, new, old) = match (*change).action {
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => ("I", true, false),
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => ("U", true, true),
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => ("D", false, true),
+            _ => return,
+        };
         let relid = (*rel).rd_id;
-        let long_lived = (*ctx).context;
         let excluded = st
             .excluded
             .entry(relid)
-            .or_insert_with(|| excluded_columns(relid))
+            .or_insert_with(|| std::rc::Rc::new(excluded_columns(relid)))
             .clone();
-        let (action, columns, identity) = match (*change).action {
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => (
-                "I",
-                tuple_columns(rel, tp.newtuple, false, &excluded, long_lived),
-                vec![],
-            ),
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => (
-                "U",
-                tuple_columns(rel, tp.newtuple, false, &excluded, long_lived),
-                tuple_columns(rel, tp.oldtuple, true, &excluded, long_lived),
-            ),
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => (
-                "D",
-                vec![],
-                tuple_columns(rel, tp.oldtuple, true, &excluded, long_lived),
-            ),
-            _ => {
-                pg_sys::MemoryContextSwitchTo(old);
-                return;
-            }
-        };
-        let mut record = serde_json::json!({
-            "action": action,
-            "schema": schema,
-            "table": table,
-            "columns": columns,
-            "identity": identity,
-            "lsn": lsn_text((*change).lsn),
-        });
+        let tp = (*change).data.tp;
+        let desc = (*rel).rd_att;
+        let previous = pg_sys::MemoryContextSwitchTo(st.context);
+        let mut record = String::with_capacity(st.record_capacity);
+        record.push_str("{\"action\":\"");
+        record.push_str(action);
+        record.push_str("\",");
+        record.push_str(&r.names);
+        record.push_str(",\"columns\":");
+        if new {
+            write_columns(&mut record, &r, desc, tp.newtuple, false, &excluded);
+        } else {
+            record.push_str("[]");
+        }
+        record.push_str(",\"identity\":");
+        if old {
+            write_columns(&mut record, &r, desc, tp.oldtuple, true, &excluded);
+        } else {
+            record.push_str("[]");
+        }
+        record.push_str(",\"lsn\":\"");
+        record.push_str(&lsn_text((*change).lsn));
+        record.push('"');
         decorate(&st.options, &mut record, txn);
-        let record = record.to_string();
-        pg_sys::MemoryContextSwitchTo(old);
+        record.push('}');
+        pg_sys::MemoryContextSwitchTo(previous);
         pg_sys::MemoryContextReset(st.context);
-        st.tables.insert(format!("{schema}.{table}"));
+        st.record_capacity = st.record_capacity.max(record.len() + 16);
+        if !st.tables.contains(&r.qualified) {
+            st.tables.insert(r.qualified.clone());
+        }
         push(ctx, (*change).lsn, (*txn).xid.into_inner(), record);
     }
 }
@@ -625,17 +664,18 @@ unsafe extern "C-unwind" fn truncate(
 ) {
     unsafe {
         for i in 0..nrelations as usize {
-            let (schema, table) = relation_names(*relations.add(i));
-            if !state(ctx).options.wants(&schema, &table) {
+            let r = relation_of(*relations.add(i), (*ctx).context);
+            if !state(ctx).options.wants(&r.schema, &r.table) {
                 continue;
             }
-            let mut record = serde_json::json!({
-                "action": "T", "schema": schema, "table": table, "lsn": lsn_text((*change).lsn),
-            });
+            let mut record = String::from("{\"action\":\"T\",");
+            record.push_str(&r.names);
+            record.push_str(",\"lsn\":\"");
+            record.push_str(&lsn_text((*change).lsn));
+            record.push('"');
             decorate(&state(ctx).options, &mut record, txn);
-            let record = record.to_string();
-
-            state(ctx).tables.insert(format!("{schema}.{table}"));
+            record.push('}');
+            state(ctx).tables.insert(r.qualified.clone());
             push(ctx, (*change).lsn, (*txn).xid.into_inner(), record);
         }
     }

@@ -153,6 +153,40 @@ pub fn report_message(report: &serde_json::Value) -> Vec<u8> {
         .to_vec()
 }
 
+/// Appends `s` as a JSON string literal, escaped exactly as serde_json escapes it, without the
+/// intermediate values and allocations of building a `serde_json::Value` (the decoding plugin
+/// writes every column of every change this way).
+pub fn push_json_str(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escaped.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        } else {
+            out.push_str(escaped);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
 /// Encodes a list of named fields in the order given.
 pub fn encode(domain: &str, fields: &[(String, Value)]) -> Encoder {
     fields
@@ -170,6 +204,22 @@ mod tests {
             .fold(Encoder::new("t"), |e, (n, v)| e.field(n, v))
             .bytes()
             .to_vec()
+    }
+
+    #[test]
+    fn json_strings_are_escaped_exactly_as_serde_json_does() {
+        let mut samples: Vec<String> = vec![
+            String::new(),
+            "plain".into(),
+            "100% \"quoted\" \\ back\nnew\r\t line ü €".into(),
+            "\u{200f}rtl \u{7f} \u{1b}[0m".into(),
+        ];
+        samples.push((0u8..0x20).map(char::from).collect());
+        for s in samples {
+            let mut out = String::from("x");
+            push_json_str(&mut out, &s);
+            assert_eq!(out[1..], serde_json::to_string(&s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::canonical::{sha256, Encoder, Value};
 use crate::envelope::{self, BatchBinding, EnvelopeError, Kek, Key};
 use crate::keys;
 use crate::merkle;
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -172,7 +173,7 @@ impl Sealer {
             commit_time,
             tables,
             changes: changes.len() as i64,
-            ciphertext: hex::encode(sealed),
+            ciphertext: BASE64.encode(sealed),
             merkle_root: hex::encode(merkle::root(&leaves)),
             prev: hex::encode(self.prev),
             key_id: self.key_id.clone(),
@@ -331,7 +332,9 @@ impl Reader {
                     lsn_start: &b.lsn_start,
                     lsn_end: &b.lsn_end,
                 };
-                let ct = hex::decode(&b.ciphertext).map_err(|_| StreamError::Malformed(n))?;
+                let ct = BASE64
+                    .decode(&b.ciphertext)
+                    .map_err(|_| StreamError::Malformed(n))?;
                 let plain = envelope::open(&open.dek, &binding, &ct)
                     .map_err(|e| StreamError::Envelope(n, e))?;
                 // Leaves are the change records exactly as the plugin wrote them.
