@@ -155,9 +155,18 @@ $fn$;
 -- DDL guard: ALTER (including DISABLE TRIGGER and RENAME) and DROP of a protected table or of its
 -- triggers are refused unless a superuser turned on vsql_vault.break_glass, and either way the
 -- attempt is recorded in the (chained) access log.
+-- Protected tables are recorded as 'schema.table' without quoting: resolve by name, so that a
+-- table whose name needs quotes ("Audit") is found too.
+CREATE FUNCTION vault.table_oid(qualified text) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = split_part(qualified, '.', 1)
+       AND c.relname = substr(qualified, length(split_part(qualified, '.', 1)) + 2)
+$fn$;
+
 CREATE FUNCTION vault.is_protected(rel oid) RETURNS bool
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT EXISTS (SELECT 1 FROM vault.protected_tables p WHERE to_regclass(p.table_name) = rel)
+    SELECT EXISTS (SELECT 1 FROM vault.protected_tables p WHERE vault.table_oid(p.table_name) = rel)
 $fn$;
 
 CREATE FUNCTION vault.is_protected_name(name text) RETURNS bool
@@ -178,12 +187,34 @@ REVOKE ALL ON FUNCTION vault.forget_table(text) FROM PUBLIC;
 -- A protected table whose name no longer resolves was renamed or moved by the command at hand.
 CREATE FUNCTION vault.protected_gone() RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT table_name FROM vault.protected_tables WHERE to_regclass(table_name) IS NULL LIMIT 1
+    SELECT table_name FROM vault.protected_tables WHERE vault.table_oid(table_name) IS NULL LIMIT 1
+$fn$;
+
+-- The table a DDL command's object belongs to: the table itself, or the table of a trigger,
+-- rule or row-security policy created or altered on it.
+CREATE FUNCTION vault.ddl_target(classid oid, objid oid) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE classid
+        WHEN 'pg_class'::regclass THEN objid
+        WHEN 'pg_trigger'::regclass THEN (SELECT tgrelid FROM pg_trigger WHERE oid = objid)
+        WHEN 'pg_rewrite'::regclass THEN (SELECT ev_class FROM pg_rewrite WHERE oid = objid)
+        WHEN 'pg_policy'::regclass THEN (SELECT polrelid FROM pg_policy WHERE oid = objid)
+    END
+$fn$;
+
+-- True for the extension's own functions: replacing one (CREATE OR REPLACE FUNCTION
+-- vault.refuse_modification, say) would switch the protection off for every table at once.
+CREATE FUNCTION vault.is_vault_function(classid oid, objid oid) RETURNS bool
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT classid = 'pg_proc'::regclass AND EXISTS (
+        SELECT 1 FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+         WHERE d.classid = 'pg_proc'::regclass AND d.objid = is_vault_function.objid
+           AND d.deptype = 'e' AND e.extname = 'vsql_vault')
 $fn$;
 
 CREATE FUNCTION vault.guard_alter() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE c record; gone text;
+DECLARE c record; gone text; target oid;
 BEGIN
     gone := vault.protected_gone();
     IF gone IS NOT NULL AND NOT vault.ddl_guard_allows(tg_tag, gone) THEN
@@ -192,10 +223,21 @@ BEGIN
                              tg_tag, gone);
     END IF;
     FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
-        IF c.classid = 'pg_class'::regclass AND vault.is_protected(c.objid)
+        target := vault.ddl_target(c.classid, c.objid);
+        IF target IS NOT NULL AND vault.is_protected(target)
            AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
             RAISE EXCEPTION USING ERRCODE = 'VV403',
-                MESSAGE = format('%s on protected table %s is refused (vsql_vault.break_glass is off)',
+                MESSAGE = CASE WHEN c.classid = 'pg_class'::regclass
+                    THEN format('%s on protected table %s is refused (vsql_vault.break_glass is off)',
+                                c.command_tag, c.object_identity)
+                    ELSE format('%s %s on protected table %s is refused (vsql_vault.break_glass is off)',
+                                c.command_tag, c.object_identity, target::regclass)
+                END;
+        END IF;
+        IF NOT c.in_extension AND vault.is_vault_function(c.classid, c.objid)
+           AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
+            RAISE EXCEPTION USING ERRCODE = 'VV403',
+                MESSAGE = format('%s of vsql_vault''s own function %s is refused (vsql_vault.break_glass is off)',
                                  c.command_tag, c.object_identity);
         END IF;
     END LOOP;
@@ -229,7 +271,8 @@ END
 $fn$;
 
 CREATE EVENT TRIGGER vault_guard_alter ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'CREATE RULE', 'CREATE POLICY', 'ALTER POLICY')
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE RULE',
+                 'CREATE POLICY', 'ALTER POLICY', 'CREATE FUNCTION', 'ALTER FUNCTION')
     EXECUTE FUNCTION vault.guard_alter();
 CREATE EVENT TRIGGER vault_guard_drop ON sql_drop EXECUTE FUNCTION vault.guard_drop();
 ALTER EVENT TRIGGER vault_guard_alter ENABLE ALWAYS;

@@ -118,6 +118,7 @@ impl Event<'_> {
     pub fn granted_in_transaction(&self) -> Result<(), VaultError> {
         let r = self.raw(true, None);
         let _owner = crate::identity::AsOwner::enter();
+        let _writing = crate::audit::VaultWriting::enter();
         Spi::connect_mut(|c| {
             c.update(
                 "INSERT INTO vault.access_log

@@ -190,11 +190,50 @@ fn qualified_name(trigger: &PgTrigger) -> Result<String, VaultError> {
     Ok(format!("{schema}.{table}"))
 }
 
+thread_local! {
+    static VAULT_WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The extension's own tables of evidence: rows come from vsql_vault's code paths only.
+const EVIDENCE_TABLES: [&str; 3] = [
+    "vault.access_log",
+    "vault.audit_checkpoints",
+    "vault.purge_log",
+];
+
+/// Held while vsql_vault itself inserts into an evidence table; any other insert (by the owner
+/// or a superuser, with plain SQL) is refused, so a forged record cannot be chained in as if the
+/// vault had written it.
+pub struct VaultWriting(bool);
+
+impl VaultWriting {
+    pub fn enter() -> VaultWriting {
+        VaultWriting(VAULT_WRITING.with(|w| w.replace(true)))
+    }
+}
+
+impl Drop for VaultWriting {
+    fn drop(&mut self) {
+        let previous = self.0;
+        VAULT_WRITING.with(|w| w.set(previous));
+    }
+}
+
 /// BEFORE INSERT: links the new row to its chain and fills the chain fields.
 pub fn chain_row<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<PgHeapTuple<'a, AllocatedByRust>, VaultError> {
     let table = qualified_name(trigger)?;
+    if EVIDENCE_TABLES.contains(&table.as_str())
+        && !VAULT_WRITING.with(|w| w.get())
+        && !settings::RESTORE_MODE.get()
+    {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("rows of {table} are written by vsql_vault only: a direct INSERT is refused")
+        );
+    }
     let td = trigger.trigger_data();
     let columns = unsafe {
         let tupdesc = (*td.tg_relation).rd_att;
@@ -385,7 +424,7 @@ pub fn protected_tables(only: Option<pg_sys::Oid>) -> Result<Vec<(String, String
         let mut out = Vec::new();
         for row in c.select(
             "SELECT table_name, identity FROM vault.protected_tables
-             WHERE $1 IS NULL OR pg_catalog.to_regclass(table_name) OPERATOR(pg_catalog.=) $1::pg_catalog.regclass
+             WHERE $1 IS NULL OR vault.table_oid(table_name) OPERATOR(pg_catalog.=) $1
              ORDER BY table_name",
             None,
             &[only.into()],
@@ -456,7 +495,7 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
     let mut reports = Vec::new();
     for (table, identity) in tables {
         let exists = crate::identity::select_one::<bool>(
-            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+            "SELECT vault.table_oid($1) IS NOT NULL",
             &[table.as_str().into()],
         )
         .ok()
@@ -546,6 +585,7 @@ pub fn checkpoint() -> Result<i64, VaultError> {
     for (table, chain_id, seq, head) in &heads {
         let msg = Checkpoint::message(table, *chain_id, *seq, head, signed_at, &key_id);
         let sig = vsql_vault_core::keys::sign(&key, &msg);
+        let _writing = VaultWriting::enter();
         Spi::connect_mut(|c| {
             c.update(
                 "INSERT INTO vault.audit_checkpoints

@@ -76,7 +76,22 @@ fn protect_table_impl(
                 .flatten()
                 .unwrap_or(false)
             };
-            if owns || has_role(caller, "vault_admin") {
+            let in_vault_schema = {
+                let _owner = AsOwner::enter();
+                select_one::<bool>(
+                    "SELECT c.relnamespace = 'vault'::pg_catalog.regnamespace FROM pg_catalog.pg_class c WHERE c.oid = $1",
+                    &[tbl.into()],
+                )
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+            };
+            if in_vault_schema {
+                // Protecting vault.entries would make every replacement and purge fail.
+                Err(VaultError::Denied(
+                    "the extension's own tables are protected by the extension, not by vault_protect_table".into(),
+                ))
+            } else if owns || has_role(caller, "vault_admin") {
                 Ok(())
             } else {
                 Err(VaultError::Denied(format!(

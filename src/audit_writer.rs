@@ -184,6 +184,7 @@ struct Columns(
 );
 
 fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, String> {
+    let _writing = crate::audit::VaultWriting::enter();
     let present = Spi::connect(|c| {
         c.select(&*plans::plan(c, LOG_PRESENT, &[], false)?, None, &[])?
             .first()

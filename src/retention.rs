@@ -149,6 +149,7 @@ fn destroy(
             sig.as_slice().into(),
         ];
         let mut ids = Vec::new();
+        let _writing = crate::audit::VaultWriting::enter();
         for row in c.update(
             "INSERT INTO vault.purge_log
                 (purged_at, purged_at_us, purpose, external_id, owner, entry_id, created_at_us, expires_at_us,

@@ -96,7 +96,7 @@ pub fn define() {
         c"Ed25519 signing key file for audit checkpoints (owner-only permissions).",
         c"Unset: a key is generated on first use inside the data directory.",
         &SIGNING_KEY_FILE,
-        GucContext::Suset,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -114,7 +114,7 @@ pub fn define() {
         c"File each signed checkpoint is appended to as a JSON line.",
         c"Keeps chain heads outside the database, which is how truncation of the newest rows is caught.",
         &CHECKPOINT_EXPORT_PATH,
-        GucContext::Suset,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(

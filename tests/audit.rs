@@ -427,8 +427,23 @@ fn a_key_file_readable_by_others_is_refused_and_an_owner_only_one_signs() {
         "-c",
         &format!("printf '%s\\n' {seed} > {path} && chmod 644 {path}"),
     ]);
-    su.batch_execute(&format!("SET vsql_vault.signing_key_file = '{path}'"))
+    // From the configuration file only (a session cannot point the vault at a key of its own).
+    let configure = |su: &mut Client, value: Option<&str>| {
+        match value {
+            Some(v) => su.batch_execute(&format!(
+                "ALTER SYSTEM SET vsql_vault.signing_key_file = '{v}'"
+            )),
+            None => su.batch_execute("ALTER SYSTEM RESET vsql_vault.signing_key_file"),
+        }
         .unwrap();
+        su.batch_execute("SELECT pg_reload_conf()").unwrap();
+        let want = value.unwrap_or("").to_owned();
+        poll("the key file setting to reach the session", 100, || {
+            su.query_one("SHOW vsql_vault.signing_key_file", &[])
+                .is_ok_and(|r| r.get::<_, String>(0) == want)
+        });
+    };
+    configure(&mut su, Some(&path));
     let e = su.query_one("SELECT vault_checkpoint()", &[]).unwrap_err();
     assert_eq!(sqlstate(&e), "58000", "{e}");
     let msg = e
@@ -463,14 +478,16 @@ fn a_key_file_readable_by_others_is_refused_and_an_owner_only_one_signs() {
         ),
         "55000"
     );
-    su.batch_execute("RESET vsql_vault.signing_key_file")
-        .unwrap();
-    // Only a superuser may point the vault at a key file.
+    configure(&mut su, None);
+    // Not even a superuser's session can point the vault at a key file of its own.
+    for who in ["postgres", "it_admin"] {
+        let e = s
+            .connect(who)
+            .batch_execute(&format!("SET vsql_vault.signing_key_file = '{path}'"))
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "55P02", "{who}");
+    }
     let mut admin = s.connect("it_admin");
-    let e = admin
-        .batch_execute(&format!("SET vsql_vault.signing_key_file = '{path}'"))
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "42501");
     // No role reads a private key through SQL: the generated key lives in the data directory.
     let e = admin
         .query_one("SELECT pg_read_file('vsql_vault_signing.key')", &[])
@@ -647,4 +664,128 @@ fn ddl_on_the_access_log_itself_is_refused_or_recorded_without_stalling() {
     assert_eq!(count(&mut su, true), granted_before + 2);
     let v = db_verdict(&mut su, "vault.access_log");
     assert!(v.iter().all(|c| c.2), "{v:?}");
+}
+
+#[test]
+fn evidence_tables_refuse_direct_inserts_even_from_a_superuser() {
+    let s = server();
+    let mut su = setup(&s);
+    for sql in [
+        "INSERT INTO vault.access_log (logged_at, role_name, session_user_name, backend_pid, operation, granted, details)
+         VALUES (now(), 'postgres', 'postgres', 1, 'verify_audit', true, '{\"ok\": true, \"scope\": \"all\"}')",
+        "INSERT INTO vault.audit_checkpoints (checkpointed_at, table_identity, chain, seq, head_hash, signed_at_us, key_id, signature)
+         VALUES (now(), 'vault.access_log/1', 0, 1, '\\x00', 0, 'k', '\\x00')",
+    ] {
+        let e = su.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&e), "42501", "{sql}: {e}");
+        assert!(
+            e.as_db_error().unwrap().message().contains("written by vsql_vault only"),
+            "{e}"
+        );
+    }
+    // The vault's own writes go on.
+    let mut a = s.connect("it_a");
+    let id = format!("ev-{}", std::process::id());
+    put(&mut a, &id, b"x").unwrap();
+    assert_eq!(log_count(&mut su, "put", &id, true), 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+}
+
+#[test]
+fn triggers_rules_policies_and_the_vaults_functions_are_guarded_too() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_guarded", 3, 1);
+    su.batch_execute(
+        "CREATE OR REPLACE FUNCTION it_swallow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;",
+    )
+    .unwrap();
+    for sql in [
+        // A BEFORE INSERT trigger returning NULL would silently drop access records.
+        "CREATE TRIGGER it_drop BEFORE INSERT ON vault.access_log FOR EACH ROW EXECUTE FUNCTION it_swallow()",
+        "CREATE TRIGGER it_drop BEFORE INSERT ON it_guarded FOR EACH ROW EXECUTE FUNCTION it_swallow()",
+        "CREATE RULE it_nothing AS ON INSERT TO vault.access_log DO INSTEAD NOTHING",
+        "CREATE RULE it_nothing AS ON INSERT TO it_guarded DO INSTEAD NOTHING",
+        "CREATE POLICY it_pol ON it_guarded USING (true)",
+        "ALTER TRIGGER vault_append_only ON it_guarded RENAME TO it_renamed",
+        "CREATE OR REPLACE FUNCTION vault.refuse_modification() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$",
+        "ALTER FUNCTION vault.refuse_modification() SECURITY DEFINER",
+    ] {
+        let e = su.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&e), "VV403", "{sql}: {e}");
+    }
+    // Still append-only, still intact, and the refusals are on record.
+    let e = su
+        .batch_execute("UPDATE it_guarded SET event = 'x'")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "VV403");
+    assert!(db_verdict(&mut su, "it_guarded").iter().all(|c| c.2));
+    poll("the refusals to be logged", 100, || {
+        su.query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'break_glass' AND NOT granted
+               AND details->>'command' IN ('CREATE TRIGGER', 'CREATE RULE', 'ALTER TRIGGER', 'CREATE FUNCTION')",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            >= 4
+    });
+    // Other functions and other tables' triggers are nobody's business of the vault.
+    su.batch_execute(
+        "CREATE TABLE IF NOT EXISTS it_free (id int);
+         CREATE OR REPLACE TRIGGER it_free_t BEFORE INSERT ON it_free FOR EACH ROW EXECUTE FUNCTION it_swallow();
+         CREATE OR REPLACE FUNCTION it_other() RETURNS int LANGUAGE sql AS 'SELECT 1';",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_table_whose_name_needs_quotes_is_protected_and_verified() {
+    let s = server();
+    let mut su = setup(&s);
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on; DROP TABLE IF EXISTS \"It Audit\"; RESET vsql_vault.break_glass;
+         CREATE TABLE \"It Audit\" (id int, what text);",
+    )
+    .unwrap();
+    su.batch_execute(
+        "SELECT vault_protect_table('\"It Audit\"', 2);
+         INSERT INTO \"It Audit\" VALUES (1, 'a'), (2, 'b');",
+    )
+    .unwrap();
+    let v = db_verdict(&mut su, "\"It Audit\"");
+    assert!(!v.is_empty());
+    assert!(v.iter().all(|c| c.2), "{v:?}");
+    let checked: i64 = su
+        .query_one(
+            "SELECT sum(rows_checked)::bigint FROM vault_verify_audit('\"It Audit\"')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(checked, 2);
+    let e = su.batch_execute("DELETE FROM \"It Audit\"").unwrap_err();
+    assert_eq!(sqlstate(&e), "VV403");
+    // And it does not make the guard refuse DDL on unrelated tables.
+    su.batch_execute("CREATE TABLE IF NOT EXISTS it_unrelated (id int); ALTER TABLE it_unrelated ADD COLUMN IF NOT EXISTS x int;")
+        .unwrap();
+}
+
+#[test]
+fn the_extensions_own_tables_cannot_be_given_to_vault_protect_table() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut admin = s.connect("it_admin");
+    let e = admin
+        .query_one("SELECT vault_protect_table('vault.entries')", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501");
+    let protected: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.protected_tables WHERE table_name = 'vault.entries'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(protected, 0);
 }
