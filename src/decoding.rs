@@ -403,7 +403,8 @@ struct Column {
     name: String,
     attlen: i16,
     output: Box<pg_sys::FmgrInfo>,
-    /// `{"name":...,"type":...,` already escaped: each row only appends its value.
+    /// `[name,type` already escaped: each row only appends its value (see
+    /// `vsql_vault_core::stream::expand_columns` for the wire form).
     prefix: String,
 }
 
@@ -490,11 +491,10 @@ unsafe fn relation_of(
             let mut output: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
             pg_sys::fmgr_info_cxt(out_fn, output.as_mut(), long_lived);
             let name = c_text(a.attname.data.as_ptr());
-            let mut prefix = String::from("{\"name\":");
+            let mut prefix = String::from("[");
             push_json_str(&mut prefix, &name);
-            prefix.push_str(",\"type\":");
-            push_json_str(&mut prefix, &c_text(pg_sys::format_type_be(a.atttypid)));
             prefix.push(',');
+            push_json_str(&mut prefix, &c_text(pg_sys::format_type_be(a.atttypid)));
             columns.push(Column {
                 index: i,
                 name,
@@ -556,23 +556,23 @@ unsafe fn write_columns(
             first = false;
             out.push_str(&c.prefix);
             if nulls[i] {
-                out.push_str("\"value\":null}");
+                out.push_str(",null]");
                 continue;
             }
             let ptr = values[i].cast_mut_ptr::<u8>();
             // A varlena that is an on-disk TOAST pointer: unchanged and not part of the WAL.
             if c.attlen == -1 && *ptr == 0x01 && *ptr.add(1) == 18 {
-                out.push_str("\"unchanged_toast\":true}");
+                out.push(']');
                 continue;
             }
             let finfo = (c.output.as_ref() as *const pg_sys::FmgrInfo).cast_mut();
             let text = CStr::from_ptr(pg_sys::OutputFunctionCall(finfo, values[i]));
-            out.push_str("\"value\":");
+            out.push(',');
             match text.to_str() {
                 Ok(t) => push_json_str(out, t),
                 Err(_) => push_json_str(out, &text.to_string_lossy()),
             }
-            out.push('}');
+            out.push(']');
         }
     }
     out.push(']');

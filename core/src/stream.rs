@@ -232,6 +232,31 @@ struct Open {
     prev: [u8; 32],
 }
 
+/// On the wire a column is `[name, type, value]` (`[name, type]` for an unchanged TOAST value):
+/// a third smaller than named fields, which matters once sealed and encoded. The consumer shows
+/// each as `{"name", "type", "value"}` (or `"unchanged_toast": true`).
+pub fn expand_columns(mut change: serde_json::Value) -> serde_json::Value {
+    for key in ["columns", "identity"] {
+        if let Some(serde_json::Value::Array(cols)) = change.get_mut(key) {
+            for c in cols.iter_mut() {
+                let serde_json::Value::Array(parts) = c else {
+                    continue;
+                };
+                let mut parts = std::mem::take(parts).into_iter();
+                let name = parts.next().unwrap_or_default();
+                let kind = parts.next().unwrap_or_default();
+                *c = match parts.next() {
+                    Some(value) => serde_json::json!({"name": name, "type": kind, "value": value}),
+                    None => {
+                        serde_json::json!({"name": name, "type": kind, "unchanged_toast": true})
+                    }
+                };
+            }
+        }
+    }
+    change
+}
+
 /// Checks a stream line by line and yields the plaintext change records it vouches for.
 pub struct Reader {
     kek: Kek,
@@ -356,7 +381,7 @@ impl Reader {
                 }
                 open.seq = b.seq;
                 open.prev = sha256(&msg);
-                Ok(changes)
+                Ok(changes.into_iter().map(expand_columns).collect())
             }
         }
     }
@@ -421,6 +446,28 @@ mod tests {
         }
         assert_eq!(all.len(), 6);
         assert_eq!(all[1]["note"], "100% \"quoted\"\nnew line ü");
+    }
+
+    #[test]
+    fn wire_columns_are_shown_with_their_names() {
+        let wire = serde_json::json!({
+            "action": "U", "table": "t",
+            "columns": [["id", "integer", "1"], ["note", "text", null], ["big", "text"]],
+            "identity": [["id", "integer", "1"]],
+        });
+        let shown = expand_columns(wire);
+        assert_eq!(
+            shown["columns"],
+            serde_json::json!([
+                {"name": "id", "type": "integer", "value": "1"},
+                {"name": "note", "type": "text", "value": null},
+                {"name": "big", "type": "text", "unchanged_toast": true},
+            ])
+        );
+        assert_eq!(shown["identity"][0]["value"], "1");
+        // Records of other shapes pass unchanged.
+        let other = serde_json::json!({"action": "M", "content": "x"});
+        assert_eq!(expand_columns(other.clone()), other);
     }
 
     #[test]
