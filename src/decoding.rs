@@ -639,9 +639,16 @@ unsafe extern "C-unwind" fn change(
         } else {
             record.push_str("[]");
         }
-        record.push_str(",\"lsn\":\"");
-        record.push_str(&lsn_text((*change).lsn));
-        record.push('"');
+        {
+            use std::fmt::Write as _;
+            let lsn = (*change).lsn;
+            let _ = write!(
+                record,
+                ",\"lsn\":\"{:X}/{:X}\"",
+                lsn >> 32,
+                lsn & 0xffff_ffff
+            );
+        }
         decorate(&st.options, &mut record, txn);
         record.push('}');
         pg_sys::MemoryContextSwitchTo(previous);

@@ -154,7 +154,17 @@ impl Sealer {
             .iter()
             .map(|c| merkle::leaf_hash(c.as_bytes()))
             .collect();
-        let plaintext = zeroize::Zeroizing::new(format!("[{}]", changes.join(",")));
+        let mut plaintext = zeroize::Zeroizing::new(String::with_capacity(
+            changes.iter().map(|c| c.len() + 1).sum::<usize>() + 2,
+        ));
+        plaintext.push('[');
+        for (i, c) in changes.iter().enumerate() {
+            if i > 0 {
+                plaintext.push(',');
+            }
+            plaintext.push_str(c);
+        }
+        plaintext.push(']');
         let binding = BatchBinding {
             slot: &self.slot,
             session: &self.session,
