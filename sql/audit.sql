@@ -234,6 +234,15 @@ BEGIN
                                 c.command_tag, c.object_identity, target::regclass)
                 END;
         END IF;
+        -- Taking a function out of the extension (ALTER EXTENSION ... DROP) would let it be
+        -- replaced unguarded; any ALTER EXTENSION vsql_vault goes through break-glass.
+        IF c.classid = 'pg_extension'::regclass
+           AND c.objid = (SELECT oid FROM pg_extension WHERE extname = 'vsql_vault')
+           AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
+            RAISE EXCEPTION USING ERRCODE = 'VV403',
+                MESSAGE = format('%s %s is refused (vsql_vault.break_glass is off)',
+                                 c.command_tag, c.object_identity);
+        END IF;
         IF NOT c.in_extension AND vault.is_vault_function(c.classid, c.objid)
            AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
             RAISE EXCEPTION USING ERRCODE = 'VV403',
@@ -272,7 +281,8 @@ $fn$;
 
 CREATE EVENT TRIGGER vault_guard_alter ON ddl_command_end
     WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE RULE',
-                 'CREATE POLICY', 'ALTER POLICY', 'CREATE FUNCTION', 'ALTER FUNCTION')
+                 'CREATE POLICY', 'ALTER POLICY', 'CREATE FUNCTION', 'ALTER FUNCTION',
+                 'ALTER EXTENSION')
     EXECUTE FUNCTION vault.guard_alter();
 CREATE EVENT TRIGGER vault_guard_drop ON sql_drop EXECUTE FUNCTION vault.guard_drop();
 ALTER EVENT TRIGGER vault_guard_alter ENABLE ALWAYS;

@@ -675,6 +675,7 @@ fn evidence_tables_refuse_direct_inserts_even_from_a_superuser() {
          VALUES (now(), 'postgres', 'postgres', 1, 'verify_audit', true, '{\"ok\": true, \"scope\": \"all\"}')",
         "INSERT INTO vault.audit_checkpoints (checkpointed_at, table_identity, chain, seq, head_hash, signed_at_us, key_id, signature)
          VALUES (now(), 'vault.access_log/1', 0, 1, '\\x00', 0, 'k', '\\x00')",
+        "INSERT INTO vault.purge_log (purpose, external_id) VALUES ('forged', 'proof')",
     ] {
         let e = su.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&e), "42501", "{sql}: {e}");
@@ -710,6 +711,7 @@ fn triggers_rules_policies_and_the_vaults_functions_are_guarded_too() {
         "ALTER TRIGGER vault_append_only ON it_guarded RENAME TO it_renamed",
         "CREATE OR REPLACE FUNCTION vault.refuse_modification() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$",
         "ALTER FUNCTION vault.refuse_modification() SECURITY DEFINER",
+        "ALTER EXTENSION vsql_vault DROP FUNCTION vault.refuse_modification()",
     ] {
         let e = su.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&e), "VV403", "{sql}: {e}");
