@@ -244,6 +244,15 @@ pub fn chain_row<'a>(
         if let Some(kept) = restored_row(trigger, &table)? {
             return Ok(kept);
         }
+        // A dump always carries the chain fields of evidence rows: one without them is not a
+        // restore but a new record, and those come from the vault only.
+        if EVIDENCE_TABLES.contains(&table.as_str()) && !VAULT_WRITING.with(|w| w.get()) {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("rows of {table} are written by vsql_vault only: in restore mode only rows with their chain fields are accepted")
+            );
+        }
     }
     let (_identity, chain_id, seq, prev, hash) = match CURSOR.with(|c| c.borrow_mut().take()) {
         // A writer that holds this table's chain for its whole batch: link in memory.

@@ -684,6 +684,16 @@ fn evidence_tables_refuse_direct_inserts_even_from_a_superuser() {
             "{e}"
         );
     }
+    // Restore mode keeps the chain fields a dump carries; it does not open a door for new rows.
+    let e = su
+        .batch_execute(
+            "SET vsql_vault.restore_mode = on;
+             INSERT INTO vault.access_log (logged_at, role_name, session_user_name, backend_pid, operation, granted)
+             VALUES (now(), 'postgres', 'postgres', 1, 'get', true)",
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+    su.batch_execute("RESET vsql_vault.restore_mode").unwrap();
     // The vault's own writes go on.
     let mut a = s.connect("it_a");
     let id = format!("ev-{}", std::process::id());
