@@ -151,8 +151,10 @@ fn run_decrypt(args: Args) -> Result<bool, String> {
         )),
         None => Box::new(std::io::BufReader::new(std::io::stdin())),
     };
+    // One write per batch, not per change (stdout alone is line-buffered); flushed after each
+    // batch so a live consumer passes changes on as soon as they are verified.
     let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     for line in input.lines() {
         let line = line.map_err(|e| e.to_string())?;
         if line.trim().is_empty() {
