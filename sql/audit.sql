@@ -55,6 +55,7 @@ GRANT SELECT ON vault.protected_tables, vault.chain_heads, vault.signing_keys, v
 -- The chain trigger runs as the inserting role; its queries switch to the owner, so its
 -- search_path is pinned like the API's.
 ALTER FUNCTION vault.chain_row() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION vault.chain_flush() SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION vault.protect_builtin(oid, int) FROM PUBLIC;
 
 -- The issue-2 append-only triggers of the access log give way to the uniform protection.
@@ -262,7 +263,8 @@ BEGIN
         IF o.object_type = 'table' THEN
             tbl := o.address_names[1] || '.' || o.address_names[2];
         ELSIF o.object_type = 'trigger'
-              AND o.address_names[3] IN ('vault_chain', 'vault_append_only', 'vault_no_truncate') THEN
+              AND o.address_names[3] IN ('vault_chain', 'vault_chain_flush', 'vault_append_only',
+                                         'vault_no_truncate') THEN
             tbl := o.address_names[1] || '.' || o.address_names[2];
         END IF;
         IF tbl IS NOT NULL AND vault.is_protected_name(tbl) THEN

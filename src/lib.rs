@@ -35,6 +35,7 @@ pgrx::extension_sql_file!(
     requires = [
         "api",
         vault::chain_row,
+        vault::chain_flush,
         audit_api::protect_builtin,
         audit_api::ddl_guard_allows
     ]
@@ -89,5 +90,14 @@ mod vault {
         trigger: &'a pgrx::PgTrigger<'a>,
     ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, crate::errors::VaultError> {
         crate::audit::chain_row(trigger).map(Some)
+    }
+
+    /// AFTER INSERT FOR EACH STATEMENT trigger of every protected table: writes back the chain
+    /// heads the statement's rows advanced.
+    #[pg_trigger]
+    fn chain_flush<'a>(
+        trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, crate::errors::VaultError> {
+        crate::audit::flush_statement(trigger).map(|_| None)
     }
 }

@@ -801,3 +801,46 @@ fn the_extensions_own_tables_cannot_be_given_to_vault_protect_table() {
         .get(0);
     assert_eq!(protected, 0);
 }
+
+#[test]
+fn bulk_statements_savepoints_and_rollbacks_keep_the_chain_whole() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_bulk", 0, 4);
+    su.batch_execute(
+        "BEGIN;
+         INSERT INTO it_bulk (tenant, event) SELECT 'acme', 'bulk ' || g FROM generate_series(1, 5000) g;
+         INSERT INTO it_bulk (tenant, event) VALUES ('acme', 'single');
+         SAVEPOINT s1;
+         INSERT INTO it_bulk (tenant, event) SELECT 'acme', 'rolled back ' || g FROM generate_series(1, 100) g;
+         ROLLBACK TO SAVEPOINT s1;
+         INSERT INTO it_bulk (tenant, event) SELECT 'acme', 'after savepoint ' || g FROM generate_series(1, 100) g;
+         COMMIT;",
+    )
+    .unwrap();
+    // A statement that fails half-way leaves nothing behind to confuse the next one.
+    let e = su
+        .batch_execute(
+            "INSERT INTO it_bulk (tenant, event) SELECT CASE WHEN g = 50 THEN NULL ELSE 'acme' END, 'x' FROM generate_series(1, 100) g",
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23502");
+    su.batch_execute(
+        "INSERT INTO it_bulk (tenant, event) SELECT 'acme', 'last ' || g FROM generate_series(1, 10) g",
+    )
+    .unwrap();
+    let rows: i64 = su
+        .query_one("SELECT count(*) FROM it_bulk", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 5000 + 1 + 100 + 10);
+    let v = db_verdict(&mut su, "it_bulk");
+    assert!(v.iter().all(|c| c.2), "{v:?}");
+    let checked: i64 = v
+        .iter()
+        .map(|c| c.3.split(' ').next().unwrap().parse::<i64>().unwrap_or(0))
+        .sum();
+    assert_eq!(checked, rows);
+    let (code, out) = offline_verdict(&s, &mut su, "it_bulk", "bulk");
+    assert_eq!(code, 0, "{out}");
+}
