@@ -207,6 +207,16 @@ mod tests {
     }
 
     #[test]
+    fn numbers_in_a_signed_report_read_back_to_the_same_message() {
+        // Found by fuzzing: without exact float parsing, 12e100 came back as another number.
+        let report: serde_json::Value =
+            serde_json::from_str(r#"{"n": 12e100, "m": 0.1, "k": -7}"#).unwrap();
+        let written = report.to_string();
+        let read: serde_json::Value = serde_json::from_str(&written).unwrap();
+        assert_eq!(report_message(&report), report_message(&read));
+    }
+
+    #[test]
     fn json_strings_are_escaped_exactly_as_serde_json_does() {
         let mut samples: Vec<String> = vec![
             String::new(),

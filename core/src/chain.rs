@@ -179,7 +179,11 @@ impl Verifier {
         let gap = |from: i64| {
             Some((
                 from,
-                format!("rows {}..{} are missing (deleted?)", from, row.seq - 1),
+                format!(
+                    "rows {}..{} are missing (deleted?)",
+                    from,
+                    row.seq.saturating_sub(1)
+                ),
             ))
         };
         let computed = row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns);
@@ -193,7 +197,9 @@ impl Verifier {
             None if row.seq == 1 && row.prev_hash != GENESIS => {
                 bad("first row does not start from the genesis hash".into())
             }
-            Some(last) if row.seq != last + 1 => gap(last + 1),
+            // Checked: an export is untrusted input, and a wrapped i64::MAX + 1 must not pass
+            // for the next row.
+            Some(last) if last.checked_add(1) != Some(row.seq) => gap(last.saturating_add(1)),
             Some(_) if row.prev_hash != st.last_hash => {
                 bad("prev_hash does not match the previous row (link broken)".into())
             }
@@ -223,8 +229,8 @@ impl Verifier {
             let problem = match st.at_checkpoints.get(&c.seq) {
                 // The newest rows are gone: the checkpoint proves they existed.
                 None if last < c.seq => Some((
-                    last + 1,
-                    format!("rows {}..{} are missing, yet a checkpoint signed row {} (newest rows deleted?)", last + 1, c.seq, c.seq),
+                    last.saturating_add(1),
+                    format!("rows {}..{} are missing, yet a checkpoint signed row {} (newest rows deleted?)", last.saturating_add(1), c.seq, c.seq),
                 )),
                 None => Some((c.seq, format!("row {} was signed in a checkpoint but is missing", c.seq))),
                 Some(h) if *h != c.head_hash => Some((c.seq, format!("row {} differs from its signed checkpoint", c.seq))),
@@ -306,6 +312,22 @@ mod tests {
         let mut v = Verifier::new(cps, &[key.verifying_key()]);
         rows.iter().for_each(|r| v.push(r));
         v.finish().remove(0)
+    }
+
+    #[test]
+    fn extreme_sequence_numbers_are_reported_not_wrapped() {
+        // Found by fuzzing: i64::MIN as the first seq overflowed; i64::MAX + 1 wrapping to
+        // i64::MIN would have passed for the next row.
+        let key = keys::generate().unwrap();
+        let mut rows = chain(1);
+        rows[0].seq = i64::MIN;
+        let r = run(&rows, vec![], &key);
+        assert!(!r.ok);
+        let mut rows = chain(2);
+        rows[0].seq = i64::MAX;
+        rows[1].seq = i64::MIN;
+        let r = run(&rows, vec![], &key);
+        assert!(!r.ok);
     }
 
     #[test]

@@ -74,6 +74,14 @@ impl KekRing {
                     format!("line {}: the key is not 64 hex characters", n + 1),
                 )
             })?;
+            // The same id twice would seal under one key and unwrap with the other: every
+            // stream made with such a file would be lost without a word.
+            if versions.iter().any(|(v, _)| v == id) {
+                return Err(EnvelopeError::KekFile(
+                    path.into(),
+                    format!("line {}: key version \"{id}\" appears twice", n + 1),
+                ));
+            }
             versions.push((id.to_owned(), k));
         }
         if versions.is_empty() {
@@ -347,6 +355,16 @@ mod tests {
             &format!("v1 {}\nv2 {}\n", "11".repeat(32), "22".repeat(32)),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_key_file_naming_one_version_twice_is_refused() {
+        let text = format!("v1 {}\nv1 {}\n", "11".repeat(32), "22".repeat(32));
+        let e = KekRing::parse("k", &text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("appears twice"), "{e}");
     }
 
     #[test]
