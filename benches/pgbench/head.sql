@@ -1,0 +1,2 @@
+\set id random(1, 10000)
+SELECT found FROM vault_head('bench', 'k' || :id);

@@ -1,0 +1,1 @@
+INSERT INTO events_chained (tenant, event) VALUES ('acme', 'login');

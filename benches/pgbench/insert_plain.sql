@@ -1,0 +1,1 @@
+INSERT INTO events_plain (tenant, event) VALUES ('acme', 'login');

@@ -1,0 +1,2 @@
+\set id random(1, 10000)
+SELECT v FROM plain_kv WHERE id = :id;
