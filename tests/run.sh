@@ -26,3 +26,6 @@ echo "==> integration tests against the running server (tests/)"
 VSQL_VAULT_TEST_DIR="$dir" VSQL_VAULT_TEST_PORT="$port" VSQL_VAULT_TEST_DB="$db" \
     VSQL_VAULT_CLI="$PWD/target/release/vsql-vault" \
     cargo test -p vsql_vault_tests -- --test-threads=1
+
+echo "==> fuzz smoke: every cargo-fuzz target of the core for 30 seconds (tests/fuzz_smoke.sh)"
+bash tests/fuzz_smoke.sh
