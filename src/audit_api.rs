@@ -7,23 +7,11 @@
 use crate::access_log::Event;
 use crate::audit;
 use crate::errors::{status, VaultError};
-use crate::identity::{has_role, select_one, AsOwner, Caller};
+use crate::identity::{has_role, require, select_one, AsOwner, Caller};
 use pgrx::prelude::*;
 
 fn is_superuser(caller: &Caller) -> bool {
     unsafe { pg_sys::superuser_arg(caller.role_oid) }
-}
-
-fn require(caller: &Caller, roles: &[&str]) -> Result<(), VaultError> {
-    if roles.iter().any(|r| has_role(caller, r)) {
-        Ok(())
-    } else {
-        Err(VaultError::Denied(format!(
-            "role \"{}\" is not a member of {}",
-            caller.role_name,
-            roles.join(" or ")
-        )))
-    }
 }
 
 /// Runs `work` after `check`, logging the call (granted or refused) in the access log.
@@ -208,7 +196,7 @@ fn verify_audit_impl(
     let caller = Caller::current();
     let mut event = Event::new(&caller, "verify_audit", None, None);
     event.details = Some(serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()) }));
-    let result = match require(&caller, &["vault_auditor", "vault_admin"]) {
+    let result = match require(&caller, crate::report::AUDITORS) {
         Err(e) => Err(event.refused(e)),
         Ok(()) => match audit::verify(tbl) {
             Err(e) => Err(event.refused(e)),
@@ -267,7 +255,7 @@ fn export_audit_impl(
         serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "from_seq": from_seq }),
         |c| {
             tbl.ok_or(vsql_vault_core::InputError::Null("tbl"))?;
-            require(c, &["vault_auditor", "vault_admin"])
+            require(c, crate::report::AUDITORS)
         },
         || audit::export(tbl.unwrap_or(pg_sys::Oid::INVALID), from_seq.unwrap_or(0)),
     );
@@ -287,7 +275,7 @@ fn export_checkpoints_impl() -> TableIterator<
     let result = logged(
         "export_checkpoints",
         serde_json::json!({}),
-        |c| require(c, &["vault_auditor", "vault_admin"]),
+        |c| require(c, crate::report::AUDITORS),
         audit::export_checkpoints,
     );
     rows_or_error(result)

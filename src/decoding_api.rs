@@ -102,7 +102,7 @@ fn scope_report_impl() -> TableIterator<
     let caller = Caller::current();
     let event = Event::new(&caller, "scope_report", None, None);
     let result = (|| {
-        crate::report::require_auditor(&caller).map_err(|e| event.refused(e))?;
+        crate::identity::require(&caller, crate::report::AUDITORS).map_err(|e| event.refused(e))?;
         let _owner = AsOwner::enter();
         let body = select_one::<pgrx::JsonB>(
             "SELECT jsonb_build_object(

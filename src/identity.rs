@@ -160,3 +160,16 @@ pub fn has_role(caller: &Caller, role: &str) -> bool {
     .flatten()
     .unwrap_or(false)
 }
+
+/// Refuses a caller that is a member of none of `roles`.
+pub fn require(caller: &Caller, roles: &[&str]) -> Result<(), crate::errors::VaultError> {
+    if roles.iter().any(|r| has_role(caller, r)) {
+        Ok(())
+    } else {
+        Err(crate::errors::VaultError::Denied(format!(
+            "role \"{}\" is not a member of {}",
+            caller.role_name,
+            roles.join(" or ")
+        )))
+    }
+}

@@ -7,7 +7,10 @@
 
 use crate::access_log::Event;
 use crate::errors::{status, VaultError};
-use crate::identity::{has_role, select_one, AsOwner, Caller};
+use crate::identity::{has_role, require, select_one, AsOwner, Caller};
+
+/// Who may read the evidence.
+pub const AUDITORS: &[&str] = &["vault_auditor", "vault_admin"];
 use pgrx::prelude::*;
 use std::fmt::Write as _;
 use vsql_vault_core::canonical::report_message;
@@ -21,17 +24,6 @@ pub fn sign(report: &mut serde_json::Value) -> Result<(), VaultError> {
     let signature = vsql_vault_core::keys::sign(&key, &report_message(report));
     report["signature"] = serde_json::json!(hex::encode(signature));
     Ok(())
-}
-
-pub fn require_auditor(caller: &Caller) -> Result<(), VaultError> {
-    if has_role(caller, "vault_auditor") || has_role(caller, "vault_admin") {
-        Ok(())
-    } else {
-        Err(VaultError::Denied(format!(
-            "role \"{}\" is not a member of vault_auditor or vault_admin",
-            caller.role_name
-        )))
-    }
 }
 
 /// One pass over the entries (grouping sets by purpose and by key reference), indexed lookups
@@ -146,7 +138,7 @@ fn compliance_report_impl() -> TableIterator<
     let caller = Caller::current();
     let event = Event::new(&caller, "compliance_report", None, None);
     let result = (|| {
-        require_auditor(&caller).map_err(|e| event.refused(e))?;
+        require(&caller, AUDITORS).map_err(|e| event.refused(e))?;
         let mut report = {
             let _owner = AsOwner::enter();
             select_one::<pgrx::JsonB>(COMPLIANCE_REPORT, &[])
@@ -391,7 +383,7 @@ fn metrics_impl() -> TableIterator<
         metrics()
     } else {
         // Scrapes are not logged (they read counters, never an entry); refusals are.
-        match require_auditor(&caller) {
+        match require(&caller, AUDITORS) {
             Ok(()) => metrics(),
             Err(e) => Err(Event::new(&caller, "metrics", None, None).refused(e)),
         }

@@ -14,19 +14,18 @@ fn setup(s: &Server) -> Client {
     let mut su = s.connect("postgres");
     su.batch_execute(
         "CREATE EXTENSION IF NOT EXISTS vsql_vault;
-         DO $$ BEGIN
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bi_app') THEN
-             CREATE ROLE bi_app LOGIN IN ROLE vault_app;
-             CREATE ROLE bi_admin LOGIN IN ROLE vault_admin;
-           END IF;
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bi_other') THEN
-             CREATE ROLE bi_other LOGIN IN ROLE vault_app;
-           END IF;
-         END $$;
          CREATE TABLE IF NOT EXISTS bi_plain (id int PRIMARY KEY, secret text);
          CREATE OR REPLACE VIEW bi_view AS SELECT 1 AS one;",
     )
     .unwrap();
+    common::login_roles(
+        &mut su,
+        &[
+            ("bi_app", Some("vault_app")),
+            ("bi_admin", Some("vault_admin")),
+            ("bi_other", Some("vault_app")),
+        ],
+    );
     let mut admin = s.connect("bi_admin");
     admin
         .batch_execute(

@@ -18,14 +18,7 @@ fn verify_report(su: &mut Client, path: &str) -> i32 {
 }
 
 fn auditor(s: &common::Server, su: &mut Client) -> Client {
-    su.batch_execute(
-        "DO $$ BEGIN
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'it_auditor') THEN
-             CREATE ROLE it_auditor LOGIN IN ROLE vault_auditor;
-           END IF;
-         END $$;",
-    )
-    .unwrap();
+    common::login_roles(su, &[("it_auditor", Some("vault_auditor"))]);
     s.connect("it_auditor")
 }
 

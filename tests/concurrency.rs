@@ -34,16 +34,14 @@ fn record(t: &Mutex<Tally>, role: &str, r: Result<(), postgres::Error>, expected
 fn thirty_two_clients_of_mixed_operations() {
     let s = server();
     let mut su = setup(&s);
-    su.batch_execute(
-        "DO $$ BEGIN
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cc_app') THEN
-             CREATE ROLE cc_app LOGIN IN ROLE vault_app;
-             CREATE ROLE cc_admin LOGIN IN ROLE vault_admin;
-             CREATE ROLE cc_auditor LOGIN IN ROLE vault_auditor;
-           END IF;
-         END $$;",
-    )
-    .unwrap();
+    login_roles(
+        &mut su,
+        &[
+            ("cc_app", Some("vault_app")),
+            ("cc_admin", Some("vault_admin")),
+            ("cc_auditor", Some("vault_auditor")),
+        ],
+    );
     let mut admin = s.connect("cc_admin");
     admin
         .batch_execute(

@@ -41,14 +41,7 @@ fn crash_under_sixteen_clients_loses_no_access_record_of_data_returned() {
     let s = server();
     let mut su = setup(&s);
     let before = broken_chains(&mut su);
-    su.batch_execute(
-        "DO $$ BEGIN
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cr_app') THEN
-             CREATE ROLE cr_app LOGIN IN ROLE vault_app;
-           END IF;
-         END $$;",
-    )
-    .unwrap();
+    login_roles(&mut su, &[("cr_app", Some("vault_app"))]);
     let stop = Arc::new(AtomicBool::new(false));
     // What the clients saw: puts acknowledged, and data returned per entry.
     let puts_acked: Arc<Mutex<Vec<String>>> = Default::default();

@@ -12,18 +12,17 @@ const ROLES: [&str; 5] = ["pm_public", "pm_app", "pm_auditor", "pm_admin", "post
 
 fn setup(s: &Server) -> Client {
     let mut su = s.connect("postgres");
-    su.batch_execute(
-        "CREATE EXTENSION IF NOT EXISTS vsql_vault;
-         DO $$ BEGIN
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pm_public') THEN
-             CREATE ROLE pm_public LOGIN;
-             CREATE ROLE pm_app LOGIN IN ROLE vault_app;
-             CREATE ROLE pm_auditor LOGIN IN ROLE vault_auditor;
-             CREATE ROLE pm_admin LOGIN IN ROLE vault_admin;
-           END IF;
-         END $$;",
-    )
-    .unwrap();
+    su.batch_execute("CREATE EXTENSION IF NOT EXISTS vsql_vault")
+        .unwrap();
+    common::login_roles(
+        &mut su,
+        &[
+            ("pm_public", None),
+            ("pm_app", Some("vault_app")),
+            ("pm_auditor", Some("vault_auditor")),
+            ("pm_admin", Some("vault_admin")),
+        ],
+    );
     su
 }
 

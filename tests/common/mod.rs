@@ -218,3 +218,18 @@ pub fn fresh_slot(su: &mut Client, slot: &str) {
     )
     .unwrap();
 }
+
+/// Creates login roles once, each a member of its group (or of none): `(name, group)`.
+pub fn login_roles(su: &mut Client, roles: &[(&str, Option<&str>)]) {
+    for (name, group) in roles {
+        let member = group.map(|g| format!(" IN ROLE {g}")).unwrap_or_default();
+        su.batch_execute(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN
+                 CREATE ROLE {name} LOGIN{member};
+               END IF;
+             END $$;"
+        ))
+        .unwrap();
+    }
+}
