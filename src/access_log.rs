@@ -4,6 +4,7 @@ use crate::audit_queue::{self, RawRecord, OUTCOME_LIMIT_REACHED};
 use crate::errors::VaultError;
 use crate::identity::{self, Caller};
 use pgrx::prelude::*;
+use vsql_vault_core::rules::escape_for_log;
 
 /// One decision of the vault, as it will appear in `vault.access_log`.
 pub struct Event<'a> {
@@ -52,17 +53,22 @@ impl<'a> Event<'a> {
             r.has_xid = true;
             r.caller_xid = xid;
         }
-        r.role_name.set(Some(&self.caller.role_name));
-        r.session_user.set(Some(&self.caller.session_user));
+        // Names and values a caller chose reach an auditor's terminal: no control characters.
+        let clean = |t: Option<&str>| t.map(|t| escape_for_log(t).into_owned());
+        r.role_name
+            .set(clean(Some(&self.caller.role_name)).as_deref());
+        r.session_user
+            .set(clean(Some(&self.caller.session_user)).as_deref());
         r.application_name
-            .set(self.caller.application_name.as_deref());
+            .set(clean(self.caller.application_name.as_deref()).as_deref());
         r.client_addr.set(self.caller.client_addr.as_deref());
         r.operation.set(Some(self.operation));
-        r.purpose.set(self.purpose.as_deref());
-        r.external_id.set(self.external_id.as_deref());
+        r.purpose.set(clean(self.purpose.as_deref()).as_deref());
+        r.external_id
+            .set(clean(self.external_id.as_deref()).as_deref());
         if let Some(e) = error {
             r.sqlstate.set(Some(e.sqlstate()));
-            r.reason.set(Some(&e.to_string()));
+            r.reason.set(Some(&escape_for_log(&e.to_string())));
         }
         if let Some(d) = &self.details {
             let text = d.to_string();

@@ -186,6 +186,28 @@ pub fn description(d: Option<&str>) -> Result<(), InputError> {
     }
 }
 
+/// Text as it may be stored in an access record. Text with control characters (newlines,
+/// carriage returns, terminal escapes, ...; valid input never has any, refused input may) is
+/// stored with each of them written as `\u{XXXX}` and each backslash doubled, so that what a
+/// refused caller sent can never forge lines or colours in an auditor's terminal, and the
+/// original stays recoverable. Other text is stored as it is.
+pub fn escape_for_log(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if c.is_control() {
+            out.push_str(&format!("\\u{{{:04x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Roles in an access policy are role names or one of these tokens, resolved per entry.
 pub const ROLE_TOKENS: [&str; 2] = ["@owner", "@purpose"];
 
@@ -242,6 +264,18 @@ mod tests {
         }
         let huge = format!("{{\"a\":\"{}\"}}", "x".repeat(METADATA_MAX_BYTES));
         assert_eq!(metadata(&huge).unwrap_err().sqlstate(), "54000");
+    }
+
+    #[test]
+    fn log_text_is_free_of_control_characters() {
+        assert_eq!(escape_for_log("card-42"), "card-42");
+        assert_eq!(
+            escape_for_log("a\n b\x1b[31m\r\u{85}"),
+            "a\\u{000a} b\\u{001b}[31m\\u{000d}\\u{0085}"
+        );
+        assert_eq!(escape_for_log("back\\slash"), "back\\slash");
+        assert_eq!(escape_for_log("b\\\n"), "b\\\\\\u{000a}");
+        assert!(!escape_for_log("\x07\t\x00").chars().any(char::is_control));
     }
 
     #[test]
