@@ -11,7 +11,11 @@ CREATE TABLE vault.protected_tables (
     chains       int NOT NULL CHECK (chains BETWEEN 1 AND 256),
     builtin      bool NOT NULL DEFAULT false,
     protected_at timestamptz NOT NULL DEFAULT now(),
-    protected_by name NOT NULL DEFAULT current_user
+    protected_by name NOT NULL DEFAULT current_user,
+    -- The table itself. Everything that finds a protected table (the chain trigger, the DDL guard,
+    -- verification, export) goes by this OID, never by a name looked up later; as regclass it is
+    -- dumped as a name and restored as the new table's OID.
+    relid        regclass UNIQUE
 );
 
 -- The current head of every chain. Not evidence itself (verification recomputes everything from
@@ -153,11 +157,13 @@ BEGIN
 END
 $fn$;
 
--- DDL guard: ALTER (including DISABLE TRIGGER and RENAME) and DROP of a protected table or of its
--- triggers are refused unless a superuser turned on vsql_vault.break_glass, and either way the
--- attempt is recorded in the (chained) access log.
--- Protected tables are recorded as 'schema.table' without quoting: resolve by name, so that a
--- table whose name needs quotes ("Audit") is found too.
+-- DDL guard: ALTER (including DISABLE TRIGGER and RENAME, under whatever keyword PostgreSQL
+-- accepts for a table) and DROP of a protected table or of its triggers are refused unless a
+-- superuser turned on vsql_vault.break_glass, and either way the attempt is recorded in the
+-- (chained) access log. Protected tables are recognised by OID.
+
+-- A 'schema.table' name as vault_protect_table recorded it (unquoted). Kept for upgrades from
+-- 0.1.0, which registered tables by name only.
 CREATE FUNCTION vault.table_oid(qualified text) RETURNS oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -167,40 +173,45 @@ $fn$;
 
 CREATE FUNCTION vault.is_protected(rel oid) RETURNS bool
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT EXISTS (SELECT 1 FROM vault.protected_tables p WHERE vault.table_oid(p.table_name) = rel)
+    SELECT EXISTS (SELECT 1 FROM vault.protected_tables p WHERE p.relid = rel)
 $fn$;
 
-CREATE FUNCTION vault.is_protected_name(name text) RETURNS bool
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT EXISTS (SELECT 1 FROM vault.protected_tables p WHERE p.table_name = name)
-$fn$;
-
--- After a break-glass DROP the table's registration goes too, so a new table of that name
--- starts a fresh chain.
-CREATE FUNCTION vault.forget_table(name text) RETURNS void
+-- After a break-glass DROP the table's registration goes too, so a new table that gets the same
+-- name (or OID) starts a fresh chain.
+CREATE FUNCTION vault.forget_table(rel oid) RETURNS void
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
     DELETE FROM vault.chain_heads
-     WHERE identity IN (SELECT identity FROM vault.protected_tables WHERE table_name = name);
-    DELETE FROM vault.protected_tables WHERE table_name = name;
+     WHERE identity IN (SELECT identity FROM vault.protected_tables WHERE relid = rel);
+    DELETE FROM vault.protected_tables WHERE relid = rel;
 $fn$;
-REVOKE ALL ON FUNCTION vault.forget_table(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vault.forget_table(oid) FROM PUBLIC;
 
--- A protected table whose name no longer resolves was renamed or moved by the command at hand.
-CREATE FUNCTION vault.protected_gone() RETURNS text
+-- The protected table a DDL command's object belongs to, or NULL: the table itself (whatever
+-- the command's keyword: ALTER INDEX, ALTER SEQUENCE, ALTER VIEW ... RENAME all accept a table),
+-- the table of a trigger, rule or row-security policy, or a protected table in a schema.
+CREATE FUNCTION vault.protected_target(classid oid, objid oid) RETURNS oid
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT table_name FROM vault.protected_tables WHERE vault.table_oid(table_name) IS NULL LIMIT 1
-$fn$;
-
--- The table a DDL command's object belongs to: the table itself, or the table of a trigger,
--- rule or row-security policy created or altered on it.
-CREATE FUNCTION vault.ddl_target(classid oid, objid oid) RETURNS oid
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT CASE classid
+    SELECT p.relid::oid FROM vault.protected_tables p
+     WHERE p.relid = CASE classid
         WHEN 'pg_class'::regclass THEN objid
         WHEN 'pg_trigger'::regclass THEN (SELECT tgrelid FROM pg_trigger WHERE oid = objid)
         WHEN 'pg_rewrite'::regclass THEN (SELECT ev_class FROM pg_rewrite WHERE oid = objid)
         WHEN 'pg_policy'::regclass THEN (SELECT polrelid FROM pg_policy WHERE oid = objid)
-    END
+        END
+    UNION ALL
+    SELECT p.relid::oid FROM vault.protected_tables p JOIN pg_class c ON c.oid = p.relid
+     WHERE classid = 'pg_namespace'::regclass AND c.relnamespace = objid
+    LIMIT 1
+$fn$;
+
+-- A protected table that relation `rel` is now a parent or child of (CREATE TABLE ... INHERITS or
+-- PARTITION OF, ALTER TABLE ... INHERIT or ATTACH PARTITION): a parent's ALTER TABLE recurses to
+-- its children, so a protected table must stay outside inheritance trees.
+CREATE FUNCTION vault.protected_relative(rel oid) RETURNS oid
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT p.relid::oid FROM vault.protected_tables p JOIN pg_inherits i
+        ON (i.inhrelid = rel AND i.inhparent = p.relid) OR (i.inhparent = rel AND i.inhrelid = p.relid)
+    LIMIT 1
 $fn$;
 
 -- True for the extension's own functions: replacing one (CREATE OR REPLACE FUNCTION
@@ -215,18 +226,12 @@ $fn$;
 
 CREATE FUNCTION vault.guard_alter() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE c record; gone text; target oid;
+DECLARE c record; target oid;
 BEGIN
-    gone := vault.protected_gone();
-    IF gone IS NOT NULL AND NOT vault.ddl_guard_allows(tg_tag, gone) THEN
-        RAISE EXCEPTION USING ERRCODE = 'VV403',
-            MESSAGE = format('%s would rename or move protected table %s: refused (vsql_vault.break_glass is off)',
-                             tg_tag, gone);
-    END IF;
     FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
-        target := vault.ddl_target(c.classid, c.objid);
-        IF target IS NOT NULL AND vault.is_protected(target)
-           AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
+        target := vault.protected_target(c.classid, c.objid);
+        IF target IS NOT NULL
+           AND NOT vault.ddl_guard_allows_relation(c.command_tag, c.object_identity, target) THEN
             RAISE EXCEPTION USING ERRCODE = 'VV403',
                 MESSAGE = CASE WHEN c.classid = 'pg_class'::regclass
                     THEN format('%s on protected table %s is refused (vsql_vault.break_glass is off)',
@@ -234,6 +239,15 @@ BEGIN
                     ELSE format('%s %s on protected table %s is refused (vsql_vault.break_glass is off)',
                                 c.command_tag, c.object_identity, target::regclass)
                 END;
+        END IF;
+        IF c.classid = 'pg_class'::regclass THEN
+            target := vault.protected_relative(c.objid);
+            IF target IS NOT NULL
+               AND NOT vault.ddl_guard_allows_relation(c.command_tag, c.object_identity, target) THEN
+                RAISE EXCEPTION USING ERRCODE = 'VV403',
+                    MESSAGE = format('%s %s would put protected table %s into an inheritance tree: refused (vsql_vault.break_glass is off)',
+                                     c.command_tag, c.object_identity, target::regclass);
+            END IF;
         END IF;
         -- Taking a function out of the extension (ALTER EXTENSION ... DROP) would let it be
         -- replaced unguarded; any ALTER EXTENSION vsql_vault goes through break-glass.
@@ -256,25 +270,27 @@ $fn$;
 
 CREATE FUNCTION vault.guard_drop() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE o record; tbl text;
+DECLARE o record; rel oid;
 BEGIN
     FOR o IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
-        tbl := NULL;
-        IF o.object_type = 'table' THEN
-            tbl := o.address_names[1] || '.' || o.address_names[2];
+        rel := NULL;
+        IF o.classid = 'pg_class'::regclass AND o.objsubid = 0 THEN
+            rel := o.objid;
         ELSIF o.object_type = 'trigger'
               AND o.address_names[3] IN ('vault_chain', 'vault_chain_flush', 'vault_append_only',
                                          'vault_no_truncate') THEN
-            tbl := o.address_names[1] || '.' || o.address_names[2];
+            -- The trigger's row is gone; its table is still there (a dropped table comes as a
+            -- pg_class object of its own), resolved in this same command.
+            rel := to_regclass(format('%I.%I', o.address_names[1], o.address_names[2]));
         END IF;
-        IF tbl IS NOT NULL AND vault.is_protected_name(tbl) THEN
-            IF NOT vault.ddl_guard_allows('DROP ' || upper(o.object_type), o.object_identity) THEN
+        IF rel IS NOT NULL AND vault.is_protected(rel) THEN
+            IF NOT vault.ddl_guard_allows_relation('DROP ' || upper(o.object_type), o.object_identity, rel) THEN
                 RAISE EXCEPTION USING ERRCODE = 'VV403',
                     MESSAGE = format('DROP of %s %s is refused: the table is protected (vsql_vault.break_glass is off)',
                                      o.object_type, o.object_identity);
             END IF;
-            IF o.object_type = 'table' THEN
-                PERFORM vault.forget_table(tbl);
+            IF o.classid = 'pg_class'::regclass THEN
+                PERFORM vault.forget_table(rel);
             END IF;
         END IF;
     END LOOP;
@@ -282,9 +298,15 @@ END
 $fn$;
 
 CREATE EVENT TRIGGER vault_guard_alter ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE RULE',
-                 'CREATE POLICY', 'ALTER POLICY', 'CREATE FUNCTION', 'ALTER FUNCTION',
-                 'ALTER EXTENSION')
+    -- Every tag whose command can reach an ordinary table, from PostgreSQL 15's grammar: ALTER
+    -- INDEX ... RENAME, ALTER VIEW / MATERIALIZED VIEW / FOREIGN TABLE ... RENAME COLUMN and
+    -- ALTER TYPE ... RENAME ATTRIBUTE all accept a table; CREATE TABLE / CREATE FOREIGN TABLE /
+    -- CREATE SCHEMA ... INHERITS make one a parent. (docs/security.md lists them with their tests.)
+    WHEN TAG IN ('ALTER TABLE', 'ALTER INDEX', 'ALTER SEQUENCE', 'ALTER VIEW',
+                 'ALTER MATERIALIZED VIEW', 'ALTER FOREIGN TABLE', 'ALTER TYPE', 'ALTER SCHEMA',
+                 'CREATE TABLE', 'CREATE FOREIGN TABLE', 'CREATE SCHEMA', 'CREATE TRIGGER',
+                 'ALTER TRIGGER', 'CREATE RULE', 'ALTER RULE', 'CREATE POLICY', 'ALTER POLICY',
+                 'CREATE FUNCTION', 'ALTER FUNCTION', 'ALTER EXTENSION')
     EXECUTE FUNCTION vault.guard_alter();
 CREATE EVENT TRIGGER vault_guard_drop ON sql_drop EXECUTE FUNCTION vault.guard_drop();
 ALTER EVENT TRIGGER vault_guard_alter ENABLE ALWAYS;

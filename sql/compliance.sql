@@ -140,3 +140,42 @@ GRANT SELECT ON vault.retention_compliance, vault.access_summary, vault.access_d
                 vault.purge_evidence, vault.key_inventory, vault.audit_integrity,
                 vault.access_daily
     TO vault_auditor, vault_admin;
+
+-- Ownership. The vault's tables, sequences and views, and its SECURITY DEFINER helpers, belong to
+-- vault_owner, a role with no attribute at all (no superuser, no login), not to the superuser
+-- who ran CREATE EXTENSION. The API switches to that owner for its own queries, so any user code
+-- a missed case might reach while switched runs with the rights over the vault's tables and
+-- nothing more. The C functions and the event triggers stay with the superuser (PostgreSQL
+-- requires a superuser for both); none of them runs user code. (tests/attacks.rs)
+-- What the API calls while switched to the owner that PUBLIC may not call.
+GRANT EXECUTE ON FUNCTION vault.role_allowed(name[], oid, name, text), vault.replication_kek_ids()
+    TO vault_owner;
+DO $owner$
+DECLARE o record;
+BEGIN
+    FOR o IN
+        SELECT c.oid, CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END AS kind
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                     AND d.objid = c.oid AND d.deptype = 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'vsql_vault'
+         WHERE c.relkind IN ('r', 'S', 'v')
+         ORDER BY c.relkind = 'S', c.oid
+    LOOP
+        -- A table takes its serial sequences along; those cannot be given away on their own.
+        IF (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = o.oid)
+           <> 'vault_owner'::pg_catalog.regrole THEN
+            EXECUTE pg_catalog.format('ALTER %s %s OWNER TO vault_owner', o.kind, o.oid::pg_catalog.regclass);
+        END IF;
+    END LOOP;
+    FOR o IN
+        SELECT p.oid FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                     AND d.objid = p.oid AND d.deptype = 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'vsql_vault'
+         WHERE p.prosecdef
+    LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO vault_owner', o.oid::pg_catalog.regprocedure);
+    END LOOP;
+END
+$owner$;

@@ -58,7 +58,7 @@ REVOKE ALL ON vault.sweep_runs, vault.purge_log FROM PUBLIC;
 GRANT SELECT ON vault.sweep_runs, vault.purge_log TO vault_auditor, vault_admin;
 
 SELECT vault.protect_builtin('vault.purge_log'::regclass::oid, 1);
-UPDATE vault.protected_tables SET builtin = true WHERE table_name = 'vault.purge_log';
+UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.purge_log'::regclass;
 
 SELECT pg_catalog.pg_extension_config_dump('vault.sweep_runs', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.sweep_runs_id_seq', '');

@@ -16,6 +16,18 @@ BEGIN
 END
 $roles$;
 
+-- The owner of the vault's tables (see the end of the install script): created here, or reused,
+-- and kept without any attribute that reaches beyond them.
+DO $owner_role$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vault_owner') THEN
+        CREATE ROLE vault_owner NOLOGIN;
+    END IF;
+    ALTER ROLE vault_owner NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+        NOINHERIT;
+END
+$owner_role$;
+
 CREATE SCHEMA IF NOT EXISTS vault;
 REVOKE ALL ON SCHEMA vault FROM PUBLIC;
 -- USAGE lets callers reach the API's helper functions; every table keeps its own privileges.
@@ -171,8 +183,8 @@ CREATE TRIGGER access_log_no_truncate BEFORE TRUNCATE ON vault.access_log
 ALTER TABLE vault.access_log ENABLE ALWAYS TRIGGER access_log_append_only;
 ALTER TABLE vault.access_log ENABLE ALWAYS TRIGGER access_log_no_truncate;
 
--- Nobody but the owner (the role that ran CREATE EXTENSION) touches the tables directly; the API
--- functions switch to the owner internally after recording who called them.
+-- Nobody but the owner (vault_owner, from the end of the install script on) touches the tables
+-- directly; the API functions switch to the owner internally after recording who called them.
 REVOKE ALL ON vault.retention_policies, vault.access_policies, vault.purpose_grants,
               vault.entries, vault.access_log FROM PUBLIC;
 GRANT SELECT ON vault.retention_policies, vault.access_policies, vault.purpose_grants,

@@ -3,7 +3,7 @@
 //! `vsql_vault_core::chain`, which the offline tool uses too.
 
 use crate::errors::VaultError;
-use crate::identity::AsOwner;
+use crate::identity::{AsOwner, AsTableOwner};
 use crate::plans::{self, types::*};
 use crate::{keys, settings};
 use pgrx::prelude::*;
@@ -61,22 +61,54 @@ fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::
 /// A chain a single writer holds for a whole batch (the audit writer and the access log): rows
 /// are linked in memory and the head is written back once, when the batch is done.
 struct Cursor {
-    table: String,
+    relid: u32,
     head: Head,
 }
 
 thread_local! {
     static CURSOR: RefCell<Option<Cursor>> = const { RefCell::new(None) };
-    /// Set while vault_protect_table itself alters the table it protects.
-    pub static PROTECTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The relation vault_protect_table is protecting right now (0 for none): the DDL guard lets
+    /// the protection's own commands on that one relation through, and nothing else.
+    static PROTECTING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     /// The chain this backend's current transaction already holds, per table, so that a
     /// transaction inserting many rows stays on one chain.
-    static HELD: RefCell<HashMap<String, (pg_sys::TransactionId, i32)>> = RefCell::new(HashMap::new());
+    static HELD: RefCell<HashMap<u32, (pg_sys::TransactionId, i32)>> = RefCell::new(HashMap::new());
     /// Chains held by the statements running in this backend, per table: the rows of one
     /// statement are linked in memory and the head is written back once, by the AFTER STATEMENT
     /// trigger. (Writing the head row back for every row made a 20,000-row INSERT ... SELECT
     /// quadratic: each update of the same row inside one transaction lengthens its version chain.)
-    static STATEMENTS: RefCell<HashMap<(String, StatementKey), Head>> = RefCell::new(HashMap::new());
+    static STATEMENTS: RefCell<HashMap<(u32, StatementKey), Head>> = RefCell::new(HashMap::new());
+}
+
+/// Whether `relid` is the relation this backend's vault_protect_table is protecting.
+pub fn protecting(relid: pg_sys::Oid) -> bool {
+    relid != pg_sys::Oid::INVALID && PROTECTING.with(|p| p.get()) == relid.to_u32()
+}
+
+/// Before the update from 0.1.0 the DDL guard passes objects by name only: whether `object` (a
+/// `pg_event_trigger_ddl_commands` identity) is the table being protected, or one of its triggers.
+pub fn protecting_object(object: &str) -> bool {
+    let relid = PROTECTING.with(|p| p.get());
+    if relid == 0 {
+        return false;
+    }
+    let quoted = {
+        let _owner = AsOwner::enter();
+        crate::identity::select_one::<String>(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+              WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            &[pg_sys::Oid::from(relid).into()],
+        )
+        .ok()
+        .flatten()
+    };
+    quoted.is_some_and(|q| object == q || object.ends_with(&format!(" on {q}")))
+}
+
+/// The relation a trigger fired on, by OID: names can change under a running session.
+fn trigger_relid(trigger: &PgTrigger) -> u32 {
+    unsafe { (*trigger.trigger_data().tg_relation).rd_id.to_u32() }
 }
 
 /// The (transaction, subtransaction) a statement runs in. Not the command id: the chain's own
@@ -95,13 +127,13 @@ fn statement_key() -> StatementKey {
 
 /// AFTER STATEMENT: writes back the heads the statement's rows advanced in memory.
 pub fn flush_statement(trigger: &PgTrigger) -> Result<(), VaultError> {
-    let table = qualified_name(trigger)?;
+    let table = trigger_relid(trigger);
     let (xid, subxid) = statement_key();
     let done: Vec<Head> = STATEMENTS.with(|s| {
         let mut s = s.borrow_mut();
         // Entries of transactions that are over (an error ended them) are dropped on the way.
         s.retain(|(_, k), _| k.0 == xid);
-        let keys: Vec<(String, StatementKey)> = s
+        let keys: Vec<(u32, StatementKey)> = s
             .keys()
             .filter(|(t, k)| *t == table && k.1 == subxid)
             .cloned()
@@ -114,20 +146,66 @@ pub fn flush_statement(trigger: &PgTrigger) -> Result<(), VaultError> {
     Ok(())
 }
 
+/// Whether `vault.protected_tables` has its `relid` column. It has not between installing this
+/// version's library over 0.1.0 and `ALTER EXTENSION vsql_vault UPDATE`: tables are then still
+/// registered by name, and the chains must keep working (the audit writer too) until the update.
+/// Two syscache lookups, cheap enough for every chained statement.
+pub fn registry_by_oid() -> bool {
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"vault".as_ptr(), true);
+        if ns == pg_sys::Oid::INVALID {
+            return true;
+        }
+        let rel = pg_sys::get_relname_relid(c"protected_tables".as_ptr(), ns);
+        rel == pg_sys::Oid::INVALID
+            || pg_sys::get_attnum(rel, c"relid".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    }
+}
+
+/// The OID of registration `p`'s table from the name 0.1.0 recorded (`schema.table`, unquoted),
+/// written out rather than through `vault.table_oid`, which a 0.1.0 install creates only after
+/// it protects its own tables.
+macro_rules! oid_by_recorded_name {
+    () => {
+        "(SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n
+                ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+           WHERE n.nspname OPERATOR(pg_catalog.=) pg_catalog.split_part(p.table_name, '.', 1)
+             AND c.relname OPERATOR(pg_catalog.=) pg_catalog.substr(p.table_name,
+                     pg_catalog.length(pg_catalog.split_part(p.table_name, '.', 1)) OPERATOR(pg_catalog.+) 2))"
+    };
+}
+
+/// The SQL expression for the OID of registration `p`'s table (see `registry_by_oid`).
+fn registered_oid() -> &'static str {
+    if registry_by_oid() {
+        "p.relid::pg_catalog.oid"
+    } else {
+        oid_by_recorded_name!()
+    }
+}
+
 macro_rules! chain_query {
-    ($lock:literal) => {
+    ($lock:literal, $registered:expr) => {
         concat!(
             "SELECT h.chain_id, h.seq, h.head_hash, h.identity FROM vault.chain_heads h
              WHERE h.identity OPERATOR(pg_catalog.=) (SELECT p.identity FROM vault.protected_tables p
-                                                       WHERE p.table_name OPERATOR(pg_catalog.=) $1)
+                                                       WHERE ",
+            $registered,
+            " OPERATOR(pg_catalog.=) $1)
              ORDER BY h.chain_id OPERATOR(pg_catalog.=) $3 DESC, h.chain_id OPERATOR(pg_catalog.#) $2
              LIMIT 1 FOR UPDATE OF h",
             $lock
         )
     };
 }
-const TAKE_CHAIN: &str = chain_query!(" SKIP LOCKED");
-const WAIT_CHAIN: &str = chain_query!("");
+const TAKE_CHAIN: [&str; 2] = [
+    chain_query!(" SKIP LOCKED", "p.relid::pg_catalog.oid"),
+    chain_query!("", "p.relid::pg_catalog.oid"),
+];
+const TAKE_CHAIN_BY_NAME: [&str; 2] = [
+    chain_query!(" SKIP LOCKED", oid_by_recorded_name!()),
+    chain_query!("", oid_by_recorded_name!()),
+];
 const ADVANCE_CHAIN: &str = "UPDATE vault.chain_heads SET seq = $3, head_hash = $4
      WHERE identity OPERATOR(pg_catalog.=) $1 AND chain_id OPERATOR(pg_catalog.=) $2";
 
@@ -139,13 +217,13 @@ pub struct Head {
     hash: Vec<u8>,
 }
 
-/// Locks a chain of `table` for this transaction (a free one if any) and returns its head.
-fn take_chain(table: &str) -> Result<Head, VaultError> {
+/// Locks a chain of relation `table` for this transaction (a free one if any) and returns its head.
+fn take_chain(table: u32) -> Result<Head, VaultError> {
     let xid = unsafe { pg_sys::GetTopTransactionId() };
     let held = HELD
         .with(|h| {
             h.borrow()
-                .get(table)
+                .get(&table)
                 .filter(|(x, _)| *x == xid)
                 .map(|(_, c)| *c)
         })
@@ -153,9 +231,14 @@ fn take_chain(table: &str) -> Result<Head, VaultError> {
     let pid = unsafe { pg_sys::MyProcPid };
     let _owner = AsOwner::enter();
     let found = Spi::connect_mut(|c| {
-        let args = [table.into(), pid.into(), held.into()];
-        for query in [TAKE_CHAIN, WAIT_CHAIN] {
-            let stmt = plans::plan(c, query, &[TEXT, INT4, INT4], true)?;
+        let args = [pg_sys::Oid::from(table).into(), pid.into(), held.into()];
+        let queries = if registry_by_oid() {
+            TAKE_CHAIN
+        } else {
+            TAKE_CHAIN_BY_NAME
+        };
+        for query in queries {
+            let stmt = plans::plan(c, query, &[OID, INT4, INT4], true)?;
             let rows = c.update(&*stmt, None, &args)?;
             if let Some(row) = rows.into_iter().next() {
                 return Ok(Some(Head {
@@ -169,8 +252,8 @@ fn take_chain(table: &str) -> Result<Head, VaultError> {
         Ok::<_, pgrx::spi::Error>(None)
     })
     .map_err(|e| VaultError::Internal(format!("taking a chain head failed: {e}")))?;
-    let found = found.ok_or_else(|| VaultError::NotProtected(table.to_owned()))?;
-    HELD.with(|h| h.borrow_mut().insert(table.to_owned(), (xid, found.chain)));
+    let found = found.ok_or_else(|| VaultError::NotProtected(format!("relation {table}")))?;
+    HELD.with(|h| h.borrow_mut().insert(table, (xid, found.chain)));
     Ok(found)
 }
 
@@ -178,13 +261,16 @@ fn take_chain(table: &str) -> Result<Head, VaultError> {
 /// into it in memory, until `end_batch` writes the head back. For a table with one writer.
 pub fn begin_batch(table: &str) -> Result<(), VaultError> {
     CURSOR.with(|c| *c.borrow_mut() = None);
-    let head = take_chain(table)?;
-    CURSOR.with(|c| {
-        *c.borrow_mut() = Some(Cursor {
-            table: table.to_owned(),
-            head,
-        })
-    });
+    // The extension's own tables, named by the extension itself: never renamed (the DDL guard).
+    let relid = crate::identity::select_one::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
+        &[table.into()],
+    )
+    .map_err(|e| VaultError::Internal(e.to_string()))?
+    .ok_or_else(|| VaultError::NotProtected(table.to_owned()))?
+    .to_u32();
+    let head = take_chain(relid)?;
+    CURSOR.with(|c| *c.borrow_mut() = Some(Cursor { relid, head }));
     Ok(())
 }
 
@@ -264,6 +350,7 @@ pub fn chain_row<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<PgHeapTuple<'a, AllocatedByRust>, VaultError> {
     let table = qualified_name(trigger)?;
+    let relid = trigger_relid(trigger);
     if EVIDENCE_TABLES.contains(&table.as_str())
         && !VAULT_WRITING.with(|w| w.get())
         && !settings::RESTORE_MODE.get()
@@ -281,7 +368,7 @@ pub fn chain_row<'a>(
         columns_of(&values, &hashed_attributes(tupdesc))
     };
     if settings::RESTORE_MODE.get() {
-        if let Some(kept) = restored_row(trigger, &table)? {
+        if let Some(kept) = restored_row(trigger, relid)? {
             return Ok(kept);
         }
         // A dump always carries the chain fields of evidence rows: one without them is not a
@@ -296,7 +383,7 @@ pub fn chain_row<'a>(
     }
     let (_identity, chain_id, seq, prev, hash) = match CURSOR.with(|c| c.borrow_mut().take()) {
         // A writer that holds this table's chain for its whole batch: link in memory.
-        Some(mut cur) if cur.table == table => {
+        Some(mut cur) if cur.relid == relid => {
             let seq = cur.head.seq + 1;
             let prev = std::mem::take(&mut cur.head.hash);
             let hash = chain::row_hash(&cur.head.identity, cur.head.chain, seq, &prev, &columns);
@@ -308,11 +395,11 @@ pub fn chain_row<'a>(
         }
         other => {
             CURSOR.with(|c| *c.borrow_mut() = other);
-            let key = (table.clone(), statement_key());
+            let key = (relid, statement_key());
             let held = STATEMENTS.with(|s| s.borrow_mut().remove(&key));
             let mut head = match held {
                 Some(head) => head,
-                None => take_chain(&table)?,
+                None => take_chain(relid)?,
             };
             let seq = head.seq + 1;
             let prev = std::mem::take(&mut head.hash);
@@ -388,7 +475,7 @@ unsafe fn for_each_spi_tuple(mut each: impl FnMut(pg_sys::HeapTuple, pg_sys::Tup
 /// moves forward to it. Returns None for a row without chain fields (it is chained normally).
 fn restored_row<'a>(
     trigger: &'a PgTrigger<'a>,
-    table: &str,
+    relid: u32,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, VaultError> {
     let new = trigger
         .new()
@@ -410,12 +497,13 @@ fn restored_row<'a>(
     let _owner = AsOwner::enter();
     Spi::connect_mut(|c| {
         c.update(
-            "INSERT INTO vault.chain_heads AS h (identity, chain_id, seq, head_hash)
-             SELECT p.identity, $2, $3, $4 FROM vault.protected_tables p WHERE p.table_name = $1
+            &format!("INSERT INTO vault.chain_heads AS h (identity, chain_id, seq, head_hash)
+             SELECT p.identity, $2, $3, $4 FROM vault.protected_tables p
+              WHERE {} OPERATOR(pg_catalog.=) $1
              ON CONFLICT (identity, chain_id) DO UPDATE SET seq = EXCLUDED.seq, head_hash = EXCLUDED.head_hash
-             WHERE h.seq < EXCLUDED.seq",
+             WHERE h.seq < EXCLUDED.seq", registered_oid()),
             None,
-            &[table.into(), chain_id.into(), seq.into(), hash.as_slice().into()],
+            &[pg_sys::Oid::from(relid).into(), chain_id.into(), seq.into(), hash.as_slice().into()],
         )
         .map(|_| ())
     })
@@ -445,17 +533,93 @@ fn export_row(table: &str, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc)
     }
 }
 
-/// Streams the rows of a protected table in chain order to `each`.
+/// A registered protected table: its OID, the name it had when protected, and its identity in
+/// hashes and checkpoints.
+pub struct Protected {
+    pub relid: pg_sys::Oid,
+    pub name: String,
+    pub identity: String,
+}
+
+/// A protected table as the catalog shows it now, resolved by OID.
+struct LiveTable {
+    owner: pg_sys::Oid,
+    /// Schema-qualified and quoted, for statements built after the table is locked.
+    quoted: String,
+}
+
+/// The table behind a registration, provided it is still the same plain, permanent table that
+/// carries the vault's append-only trigger; None for anything else (a view or a temp table that
+/// took its place, a dropped table, an OID reused). Call with the table locked.
+fn live_table(relid: pg_sys::Oid) -> Result<Option<LiveTable>, VaultError> {
+    let _owner = AsOwner::enter();
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT c.relowner, pg_catalog.format('%I.%I', n.nspname, c.relname) AS quoted
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+              WHERE c.oid OPERATOR(pg_catalog.=) $1 AND c.relkind OPERATOR(pg_catalog.=) 'r'
+                AND c.relpersistence OPERATOR(pg_catalog.=) 'p'
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                             WHERE t.tgrelid OPERATOR(pg_catalog.=) c.oid
+                               AND t.tgname OPERATOR(pg_catalog.=) 'vault_append_only'
+                               AND t.tgfoid OPERATOR(pg_catalog.=) 'vault.refuse_modification()'::pg_catalog.regprocedure)",
+            Some(1),
+            &[relid.into()],
+        )?;
+        match rows.into_iter().next() {
+            None => Ok::<_, pgrx::spi::Error>(None),
+            Some(row) => Ok(Some(LiveTable {
+                owner: row.get_by_name::<pg_sys::Oid, _>("relowner")?.unwrap_or(pg_sys::Oid::INVALID),
+                quoted: row.get_by_name::<String, _>("quoted")?.unwrap_or_default(),
+            })),
+        }
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}
+
+/// Takes `lock` on `relid`, waiting at most `vsql_vault.verify_lock_timeout` milliseconds.
+/// A table's owner can hold ACCESS EXCLUSIVE on it for as long as they like; a verification
+/// must not hang behind that.
+fn lock_within_timeout(relid: pg_sys::Oid, lock: u32) -> bool {
+    let attempts = (settings::VERIFY_LOCK_TIMEOUT_MS.get().max(0) / 10) + 1;
+    for attempt in 0..attempts {
+        if unsafe { pg_sys::ConditionalLockRelationOid(relid, lock as pg_sys::LOCKMODE) } {
+            return true;
+        }
+        if attempt + 1 < attempts {
+            pgrx::check_for_interrupts!();
+            unsafe { pg_sys::pg_usleep(10_000) };
+        }
+    }
+    false
+}
+
+/// Why a registered table could not be read, as a verdict rather than an error.
+pub enum Unreadable {
+    Missing,
+    Locked,
+}
+
+/// Streams the rows of a protected table in chain order to `each`. The table is found by OID,
+/// locked, checked to be the table that was protected, and read as its owner under
+/// `SECURITY_RESTRICTED_OPERATION`: output functions of its column types are user code.
 fn scan_rows(
-    table: &str,
+    relid: pg_sys::Oid,
     identity: &str,
     from_seq: i64,
     mut each: impl FnMut(ExportRow),
-) -> Result<(), VaultError> {
+) -> Result<Result<(), Unreadable>, VaultError> {
+    if !lock_within_timeout(relid, pg_sys::AccessShareLock) {
+        return Ok(Err(Unreadable::Locked));
+    }
+    let Some(table) = live_table(relid)? else {
+        return Ok(Err(Unreadable::Missing));
+    };
     let query = format!(
-        "SELECT * FROM {} WHERE chain_seq IS NULL OR chain_seq >= $1 ORDER BY chain_id NULLS FIRST, chain_seq",
-        table.split('.').map(spi::quote_identifier).collect::<Vec<_>>().join(".")
+        "SELECT * FROM ONLY {} WHERE chain_seq IS NULL OR chain_seq >= $1 ORDER BY chain_id NULLS FIRST, chain_seq",
+        table.quoted
     );
+    let _table_owner = AsTableOwner::enter(table.owner);
     Spi::connect(|c| {
         let mut cursor = c.try_open_cursor(query.as_str(), &[from_seq.into()])?;
         loop {
@@ -467,24 +631,30 @@ fn scan_rows(
         }
         Ok::<_, pgrx::spi::Error>(())
     })
-    .map_err(|e| VaultError::Internal(format!("reading {table} failed: {e}")))
+    .map_err(|e| VaultError::Internal(format!("reading {} failed: {e}", table.quoted)))?;
+    Ok(Ok(()))
 }
 
-/// (name, identity) of the protected tables, or of one.
-pub fn protected_tables(only: Option<pg_sys::Oid>) -> Result<Vec<(String, String)>, VaultError> {
+/// The protected tables, or one, by OID.
+pub fn protected_tables(only: Option<pg_sys::Oid>) -> Result<Vec<Protected>, VaultError> {
     let _owner = AsOwner::enter();
     Spi::connect(|c| {
         let mut out = Vec::new();
+        let registered = registered_oid();
         for row in c.select(
-            "SELECT table_name, identity FROM vault.protected_tables
-             WHERE $1 IS NULL OR vault.table_oid(table_name) OPERATOR(pg_catalog.=) $1
-             ORDER BY table_name",
+            &format!("SELECT {registered} AS relid, p.table_name, p.identity FROM vault.protected_tables p
+             WHERE $1 IS NULL OR {registered} OPERATOR(pg_catalog.=) $1
+             ORDER BY p.id"),
             None,
             &[only.into()],
         )? {
-            if let (Some(t), Some(i)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
-                out.push((t, i));
-            }
+            out.push(Protected {
+                relid: row
+                    .get_by_name::<pg_sys::Oid, _>("relid")?
+                    .unwrap_or(pg_sys::Oid::INVALID),
+                name: row.get_by_name::<String, _>("table_name")?.unwrap_or_default(),
+                identity: row.get_by_name::<String, _>("identity")?.unwrap_or_default(),
+            });
         }
         Ok::<_, pgrx::spi::Error>(out)
     })
@@ -543,36 +713,43 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
             only.map(|o| o.to_u32()).unwrap_or(0)
         )));
     }
-    let _owner = AsOwner::enter();
-    let keys = public_keys()?;
+    let keys = {
+        let _owner = AsOwner::enter();
+        public_keys()?
+    };
     let mut reports = Vec::new();
-    for (table, identity) in tables {
-        let exists = crate::identity::select_one::<bool>(
-            "SELECT vault.table_oid($1) IS NOT NULL",
-            &[table.as_str().into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-        if !exists {
+    for table in tables {
+        let checkpoints = {
+            let _owner = AsOwner::enter();
+            load_checkpoints(Some(&table.identity))?
+        };
+        let mut v = Verifier::new(checkpoints, &keys);
+        let unreadable = match scan_rows(table.relid, &table.identity, 0, |row| v.push(&row))? {
+            Ok(()) => None,
+            Err(Unreadable::Missing) => Some(format!(
+                "protected table {} is missing or is no longer the table that was protected (dropped around the guard?)",
+                table.name
+            )),
+            Err(Unreadable::Locked) => Some(format!(
+                "protected table {} was not verified: another session holds a lock on it (vsql_vault.verify_lock_timeout)",
+                table.name
+            )),
+        };
+        if let Some(detail) = unreadable {
             reports.push(chain::ChainReport {
-                table: identity.clone(),
+                table: table.identity.clone(),
                 chain: 0,
                 rows_checked: 0,
                 first_bad_seq: None,
                 ok: false,
-                detail: format!(
-                    "protected table {table} is missing (dropped or renamed around the guard?)"
-                ),
+                detail,
             });
             continue;
         }
-        let mut v = Verifier::new(load_checkpoints(Some(&identity))?, &keys);
-        scan_rows(&table, &identity, 0, |row| v.push(&row))?;
         let mut r = v.finish();
         if r.is_empty() {
             r.push(chain::ChainReport {
-                table: identity.clone(),
+                table: table.identity.clone(),
                 chain: 0,
                 rows_checked: 0,
                 first_bad_seq: None,
@@ -585,17 +762,45 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
     Ok(reports)
 }
 
-pub fn export(table_oid: pg_sys::Oid, from_seq: i64) -> Result<Vec<String>, VaultError> {
+/// The rows of one protected table as JSON lines. Reading them takes SELECT on the table: an
+/// auditor's role alone does not open a team's table.
+pub fn export(
+    caller: &crate::identity::Caller,
+    table_oid: pg_sys::Oid,
+    from_seq: i64,
+) -> Result<Vec<String>, VaultError> {
     let tables = protected_tables(Some(table_oid))?;
-    let (table, identity) = tables
+    let table = tables
         .first()
         .ok_or_else(|| VaultError::NotProtected(format!("relation {}", table_oid.to_u32())))?;
-    let _owner = AsOwner::enter();
+    let may_read = {
+        let _owner = AsOwner::enter();
+        crate::identity::select_one::<bool>(
+            "SELECT pg_catalog.has_table_privilege($1, $2, 'SELECT')",
+            &[caller.role_oid.into(), table_oid.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    };
+    if !may_read {
+        return Err(VaultError::Denied(format!(
+            "role \"{}\" has no SELECT privilege on {}",
+            caller.role_name, table.name
+        )));
+    }
     let mut lines = Vec::new();
-    scan_rows(table, identity, from_seq, |row| {
+    let read = scan_rows(table.relid, &table.identity, from_seq, |row| {
         lines.push(serde_json::to_string(&row).unwrap_or_default())
     })?;
-    Ok(lines)
+    match read {
+        Ok(()) => Ok(lines),
+        Err(Unreadable::Missing) => Err(VaultError::NotProtected(format!(
+            "{} (missing, or no longer the table that was protected)",
+            table.name
+        ))),
+        Err(Unreadable::Locked) => Err(VaultError::Locked(table.name.clone())),
+    }
 }
 
 pub fn export_checkpoints() -> Result<Vec<String>, VaultError> {
@@ -614,12 +819,12 @@ pub fn checkpoint() -> Result<i64, VaultError> {
     let heads = Spi::connect(|c| {
         let mut out = Vec::new();
         for row in c.select(
-            "SELECT h.identity, h.chain_id, h.seq, h.head_hash
+            &format!("SELECT h.identity, h.chain_id, h.seq, h.head_hash
              FROM vault.chain_heads h JOIN vault.protected_tables p ON p.identity = h.identity
-             WHERE h.seq > 0 AND p.table_name <> 'vault.audit_checkpoints'
+             WHERE h.seq > 0 AND {} <> 'vault.audit_checkpoints'::regclass
                AND h.seq > COALESCE((SELECT max(k.seq) FROM vault.audit_checkpoints k
                                      WHERE k.table_identity = h.identity AND k.chain = h.chain_id), 0)
-             ORDER BY 1, 2",
+             ORDER BY 1, 2", registered_oid()),
             None,
             &[],
         )? {
@@ -701,74 +906,226 @@ pub fn checkpoint() -> Result<i64, VaultError> {
     Ok(heads.len() as i64)
 }
 
-fn quote_qualified(table: &str) -> String {
-    table
-        .split('.')
-        .map(spi::quote_identifier)
-        .collect::<Vec<_>>()
-        .join(".")
+/// Sets the relation the DDL guard lets vault_protect_table's own commands touch, and clears it
+/// again however protection ends.
+struct Protecting(u32);
+
+impl Protecting {
+    fn enter(relid: pg_sys::Oid) -> Protecting {
+        Protecting(PROTECTING.with(|p| p.replace(relid.to_u32())))
+    }
 }
 
-/// Makes `table` append-only and hash-chained: adds the chain fields, chains the rows it already
-/// holds, and installs the triggers (ENABLE ALWAYS).
-pub fn protect(table_oid: pg_sys::Oid, chains: i32) -> Result<String, VaultError> {
-    struct Protecting;
-    impl Drop for Protecting {
-        fn drop(&mut self) {
-            PROTECTING.with(|p| p.set(false));
+impl Drop for Protecting {
+    fn drop(&mut self) {
+        let previous = self.0;
+        PROTECTING.with(|p| p.set(previous));
+    }
+}
+
+/// What protection needs to know about a table, read from the catalog by OID.
+struct Candidate {
+    owner: pg_sys::Oid,
+    schema: String,
+    name: String,
+    kind: String,
+    persistence: String,
+    in_inheritance: bool,
+    triggers: bool,
+    rules: bool,
+    policies: bool,
+    registered: bool,
+}
+
+fn candidate(relid: pg_sys::Oid) -> Result<Option<Candidate>, VaultError> {
+    let _owner = AsOwner::enter();
+    Spi::connect(|c| {
+        let rows = c.select(
+            &format!("SELECT c.relowner, n.nspname::pg_catalog.text AS schema, c.relname::pg_catalog.text AS name,
+                    c.relkind::pg_catalog.text AS kind, c.relpersistence::pg_catalog.text AS persistence,
+                    (c.relispartition OR c.relhassubclass OR c.reloftype OPERATOR(pg_catalog.<>) 0 OR EXISTS (
+                        SELECT 1 FROM pg_catalog.pg_inherits i
+                         WHERE i.inhrelid OPERATOR(pg_catalog.=) c.oid
+                            OR i.inhparent OPERATOR(pg_catalog.=) c.oid)) AS in_inheritance,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                             WHERE t.tgrelid OPERATOR(pg_catalog.=) c.oid AND NOT t.tgisinternal) AS triggers,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
+                             WHERE r.ev_class OPERATOR(pg_catalog.=) c.oid) AS rules,
+                    (c.relforcerowsecurity OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p
+                             WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid)) AS policies,
+                    EXISTS (SELECT 1 FROM vault.protected_tables p
+                             WHERE {} OPERATOR(pg_catalog.=) c.oid) AS registered
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+              WHERE c.oid OPERATOR(pg_catalog.=) $1", registered_oid()),
+            Some(1),
+            &[relid.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok::<_, pgrx::spi::Error>(None);
+        };
+        let flag = |name: &str| row.get_by_name::<bool, _>(name).map(|b| b.unwrap_or(false));
+        let text = |name: &str| row.get_by_name::<String, _>(name).map(|t| t.unwrap_or_default());
+        Ok(Some(Candidate {
+            owner: row
+                .get_by_name::<pg_sys::Oid, _>("relowner")?
+                .unwrap_or(pg_sys::Oid::INVALID),
+            schema: text("schema")?,
+            name: text("name")?,
+            kind: text("kind")?,
+            persistence: text("persistence")?,
+            in_inheritance: flag("in_inheritance")?,
+            triggers: flag("triggers")?,
+            rules: flag("rules")?,
+            policies: flag("policies")?,
+            registered: flag("registered")?,
+        }))
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}
+
+/// The rules a user's table must meet to be protected. A protected table keeps no triggers,
+/// rules or row-security policies but the vault's own (the DDL guard refuses new ones), so one
+/// that already has them is refused rather than protected with code nobody reviewed around its
+/// chain; temp and unlogged tables vanish without a record.
+fn protection_refusal(t: &Candidate) -> Option<VaultError> {
+    if t.kind != "r" {
+        return Some(VaultError::NotATable);
+    }
+    if t.persistence == "t" {
+        return Some(VaultError::CannotProtect(
+            "a temporary table vanishes with its session, without any record".into(),
+        ));
+    }
+    if t.persistence == "u" {
+        return Some(VaultError::CannotProtect(
+            "an unlogged table is emptied by a crash, without any record".into(),
+        ));
+    }
+    if t.in_inheritance {
+        return Some(VaultError::CannotProtect(
+            "the table is part of an inheritance tree or of partitioning, or is a typed table"
+                .into(),
+        ));
+    }
+    if t.triggers || t.rules || t.policies {
+        return Some(VaultError::CannotProtect(
+            "the table has triggers, rules or row-security policies of its own; drop them first"
+                .into(),
+        ));
+    }
+    None
+}
+
+/// Makes `table_oid` append-only and hash-chained: registers it, adds the chain fields, chains
+/// the rows it already holds, and installs the triggers (ENABLE ALWAYS). The work on the table
+/// itself runs as the table's owner under `SECURITY_RESTRICTED_OPERATION`, never with the
+/// vault's rights: constraints, index expressions and generated columns are its owner's code.
+/// The extension's own tables (`builtin`) carry triggers of the vault's and skip those checks.
+pub fn protect(
+    table_oid: pg_sys::Oid,
+    chains: i32,
+    builtin: bool,
+    protected_by: &str,
+) -> Result<String, VaultError> {
+    let _protecting = Protecting::enter(table_oid);
+    // Held to the end of the transaction: nothing changes the table between the checks and the DDL.
+    unsafe { pg_sys::LockRelationOid(table_oid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
+    let table = candidate(table_oid)?.ok_or(VaultError::NotATable)?;
+    let display = format!("{}.{}", table.schema, table.name);
+    if table.registered {
+        return Ok(display);
+    }
+    if table.kind != "r" {
+        return Err(VaultError::NotATable);
+    }
+    if !builtin {
+        if let Some(refusal) = protection_refusal(&table) {
+            return Err(refusal);
         }
     }
-    PROTECTING.with(|p| p.set(true));
-    let _protecting = Protecting;
-    let _owner = AsOwner::enter();
-    let name = crate::identity::select_one::<String>(
-        "SELECT n.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) c.relname
-         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-         WHERE c.oid OPERATOR(pg_catalog.=) $1 AND c.relkind OPERATOR(pg_catalog.=) 'r'",
-        &[table_oid.into()],
-    )
-    .ok()
-    .flatten()
-    .ok_or(VaultError::NotATable)?;
-    let q = quote_qualified(&name);
-    let ddl = format!(
-        "ALTER TABLE {q} ADD COLUMN IF NOT EXISTS chain_id int, ADD COLUMN IF NOT EXISTS chain_seq bigint,
-             ADD COLUMN IF NOT EXISTS prev_hash bytea, ADD COLUMN IF NOT EXISTS row_hash bytea;
-         CREATE UNIQUE INDEX IF NOT EXISTS {idx} ON {q} (chain_id, chain_seq);
-         INSERT INTO vault.protected_tables (id, table_name, identity, chains)
-             SELECT n.id, {lit}, {lit} || '/' || n.id, {chains}
-             FROM (SELECT pg_catalog.nextval('vault.protected_tables_id_seq') AS id) n
-             WHERE NOT EXISTS (SELECT 1 FROM vault.protected_tables WHERE table_name = {lit});
-         INSERT INTO vault.chain_heads (identity, chain_id)
-             SELECT p.identity, g FROM vault.protected_tables p, pg_catalog.generate_series(0, {last}) g
-             WHERE p.table_name = {lit} ON CONFLICT DO NOTHING;",
-        idx = spi::quote_identifier(format!("{}_vault_chain", name.rsplit('.').next().unwrap_or("t"))),
-        lit = spi::quote_literal(&name),
-        last = chains - 1,
+    let quoted = format!(
+        "{}.{}",
+        spi::quote_identifier(&table.schema),
+        spi::quote_identifier(&table.name)
     );
-    Spi::run(&ddl).map_err(|e| VaultError::Internal(e.to_string()))?;
-    chain_existing_rows(&name)?;
-    let triggers = format!(
-        "CREATE OR REPLACE TRIGGER vault_chain BEFORE INSERT ON {q} FOR EACH ROW EXECUTE FUNCTION vault.chain_row();
-         CREATE OR REPLACE TRIGGER vault_append_only BEFORE UPDATE OR DELETE ON {q}
+    {
+        let _owner = AsOwner::enter();
+        Spi::connect_mut(|c| {
+            // Before the update from 0.1.0 the registration has no relid: the table is found by
+            // the name recorded here until the update fills it in.
+            let register = if registry_by_oid() {
+                "INSERT INTO vault.protected_tables (id, table_name, identity, chains, protected_by, relid)
+                 SELECT n.id, $2, $2 OPERATOR(pg_catalog.||) '/' OPERATOR(pg_catalog.||) n.id, $3, $4, $1
+                   FROM (SELECT pg_catalog.nextval('vault.protected_tables_id_seq') AS id) n"
+            } else {
+                "INSERT INTO vault.protected_tables (id, table_name, identity, chains, protected_by)
+                 SELECT n.id, $2, $2 OPERATOR(pg_catalog.||) '/' OPERATOR(pg_catalog.||) n.id, $3, $4
+                   FROM (SELECT pg_catalog.nextval('vault.protected_tables_id_seq') AS id,
+                                $1::pg_catalog.oid AS relid) n"
+            };
+            c.update(
+                register,
+                None,
+                &[
+                    table_oid.into(),
+                    display.as_str().into(),
+                    chains.into(),
+                    protected_by.into(),
+                ],
+            )?;
+            c.update(
+                &format!("INSERT INTO vault.chain_heads (identity, chain_id)
+                 SELECT p.identity, g FROM vault.protected_tables p, pg_catalog.generate_series(0, $2 OPERATOR(pg_catalog.-) 1) g
+                  WHERE {} OPERATOR(pg_catalog.=) $1", registered_oid()),
+                None,
+                &[table_oid.into(), chains.into()],
+            )
+            .map(|_| ())
+        })
+        .map_err(|e| VaultError::Internal(e.to_string()))?;
+    }
+    let _table_owner = AsTableOwner::enter(table.owner);
+    Spi::run(&format!(
+        "ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS chain_id int, ADD COLUMN IF NOT EXISTS chain_seq bigint,
+             ADD COLUMN IF NOT EXISTS prev_hash bytea, ADD COLUMN IF NOT EXISTS row_hash bytea"
+    ))
+    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    chain_existing_rows(table_oid, &quoted)?;
+    {
+        // An index is a schema object: it needs CREATE on the table's schema, which an
+        // application role owning its table often lacks. Built by the bootstrap superuser, still
+        // restricted: on two plain columns with the built-in operator classes (only a superuser
+        // can add one), building it evaluates no expression and calls no function of anyone's.
+        let _builder = AsTableOwner::enter(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
+        let index = spi::quote_identifier(format!("{}_vault_chain", table.name));
+        Spi::run(&format!(
+            "CREATE UNIQUE INDEX {index} ON {quoted}
+                 (chain_id pg_catalog.int4_ops, chain_seq pg_catalog.int8_ops)"
+        ))
+        .map_err(|e| VaultError::Internal(e.to_string()))?;
+    }
+    Spi::run(&format!(
+        "CREATE TRIGGER vault_chain BEFORE INSERT ON {quoted} FOR EACH ROW EXECUTE FUNCTION vault.chain_row();
+         CREATE TRIGGER vault_append_only BEFORE UPDATE OR DELETE ON {quoted}
              FOR EACH ROW EXECUTE FUNCTION vault.refuse_modification();
-         CREATE OR REPLACE TRIGGER vault_chain_flush AFTER INSERT ON {q}
+         CREATE TRIGGER vault_chain_flush AFTER INSERT ON {quoted}
              FOR EACH STATEMENT EXECUTE FUNCTION vault.chain_flush();
-         CREATE OR REPLACE TRIGGER vault_no_truncate BEFORE TRUNCATE ON {q}
+         CREATE TRIGGER vault_no_truncate BEFORE TRUNCATE ON {quoted}
              FOR EACH STATEMENT EXECUTE FUNCTION vault.refuse_modification();
-         ALTER TABLE {q} ENABLE ALWAYS TRIGGER vault_chain, ENABLE ALWAYS TRIGGER vault_append_only,
+         ALTER TABLE {quoted} ENABLE ALWAYS TRIGGER vault_chain, ENABLE ALWAYS TRIGGER vault_append_only,
              ENABLE ALWAYS TRIGGER vault_no_truncate, ENABLE ALWAYS TRIGGER vault_chain_flush;"
-    );
-    Spi::run(&triggers).map_err(|e| VaultError::Internal(e.to_string()))?;
-    Ok(name)
+    ))
+    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(display)
 }
 
-/// Rows a table held before it was protected are chained in physical order on chain 0.
-fn chain_existing_rows(table: &str) -> Result<(), VaultError> {
-    let q = quote_qualified(table);
+/// Rows a table held before it was protected are chained in physical order on chain 0. Called as
+/// the table's owner; the chain head is read and written as the vault's owner.
+fn chain_existing_rows(relid: pg_sys::Oid, quoted: &str) -> Result<(), VaultError> {
     let rows: Vec<(String, Vec<(String, Value)>)> = Spi::connect(|c| {
         let mut out = Vec::new();
-        c.select(&format!("SELECT ctid::pg_catalog.text AS vault_ctid, * FROM {q} WHERE chain_id IS NULL ORDER BY ctid"), None, &[])?;
+        c.select(&format!("SELECT ctid::pg_catalog.text AS vault_ctid, * FROM ONLY {quoted} WHERE chain_id IS NULL ORDER BY ctid"), None, &[])?;
         unsafe {
             for_each_spi_tuple(|t, d| {
                 let values = deform(t, d);
@@ -785,13 +1142,16 @@ fn chain_existing_rows(table: &str) -> Result<(), VaultError> {
     if rows.is_empty() {
         return Ok(());
     }
-    let (identity, chain_id, mut seq, mut prev) = take_chain_zero(table)?;
+    let (identity, chain_id, mut seq, mut prev) = {
+        let _owner = AsOwner::enter();
+        take_chain_zero(relid)?
+    };
     for (ctid, cols) in rows {
         seq += 1;
         let hash = chain::row_hash(&identity, chain_id, seq, &prev, &cols);
         Spi::connect_mut(|c| {
             c.update(
-                &format!("UPDATE {q} SET chain_id = $1, chain_seq = $2, prev_hash = $3, row_hash = $4 WHERE ctid = $5::tid"),
+                &format!("UPDATE ONLY {quoted} SET chain_id = $1, chain_seq = $2, prev_hash = $3, row_hash = $4 WHERE ctid = $5::pg_catalog.tid"),
                 None,
                 &[chain_id.into(), seq.into(), prev.as_slice().into(), hash.as_slice().into(), ctid.as_str().into()],
             )
@@ -800,25 +1160,27 @@ fn chain_existing_rows(table: &str) -> Result<(), VaultError> {
         .map_err(|e| VaultError::Internal(e.to_string()))?;
         prev = hash.to_vec();
     }
+    let _owner = AsOwner::enter();
     advance_chain(&identity, chain_id, seq, &prev)
 }
 
-fn take_chain_zero(table: &str) -> Result<(String, i32, i64, Vec<u8>), VaultError> {
+fn take_chain_zero(relid: pg_sys::Oid) -> Result<(String, i32, i64, Vec<u8>), VaultError> {
     Spi::connect_mut(|c| {
         let row = c
             .update(
-                "SELECT h.identity, h.seq, h.head_hash FROM vault.chain_heads h JOIN vault.protected_tables p
-                   ON p.identity = h.identity
-                 WHERE p.table_name = $1 AND h.chain_id = 0 FOR UPDATE OF h",
+                &format!("SELECT h.identity, h.seq, h.head_hash FROM vault.chain_heads h JOIN vault.protected_tables p
+                   ON p.identity OPERATOR(pg_catalog.=) h.identity
+                 WHERE {} OPERATOR(pg_catalog.=) $1 AND h.chain_id OPERATOR(pg_catalog.=) 0
+                 FOR UPDATE OF h", registered_oid()),
                 None,
-                &[table.into()],
+                &[relid.into()],
             )?
             .first();
         Ok::<_, pgrx::spi::Error>((
-            row.get::<String>(1)?.unwrap_or_default(),
+            row.get_by_name::<String, _>("identity")?.unwrap_or_default(),
             0,
-            row.get::<i64>(2)?.unwrap_or(0),
-            row.get::<Vec<u8>>(3)?.unwrap_or(GENESIS.to_vec()),
+            row.get_by_name::<i64, _>("seq")?.unwrap_or(0),
+            row.get_by_name::<Vec<u8>, _>("head_hash")?.unwrap_or(GENESIS.to_vec()),
         ))
     })
     .map_err(|e| VaultError::Internal(e.to_string()))

@@ -45,6 +45,7 @@ fn protect_table_impl(
         name!(message, Option<String>),
     ),
 > {
+    let caller = Caller::current();
     let result = logged(
         "protect_table",
         serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "chains": chains }),
@@ -88,7 +89,15 @@ fn protect_table_impl(
                 )))
             }
         },
-        || audit::protect(tbl.unwrap_or(pg_sys::Oid::INVALID), chains.unwrap_or(16)).map(|_| ()),
+        || {
+            audit::protect(
+                tbl.unwrap_or(pg_sys::Oid::INVALID),
+                chains.unwrap_or(16),
+                false,
+                &caller.role_name,
+            )
+            .map(|_| ())
+        },
     );
     TableIterator::once(status(&result))
 }
@@ -98,7 +107,7 @@ fn protect_table_impl(
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
 fn protect_builtin(tbl: pg_sys::Oid, chains: i32) -> String {
-    audit::protect(tbl, chains)
+    audit::protect(tbl, chains, true, &Caller::current().role_name)
         .unwrap_or_else(|e| pgrx::error!("vsql_vault: protecting a built-in table failed: {e}"))
 }
 
@@ -250,6 +259,7 @@ fn export_audit_impl(
         name!(line, Option<String>),
     ),
 > {
+    let caller = Caller::current();
     let result = logged(
         "export_audit",
         serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "from_seq": from_seq }),
@@ -257,7 +267,13 @@ fn export_audit_impl(
             tbl.ok_or(vsql_vault_core::InputError::Null("tbl"))?;
             require(c, crate::report::AUDITORS)
         },
-        || audit::export(tbl.unwrap_or(pg_sys::Oid::INVALID), from_seq.unwrap_or(0)),
+        || {
+            audit::export(
+                &caller,
+                tbl.unwrap_or(pg_sys::Oid::INVALID),
+                from_seq.unwrap_or(0),
+            )
+        },
     );
     rows_or_error(result)
 }
@@ -307,14 +323,38 @@ pub(crate) fn rows_or_error(
     }
 }
 
-/// Asked by the DDL event triggers before a command touches a protected table: allowed while
-/// vault_protect_table runs, or under `vsql_vault.break_glass` (recorded); refused otherwise
-/// (also recorded).
+/// Whether this is vsql_vault's own install or update script (CREATE / ALTER EXTENSION), which
+/// sets up and changes the protected tables itself. Only a superuser runs it (the extension is
+/// not trusted), and an ALTER EXTENSION is itself refused without break-glass and recorded.
+fn running_own_script() -> bool {
+    unsafe {
+        pg_sys::creating_extension
+            && pg_sys::CurrentExtensionObject
+                == pg_sys::get_extension_oid(c"vsql_vault".as_ptr(), true)
+    }
+}
+
+/// Asked by the DDL event triggers before a command touches protected table `rel` (by OID):
+/// vault_protect_table's own commands on the one table it is protecting pass; anything else is
+/// decided by `ddl_guard_allows`.
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn ddl_guard_allows_relation(command: &str, object: &str, rel: pg_sys::Oid) -> bool {
+    audit::protecting(rel) || ddl_guard_allows(command, object)
+}
+
+/// Asked by the DDL event triggers before a command touches a protected table or the extension:
+/// allowed under `vsql_vault.break_glass` (recorded); refused otherwise (also recorded).
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
 fn ddl_guard_allows(command: &str, object: &str) -> bool {
     // pg_restore recreates protected tables and their triggers; restore mode is superuser-only.
-    if audit::PROTECTING.with(|p| p.get()) || crate::settings::RESTORE_MODE.get() {
+    if crate::settings::RESTORE_MODE.get() || running_own_script() {
+        return true;
+    }
+    // The guard of a 0.1.0 schema (library updated, ALTER EXTENSION UPDATE not yet run) only
+    // knows names: let the protection's own commands on its one table through.
+    if !audit::registry_by_oid() && audit::protecting_object(object) {
         return true;
     }
     let caller = Caller::current();

@@ -64,6 +64,12 @@ pub enum VaultError {
     NoSuchProof(i64),
     #[error("only ordinary tables can be protected")]
     NotATable,
+    #[error("this table cannot be protected: {0}")]
+    CannotProtect(String),
+    #[error("{0} is locked by another session; try again later (vsql_vault.verify_lock_timeout)")]
+    Locked(String),
+    #[error("{0}; try again later (vsql_vault.put_lock_timeout)")]
+    Busy(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -86,6 +92,8 @@ impl VaultError {
             VaultError::ChainCount(_) => "22023",
             VaultError::ProtectedDdl(_) => "VV403",
             VaultError::NotATable => "42809",
+            VaultError::CannotProtect(_) => "55000",
+            VaultError::Locked(_) | VaultError::Busy(_) => "55P03",
             VaultError::NoSuchProof(_) => "P0002",
             VaultError::UnknownColumn(_) => "42703",
             VaultError::Internal(_) => "XX000",

@@ -110,6 +110,80 @@ impl Drop for AsOwner {
     }
 }
 
+/// Runs as the owner of a user's table under `SECURITY_RESTRICTED_OPERATION`, with
+/// `search_path` pinned, the way PostgreSQL runs VACUUM, ANALYZE and REFRESH MATERIALIZED VIEW
+/// since CVE-2022-1552: whatever code the table reaches (constraints, index expressions,
+/// generated columns, output functions of its types) runs with the table owner's rights, which
+/// that owner could use anyway, and cannot change role or leave state behind.
+pub struct AsTableOwner {
+    saved_user: pg_sys::Oid,
+    saved_context: i32,
+    _search_path: TemporarySetting,
+}
+
+impl AsTableOwner {
+    pub fn enter(table_owner: pg_sys::Oid) -> AsTableOwner {
+        let mut saved_user = pg_sys::Oid::INVALID;
+        let mut saved_context = 0;
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+            pg_sys::SetUserIdAndSecContext(
+                table_owner,
+                saved_context
+                    | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                    | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+            );
+        }
+        AsTableOwner {
+            saved_user,
+            saved_context,
+            _search_path: TemporarySetting::set(c"search_path", "pg_catalog, pg_temp"),
+        }
+    }
+}
+
+impl Drop for AsTableOwner {
+    fn drop(&mut self) {
+        unsafe { pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context) };
+    }
+}
+
+/// A setting changed until this guard is dropped, as `SET` inside a function with a `SET`
+/// clause: the previous value comes back on drop, or with the (sub)transaction's abort on an
+/// error.
+pub struct TemporarySetting {
+    guc_level: i32,
+}
+
+impl TemporarySetting {
+    pub fn set(name: &std::ffi::CStr, value: &str) -> TemporarySetting {
+        let value = std::ffi::CString::new(value).unwrap_or_default();
+        let guc_level = unsafe {
+            let level = pg_sys::NewGUCNestLevel();
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+            level
+        };
+        TemporarySetting { guc_level }
+    }
+}
+
+impl Drop for TemporarySetting {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            unsafe { pg_sys::AtEOXact_GUC(false, self.guc_level) };
+        }
+    }
+}
+
 /// The caller's top-level transaction id, if it has one (a put has one after its write).
 pub fn current_xid() -> Option<u64> {
     let full = unsafe { pg_sys::GetTopFullTransactionIdIfAny() };

@@ -37,7 +37,8 @@ pgrx::extension_sql_file!(
         vault::chain_row,
         vault::chain_flush,
         audit_api::protect_builtin,
-        audit_api::ddl_guard_allows
+        audit_api::ddl_guard_allows,
+        audit_api::ddl_guard_allows_relation
     ]
 );
 pgrx::extension_sql_file!(

@@ -49,7 +49,10 @@ fn delete_impl(
                                     SELECT 1 FROM vault.purge_log pl WHERE pl.purpose = $2 AND pl.external_id = $3)),
                                 (SELECT rolname FROM pg_catalog.pg_roles WHERE oid = $1) = e.owner
                                 OR vault.role_allowed(p.purge_roles, $1, e.owner, e.purpose)
+                                OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE'),
+                                pg_catalog.pg_has_role($1, 'vault_app', 'USAGE')
                                 OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
+                                OR pg_catalog.pg_has_role($1, 'vault_auditor', 'USAGE')
                          FROM (SELECT 1) one
                          LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
                          LEFT JOIN vault.access_policies p ON p.name = e.access_policy",
@@ -61,13 +64,20 @@ fn delete_impl(
                     row.get::<i64>(1)?,
                     row.get::<bool>(2)?.unwrap_or(false),
                     row.get::<bool>(3)?.unwrap_or(false),
+                    row.get::<bool>(4)?.unwrap_or(false),
                 ))
             })
             .map_err(|e| VaultError::Internal(e.to_string()))?
         };
-        let (id, purged, allowed) = decision;
+        let (id, purged, allowed, member) = decision;
         event.entry_id = id;
-        let refusal = if id.is_none() && purged {
+        // A role outside the vault learns nothing, not even whether the entry exists.
+        let refusal = if !member {
+            Some(VaultError::Denied(format!(
+                "role \"{}\" is not a member of vault_app, vault_auditor or vault_admin",
+                caller.role_name
+            )))
+        } else if id.is_none() && purged {
             Some(VaultError::Gone {
                 purpose: p.into(),
                 external_id: x.into(),

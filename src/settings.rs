@@ -32,6 +32,13 @@ pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 /// Entries destroyed per committed batch (one signed Merkle root each).
 pub static SWEEP_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+/// How long vault_verify_audit waits for a lock on a protected table before it reports that table
+/// as not verified and goes on with the next.
+pub static VERIFY_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+
+/// How long vault_put waits for another transaction's uncommitted write of the same entry.
+pub static PUT_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+
 /// The key-encryption key file of the replication stream (versioned keys, the last one active).
 pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -39,6 +46,26 @@ pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 pub static KEK_WRAP_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn define() {
+    GucRegistry::define_int_guc(
+        c"vsql_vault.put_lock_timeout",
+        c"How long vault_put waits for another transaction's uncommitted write of the same entry.",
+        c"Past it the put is refused with 55P03 and recorded, instead of waiting as long as the other transaction stays open.",
+        &PUT_LOCK_TIMEOUT_MS,
+        1,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.verify_lock_timeout",
+        c"How long verification waits for a lock on a protected table.",
+        c"A table locked longer (by its owner, say) is reported as not verified, and verification goes on with the next table.",
+        &VERIFY_LOCK_TIMEOUT_MS,
+        0,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_string_guc(
         c"vsql_vault.kek_wrap_command",
         c"Command that wraps replication data keys through a KMS (instead of vsql_vault.kek_file).",

@@ -300,16 +300,33 @@ fn put(
                 caller.role_name.as_str().into(),
                 effective.into(),
             ];
-            let id = Spi::connect_mut(|client| {
-                let stmt = plans::plan(
-                    client,
-                    UPSERT,
-                    &[TEXT, TEXT, BYTEA, TEXT, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ],
-                    true,
-                )?;
-                client.update(&*stmt, None, &args)?.first().get_one::<i64>()
+            // Another transaction's uncommitted write of the same (purpose, external_id), maybe
+            // another tenant's, must not hold this put forever, unrecorded: wait at most
+            // vsql_vault.put_lock_timeout, then refuse with 55P03 and a record. (The wait is
+            // inside write_then_log's subtransaction, whose rollback restores lock_timeout.)
+            let id = PgTryBuilder::new(|| {
+                let _lock_timeout = crate::identity::TemporarySetting::set(
+                    c"lock_timeout",
+                    &format!("{}ms", settings::PUT_LOCK_TIMEOUT_MS.get().max(1)),
+                );
+                let id = Spi::connect_mut(|client| {
+                    let stmt = plans::plan(
+                        client,
+                        UPSERT,
+                        &[TEXT, TEXT, BYTEA, TEXT, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ],
+                        true,
+                    )?;
+                    client.update(&*stmt, None, &args)?.first().get_one::<i64>()
+                })
+                .unwrap_or_else(|e| pgrx::error!("vsql_vault: storing the entry failed: {e}"));
+                Ok(id)
             })
-            .unwrap_or_else(|e| pgrx::error!("vsql_vault: storing the entry failed: {e}"));
+            .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
+                Err(VaultError::Busy(format!(
+                    "entry \"{external_id}\" of purpose \"{purpose}\" is being written by another transaction"
+                )))
+            })
+            .execute()?;
             id.ok_or_else(|| {
                 VaultError::Denied(format!(
                     "entry \"{external_id}\" of purpose \"{purpose}\" belongs to another role"
@@ -392,6 +409,18 @@ fn checked_key<'a>(
     Ok((purpose, external_id))
 }
 
+/// A member asked for an entry its access policy keeps from it. Members learn that the entry
+/// exists (42501 against P0002 for an unknown id, as the service this replaces answered 403
+/// against 404), but not the policy's name: vault_app cannot read the policies. The record
+/// keeps the name for auditors.
+fn refused_by_policy(event: &mut Event, caller: &Caller, policy: Option<&str>) -> VaultError {
+    event.details = Some(serde_json::json!({ "access_policy": policy }));
+    VaultError::Denied(format!(
+        "role \"{}\" may not retrieve this entry (its access policy does not allow it)",
+        caller.role_name
+    ))
+}
+
 fn not_member(caller: &Caller) -> VaultError {
     VaultError::Denied(format!(
         "role \"{}\" is not a member of vault_app or vault_admin",
@@ -442,11 +471,11 @@ fn get_impl(
             });
         }
         if !f.allowed {
-            return Err(VaultError::Denied(format!(
-                "access policy \"{}\" does not let role \"{}\" retrieve this entry",
-                f.access_policy.as_deref().unwrap_or("?"),
-                caller.role_name
-            )));
+            return Err(refused_by_policy(
+                event,
+                &caller,
+                f.access_policy.as_deref(),
+            ));
         }
         if f.purged || f.expired {
             let why = if f.purged { "purged" } else { "expired" };
@@ -503,11 +532,11 @@ fn head_impl(
             return Err(not_member(&caller));
         }
         if f.id.is_some() && !f.allowed {
-            return Err(VaultError::Denied(format!(
-                "access policy \"{}\" does not let role \"{}\" retrieve this entry",
-                f.access_policy.as_deref().unwrap_or("?"),
-                caller.role_name
-            )));
+            return Err(refused_by_policy(
+                event,
+                &caller,
+                f.access_policy.as_deref(),
+            ));
         }
         event.details = Some(serde_json::json!({"found": f.id.is_some()}));
         Ok(f)

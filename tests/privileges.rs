@@ -173,7 +173,7 @@ fn functions_are_executable_exactly_as_documented_and_refusals_inside_are_logged
     let mut su = setup(&s);
     // Internal helpers closed to everyone but the owner; the KEK-id list for the key inventory.
     let closed = [
-        "vault.forget_table(text)",
+        "vault.forget_table(oid)",
         "vault.protect_builtin(oid,integer)",
         "vault.role_allowed(name[],oid,name,text)",
     ];

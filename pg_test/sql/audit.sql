@@ -46,6 +46,13 @@ RESET ROLE;
 SET ROLE auditor1;
 SELECT table_name, sum(rows_checked) AS rows_checked, bool_and(ok) AS ok
   FROM vault_verify_audit('tenant.audit_log') GROUP BY 1;
+-- Exporting rows takes SELECT on the table: the auditor's role alone does not open it.
+SELECT count(*) AS exported_lines FROM vault_export_audit('tenant.audit_log');
+RESET ROLE;
+SET ROLE app_a;
+GRANT SELECT ON tenant.audit_log TO auditor1;
+RESET ROLE;
+SET ROLE auditor1;
 SELECT count(*) AS exported_lines FROM vault_export_audit('tenant.audit_log');
 SELECT count(*) AS exported_from_seq_2 FROM vault_export_audit('tenant.audit_log', 2);
 SELECT bool_and(ok) AS everything_intact FROM vault_verify_audit();

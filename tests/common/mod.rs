@@ -233,3 +233,38 @@ pub fn login_roles(su: &mut Client, roles: &[(&str, Option<&str>)]) {
         .unwrap();
     }
 }
+
+/// Exports `table` and the checkpoints, runs the offline tool; returns (exit code, output).
+pub fn offline_verdict(s: &Server, su: &mut Client, table: &str, tag: &str) -> (i32, String) {
+    let export = format!("{}/{tag}.export.jsonl", s.dir);
+    let checkpoints = format!("{}/{tag}.checkpoints.jsonl", s.dir);
+    let lines: Vec<String> = su
+        .query(&format!("SELECT vault_export_audit('{table}')"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+    let cps: Vec<String> = su
+        .query("SELECT vault_export_checkpoints()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    std::fs::write(&checkpoints, cps.join("\n") + "\n").unwrap();
+    let mut cmd = Command::new(
+        std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI (run through tests/run.sh)"),
+    );
+    cmd.args(["verify", "--export", &export, "--checkpoints", &checkpoints]);
+    for r in su
+        .query("SELECT public_key FROM vault.signing_keys", &[])
+        .unwrap()
+    {
+        cmd.args(["--public-key", r.get::<_, &str>(0)]);
+    }
+    let out = cmd.output().expect("run vsql-vault");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

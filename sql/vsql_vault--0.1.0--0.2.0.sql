@@ -1,0 +1,201 @@
+-- vsql_vault 0.1.0 -> 0.2.0: the security fixes of 0.2.0 (docs/security.md, "0.2.0").
+-- Additive: no table of evidence is dropped or rewritten. Run by ALTER EXTENSION vsql_vault UPDATE,
+-- which, like any ALTER EXTENSION of vsql_vault, needs vsql_vault.break_glass and is recorded.
+\echo Use "ALTER EXTENSION vsql_vault UPDATE TO '0.2.0'" to load this file. \quit
+
+-- Protected tables are found by OID from now on. Registrations made by name under 0.1.0 get the
+-- OID their name resolves to now; one that no longer resolves (a temp table whose session ended,
+-- a table dropped around the guard) keeps a NULL and is reported missing by verification.
+ALTER TABLE vault.protected_tables ADD COLUMN relid regclass UNIQUE;
+UPDATE vault.protected_tables SET relid = vault.table_oid(table_name);
+
+CREATE OR REPLACE FUNCTION vault.is_protected(rel oid) RETURNS bool
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM vault.protected_tables p WHERE p.relid = rel)
+$fn$;
+
+CREATE FUNCTION vault.forget_table(rel oid) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    DELETE FROM vault.chain_heads
+     WHERE identity IN (SELECT identity FROM vault.protected_tables WHERE relid = rel);
+    DELETE FROM vault.protected_tables WHERE relid = rel;
+$fn$;
+REVOKE ALL ON FUNCTION vault.forget_table(oid) FROM PUBLIC;
+
+CREATE FUNCTION vault.protected_target(classid oid, objid oid) RETURNS oid
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT p.relid::oid FROM vault.protected_tables p
+     WHERE p.relid = CASE classid
+        WHEN 'pg_class'::regclass THEN objid
+        WHEN 'pg_trigger'::regclass THEN (SELECT tgrelid FROM pg_trigger WHERE oid = objid)
+        WHEN 'pg_rewrite'::regclass THEN (SELECT ev_class FROM pg_rewrite WHERE oid = objid)
+        WHEN 'pg_policy'::regclass THEN (SELECT polrelid FROM pg_policy WHERE oid = objid)
+        END
+    UNION ALL
+    SELECT p.relid::oid FROM vault.protected_tables p JOIN pg_class c ON c.oid = p.relid
+     WHERE classid = 'pg_namespace'::regclass AND c.relnamespace = objid
+    LIMIT 1
+$fn$;
+
+CREATE FUNCTION vault.protected_relative(rel oid) RETURNS oid
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT p.relid::oid FROM vault.protected_tables p JOIN pg_inherits i
+        ON (i.inhrelid = rel AND i.inhparent = p.relid) OR (i.inhparent = rel AND i.inhrelid = p.relid)
+    LIMIT 1
+$fn$;
+
+CREATE  FUNCTION vault."ddl_guard_allows_relation"(
+	"command" TEXT, /* & str */
+	"object" TEXT, /* & str */
+	"rel" oid /* pg_sys :: Oid */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'ddl_guard_allows_relation_wrapper';
+
+CREATE OR REPLACE FUNCTION vault.guard_alter() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE c record; target oid;
+BEGIN
+    FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        target := vault.protected_target(c.classid, c.objid);
+        IF target IS NOT NULL
+           AND NOT vault.ddl_guard_allows_relation(c.command_tag, c.object_identity, target) THEN
+            RAISE EXCEPTION USING ERRCODE = 'VV403',
+                MESSAGE = CASE WHEN c.classid = 'pg_class'::regclass
+                    THEN format('%s on protected table %s is refused (vsql_vault.break_glass is off)',
+                                c.command_tag, c.object_identity)
+                    ELSE format('%s %s on protected table %s is refused (vsql_vault.break_glass is off)',
+                                c.command_tag, c.object_identity, target::regclass)
+                END;
+        END IF;
+        IF c.classid = 'pg_class'::regclass THEN
+            target := vault.protected_relative(c.objid);
+            IF target IS NOT NULL
+               AND NOT vault.ddl_guard_allows_relation(c.command_tag, c.object_identity, target) THEN
+                RAISE EXCEPTION USING ERRCODE = 'VV403',
+                    MESSAGE = format('%s %s would put protected table %s into an inheritance tree: refused (vsql_vault.break_glass is off)',
+                                     c.command_tag, c.object_identity, target::regclass);
+            END IF;
+        END IF;
+        -- Taking a function out of the extension (ALTER EXTENSION ... DROP) would let it be
+        -- replaced unguarded; any ALTER EXTENSION vsql_vault goes through break-glass.
+        IF c.classid = 'pg_extension'::regclass
+           AND c.objid = (SELECT oid FROM pg_extension WHERE extname = 'vsql_vault')
+           AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
+            RAISE EXCEPTION USING ERRCODE = 'VV403',
+                MESSAGE = format('%s %s is refused (vsql_vault.break_glass is off)',
+                                 c.command_tag, c.object_identity);
+        END IF;
+        IF NOT c.in_extension AND vault.is_vault_function(c.classid, c.objid)
+           AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
+            RAISE EXCEPTION USING ERRCODE = 'VV403',
+                MESSAGE = format('%s of vsql_vault''s own function %s is refused (vsql_vault.break_glass is off)',
+                                 c.command_tag, c.object_identity);
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault.guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE o record; rel oid;
+BEGIN
+    FOR o IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
+        rel := NULL;
+        IF o.classid = 'pg_class'::regclass AND o.objsubid = 0 THEN
+            rel := o.objid;
+        ELSIF o.object_type = 'trigger'
+              AND o.address_names[3] IN ('vault_chain', 'vault_chain_flush', 'vault_append_only',
+                                         'vault_no_truncate') THEN
+            -- The trigger's row is gone; its table is still there (a dropped table comes as a
+            -- pg_class object of its own), resolved in this same command.
+            rel := to_regclass(format('%I.%I', o.address_names[1], o.address_names[2]));
+        END IF;
+        IF rel IS NOT NULL AND vault.is_protected(rel) THEN
+            IF NOT vault.ddl_guard_allows_relation('DROP ' || upper(o.object_type), o.object_identity, rel) THEN
+                RAISE EXCEPTION USING ERRCODE = 'VV403',
+                    MESSAGE = format('DROP of %s %s is refused: the table is protected (vsql_vault.break_glass is off)',
+                                     o.object_type, o.object_identity);
+            END IF;
+            IF o.classid = 'pg_class'::regclass THEN
+                PERFORM vault.forget_table(rel);
+            END IF;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+-- The guard looks at every command tag that can reach a table (event triggers cannot be
+-- altered in place; they do not fire on themselves).
+DROP EVENT TRIGGER vault_guard_alter;
+CREATE EVENT TRIGGER vault_guard_alter ON ddl_command_end
+    -- Every tag whose command can reach an ordinary table, from PostgreSQL 15's grammar: ALTER
+    -- INDEX ... RENAME, ALTER VIEW / MATERIALIZED VIEW / FOREIGN TABLE ... RENAME COLUMN and
+    -- ALTER TYPE ... RENAME ATTRIBUTE all accept a table; CREATE TABLE / CREATE FOREIGN TABLE /
+    -- CREATE SCHEMA ... INHERITS make one a parent. (docs/security.md lists them with their tests.)
+    WHEN TAG IN ('ALTER TABLE', 'ALTER INDEX', 'ALTER SEQUENCE', 'ALTER VIEW',
+                 'ALTER MATERIALIZED VIEW', 'ALTER FOREIGN TABLE', 'ALTER TYPE', 'ALTER SCHEMA',
+                 'CREATE TABLE', 'CREATE FOREIGN TABLE', 'CREATE SCHEMA', 'CREATE TRIGGER',
+                 'ALTER TRIGGER', 'CREATE RULE', 'ALTER RULE', 'CREATE POLICY', 'ALTER POLICY',
+                 'CREATE FUNCTION', 'ALTER FUNCTION', 'ALTER EXTENSION')
+    EXECUTE FUNCTION vault.guard_alter();
+ALTER EVENT TRIGGER vault_guard_alter ENABLE ALWAYS;
+
+-- Name-based helpers of 0.1.0, replaced by the OID-based ones above.
+DROP FUNCTION vault.protected_gone();
+DROP FUNCTION vault.is_protected_name(text);
+DROP FUNCTION vault.forget_table(text);
+DROP FUNCTION vault.ddl_target(oid, oid);
+
+-- The owner of the vault's tables (see the end of the install script): created here, or reused,
+-- and kept without any attribute that reaches beyond them.
+DO $owner_role$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vault_owner') THEN
+        CREATE ROLE vault_owner NOLOGIN;
+    END IF;
+    ALTER ROLE vault_owner NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+        NOINHERIT;
+END
+$owner_role$;
+
+-- Ownership. The vault's tables, sequences and views, and its SECURITY DEFINER helpers, belong to
+-- vault_owner, a role with no attribute at all (no superuser, no login), not to the superuser
+-- who ran CREATE EXTENSION. The API switches to that owner for its own queries, so any user code
+-- a missed case might reach while switched runs with the rights over the vault's tables and
+-- nothing more. The C functions and the event triggers stay with the superuser (PostgreSQL
+-- requires a superuser for both); none of them runs user code. (tests/attacks.rs)
+-- What the API calls while switched to the owner that PUBLIC may not call.
+GRANT EXECUTE ON FUNCTION vault.role_allowed(name[], oid, name, text), vault.replication_kek_ids()
+    TO vault_owner;
+DO $owner$
+DECLARE o record;
+BEGIN
+    FOR o IN
+        SELECT c.oid, CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END AS kind
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                     AND d.objid = c.oid AND d.deptype = 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'vsql_vault'
+         WHERE c.relkind IN ('r', 'S', 'v')
+         ORDER BY c.relkind = 'S', c.oid
+    LOOP
+        -- A table takes its serial sequences along; those cannot be given away on their own.
+        IF (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = o.oid)
+           <> 'vault_owner'::pg_catalog.regrole THEN
+            EXECUTE pg_catalog.format('ALTER %s %s OWNER TO vault_owner', o.kind, o.oid::pg_catalog.regclass);
+        END IF;
+    END LOOP;
+    FOR o IN
+        SELECT p.oid FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                     AND d.objid = p.oid AND d.deptype = 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'vsql_vault'
+         WHERE p.prosecdef
+    LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO vault_owner', o.oid::pg_catalog.regprocedure);
+    END LOOP;
+END
+$owner$;

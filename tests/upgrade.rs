@@ -1,0 +1,270 @@
+//! Upgrades in place: a database on 0.1.0 (the release users have, commit 8ce1768), filled with
+//! evidence, then `ALTER EXTENSION vsql_vault UPDATE`. Old and new evidence must verify in the
+//! database and offline, the guarantees of the new version must hold for tables protected under
+//! the old one, and the upgraded catalog must equal a fresh install of the new version.
+//!
+//! Runs on a cluster of its own (the extension serves one database per cluster).
+
+mod common;
+
+use common::*;
+use postgres::Client;
+use std::process::Command;
+
+const OLD: &str = "0.1.0";
+/// The version this tree builds (the root Cargo.toml).
+const NEW: &str = "0.2.0";
+
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Installs the frozen 0.1.0 install script next to the current version's files.
+fn install_old_script() {
+    let out = Command::new("/usr/lib/postgresql/15/bin/pg_config")
+        .arg("--sharedir")
+        .output()
+        .unwrap();
+    let share = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let name = format!("vsql_vault--{OLD}.sql");
+    std::fs::copy(
+        repo().join("tests/upgrade").join(&name),
+        format!("{share}/extension/{name}"),
+    )
+    .expect("copy the 0.1.0 install script (run as root, as tests/run.sh does)");
+}
+
+/// A private cluster for this test: (server, stop guard).
+struct Cluster(Server);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("tests/cluster.sh"))
+            .args(["stop", &self.0.dir])
+            .status();
+    }
+}
+
+fn cluster() -> Cluster {
+    let base = server();
+    let dir = format!("{}/upgrade_cluster", base.dir);
+    let port = base.port + 7;
+    let db = "vault_upgrade";
+    let status = Command::new("bash")
+        .arg(repo().join("tests/cluster.sh"))
+        .args(["start", &dir, &port.to_string(), db])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    Cluster(Server {
+        dir,
+        port,
+        db: db.to_owned(),
+    })
+}
+
+/// Everything about the vault's objects that an upgrade script must get right, one line each.
+fn catalog(c: &mut Client) -> Vec<String> {
+    c.query(
+        "WITH ext AS (SELECT oid FROM pg_extension WHERE extname = 'vsql_vault'),
+         members AS (SELECT d.classid, d.objid FROM pg_depend d, ext
+                      WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = ext.oid AND d.deptype = 'e')
+         SELECT 'function ' || p.oid::regprocedure || ' returns ' || pg_get_function_result(p.oid)
+                || ' secdef=' || p.prosecdef || ' volatile=' || p.provolatile::text || ' strict=' || p.proisstrict
+                || ' config=' || coalesce(array_to_string(p.proconfig, ','), '')
+                || ' acl=' || coalesce(p.proacl::text, '') || ' owner=' || p.proowner::regrole
+                || ' src=' || md5(CASE WHEN p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+                                       THEN p.prosrc ELSE p.prosrc END)
+           FROM pg_proc p JOIN members m ON m.classid = 'pg_proc'::regclass AND m.objid = p.oid
+         UNION ALL
+         SELECT 'relation ' || c.oid::regclass || ' kind=' || c.relkind::text || ' acl=' || coalesce(c.relacl::text, '')
+                || ' owner=' || c.relowner::regrole
+           FROM pg_class c JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = c.oid
+         UNION ALL
+         SELECT 'column ' || a.attrelid::regclass || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                || ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+           FROM pg_attribute a JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = a.attrelid
+           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+          WHERE a.attnum > 0 AND NOT a.attisdropped
+         UNION ALL
+         SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+           FROM pg_index i JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = i.indrelid
+         UNION ALL
+         SELECT 'constraint ' || conrelid::regclass || ' ' || pg_get_constraintdef(co.oid)
+           FROM pg_constraint co JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = co.conrelid
+         UNION ALL
+         SELECT 'trigger ' || pg_get_triggerdef(t.oid) || ' enabled=' || t.tgenabled::text
+           FROM pg_trigger t JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = t.tgrelid
+          WHERE NOT t.tgisinternal
+         UNION ALL
+         SELECT 'event trigger ' || e.evtname || ' ' || e.evtevent || ' ' || e.evtfoid::regproc
+                || ' tags=' || coalesce(array_to_string(e.evttags, ','), '') || ' enabled=' || e.evtenabled::text
+           FROM pg_event_trigger e JOIN members m ON m.classid = 'pg_event_trigger'::regclass AND m.objid = e.oid
+         UNION ALL
+         SELECT 'config ' || cfg::regclass || ' ' || coalesce(cond, '')
+           FROM pg_extension e, unnest(e.extconfig, e.extcondition) AS x(cfg, cond)
+          WHERE e.extname = 'vsql_vault'
+         ORDER BY 1",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn installed_version(c: &mut Client) -> String {
+    c.query_one(
+        "SELECT extversion FROM pg_extension WHERE extname = 'vsql_vault'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn all_chains_verify(c: &mut Client) {
+    let bad: Vec<String> = c
+        .query(
+            "SELECT table_name || ' ' || chain || ': ' || detail FROM vault_verify_audit() WHERE NOT ok",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+#[test]
+fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies() {
+    install_old_script();
+    let cl = cluster();
+    let s = &cl.0;
+    s.wait_for_writer(&s.db);
+    let mut su = s.connect("postgres");
+    su.batch_execute(&format!(
+        "SET vsql_vault.break_glass = on;
+         DROP EXTENSION IF EXISTS vsql_vault CASCADE;
+         RESET vsql_vault.break_glass;
+         DROP TABLE IF EXISTS team_ledger;
+         CREATE EXTENSION vsql_vault VERSION '{OLD}';
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'up_app') THEN
+             CREATE ROLE up_app LOGIN IN ROLE vault_app;
+             CREATE ROLE up_admin LOGIN IN ROLE vault_admin;
+           END IF;
+         END $$;"
+    ))
+    .unwrap();
+    let version = installed_version(&mut su);
+    assert_eq!(version, OLD);
+    // Evidence of every kind under 0.1.0: access records, a protected team table, checkpoints and
+    // a purge proof.
+    let mut admin = s.connect("up_admin");
+    admin
+        .execute("SELECT vault_set_retention_policy('up.card', 30, 7)", &[])
+        .unwrap();
+    let mut app = s.connect("up_app");
+    for i in 0..5 {
+        app.execute(
+            "SELECT vault_put('up.card', $1, '\\x0102')",
+            &[&format!("old-{i}")],
+        )
+        .unwrap();
+        app.query(
+            "SELECT * FROM vault_get('up.card', $1)",
+            &[&format!("old-{i}")],
+        )
+        .unwrap();
+    }
+    app.query_one("SELECT vault_delete('up.card', 'old-0')", &[])
+        .unwrap();
+    su.batch_execute(
+        "CREATE TABLE team_ledger (id int, what text);
+         INSERT INTO team_ledger VALUES (1, 'before protection');
+         SELECT vault_protect_table('team_ledger', 2);
+         INSERT INTO team_ledger VALUES (2, 'old'), (3, 'old');
+         SELECT vault_checkpoint();",
+    )
+    .unwrap();
+    let old_proof: i64 = su
+        .query_one("SELECT max(id) FROM vault.purge_log", &[])
+        .unwrap()
+        .get(0);
+    all_chains_verify(&mut su);
+
+    // The upgrade. Any ALTER EXTENSION of vsql_vault goes through break-glass, and is recorded.
+    let e = su
+        .batch_execute("ALTER EXTENSION vsql_vault UPDATE")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "VV403", "{e}");
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on; ALTER EXTENSION vsql_vault UPDATE; RESET vsql_vault.break_glass;",
+    )
+    .unwrap();
+    let version = installed_version(&mut su);
+    assert_eq!(version, NEW);
+
+    // Old evidence verifies, and new evidence joins it.
+    all_chains_verify(&mut su);
+    assert!(su
+        .query_one("SELECT vault_verify_purge_proof($1)", &[&old_proof])
+        .unwrap()
+        .get::<_, bool>(0));
+    app.execute("SELECT vault_put('up.card', 'new-1', '\\x03')", &[])
+        .unwrap();
+    app.query_one("SELECT vault_delete('up.card', 'old-1')", &[])
+        .unwrap();
+    su.batch_execute(
+        "INSERT INTO team_ledger VALUES (4, 'new'), (5, 'new'); SELECT vault_checkpoint();",
+    )
+    .unwrap();
+    all_chains_verify(&mut su);
+    let new_proof: i64 = su
+        .query_one("SELECT max(id) FROM vault.purge_log", &[])
+        .unwrap()
+        .get(0);
+    assert!(new_proof > old_proof);
+    assert!(su
+        .query_one("SELECT vault_verify_purge_proof($1)", &[&new_proof])
+        .unwrap()
+        .get::<_, bool>(0));
+    for (table, tag) in [("team_ledger", "up_team"), ("vault.access_log", "up_log")] {
+        let (code, out) = offline_verdict(s, &mut su, table, tag);
+        assert_eq!(code, 0, "{table}: {out}");
+    }
+    let rows: i64 = su
+        .query_one(
+            "SELECT sum(rows_checked)::bigint FROM vault_verify_audit('team_ledger')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 5);
+
+    // A table protected under 0.1.0 is guarded by OID now: no keyword renames it away.
+    let e = su
+        .batch_execute("ALTER INDEX team_ledger RENAME TO team_ledger_away")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "VV403", "{e}");
+
+    // The upgraded catalog is the catalog of a fresh install of this version.
+    let upgraded = catalog(&mut su);
+    su.batch_execute("DROP DATABASE IF EXISTS vault_fresh")
+        .unwrap();
+    su.batch_execute("CREATE DATABASE vault_fresh").unwrap();
+    let mut fresh = s.connect_to("vault_fresh", "postgres", "upgrade test");
+    fresh.batch_execute("CREATE EXTENSION vsql_vault").unwrap();
+    let installed = catalog(&mut fresh);
+    drop(fresh);
+    let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !installed.contains(l)).collect();
+    let only_fresh: Vec<&String> = installed.iter().filter(|l| !upgraded.contains(l)).collect();
+    assert!(
+        only_upgraded.is_empty() && only_fresh.is_empty(),
+        "the upgrade script and the install script disagree:\nonly after the upgrade: {only_upgraded:#?}\nonly in a fresh install: {only_fresh:#?}"
+    );
+}
