@@ -157,6 +157,20 @@ BEGIN
 END
 $fn$;
 
+-- A registration whose table is gone (dropped while the event triggers were off, or a temporary
+-- table registered by 0.1.0) makes every verification report it missing; an admin removes it,
+-- and the removal is recorded with the heads its chains had reached.
+CREATE FUNCTION vault_forget_missing_table(identity text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM vault.forget_missing_table_impl($1);
+    IF r.sqlstate IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
+    END IF;
+END
+$fn$;
+
 -- DDL guard: ALTER (including DISABLE TRIGGER and RENAME, under whatever keyword PostgreSQL
 -- accepts for a table) and DROP of a protected table or of its triggers are refused unless a
 -- superuser turned on vsql_vault.break_glass, and either way the attempt is recorded in the

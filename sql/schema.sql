@@ -128,6 +128,10 @@ CREATE TABLE vault.access_log (
 );
 CREATE INDEX access_log_logged_at ON vault.access_log (logged_at);
 CREATE INDEX access_log_entry_gets ON vault.access_log (entry_id) WHERE operation = 'get' AND granted;
+-- A granted get whose caller stopped waiting after its record was written: it returned no data
+-- and is taken off the entry's max_retrievals count.
+CREATE INDEX access_log_entry_not_returned ON vault.access_log (entry_id)
+    WHERE operation = 'get_not_returned';
 -- The evidence queries an auditor runs against a log of millions of rows: recent denials, and the
 -- last verification of the chains.
 CREATE INDEX access_log_denials ON vault.access_log (logged_at) WHERE NOT granted;

@@ -143,6 +143,36 @@ CREATE EVENT TRIGGER vault_guard_alter ON ddl_command_end
     EXECUTE FUNCTION vault.guard_alter();
 ALTER EVENT TRIGGER vault_guard_alter ENABLE ALWAYS;
 
+CREATE  FUNCTION vault."forget_missing_table_impl"(
+	"identity" TEXT /* Option < & str > */
+) RETURNS TABLE (
+	"sqlstate" TEXT,  /* Option < String > */
+	"message" TEXT  /* Option < String > */
+)
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'forget_missing_table_impl_wrapper';
+
+-- A registration whose table is gone (dropped while the event triggers were off, or a temporary
+-- table registered by 0.1.0) makes every verification report it missing; an admin removes it,
+-- and the removal is recorded with the heads its chains had reached.
+CREATE FUNCTION vault_forget_missing_table(identity text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM vault.forget_missing_table_impl($1);
+    IF r.sqlstate IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
+    END IF;
+END
+$fn$;
+
+-- A granted get whose caller stopped waiting after its record was written: it returned no data
+-- and is taken off the entry's max_retrievals count.
+CREATE INDEX access_log_entry_not_returned ON vault.access_log (entry_id)
+    WHERE operation = 'get_not_returned';
+
 -- Name-based helpers of 0.1.0, replaced by the OID-based ones above.
 DROP FUNCTION vault.protected_gone();
 DROP FUNCTION vault.is_protected_name(text);

@@ -4,7 +4,7 @@ use crate::audit_queue::{self, RawRecord, OUTCOME_LIMIT_REACHED};
 use crate::errors::VaultError;
 use crate::identity::{self, Caller};
 use pgrx::prelude::*;
-use vsql_vault_core::rules::escape_for_log;
+use vsql_vault_core::rules::{escape_for_log, summarize_details};
 
 /// One decision of the vault, as it will appear in `vault.access_log`.
 pub struct Event<'a> {
@@ -35,7 +35,8 @@ impl<'a> Event<'a> {
         }
     }
 
-    fn raw(&self, granted: bool, error: Option<&VaultError>) -> RawRecord {
+    /// The record, and its details when they are too long for the record's own field.
+    fn raw(&self, granted: bool, error: Option<&VaultError>) -> (RawRecord, Option<String>) {
         let mut r = audit_queue::empty_record();
         r.logged_at = identity::now_micros();
         r.backend_pid = self.caller.backend_pid;
@@ -70,23 +71,32 @@ impl<'a> Event<'a> {
             r.sqlstate.set(Some(e.sqlstate()));
             r.reason.set(Some(&escape_for_log(&e.to_string())));
         }
+        let mut large = None;
         if let Some(d) = &self.details {
             let text = d.to_string();
-            // A cut JSON document would not parse; say it was too long instead.
-            let text = if text.len() <= 1536 {
-                text
+            if text.len() <= r.details.capacity() {
+                r.details.set(Some(&text));
+            } else if text.len() <= audit_queue::LARGE_BYTES {
+                large = Some(text);
             } else {
-                serde_json::json!({"truncated": true, "bytes": text.len()}).to_string()
-            };
-            r.details.set(Some(&text));
+                // Only a refused call's input gets this long (a granted change is refused
+                // first, see `granted`): every key stays, long values become their digest.
+                large = Some(summarize_details(d, audit_queue::LARGE_BYTES).to_string());
+            }
         }
-        r
+        (r, large)
     }
 
     /// Makes a granted decision durable. Errors when the writer could not, or when the writer
     /// refused it because the entry's retrieval limit was reached.
     pub fn granted(&self) -> Result<(), VaultError> {
-        match audit_queue::submit(&self.raw(true, None))? {
+        // A change whose record would lose details is not made: nothing half-recorded.
+        let details_bytes = self.details.as_ref().map_or(0, |d| d.to_string().len());
+        if details_bytes > audit_queue::LARGE_BYTES {
+            return Err(VaultError::RecordTooLarge(audit_queue::LARGE_BYTES));
+        }
+        let (record, large) = self.raw(true, None);
+        match audit_queue::submit(&record, large.as_deref())? {
             OUTCOME_LIMIT_REACHED => Err(VaultError::Denied(format!(
                 "entry has reached its max_retrievals ({})",
                 self.max_retrievals.unwrap_or(0)
@@ -98,7 +108,8 @@ impl<'a> Event<'a> {
     /// Makes a refusal durable and returns the error for the caller. If the refusal itself cannot
     /// be recorded the caller still gets its error, with that fact added.
     pub fn refused(&self, error: VaultError) -> VaultError {
-        match audit_queue::submit(&self.raw(false, Some(&error))) {
+        let (record, large) = self.raw(false, Some(&error));
+        match audit_queue::submit(&record, large.as_deref()) {
             Ok(_) => error,
             Err(audit) => {
                 pgrx::warning!("vsql_vault: a refused call could not be logged: {audit}");
@@ -112,7 +123,8 @@ impl Event<'_> {
     /// Records a refusal without waiting for the writer: for DDL refused while the caller holds
     /// the lock on a protected table the writer may need (the access log itself).
     pub fn refused_detached(&self, error: VaultError) -> VaultError {
-        if let Err(audit) = audit_queue::submit_detached(&self.raw(false, Some(&error))) {
+        let (record, large) = self.raw(false, Some(&error));
+        if let Err(audit) = audit_queue::submit_detached(&record, large.as_deref()) {
             pgrx::warning!("vsql_vault: a refused call could not be logged: {audit}");
         }
         error
@@ -122,7 +134,8 @@ impl Event<'_> {
     /// for break-glass DDL, whose record must commit exactly when the command does (and which may
     /// hold the access log's lock itself).
     pub fn granted_in_transaction(&self) -> Result<(), VaultError> {
-        let r = self.raw(true, None);
+        let (r, large) = self.raw(true, None);
+        let details = large.or_else(|| r.details.get());
         let _owner = crate::identity::AsOwner::enter();
         let _writing = crate::audit::VaultWriting::enter();
         Spi::connect_mut(|c| {
@@ -142,7 +155,7 @@ impl Event<'_> {
                     r.operation.get().unwrap_or_default().into(),
                     r.purpose.get().into(),
                     r.external_id.get().into(),
-                    r.details.get().into(),
+                    details.into(),
                 ],
             )
             .map(|_| ())

@@ -906,6 +906,43 @@ pub fn checkpoint() -> Result<i64, VaultError> {
     Ok(heads.len() as i64)
 }
 
+/// Removes the registration `identity` of a protected table that no longer exists (a temporary
+/// table of 0.1.0 whose session ended, a table dropped while the event triggers were off).
+/// Returns what the chains had reached, for the record. Refused while the table is there.
+pub fn forget_missing(identity: &str) -> Result<serde_json::Value, VaultError> {
+    let _owner = AsOwner::enter();
+    let registered = protected_tables(None)?
+        .into_iter()
+        .find(|t| t.identity == identity)
+        .ok_or_else(|| VaultError::NotProtected(identity.to_owned()))?;
+    if registered.relid != pg_sys::Oid::INVALID && live_table(registered.relid)?.is_some() {
+        return Err(VaultError::CannotForget(registered.name));
+    }
+    let heads = Spi::connect_mut(|c| {
+        let mut heads = Vec::new();
+        for row in c.update(
+            "DELETE FROM vault.chain_heads WHERE identity OPERATOR(pg_catalog.=) $1
+             RETURNING chain_id, seq, head_hash",
+            None,
+            &[identity.into()],
+        )? {
+            heads.push(serde_json::json!({
+                "chain": row.get_by_name::<i32, _>("chain_id")?,
+                "seq": row.get_by_name::<i64, _>("seq")?,
+                "head_hash": hex::encode(row.get_by_name::<Vec<u8>, _>("head_hash")?.unwrap_or_default()),
+            }));
+        }
+        c.update(
+            "DELETE FROM vault.protected_tables WHERE identity OPERATOR(pg_catalog.=) $1",
+            None,
+            &[identity.into()],
+        )?;
+        Ok::<_, pgrx::spi::Error>(heads)
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(serde_json::json!({ "identity": identity, "table": registered.name, "heads": heads }))
+}
+
 /// Sets the relation the DDL guard lets vault_protect_table's own commands touch, and clears it
 /// again however protection ends.
 struct Protecting(u32);

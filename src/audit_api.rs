@@ -102,6 +102,41 @@ fn protect_table_impl(
     TableIterator::once(status(&result))
 }
 
+/// Removes the registration of a protected table that is gone, for vault_admin, recorded with the
+/// heads its chains had reached.
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn forget_missing_table_impl(
+    identity: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, "forget_missing_table", None, None);
+    event.details = Some(serde_json::json!({ "identity": identity }));
+    let result = require(&caller, &["vault_admin"])
+        .and_then(|()| Ok(identity.ok_or(vsql_vault_core::InputError::Null("identity"))?))
+        .and_then(|identity| {
+            crate::access_log::write_then_log(
+                || audit::forget_missing(identity),
+                |forgotten| {
+                    event.details = Some(forgotten.clone());
+                    event.granted()
+                },
+            )
+        });
+    let result = match result {
+        Ok(_) => Ok(()),
+        Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
+        Err(e) => Err(event.refused(e)),
+    };
+    TableIterator::once(status(&result))
+}
+
 /// Protects the extension's own tables while CREATE EXTENSION runs (the audit writer cannot see
 /// the uncommitted extension yet, so this is not logged). Not executable by PUBLIC.
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]

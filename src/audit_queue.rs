@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 
 pub const SLOTS: usize = 256;
 
+/// Details longer than a slot's field travel whole in one of these (a policy change with long
+/// role lists, a refused call's long input): a governance record never loses its substance.
+pub const LARGE_SLOTS: usize = 4;
+/// The longest details a record can carry.
+pub const LARGE_BYTES: usize = 128 * 1024;
+
 const FREE: u32 = 0;
 const PENDING: u32 = 1;
 const WRITING: u32 = 2;
@@ -54,6 +60,10 @@ impl<const N: usize> FixedStr<N> {
         }
     }
 
+    pub const fn capacity(&self) -> usize {
+        N
+    }
+
     pub fn get(&self) -> Option<String> {
         self.present
             .then(|| String::from_utf8_lossy(&self.bytes[..self.len as usize]).into_owned())
@@ -75,6 +85,8 @@ pub struct RawRecord {
     pub caller_xid: u64,
     /// Handed over without waiting (the caller holds a lock the writer needs until it aborts).
     pub detached: bool,
+    /// 1 + the index of the large-details slot holding this record's details; 0 for none.
+    pub large: u32,
     pub role_name: FixedStr<64>,
     pub session_user: FixedStr<64>,
     pub application_name: FixedStr<64>,
@@ -120,8 +132,66 @@ impl Default for AuditQueue {
 
 static QUEUE: PgLwLock<AuditQueue> = unsafe { PgLwLock::new(c"vsql_vault_audit_queue") };
 
+#[derive(Copy, Clone)]
+#[repr(C)]
+pub struct LargeDetails {
+    in_use: [bool; LARGE_SLOTS],
+    len: [u32; LARGE_SLOTS],
+    bytes: [[u8; LARGE_BYTES]; LARGE_SLOTS],
+}
+
+unsafe impl PGRXSharedMemory for LargeDetails {}
+
+impl Default for LargeDetails {
+    fn default() -> Self {
+        // SAFETY: all-zero is a valid LargeDetails (every slot free).
+        unsafe { std::mem::zeroed() }
+    }
+}
+
+static LARGE: PgLwLock<LargeDetails> = unsafe { PgLwLock::new(c"vsql_vault_audit_large_details") };
+
 pub fn init_shmem() {
     pg_shmem_init!(QUEUE);
+    pg_shmem_init!(LARGE);
+}
+
+/// Puts `details` into a free large-details slot, waiting until `deadline` for one.
+fn claim_large(details: &str, deadline: Instant) -> Result<u32, VaultError> {
+    loop {
+        {
+            let mut l = LARGE.exclusive();
+            if let Some(i) = (0..LARGE_SLOTS).find(|&i| !l.in_use[i]) {
+                let n = details.len().min(LARGE_BYTES);
+                l.in_use[i] = true;
+                l.len[i] = n as u32;
+                l.bytes[i][..n].copy_from_slice(&details.as_bytes()[..n]);
+                return Ok(i as u32 + 1);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(VaultError::AuditUnavailable(
+                "no room for the record's long details".into(),
+            ));
+        }
+        wait_my_latch(Duration::from_millis(1));
+    }
+}
+
+fn release_large(large: u32) {
+    if large > 0 {
+        LARGE.exclusive().in_use[large as usize - 1] = false;
+    }
+}
+
+/// The details of a taken record, from its slot or from its large-details slot.
+pub fn details_of(record: &RawRecord) -> Option<String> {
+    if record.large == 0 {
+        return record.details.get();
+    }
+    let l = LARGE.share();
+    let i = record.large as usize - 1;
+    Some(String::from_utf8_lossy(&l.bytes[i][..l.len[i] as usize]).into_owned())
 }
 
 pub fn empty_record() -> RawRecord {
@@ -162,10 +232,10 @@ impl Drop for SlotClaim {
 
 /// Hands `record` to the audit writer without waiting for it: for a refusal made while the caller
 /// holds a lock the writer needs, which it releases as soon as it raises its error.
-pub fn submit_detached(record: &RawRecord) -> Result<(), VaultError> {
+pub fn submit_detached(record: &RawRecord, large: Option<&str>) -> Result<(), VaultError> {
     let mut r = *record;
     r.detached = true;
-    let claim = claim_slot(&r)?;
+    let claim = claim_slot(&r, large)?;
     let mut q = QUEUE.exclusive();
     let slot = &mut q.slots[claim.index];
     if slot.state == DONE {
@@ -180,21 +250,39 @@ pub fn submit_detached(record: &RawRecord) -> Result<(), VaultError> {
 
 /// Hands `record` to the audit writer and waits until it is durable.
 /// Returns the writer's outcome (`OUTCOME_WRITTEN` or `OUTCOME_LIMIT_REACHED`).
-pub fn submit(record: &RawRecord) -> Result<u32, VaultError> {
+/// `large`: details too long for the record's own field (see `LARGE_BYTES`).
+pub fn submit(record: &RawRecord, large: Option<&str>) -> Result<u32, VaultError> {
     let timeout = Duration::from_millis(settings::AUDIT_TIMEOUT_MS.get().max(1) as u64);
     let deadline = Instant::now() + timeout;
-    let claim = claim_slot(record)?;
+    let claim = claim_slot(record, large)?;
     wait_for(claim, deadline, timeout)
 }
 
-fn claim_slot(record: &RawRecord) -> Result<SlotClaim, VaultError> {
+/// Claims a slot for `record` (and a large-details slot for `large`); once claimed, the writer
+/// owns the large-details slot and frees it when it has written the record.
+fn claim_slot(record: &RawRecord, large: Option<&str>) -> Result<SlotClaim, VaultError> {
     if !crate::preloaded() {
         return Err(VaultError::NotPreloaded);
     }
     let timeout = Duration::from_millis(settings::AUDIT_TIMEOUT_MS.get().max(1) as u64);
     let deadline = Instant::now() + timeout;
     let my_db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let mut record = *record;
+    if let Some(details) = large {
+        record.large = claim_large(details, deadline)?;
+    }
+    let claimed = claim_free_slot(&record, my_db, deadline);
+    if claimed.is_err() {
+        release_large(record.large);
+    }
+    claimed
+}
 
+fn claim_free_slot(
+    record: &RawRecord,
+    my_db: u32,
+    deadline: Instant,
+) -> Result<SlotClaim, VaultError> {
     let claim = loop {
         {
             let mut q = QUEUE.exclusive();
@@ -331,6 +419,8 @@ pub fn take_pending() -> Vec<Taken> {
 }
 
 fn finish_slot(slot: &mut Slot, outcome: u32, wake: &mut Vec<usize>) {
+    // The writer is done with the record: its long details, if any, are no longer needed.
+    release_large(std::mem::take(&mut slot.record.large));
     if slot.abandoned {
         slot.state = FREE;
     } else {
@@ -340,17 +430,24 @@ fn finish_slot(slot: &mut Slot, outcome: u32, wake: &mut Vec<usize>) {
     }
 }
 
-/// Reports the outcome of each taken record and wakes its caller.
-pub fn complete(results: &[(usize, u32)]) {
+/// Reports the outcome of each taken record and wakes its caller. Returns the indexes of the
+/// records whose caller gave up while the writer was writing them: their data was never
+/// returned.
+pub fn complete(results: &[(usize, u32)]) -> Vec<usize> {
     let mut wake = Vec::with_capacity(results.len());
+    let mut gone = Vec::new();
     {
         let mut q = QUEUE.exclusive();
         for &(index, outcome) in results {
             let slot = &mut q.slots[index];
             if slot.state == WRITING {
+                if slot.abandoned && outcome == OUTCOME_WRITTEN {
+                    gone.push(index);
+                }
                 finish_slot(slot, outcome, &mut wake);
             }
         }
     }
     wake.into_iter().for_each(set_latch);
+    gone
 }

@@ -40,8 +40,14 @@ FROM unnest($1::int8[], $2::name[], $3::name[], $4::text[], $5::text[], $6::int4
 
 const LOG_PRESENT: &str = "SELECT pg_catalog.to_regclass('vault.access_log') IS NOT NULL";
 
-const RETRIEVALS: &str =
-    "SELECT count(*) FROM vault.access_log WHERE entry_id = $1 AND operation = 'get' AND granted";
+/// Retrievals that count against `max_retrievals`: granted gets that returned their data.
+const RETRIEVALS: &str = "SELECT
+    (SELECT count(*) FROM vault.access_log WHERE entry_id = $1 AND operation = 'get' AND granted
+        AND (details->>'returned') IS DISTINCT FROM 'false')
+  - (SELECT count(*) FROM vault.access_log WHERE entry_id = $1 AND operation = 'get_not_returned')";
+
+/// What the record of a get says when its caller stopped waiting: no data was returned.
+const NOT_RETURNED: &str = "caller stopped waiting for this record; no data was returned";
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -161,7 +167,50 @@ fn write_batch(batch: Vec<Taken>) {
         e.rethrow()
     })
     .execute();
-    audit_queue::complete(&result);
+    let gone = audit_queue::complete(&result);
+    note_not_returned(&batch, &gone);
+}
+
+/// Granted gets whose callers gave up while their batch was being written were recorded as
+/// granted, but returned nothing: a second record says so, and takes them off the entry's
+/// `max_retrievals` count. (Lost if the writer dies first: a get then counts once too often,
+/// never too few.)
+fn note_not_returned(batch: &[Taken], gone: &[usize]) {
+    let notes: Vec<Taken> = batch
+        .iter()
+        .filter(|t| gone.contains(&t.index) && !t.abandoned && !t.record.detached)
+        .filter(|t| t.record.granted && t.record.operation.get().as_deref() == Some("get"))
+        .map(|t| {
+            let mut r = t.record;
+            r.large = 0;
+            r.granted = false;
+            r.detached = true;
+            r.max_retrievals = 0;
+            r.operation.set(Some("get_not_returned"));
+            r.reason.set(Some(NOT_RETURNED));
+            r.details.set(Some(
+                &serde_json::json!({ "returned": false, "get_logged_at_us": r.logged_at })
+                    .to_string(),
+            ));
+            Taken {
+                index: usize::MAX,
+                record: r,
+                abandoned: false,
+            }
+        })
+        .collect();
+    if notes.is_empty() {
+        return;
+    }
+    PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(|| {
+            insert_batch(&notes).unwrap_or_else(|e| {
+                pgrx::error!("vsql_vault audit writer could not record gets not returned: {e}")
+            })
+        })
+    })
+    .catch_others(|e| e.rethrow())
+    .execute();
 }
 
 #[derive(Default)]
@@ -214,7 +263,11 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
             let mut sqlstate = r.sqlstate.get();
             let mut reason = r.reason.get();
             let mut outcome = OUTCOME_WRITTEN;
-            if granted && r.max_retrievals > 0 && r.has_entry {
+            let mut details = audit_queue::details_of(r);
+            // A caller that gave up before its record was written gets no data: the record says
+            // so and the get does not count against max_retrievals.
+            let returned = !t.abandoned || r.detached;
+            if granted && returned && r.max_retrievals > 0 && r.has_entry {
                 let count = match retrievals.get(&r.entry_id) {
                     Some(n) => *n,
                     None => client
@@ -236,12 +289,17 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
                     retrievals.insert(r.entry_id, count + 1);
                 }
             }
-            if t.abandoned && !r.detached {
-                let note = "caller stopped waiting for this record; no data was returned";
+            if !returned {
                 reason = Some(match reason {
-                    Some(r) => format!("{r}; {note}"),
-                    None => note.to_owned(),
+                    Some(r) => format!("{r}; {NOT_RETURNED}"),
+                    None => NOT_RETURNED.to_owned(),
                 });
+                let mut d = details
+                    .and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
+                    .filter(serde_json::Value::is_object)
+                    .unwrap_or_else(|| serde_json::json!({}));
+                d["returned"] = serde_json::json!(false);
+                details = Some(d.to_string());
             }
             c.0.push(r.logged_at);
             c.1.push(r.role_name.get().unwrap_or_default());
@@ -256,7 +314,7 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
             c.10.push(granted);
             c.11.push(sqlstate);
             c.12.push(reason);
-            c.13.push(r.details.get());
+            c.13.push(details);
             c.14.push(r.has_xid.then(|| r.caller_xid.to_string()));
             outcomes.push((t.index, outcome));
         }

@@ -64,12 +64,16 @@ pub enum VaultError {
     NoSuchProof(i64),
     #[error("only ordinary tables can be protected")]
     NotATable,
+    #[error("protected table {0} still exists: only a registration whose table is gone can be forgotten")]
+    CannotForget(String),
     #[error("this table cannot be protected: {0}")]
     CannotProtect(String),
     #[error("{0} is locked by another session; try again later (vsql_vault.verify_lock_timeout)")]
     Locked(String),
     #[error("{0}; try again later (vsql_vault.put_lock_timeout)")]
     Busy(String),
+    #[error("the record of this call would exceed {0} bytes of details; nothing was changed")]
+    RecordTooLarge(usize),
     #[error("{0}")]
     Internal(String),
 }
@@ -92,8 +96,9 @@ impl VaultError {
             VaultError::ChainCount(_) => "22023",
             VaultError::ProtectedDdl(_) => "VV403",
             VaultError::NotATable => "42809",
-            VaultError::CannotProtect(_) => "55000",
+            VaultError::CannotProtect(_) | VaultError::CannotForget(_) => "55000",
             VaultError::Locked(_) | VaultError::Busy(_) => "55P03",
+            VaultError::RecordTooLarge(_) => "54000",
             VaultError::NoSuchProof(_) => "P0002",
             VaultError::UnknownColumn(_) => "42703",
             VaultError::Internal(_) => "XX000",

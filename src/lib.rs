@@ -67,6 +67,12 @@ pub(crate) fn preloaded() -> bool {
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // pgrx puts a captured Rust backtrace, with source paths, into the DETAIL of every error
+    // raised through Rust, which goes to the client as well as the log. Capturing is switched off
+    // for the whole process (and, from the postmaster, for every backend it starts), whatever
+    // RUST_BACKTRACE the server was started with. Single-threaded here: no one reads the
+    // environment concurrently.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     settings::define();
     // A walsender or a plain backend may load the library too; shared memory and workers can only
     // be requested while the postmaster preloads it.

@@ -521,3 +521,198 @@ fn a_put_waiting_on_another_tenants_open_transaction_gives_up_with_a_record() {
     b.batch_execute("ROLLBACK").unwrap();
     put(&mut a, &id, b"\x02").unwrap();
 }
+
+#[test]
+fn a_policy_change_is_recorded_whole_however_long_its_details() {
+    let s = server();
+    let (mut su, _m) = mallory(&s);
+    let mut admin = s.connect("it_admin");
+    // 1,000 two-byte characters: longer than a queue slot's details field.
+    let description = "é".repeat(1000);
+    admin
+        .execute(
+            "SELECT vault_set_access_policy('att-long', '{@owner}', '{@owner,it_b}', '{@owner}', NULL, $1)",
+            &[&description],
+        )
+        .unwrap();
+    poll("the policy change to be logged whole", 100, || {
+        su.query_one(
+            "SELECT count(*) FROM vault.access_log
+              WHERE operation = 'set_access_policy' AND granted AND details->>'name' = 'att-long'
+                AND details->>'description' = $1 AND details->'retrieve_roles' ? 'it_b'",
+            &[&description],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            >= 1
+    });
+    // A refused change with a 100 KB description: refused, and its record keeps it all.
+    let huge = "x".repeat(100_000);
+    let e = admin
+        .execute(
+            "SELECT vault_set_access_policy('att-huge', '{@owner}', '{@owner}', '{@owner}', NULL, $1)",
+            &[&huge],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    poll("the refusal to be logged whole", 100, || {
+        su.query_one(
+            "SELECT count(*) FROM vault.access_log
+              WHERE operation = 'set_access_policy' AND NOT granted AND details->>'name' = 'att-huge'
+                AND length(details->>'description') = 100000",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    });
+}
+
+#[test]
+fn a_registration_whose_table_is_gone_is_forgotten_only_by_an_admin_and_on_record() {
+    let s = server();
+    let (mut su, mut m) = mallory(&s);
+    mallory_ledger(&mut m);
+    let identity: String = su
+        .query_one(
+            "SELECT identity FROM vault.protected_tables WHERE relid = 'mallory.ledger'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut admin = s.connect("it_admin");
+    // While the table is there, nobody forgets it.
+    let e = admin
+        .execute("SELECT vault_forget_missing_table($1)", &[&identity])
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "55000", "{e}");
+    // A superuser drops it with the event triggers off: the guard never sees it.
+    su.batch_execute(
+        "ALTER EVENT TRIGGER vault_guard_drop DISABLE;
+         DROP TABLE mallory.ledger;
+         ALTER EVENT TRIGGER vault_guard_drop ENABLE ALWAYS;",
+    )
+    .unwrap();
+    let missing = |su: &mut Client| -> i64 {
+        su.query_one(
+            "SELECT count(*) FROM vault_verify_audit() WHERE table_name = $1 AND NOT ok",
+            &[&identity],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(missing(&mut su), 1);
+    let e = m
+        .execute("SELECT vault_forget_missing_table($1)", &[&identity])
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+    admin
+        .execute("SELECT vault_forget_missing_table($1)", &[&identity])
+        .unwrap();
+    assert_eq!(missing(&mut su), 0);
+    let recorded: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'forget_missing_table' AND granted
+               AND details->>'identity' = $1 AND jsonb_array_length(details->'heads') = 1",
+            &[&identity],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 1);
+}
+
+/// Starts the shared server again with `env` set for the postmaster.
+fn restart_with_env(s: &Server, env: &[&str]) {
+    s.pg_ctl(&["stop", "-m", "fast"]);
+    let data = format!("{}/data", s.dir);
+    let log = format!("{}/server.log", s.dir);
+    let pg_ctl = "/usr/lib/postgresql/15/bin/pg_ctl";
+    let mut args = vec!["-u", "postgres", "--", "env"];
+    args.extend_from_slice(env);
+    args.extend_from_slice(&[pg_ctl, "-D", &data, "-w", "-t", "60", "-l", &log, "start"]);
+    let status = std::process::Command::new("runuser")
+        .env_remove("RUST_BACKTRACE")
+        .args(&args)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    s.wait_for_writer(&s.db);
+}
+
+#[test]
+fn rust_backtraces_never_reach_a_client_even_when_the_server_asks_for_them() {
+    let s = server();
+    restart_with_env(&s, &["RUST_BACKTRACE=full"]);
+    let mut su = s.connect("postgres");
+    // An error raised from Rust code (pgrx reports those through a panic).
+    let e = su
+        .query_one("SELECT vault.protect_builtin(0, 1)", &[])
+        .unwrap_err();
+    drop(su);
+    restart_with_env(&s, &[]);
+    let db = e.as_db_error().expect("a server error");
+    assert!(
+        db.message().contains("protecting a built-in table failed"),
+        "{e}"
+    );
+    let detail = db.detail().unwrap_or_default();
+    assert!(
+        !detail.contains(".rs:") && !detail.contains("backtrace"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_get_cancelled_before_its_data_is_returned_does_not_use_up_max_retrievals() {
+    let s = server();
+    let (mut su, _m) = mallory(&s);
+    let mut admin = s.connect("it_admin");
+    admin
+        .execute(
+            "SELECT vault_set_access_policy('att-once', '{@owner}', '{@owner}', '{@owner}', 1)",
+            &[],
+        )
+        .unwrap();
+    let mut a = s.connect("it_a");
+    let id = format!(
+        "att-once-{}",
+        su.query_one("SELECT txid_current()", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+    );
+    a.execute(
+        "SELECT vault_put('it.card', $1, '\\x01', access_policy => 'att-once')",
+        &[&id],
+    )
+    .unwrap();
+    // The writer is held up (a lock on the log, shorter than its lock timeout) while the caller's
+    // statement_timeout cancels the get: it authorised the read but returned nothing.
+    let mut holder = s.connect("postgres");
+    holder
+        .batch_execute("BEGIN; LOCK TABLE vault.access_log IN SHARE MODE;")
+        .unwrap();
+    a.batch_execute("SET statement_timeout = '300ms'").unwrap();
+    let e = get(&mut a, &id).unwrap_err();
+    assert_eq!(sqlstate(&e), "57014", "{e}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    holder.batch_execute("COMMIT").unwrap();
+    a.batch_execute("RESET statement_timeout").unwrap();
+    poll(
+        "the cancelled get to be recorded as not returned",
+        100,
+        || {
+            su.query_one(
+            "SELECT count(*) FROM vault.access_log WHERE external_id = $1
+               AND ((operation = 'get' AND details->>'returned' = 'false') OR operation = 'get_not_returned')",
+            &[&id],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+        },
+    );
+    // The one retrieval the policy allows is still there, and then it is used up.
+    assert_eq!(get(&mut a, &id).unwrap(), b"\x01");
+    let e = get(&mut a, &id).unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+}

@@ -208,6 +208,41 @@ pub fn escape_for_log(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `details` cut to at most `limit` bytes of JSON without losing a key: strings longer than 256
+/// bytes and arrays longer than 64 elements give way to their SHA-256, length and beginning.
+pub fn summarize_details(details: &serde_json::Value, limit: usize) -> serde_json::Value {
+    use serde_json::{json, Value};
+    fn shrink(v: &Value) -> Value {
+        match v {
+            Value::String(t) if t.len() > 256 => {
+                let mut end = 128;
+                while !t.is_char_boundary(end) {
+                    end -= 1;
+                }
+                json!({"sha256": hex::encode(crate::canonical::sha256(t.as_bytes())), "bytes": t.len(),
+                       "starts": &t[..end]})
+            }
+            Value::Array(items) if items.len() > 64 => {
+                json!({"sha256": hex::encode(crate::canonical::sha256(v.to_string().as_bytes())),
+                       "count": items.len(),
+                       "first": items.iter().take(64).map(shrink).collect::<Vec<_>>()})
+            }
+            Value::Array(items) => Value::Array(items.iter().map(shrink).collect()),
+            Value::Object(m) => {
+                Value::Object(m.iter().map(|(k, v)| (k.clone(), shrink(v))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+    let small = shrink(details);
+    if small.to_string().len() <= limit {
+        small
+    } else {
+        json!({"summarized": true, "bytes": details.to_string().len(),
+               "sha256": hex::encode(crate::canonical::sha256(details.to_string().as_bytes()))})
+    }
+}
+
 /// Roles in an access policy are role names or one of these tokens, resolved per entry.
 pub const ROLE_TOKENS: [&str; 2] = ["@owner", "@purpose"];
 
@@ -276,6 +311,26 @@ mod tests {
         assert_eq!(escape_for_log("back\\slash"), "back\\slash");
         assert_eq!(escape_for_log("b\\\n"), "b\\\\\\u{000a}");
         assert!(!escape_for_log("\x07\t\x00").chars().any(char::is_control));
+    }
+
+    #[test]
+    fn long_details_keep_every_key() {
+        let long = "d".repeat(100_000);
+        let roles: Vec<String> = (0..500).map(|i| format!("role_{i}")).collect();
+        let details = serde_json::json!({"name": "p1", "description": long, "roles": roles});
+        let small = summarize_details(&details, 8192);
+        assert!(small.to_string().len() <= 8192);
+        assert_eq!(small["name"], "p1");
+        assert_eq!(small["description"]["bytes"], 100_000);
+        assert_eq!(
+            small["description"]["sha256"],
+            hex::encode(crate::canonical::sha256(long.as_bytes()))
+        );
+        assert_eq!(small["roles"]["count"], 500);
+        assert_eq!(small["roles"]["first"][0], "role_0");
+        // Too big even so: a digest of the whole remains.
+        let tiny = summarize_details(&details, 64);
+        assert_eq!(tiny["summarized"], true);
     }
 
     #[test]
