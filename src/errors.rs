@@ -14,7 +14,7 @@ pub enum VaultError {
     Input(#[from] InputError),
     #[error("purpose \"{0}\" has no retention policy; an administrator must call vault_set_retention_policy first")]
     NoRetentionPolicy(String),
-    #[error("expires_at {requested} is beyond the maximum retention of purpose \"{purpose}\" ({max_days} days, until {limit})")]
+    #[error("expires_at {requested} is beyond the maximum retention of purpose \"{purpose}\" ({max_days} days from the entry's first storage, until {limit})")]
     BeyondRetention {
         purpose: String,
         requested: String,

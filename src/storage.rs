@@ -49,16 +49,22 @@ const PUT_DECISION: &str = concat!(
         e.id,
         e.owner::text,
         vault.role_allowed(eap.store_roles, $1, e.owner, $2),
-        COALESCE($6, now() + pg_catalog.make_interval(days => rp.default_ttl_days)),
-        $6 > now() + pg_catalog.make_interval(days => rp.max_retention_days),
+        COALESCE($6, LEAST(now() + pg_catalog.make_interval(days => rp.default_ttl_days), lim.until)),
+        COALESCE($6, now()) > lim.until OR lim.until <= now(),
         $6 <= now(),
-        (now() + pg_catalog.make_interval(days => rp.max_retention_days))::text,
-        $6::text
+        lim.until::text,
+        COALESCE($6, now() + pg_catalog.make_interval(days => rp.default_ttl_days))::text
      FROM (SELECT 1) AS one
      LEFT JOIN vault.retention_policies rp ON rp.purpose = $2
      LEFT JOIN vault.access_policies ap ON ap.name = $4
      LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
-     LEFT JOIN vault.access_policies eap ON eap.name = e.access_policy"
+     LEFT JOIN vault.access_policies eap ON eap.name = e.access_policy
+     -- The retention clock starts at the entry's first storage and survives replacement: a
+     -- re-put cannot push the data past created_at + max_retention_days (a purged entry starts
+     -- over).
+     CROSS JOIN LATERAL (SELECT CASE WHEN e.id IS NOT NULL AND e.purged_at IS NULL THEN e.created_at
+                                     ELSE now() END
+                                + pg_catalog.make_interval(days => rp.max_retention_days) AS until) lim"
 );
 
 const UPSERT: &str = "INSERT INTO vault.entries AS e
@@ -74,6 +80,7 @@ const UPSERT: &str = "INSERT INTO vault.entries AS e
         access_policy = EXCLUDED.access_policy,
         updated_at = now(),
         expires_at = EXCLUDED.expires_at,
+        created_at = CASE WHEN e.purged_at IS NULL THEN e.created_at ELSE now() END,
         purged_at = NULL
      WHERE e.owner = EXCLUDED.owner
      RETURNING id";

@@ -278,3 +278,58 @@ fn worker_sweeps_on_schedule_and_its_proofs_verify_in_sql_and_offline() {
         "{out}"
     );
 }
+
+#[test]
+fn the_retention_clock_starts_at_first_storage_and_a_re_put_cannot_extend_it() {
+    let s = server();
+    let mut su = setup(&s); // it.card: at most 30 days, 7 by default
+    let mut a = s.connect("it_a");
+    let id = format!(
+        "rc-{}",
+        su.query_one("SELECT txid_current()", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+    );
+    put(&mut a, &id, b"\x01").unwrap();
+    let age = |su: &mut Client, days: i32| {
+        su.execute(
+            "UPDATE vault.entries SET created_at = now() - make_interval(days => $2)
+              WHERE purpose = 'it.card' AND external_id = $1",
+            &[&id, &days],
+        )
+        .unwrap();
+    };
+    // 29 days after its first storage, a re-put cannot push the entry past day 30.
+    age(&mut su, 29);
+    let e = a
+        .execute(
+            "SELECT vault_put('it.card', $1, '\\x02', expires_at => now() + interval '5 days')",
+            &[&id],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "VV422", "{e}");
+    let message = e.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("first storage"), "{message}");
+    // Without an expiry, the default is cut at the limit; the first storage stays the clock.
+    let capped: bool = a
+        .query_one(
+            "SELECT vault_put('it.card', $1, '\\x02') <= now() + interval '1 day 1 minute'",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert!(capped);
+    let kept: bool = su
+        .query_one(
+            "SELECT created_at < now() - interval '28 days' FROM vault.entries
+              WHERE purpose = 'it.card' AND external_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert!(kept);
+    // Past the limit, no re-put keeps the data at all.
+    age(&mut su, 31);
+    let e = put(&mut a, &id, b"\x03").unwrap_err();
+    assert_eq!(sqlstate(&e), "VV422", "{e}");
+}
