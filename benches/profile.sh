@@ -106,7 +106,7 @@ summary() { # name, callgrind file, what ran: the top functions, exclusive and i
 }
 : >"$dir/profile.md"
 echo "==> callgrind: vsql-vault verify, $rows rows"
-cg verify target/release/vsql-vault verify --export "$dir/export.jsonl" --checkpoints "$dir/checkpoints.jsonl" "${keys[@]}"
+cg verify target/release/vsql-vault verify --export "$dir/export.jsonl" --checkpoints "$dir/checkpoints.jsonl" --table public.audit_events "${keys[@]}"
 echo "==> callgrind: vsql-vault decrypt, $stream_rows rows"
 cg decrypt target/release/vsql-vault decrypt --kek-file "$dir/profile.kek" --input "$dir/stream.jsonl" "${keys[@]}"
 echo "==> callgrind: the output plugin in a single-user backend, $stream_rows rows"

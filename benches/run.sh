@@ -256,7 +256,7 @@ verify() {
     info+=("- Exporting $(commas "$n") rows of $t with vault_export_audit (psql -Atc into a file): $(elapsed "$a") s.")
     a=$(now)
     target/release/vsql-vault verify --export "$dir/export.jsonl" --checkpoints "$dir/checkpoints.jsonl" \
-        "${keys[@]}" >"$dir/verify.out" || fail "vsql-vault verify of $t: $(cat "$dir/verify.out")"
+        --table "$t" "${keys[@]}" >"$dir/verify.out" || fail "vsql-vault verify of $t: $(cat "$dir/verify.out")"
     off_rate=$(per_sec "$n" "$(elapsed "$a")")
     add_row rate "verify $(commas "$n") chained rows of $t offline: vsql-vault verify with checkpoints (rows/s)" \
         "$off_rate" 1000000 ">= 1,000,000 rows/s" r:1
@@ -274,7 +274,7 @@ fill=$(elapsed "$a")
 a=$(now)
 psql_su -Atc "SELECT vault_protect_table('audit_events', 16)" >/dev/null
 info+=("- $(commas "$verify_rows") chained rows: INSERT ... SELECT into a plain table ($fill s), then vault_protect_table, which chains the rows already there ($(elapsed "$a") s).")
-verify audit_events
+verify public.audit_events
 
 echo "==> retention"
 for n in $sweeps; do

@@ -563,20 +563,9 @@ fn the_writer_checkpoints_on_schedule_and_exports_each_checkpoint_to_a_file() {
         .map(|r| r.get(0))
         .collect();
     std::fs::write(&export, lines.join("\n") + "\n").unwrap();
-    let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").unwrap());
-    cmd.args(["verify", "--export", &export, "--checkpoints", &file]);
-    for r in su
-        .query("SELECT public_key FROM vault.signing_keys", &[])
-        .unwrap()
-    {
-        cmd.args(["--public-key", r.get::<_, &str>(0)]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // The file holds other tables' checkpoints too: this run is about it_scheduled.
+    let (code, out) = run_verify(&mut su, &export, &file, &["--table", &identity]);
+    assert_eq!(code, 0, "{out}");
     // Deleting the newest row is now caught offline with the file alone.
     behind_the_triggers(
         &mut su,
@@ -590,9 +579,41 @@ fn the_writer_checkpoints_on_schedule_and_exports_each_checkpoint_to_a_file() {
         .map(|r| r.get(0))
         .collect();
     std::fs::write(&export, lines.join("\n") + "\n").unwrap();
-    let out = cmd.output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("at seq 4"));
+    let (code, out) = run_verify(&mut su, &export, &file, &["--table", &identity]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("at seq 4"), "{out}");
+}
+
+#[test]
+fn an_export_emptied_before_it_was_taken_does_not_verify_offline() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_emptied", 5, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let identity = identity_of(&mut su, "it_emptied");
+    let (code, out) = offline_verdict(&s, &mut su, "it_emptied", "emptied");
+    assert_eq!(code, 0, "{out}");
+    // Every row deleted around the triggers, then exported: an empty export.
+    behind_the_triggers(&mut su, "it_emptied", "DELETE FROM it_emptied");
+    let (code, out) = offline_verdict(&s, &mut su, "it_emptied", "emptied");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("FAILED  {identity} chain 0 at seq 1")),
+        "{out}"
+    );
+    // Without --table, every checkpointed table must be there: one export alone fails.
+    let export = format!("{}/emptied.export.jsonl", s.dir);
+    let checkpoints = format!("{}/emptied.checkpoints.jsonl", s.dir);
+    let (code, out) = run_verify(&mut su, &export, &checkpoints, &[]);
+    assert_eq!(code, 1, "{out}");
+    // Leaving tables out by name says so.
+    let (_, out) = run_verify(&mut su, &export, &checkpoints, &["--table", &identity]);
+    assert!(out.contains("skipped vault.access_log/"), "{out}");
+    // Nothing at all is not a pass.
+    let nothing = format!("{}/nothing.jsonl", s.dir);
+    std::fs::write(&nothing, "").unwrap();
+    let (code, out) = run_verify(&mut su, &nothing, &nothing, &[]);
+    assert_eq!(code, 1, "{out}");
 }
 
 #[test]

@@ -113,9 +113,9 @@ keys=()
 for k in $(psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT public_key FROM vault.signing_keys"); do
     keys+=(--public-key "$k")
 done
-echo "   target/release/vsql-vault verify --export $out/access_log.jsonl --checkpoints $out/checkpoints.jsonl ${keys[*]}"
+echo "   target/release/vsql-vault verify --export $out/access_log.jsonl --checkpoints $out/checkpoints.jsonl --table vault.access_log ${keys[*]}"
 set +e
-target/release/vsql-vault verify --export "$out/access_log.jsonl" --checkpoints "$out/checkpoints.jsonl" "${keys[@]}"
+target/release/vsql-vault verify --export "$out/access_log.jsonl" --checkpoints "$out/checkpoints.jsonl" --table vault.access_log "${keys[@]}"
 echo "   exit status $? (1: tampering found)"
 set -e
 

@@ -2,7 +2,7 @@
 //! extension, so the verdict an auditor gets here is the database's own logic.
 //!
 //!   vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE]
-//!                     --public-key HEX [--public-key HEX ...] [--partial]
+//!                     --public-key HEX [--public-key HEX ...] [--partial] [--table NAME ...]
 //!   vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
 //!   vsql-vault verify-report --report FILE --public-key HEX [--public-key HEX ...]
 //!   vsql-vault decrypt (--kek-file FILE | --kek-command CMD) --public-key HEX [...] [--input FILE]
@@ -18,7 +18,7 @@ use vsql_vault_core::purge::PurgeProof;
 
 const USAGE: &str =
     "usage: vsql-vault verify --export FILE [--export FILE ...] [--checkpoints FILE] \
---public-key HEX [--public-key HEX ...] [--partial]
+--public-key HEX [--public-key HEX ...] [--partial] [--table NAME ...]
        vsql-vault verify-purge --proofs FILE --public-key HEX [--public-key HEX ...]
        vsql-vault verify-report --report FILE --public-key HEX [--public-key HEX ...]
        vsql-vault decrypt (--kek-file FILE | --kek-command CMD) --public-key HEX [--public-key HEX ...] [--input FILE]";
@@ -33,6 +33,8 @@ struct Args {
     checkpoints: Vec<String>,
     public_keys: Vec<String>,
     partial: bool,
+    /// Tables to verify (identity, or schema.table); none: every table the evidence names.
+    tables: Vec<String>,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -51,6 +53,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         checkpoints: vec![],
         public_keys: vec![],
         partial: false,
+        tables: vec![],
     };
     while let Some(flag) = argv.next() {
         let mut value = || {
@@ -66,6 +69,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--checkpoints" => a.checkpoints.push(value()?),
             "--public-key" => a.public_keys.push(value()?),
             "--partial" => a.partial = true,
+            "--table" => a.tables.push(value()?),
             other => return Err(format!("unknown option {other:?}\n{USAGE}")),
         }
     }
@@ -222,17 +226,55 @@ fn run(args: Args) -> Result<bool, String> {
     for path in &args.exports {
         rows.extend(read_lines::<ExportRow>(path)?);
     }
-    // Checkpoints of tables that were not exported are not this run's business.
-    let exported: std::collections::BTreeSet<&str> =
-        rows.iter().map(|r| r.table.as_str()).collect();
+    // Every signed checkpoint is accounted for: its table's rows must be in the exports (a chain
+    // with a checkpoint and no rows fails), unless the table is left out by name with --table,
+    // which the output then says. An export emptied before it was taken does not verify.
+    let selected = |table: &str| {
+        args.tables.is_empty()
+            || args
+                .tables
+                .iter()
+                .any(|t| t == table || table.split_once('/').map(|(name, _)| name) == Some(t))
+    };
+    let mut skipped: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    skipped.extend(
+        checkpoints
+            .iter()
+            .map(|c| c.table.clone())
+            .filter(|t| !selected(t)),
+    );
+    skipped.extend(
+        rows.iter()
+            .map(|r| r.table.clone())
+            .filter(|t| !selected(t)),
+    );
     let checkpoints: Vec<Checkpoint> = checkpoints
         .into_iter()
-        .filter(|c| exported.contains(c.table.as_str()))
+        .filter(|c| selected(&c.table))
         .collect();
+    rows.retain(|r| selected(&r.table));
+    let mut intact = true;
+    for wanted in &args.tables {
+        let named = |table: &str| {
+            table == wanted || table.split_once('/').map(|(name, _)| name) == Some(wanted.as_str())
+        };
+        if !rows.iter().any(|r| named(&r.table)) && !checkpoints.iter().any(|c| named(&c.table)) {
+            intact = false;
+            println!("FAILED  {wanted}: no rows and no checkpoint of it in the evidence given");
+        }
+    }
+    if rows.is_empty() && checkpoints.is_empty() && args.tables.is_empty() {
+        println!(
+            "FAILED  the evidence given holds no rows and no checkpoints: nothing was verified"
+        );
+        return Ok(false);
+    }
+    for table in &skipped {
+        println!("skipped {table}: not selected (--table)");
+    }
     rows.sort_by(|a, b| (&a.table, a.chain, a.seq).cmp(&(&b.table, b.chain, b.seq)));
     let mut v = Verifier::with_partial(checkpoints, &keys, args.partial);
     rows.iter().for_each(|r| v.push(r));
-    let mut intact = true;
     for r in v.finish() {
         match r.first_bad_seq {
             None if r.ok => println!("ok      {} chain {}: {}", r.table, r.chain, r.detail),

@@ -234,7 +234,8 @@ pub fn login_roles(su: &mut Client, roles: &[(&str, Option<&str>)]) {
     }
 }
 
-/// Exports `table` and the checkpoints, runs the offline tool; returns (exit code, output).
+/// Exports `table` and the checkpoints, runs the offline tool on that table; returns (exit code,
+/// output).
 pub fn offline_verdict(s: &Server, su: &mut Client, table: &str, tag: &str) -> (i32, String) {
     let export = format!("{}/{tag}.export.jsonl", s.dir);
     let checkpoints = format!("{}/{tag}.checkpoints.jsonl", s.dir);
@@ -252,10 +253,33 @@ pub fn offline_verdict(s: &Server, su: &mut Client, table: &str, tag: &str) -> (
         .map(|r| r.get(0))
         .collect();
     std::fs::write(&checkpoints, cps.join("\n") + "\n").unwrap();
+    let identity = identity_of(su, table);
+    run_verify(su, &export, &checkpoints, &["--table", &identity])
+}
+
+/// The identity of protected table `table` in hashes, checkpoints and exports.
+pub fn identity_of(su: &mut Client, table: &str) -> String {
+    su.query_one(
+        "SELECT identity FROM vault.protected_tables WHERE relid = $1::text::regclass",
+        &[&table],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// `vsql-vault verify` of an export and a checkpoint file with every known public key and `extra`
+/// options: (exit code, standard output).
+pub fn run_verify(
+    su: &mut Client,
+    export: &str,
+    checkpoints: &str,
+    extra: &[&str],
+) -> (i32, String) {
     let mut cmd = Command::new(
         std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI (run through tests/run.sh)"),
     );
-    cmd.args(["verify", "--export", &export, "--checkpoints", &checkpoints]);
+    cmd.args(["verify", "--export", export, "--checkpoints", checkpoints]);
+    cmd.args(extra);
     for r in su
         .query("SELECT public_key FROM vault.signing_keys", &[])
         .unwrap()
