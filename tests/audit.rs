@@ -830,3 +830,55 @@ fn bulk_statements_savepoints_and_rollbacks_keep_the_chain_whole() {
     let (code, out) = offline_verdict(&s, &mut su, "it_bulk", "bulk");
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn a_forged_checkpoint_row_rehashed_to_fit_its_chain_fails_offline() {
+    use vsql_vault_core::canonical::Value;
+    use vsql_vault_core::chain::{row_hash, ExportRow};
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_cprow", 2, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let identity = identity_of(&mut su, "vault.audit_checkpoints");
+    let mut rows: Vec<ExportRow> = su
+        .query("SELECT vault_export_audit('vault.audit_checkpoints')", &[])
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect();
+    let export = format!("{}/cprow.export.jsonl", s.dir);
+    let checkpoints = format!("{}/cprow.checkpoints.jsonl", s.dir);
+    let write = |rows: &[ExportRow]| {
+        let text: Vec<String> = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect();
+        std::fs::write(&export, text.join("\n") + "\n").unwrap();
+    };
+    write(&rows);
+    std::fs::write(&checkpoints, "").unwrap();
+    let (code, out) = run_verify(&mut su, &export, &checkpoints, &["--table", &identity]);
+    assert_eq!(code, 0, "{out}");
+    // The newest checkpoint row's signature forged and its row hash recomputed: every link holds.
+    let last = rows.last_mut().unwrap();
+    let signature = last
+        .columns
+        .iter_mut()
+        .find(|(name, _)| name == "signature")
+        .unwrap();
+    signature.1 = Value::Bytes(vec![7u8; 64]);
+    last.row_hash = row_hash(
+        &last.table,
+        last.chain,
+        last.seq,
+        &last.prev_hash,
+        &last.columns,
+    );
+    write(&rows);
+    let (code, out) = run_verify(&mut su, &export, &checkpoints, &["--table", &identity]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("checkpoint row has no valid signature"),
+        "{out}"
+    );
+}

@@ -11,6 +11,9 @@ pub const ROW_DOMAIN: &str = "vsql_vault.row";
 pub const CHECKPOINT_DOMAIN: &str = "vsql_vault.checkpoint";
 /// `prev_hash` of the first row of every chain.
 pub const GENESIS: [u8; 32] = [0u8; 32];
+/// Identities of the checkpoint table start so (`vault.audit_checkpoints/<n>`): each of its rows
+/// carries a signature of its own, checked with the row.
+pub const CHECKPOINT_TABLE: &str = "vault.audit_checkpoints/";
 
 /// Column names the chain itself owns; they are encoded as the row's header, not as columns.
 pub const CHAIN_COLUMNS: [&str; 4] = ["chain_id", "chain_seq", "prev_hash", "row_hash"];
@@ -65,6 +68,33 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The checkpoint a row of `vault.audit_checkpoints` records, from its exported columns;
+    /// None when a column is missing or of another type (that row's signature cannot hold).
+    pub fn from_row(columns: &[(String, Value)]) -> Option<Checkpoint> {
+        let get = |name: &str| columns.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        let text = |name: &str| match get(name) {
+            Some(Value::Text(t)) => Some(t.clone()),
+            _ => None,
+        };
+        let int = |name: &str| match get(name) {
+            Some(Value::Int(i)) => Some(*i),
+            _ => None,
+        };
+        let bytes = |name: &str| match get(name) {
+            Some(Value::Bytes(b)) => Some(b.clone()),
+            _ => None,
+        };
+        Some(Checkpoint {
+            table: text("table_identity")?,
+            chain: i32::try_from(int("chain")?).ok()?,
+            seq: int("seq")?,
+            head_hash: bytes("head_hash")?.try_into().ok()?,
+            signed_at: int("signed_at_us")?,
+            key_id: text("key_id")?,
+            signature: hex::encode(bytes("signature")?),
+        })
+    }
+
     pub fn message(
         table: &str,
         chain: i32,
@@ -206,6 +236,14 @@ impl Verifier {
             _ if computed != row.row_hash => {
                 bad("row hash does not match the row's contents (row changed)".into())
             }
+            // A row of the checkpoint table is a signed statement itself: re-hashing its chain
+            // around a forged one must not pass.
+            _ if row.table.starts_with(CHECKPOINT_TABLE)
+                && !Checkpoint::from_row(&row.columns)
+                    .is_some_and(|c| c.signature_ok(&self.keys)) =>
+            {
+                bad("checkpoint row has no valid signature from a known key".into())
+            }
             _ => None,
         };
         st.last_seq = Some(row.seq);
@@ -328,6 +366,59 @@ mod tests {
         rows[1].seq = i64::MIN;
         let r = run(&rows, vec![], &key);
         assert!(!r.ok);
+    }
+
+    /// Rows of the checkpoint table: each records a checkpoint of table "t", signed by `key`.
+    fn checkpoint_rows(key: &ed25519_dalek::SigningKey, n: i64) -> Vec<ExportRow> {
+        let mut prev = GENESIS;
+        (1..=n)
+            .map(|seq| {
+                let cp = checkpoint(key, &chain(seq)[seq as usize - 1]);
+                let columns = vec![
+                    ("id".to_string(), Value::Int(seq)),
+                    ("table_identity".to_string(), Value::Text(cp.table.clone())),
+                    ("chain".to_string(), Value::Int(i64::from(cp.chain))),
+                    ("seq".to_string(), Value::Int(cp.seq)),
+                    ("head_hash".to_string(), Value::Bytes(cp.head_hash.to_vec())),
+                    ("signed_at_us".to_string(), Value::Int(cp.signed_at)),
+                    ("key_id".to_string(), Value::Text(cp.key_id.clone())),
+                    (
+                        "signature".to_string(),
+                        Value::Bytes(hex::decode(&cp.signature).unwrap()),
+                    ),
+                ];
+                let table = format!("{CHECKPOINT_TABLE}2");
+                let h = row_hash(&table, 0, seq, &prev, &columns);
+                let r = ExportRow {
+                    table,
+                    chain: 0,
+                    seq,
+                    prev_hash: prev,
+                    row_hash: h,
+                    columns,
+                };
+                prev = h;
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_checkpoint_row_with_a_forged_signature_fails_even_rehashed() {
+        let key = keys::generate().unwrap();
+        let mut rows = checkpoint_rows(&key, 3);
+        assert!(run(&rows, vec![], &key).ok);
+        // The last row's signature forged, its hash recomputed: the chain links, the row does not.
+        let last = &mut rows[2];
+        last.columns[7].1 = Value::Bytes(vec![7u8; 64]);
+        last.row_hash = row_hash(&last.table, 0, 3, &last.prev_hash, &last.columns);
+        let r = run(&rows, vec![], &key);
+        assert!(!r.ok);
+        assert_eq!(r.first_bad_seq, Some(3));
+        assert!(r.detail.contains("no valid signature"), "{r:?}");
+        // Signed by a key the verifier was not given: not trusted either.
+        let other = keys::generate().unwrap();
+        assert!(!run(&checkpoint_rows(&key, 2), vec![], &other).ok);
     }
 
     #[test]
