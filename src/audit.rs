@@ -146,20 +146,24 @@ pub fn flush_statement(trigger: &PgTrigger) -> Result<(), VaultError> {
     Ok(())
 }
 
+/// The OID of `vault.<name>` (given as `vault.<name>`), if it exists.
+fn vault_relation(qualified: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(qualified.strip_prefix("vault.")?).ok()?;
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"vault".as_ptr(), true);
+        let rel = pg_sys::get_relname_relid(name.as_ptr(), ns);
+        (ns != pg_sys::Oid::INVALID && rel != pg_sys::Oid::INVALID).then_some(rel)
+    }
+}
+
 /// Whether `vault.protected_tables` has its `relid` column. It has not between installing this
 /// version's library over 0.1.0 and `ALTER EXTENSION vsql_vault UPDATE`: tables are then still
 /// registered by name, and the chains must keep working (the audit writer too) until the update.
 /// Two syscache lookups, cheap enough for every chained statement.
 pub fn registry_by_oid() -> bool {
-    unsafe {
-        let ns = pg_sys::get_namespace_oid(c"vault".as_ptr(), true);
-        if ns == pg_sys::Oid::INVALID {
-            return true;
-        }
-        let rel = pg_sys::get_relname_relid(c"protected_tables".as_ptr(), ns);
-        rel == pg_sys::Oid::INVALID
-            || pg_sys::get_attnum(rel, c"relid".as_ptr()) != pg_sys::InvalidAttrNumber as i16
-    }
+    vault_relation("vault.protected_tables").is_none_or(|rel| unsafe {
+        pg_sys::get_attnum(rel, c"relid".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    })
 }
 
 /// The OID of registration `p`'s table from the name 0.1.0 recorded (`schema.table`, unquoted),
@@ -261,14 +265,11 @@ fn take_chain(table: u32) -> Result<Head, VaultError> {
 /// into it in memory, until `end_batch` writes the head back. For a table with one writer.
 pub fn begin_batch(table: &str) -> Result<(), VaultError> {
     CURSOR.with(|c| *c.borrow_mut() = None);
-    // The extension's own tables, named by the extension itself: never renamed (the DDL guard).
-    let relid = crate::identity::select_one::<pg_sys::Oid>(
-        "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
-        &[table.into()],
-    )
-    .map_err(|e| VaultError::Internal(e.to_string()))?
-    .ok_or_else(|| VaultError::NotProtected(table.to_owned()))?
-    .to_u32();
+    // The extension's own tables, named by the extension itself and never renamed (the DDL
+    // guard): found through the syscache, not a query, once per batch of the audit writer.
+    let relid = vault_relation(table)
+        .ok_or_else(|| VaultError::NotProtected(table.to_owned()))?
+        .to_u32();
     let head = take_chain(relid)?;
     CURSOR.with(|c| *c.borrow_mut() = Some(Cursor { relid, head }));
     Ok(())

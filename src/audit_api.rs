@@ -14,12 +14,13 @@ fn is_superuser(caller: &Caller) -> bool {
     unsafe { pg_sys::superuser_arg(caller.role_oid) }
 }
 
-/// Runs `work` after `check`, logging the call (granted or refused) in the access log.
+/// Runs `work` after `check`, logging the call (granted or refused) in the access log. Both see
+/// the caller, read once.
 fn logged<T>(
     operation: &'static str,
     details: serde_json::Value,
     check: impl FnOnce(&Caller) -> Result<(), VaultError>,
-    work: impl FnOnce() -> Result<T, VaultError>,
+    work: impl FnOnce(&Caller) -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, operation, None, None);
@@ -27,7 +28,7 @@ fn logged<T>(
     if let Err(e) = check(&caller) {
         return Err(event.refused(e));
     }
-    match work() {
+    match work(&caller) {
         Ok(v) => event.granted().map(|_| v),
         Err(e) => Err(event.refused(e)),
     }
@@ -45,7 +46,6 @@ fn protect_table_impl(
         name!(message, Option<String>),
     ),
 > {
-    let caller = Caller::current();
     let result = logged(
         "protect_table",
         serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "chains": chains }),
@@ -89,7 +89,7 @@ fn protect_table_impl(
                 )))
             }
         },
-        || {
+        |caller| {
             audit::protect(
                 tbl.unwrap_or(pg_sys::Oid::INVALID),
                 chains.unwrap_or(16),
@@ -160,7 +160,7 @@ fn checkpoint_impl() -> TableIterator<
         "checkpoint",
         serde_json::json!({}),
         |c| require(c, &["vault_admin"]),
-        audit::checkpoint,
+        |_| audit::checkpoint(),
     );
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
@@ -188,7 +188,7 @@ fn rotate_signing_key_impl() -> TableIterator<
                 ))
             }
         },
-        crate::keys::rotate,
+        |_| crate::keys::rotate(),
     );
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
@@ -294,7 +294,6 @@ fn export_audit_impl(
         name!(line, Option<String>),
     ),
 > {
-    let caller = Caller::current();
     let result = logged(
         "export_audit",
         serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "from_seq": from_seq }),
@@ -302,9 +301,9 @@ fn export_audit_impl(
             tbl.ok_or(vsql_vault_core::InputError::Null("tbl"))?;
             require(c, crate::report::AUDITORS)
         },
-        || {
+        |caller| {
             audit::export(
-                &caller,
+                caller,
                 tbl.unwrap_or(pg_sys::Oid::INVALID),
                 from_seq.unwrap_or(0),
             )
@@ -327,7 +326,7 @@ fn export_checkpoints_impl() -> TableIterator<
         "export_checkpoints",
         serde_json::json!({}),
         |c| require(c, crate::report::AUDITORS),
-        audit::export_checkpoints,
+        |_| audit::export_checkpoints(),
     );
     rows_or_error(result)
 }
