@@ -566,6 +566,34 @@ fn a_policy_change_is_recorded_whole_however_long_its_details() {
         .get::<_, i64>(0)
             == 1
     });
+    // A change whose record could not be kept whole is not made: 20,000 roles (160 KB of
+    // details, past the 128 KiB a record carries) are refused with 54000, on record.
+    let e = admin
+        .execute(
+            "SELECT vault_set_access_policy('att-vast', '{@owner}', array_fill('@owner'::name, ARRAY[20000]), '{@owner}')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e}");
+    let stored: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_policies WHERE name = 'att-vast'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "nothing half-stored");
+    poll("the oversized change's refusal to be logged", 100, || {
+        su.query_one(
+            "SELECT count(*) FROM vault.access_log
+              WHERE operation = 'set_access_policy' AND NOT granted AND sqlstate = '54000'
+                AND details->>'name' = 'att-vast' AND (details->'retrieve_roles'->>'count')::int = 20000",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    });
 }
 
 #[test]
