@@ -2,6 +2,7 @@
 //! verification. The row hash, the checkpoint message and the verifier all come from
 //! `vsql_vault_core::chain`, which the offline tool uses too.
 
+use crate::column_values::{datum_value, pins_output, PinnedOutput};
 use crate::errors::VaultError;
 use crate::identity::{AsOwner, AsTableOwner};
 use crate::plans::{self, types::*};
@@ -10,41 +11,9 @@ use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::CStr;
 use std::io::Write;
 use vsql_vault_core::canonical::Value;
 use vsql_vault_core::chain::{self, Checkpoint, ExportRow, Verifier, CHAIN_COLUMNS, GENESIS};
-
-/// A column value in its canonical form. Types whose text output depends on session settings
-/// (timestamps, dates) are taken in their internal form; others by their output function.
-pub fn datum_value(datum: Option<pg_sys::Datum>, typid: pg_sys::Oid) -> Value {
-    let Some(d) = datum else {
-        return Value::Null;
-    };
-    unsafe {
-        match pg_sys::BuiltinOid::from_u32(typid.to_u32()) {
-            Ok(pg_sys::BuiltinOid::BOOLOID) => Value::Bool(d.value() != 0),
-            Ok(pg_sys::BuiltinOid::INT2OID) => Value::Int(i64::from(d.value() as i16)),
-            Ok(pg_sys::BuiltinOid::INT4OID) => Value::Int(i64::from(d.value() as i32)),
-            Ok(pg_sys::BuiltinOid::INT8OID) => Value::Int(d.value() as i64),
-            Ok(pg_sys::BuiltinOid::OIDOID) => Value::Int(i64::from(d.value() as u32)),
-            Ok(pg_sys::BuiltinOid::DATEOID) => Value::Int(i64::from(d.value() as i32)),
-            Ok(pg_sys::BuiltinOid::TIMESTAMPTZOID | pg_sys::BuiltinOid::TIMESTAMPOID) => {
-                Value::Timestamp(d.value() as i64)
-            }
-            Ok(pg_sys::BuiltinOid::BYTEAOID) => {
-                Value::Bytes(<Vec<u8> as FromDatum>::from_datum(d, false).unwrap_or_default())
-            }
-            _ => {
-                let mut out = pg_sys::Oid::INVALID;
-                let mut varlena = false;
-                pg_sys::getTypeOutputInfo(typid, &mut out, &mut varlena);
-                let p = pg_sys::OidOutputFunctionCall(out, d);
-                Value::Text(CStr::from_ptr(p).to_string_lossy().into_owned())
-            }
-        }
-    }
-}
 
 /// The hashed columns of a table: live, not generated, not the chain's own fields.
 fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::Oid)> {
@@ -446,6 +415,10 @@ fn columns_of(
     values: &[Option<pg_sys::Datum>],
     attrs: &[(usize, String, pg_sys::Oid)],
 ) -> Vec<(String, Value)> {
+    let _pinned = attrs
+        .iter()
+        .any(|(i, _, typid)| values[*i].is_some() && pins_output(*typid))
+        .then(PinnedOutput::enter);
     attrs
         .iter()
         .map(|(i, name, typid)| (name.clone(), datum_value(values[*i], *typid)))
@@ -515,21 +488,28 @@ fn restored_row<'a>(
 fn export_row(table: &str, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> ExportRow {
     let values = unsafe { deform(tuple, tupdesc) };
     let get = |name: &str| attribute_index(tupdesc, name).and_then(|i| values[i]);
-    let hash32 = |d: Option<pg_sys::Datum>| -> [u8; 32] {
-        let mut out = [0u8; 32];
-        if let Some(v) = d.and_then(|d| unsafe { <Vec<u8> as FromDatum>::from_datum(d, false) }) {
-            if v.len() == 32 {
-                out.copy_from_slice(&v);
-            }
+    let hash32 = |d: Option<pg_sys::Datum>| -> Option<[u8; 32]> {
+        d.and_then(|d| unsafe { <Vec<u8> as FromDatum>::from_datum(d, false) })
+            .and_then(|v| v.try_into().ok())
+    };
+    let link = match (
+        get("chain_id"),
+        get("chain_seq"),
+        hash32(get("prev_hash")),
+        hash32(get("row_hash")),
+    ) {
+        (Some(chain), Some(seq), Some(prev), Some(hash)) => {
+            (chain.value() as i32, seq.value() as i64, prev, hash)
         }
-        out
+        // A row missing any chain field belongs to no chain; the verifier reports it as such.
+        _ => (chain::UNCHAINED, 0, GENESIS, GENESIS),
     };
     ExportRow {
         table: table.to_owned(),
-        chain: get("chain_id").map(|d| d.value() as i32).unwrap_or(-1),
-        seq: get("chain_seq").map(|d| d.value() as i64).unwrap_or(0),
-        prev_hash: hash32(get("prev_hash")),
-        row_hash: hash32(get("row_hash")),
+        chain: link.0,
+        seq: link.1,
+        prev_hash: link.2,
+        row_hash: link.3,
         columns: columns_of(&values, &hashed_attributes(tupdesc)),
     }
 }
@@ -739,7 +719,7 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
         if let Some(detail) = unreadable {
             reports.push(chain::ChainReport {
                 table: table.identity.clone(),
-                chain: 0,
+                chain: Some(0),
                 rows_checked: 0,
                 first_bad_seq: None,
                 ok: false,
@@ -751,7 +731,7 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
         if r.is_empty() {
             r.push(chain::ChainReport {
                 table: table.identity.clone(),
-                chain: 0,
+                chain: Some(0),
                 rows_checked: 0,
                 first_bad_seq: None,
                 ok: true,

@@ -259,7 +259,7 @@ fn verify_audit_impl(
                         None,
                         None,
                         Some(r.table),
-                        Some(r.chain),
+                        r.chain,
                         Some(r.rows_checked),
                         r.first_bad_seq,
                         Some(r.ok),

@@ -157,21 +157,30 @@ pub struct TemporarySetting {
 
 impl TemporarySetting {
     pub fn set(name: &std::ffi::CStr, value: &str) -> TemporarySetting {
-        let value = std::ffi::CString::new(value).unwrap_or_default();
-        let guc_level = unsafe {
-            let level = pg_sys::NewGUCNestLevel();
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-            level
-        };
+        TemporarySetting::set_all(&[(name, value)])
+    }
+
+    /// Several settings under one nesting level, restored together.
+    pub fn set_all(settings: &[(&std::ffi::CStr, &str)]) -> TemporarySetting {
+        // SAFETY: a new GUC nesting level is opened before any change and closed in Drop (or by
+        // the (sub)transaction's abort), as a function's SET clause does.
+        let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
+        for (name, value) in settings {
+            let value = std::ffi::CString::new(*value).unwrap_or_default();
+            // SAFETY: both are NUL-terminated C strings that outlive the call.
+            unsafe {
+                pg_sys::set_config_option(
+                    name.as_ptr(),
+                    value.as_ptr(),
+                    pg_sys::GucContext::PGC_USERSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                    pg_sys::GucAction::GUC_ACTION_SAVE,
+                    true,
+                    0,
+                    false,
+                );
+            }
+        }
         TemporarySetting { guc_level }
     }
 }

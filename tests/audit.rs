@@ -882,3 +882,187 @@ fn a_forged_checkpoint_row_rehashed_to_fit_its_chain_fails_offline() {
         "{out}"
     );
 }
+
+#[test]
+fn a_row_inserted_with_the_chain_trigger_disabled_is_named_by_both_verifiers() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_unchained", 5, 1);
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on;
+         ALTER TABLE it_unchained DISABLE TRIGGER vault_chain;
+         INSERT INTO it_unchained (tenant, event) VALUES ('acme', 'slipped in');
+         ALTER TABLE it_unchained ENABLE ALWAYS TRIGGER vault_chain;
+         RESET vsql_vault.break_glass;",
+    )
+    .unwrap();
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    // The database: the chain itself is whole, the stray row is reported on a line of its own.
+    let rows = su
+        .query(
+            "SELECT chain, first_bad_seq, ok, detail FROM vault_verify_audit('it_unchained') ORDER BY chain NULLS LAST",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let (chain, ok): (Option<i32>, bool) = (rows[0].get(0), rows[0].get(2));
+    assert_eq!((chain, ok), (Some(0), true));
+    let (chain, bad_seq, ok, detail): (Option<i32>, Option<i64>, bool, String) = (
+        rows[1].get(0),
+        rows[1].get(1),
+        rows[1].get(2),
+        rows[1].get(3),
+    );
+    assert_eq!((chain, bad_seq, ok), (None, None, false));
+    assert!(detail.contains("1 row carries no chain fields"), "{detail}");
+    // The export states it with null chain keys; the offline tool names it the same way.
+    let line: String = su
+        .query_one(
+            "SELECT l FROM vault_export_audit('it_unchained') l WHERE l LIKE '%slipped in%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        line.contains(r#""chain":null,"seq":null,"prev_hash":null,"row_hash":null"#),
+        "{line}"
+    );
+    let (code, out) = offline_verdict(&s, &mut su, "it_unchained", "unchained");
+    assert_eq!(code, 1, "{out}");
+    let identity = identity_of(&mut su, "it_unchained");
+    assert!(
+        out.contains(&format!(
+            "FAILED  {identity}: 1 row carries no chain fields"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("ok      {identity} chain 0: 5 rows intact")),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_duplicated_row_is_named_at_its_sequence_number_and_order_does_not_matter() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_duplicate", 5, 1);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let identity = identity_of(&mut su, "it_duplicate");
+    let lines: Vec<String> = su
+        .query("SELECT vault_export_audit('it_duplicate')", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let checkpoints = format!("{}/duplicate.checkpoints.jsonl", s.dir);
+    std::fs::write(&checkpoints, "").unwrap();
+    let check = |tag: &str, lines: &[String]| {
+        let export = format!("{}/duplicate.{tag}.jsonl", s.dir);
+        std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+        run_verify(&mut s.connect("postgres"), &export, &checkpoints, &[])
+    };
+    // Rows in any order verify: the tool sorts them by chain and sequence number first.
+    let mut shuffled = lines.clone();
+    shuffled.reverse();
+    let (code, out) = check("shuffled", &shuffled);
+    assert_eq!(code, 0, "{out}");
+    // A row given twice is a duplicate at its own sequence number, not a gap.
+    let mut doubled = lines.clone();
+    doubled.push(lines[2].clone());
+    let (code, out) = check("doubled", &doubled);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "FAILED  {identity} chain 0 at seq 3: row 3 appears more than once"
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn values_hash_the_same_under_any_session_settings() {
+    let s = server();
+    let mut su = setup(&s);
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on;
+         DROP TABLE IF EXISTS it_settings;
+         DROP DOMAIN IF EXISTS it_moment;
+         RESET vsql_vault.break_glass;",
+    )
+    .unwrap();
+    // A vault call of its own: the break-glass record above holds the access log's chain head
+    // until that transaction ends.
+    su.batch_execute(
+        "CREATE DOMAIN it_moment AS timestamptz;
+         CREATE TABLE it_settings (id int PRIMARY KEY, f8 float8, f4 real, span interval,
+             moments timestamptz[], period tstzrange, price money, blobs bytea[], days date[],
+             moment it_moment, spot point, amount numeric, doc jsonb, rel regclass, t time, tz timetz);
+         SELECT vault_protect_table('it_settings', 2);",
+    )
+    .unwrap();
+    // Written under settings that change the text of nearly every type above.
+    let mut odd = s.connect("postgres");
+    odd.batch_execute(
+        "SET extra_float_digits = -3; SET IntervalStyle = 'sql_standard'; SET TimeZone = 'Asia/Kolkata';
+         SET DateStyle = 'SQL, DMY'; SET bytea_output = 'escape'; SET search_path = vault, public;
+         INSERT INTO it_settings VALUES
+           (1, pi(), 1.0/3, '1 day 2 hours 3.5 seconds', ARRAY['2026-01-02 03:04:05+00'::timestamptz, now()],
+            tstzrange('2026-01-01', '2026-02-01'), 12.34, ARRAY['\\x00ff'::bytea, 'abc'], ARRAY['2026-03-04'::date],
+            '2026-05-06 07:08:09.123456+02', point(1.0/3, 2e-20), 1.5, '{\"a\": 0.1}', 'vault.entries', '12:34:56.789', '12:34:56+05:30');
+         INSERT INTO it_settings (id, f8, moments) VALUES (2, 1e300, '{}'), (3, 'NaN', NULL);",
+    )
+    .unwrap();
+    // The pinned settings are the hashing's alone: the session keeps its own.
+    let kept: (String, String) = odd
+        .query_one(
+            "SELECT current_setting('TimeZone'), current_setting('extra_float_digits')",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(kept, ("Asia/Kolkata".to_string(), "-3".to_string()));
+    // Verified under the defaults, and under another set of odd settings.
+    assert_chains_verify(&mut su, Some("it_settings"));
+    odd.batch_execute(
+        "SET extra_float_digits = 0; SET IntervalStyle = 'iso_8601'; SET TimeZone = 'America/New_York';
+         SET DateStyle = 'German'; SET search_path = public;",
+    )
+    .unwrap();
+    assert_chains_verify(&mut odd, Some("it_settings"));
+    // The export holds the text forms made under the pinned settings, whoever exports.
+    let exported: String = odd
+        .query_one(
+            "SELECT string_agg(l, E'\\n') FROM vault_export_audit('it_settings') l",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    for text in [
+        "\"1 day 02:00:03.5\"",
+        "\"{\\\"\\\\\\\\x00ff\\\",\\\"\\\\\\\\x616263\\\"}\"",
+        "\"vault.entries\"",
+        "\"3.141592653589793\"",
+    ] {
+        assert!(exported.contains(text), "{text} not in {exported}");
+    }
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    let (code, out) = offline_verdict(&s, &mut odd, "it_settings", "settings");
+    assert_eq!(code, 0, "{out}");
+    // The purge log holds a bytea[] (the inclusion path): a delete made under escape output
+    // still verifies.
+    let mut a = s.connect("it_a");
+    put(&mut a, "settings-1", b"x").unwrap();
+    a.batch_execute(
+        "SET bytea_output = 'escape'; SELECT vault_delete('it.card', 'settings-1', 'test')",
+    )
+    .unwrap();
+    let bad: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault_verify_audit('vault.purge_log') WHERE NOT ok",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0);
+}

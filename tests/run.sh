@@ -9,8 +9,8 @@ echo "==> cargo fmt --check and clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "==> core crate tests (no server)"
-cargo test -p vsql_vault_core
+echo "==> core crate and offline tool tests (no server)"
+cargo test -p vsql_vault_core -p vsql-vault
 
 dir=$(mktemp -d /tmp/vsql_vault_test.XXXXXX)
 port=${VSQL_VAULT_TEST_PORT:-54331}

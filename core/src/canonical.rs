@@ -64,6 +64,25 @@ pub mod hex32 {
     }
 }
 
+/// A 32-byte hash as lowercase hex in JSON, or null.
+pub mod hex32_or_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(h) => s.serialize_str(&hex::encode(h)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let Some(s) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(Some(out))
+    }
+}
+
 /// Builds the canonical bytes of one record.
 #[derive(Debug, Clone)]
 pub struct Encoder {

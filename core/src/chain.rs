@@ -40,17 +40,77 @@ pub fn row_hash(
     e.sha256()
 }
 
+/// `ExportRow::chain` of a row that carries no chain fields (inserted while the chain trigger
+/// was disabled); its `seq` is 0 and its hashes are zero.
+pub const UNCHAINED: i32 = -1;
+
 /// One exported row, as `vault_export_audit` writes it (one JSON object per line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "ExportRowJson", into = "ExportRowJson")]
 pub struct ExportRow {
     pub table: String,
+    /// `UNCHAINED` for a row without chain fields.
     pub chain: i32,
     pub seq: i64,
-    #[serde(with = "crate::canonical::hex32")]
     pub prev_hash: [u8; 32],
-    #[serde(with = "crate::canonical::hex32")]
     pub row_hash: [u8; 32],
     pub columns: Vec<(String, Value)>,
+}
+
+impl ExportRow {
+    pub fn is_chained(&self) -> bool {
+        self.chain >= 0
+    }
+}
+
+/// An export row as JSON. A row without chain fields has its four chain keys null (or absent);
+/// 0.1.0 wrote such a row as chain -1, seq 0 and zero hashes, which reads the same. A row
+/// missing any one of the four is a row without chain fields: no chain can hold it.
+#[derive(Serialize, Deserialize)]
+struct ExportRowJson {
+    table: String,
+    #[serde(default)]
+    chain: Option<i32>,
+    #[serde(default)]
+    seq: Option<i64>,
+    #[serde(default, with = "crate::canonical::hex32_or_null")]
+    prev_hash: Option<[u8; 32]>,
+    #[serde(default, with = "crate::canonical::hex32_or_null")]
+    row_hash: Option<[u8; 32]>,
+    columns: Vec<(String, Value)>,
+}
+
+impl From<ExportRowJson> for ExportRow {
+    fn from(j: ExportRowJson) -> ExportRow {
+        let link = match (j.chain, j.seq, j.prev_hash, j.row_hash) {
+            (Some(chain), Some(seq), Some(prev), Some(hash)) if chain >= 0 => {
+                (chain, seq, prev, hash)
+            }
+            _ => (UNCHAINED, 0, [0; 32], [0; 32]),
+        };
+        ExportRow {
+            table: j.table,
+            chain: link.0,
+            seq: link.1,
+            prev_hash: link.2,
+            row_hash: link.3,
+            columns: j.columns,
+        }
+    }
+}
+
+impl From<ExportRow> for ExportRowJson {
+    fn from(r: ExportRow) -> ExportRowJson {
+        let chained = r.is_chained();
+        ExportRowJson {
+            chain: chained.then_some(r.chain),
+            seq: chained.then_some(r.seq),
+            prev_hash: chained.then_some(r.prev_hash),
+            row_hash: chained.then_some(r.row_hash),
+            table: r.table,
+            columns: r.columns,
+        }
+    }
 }
 
 /// A signed statement that a chain's head was `head_hash` at `seq`.
@@ -137,7 +197,8 @@ impl Checkpoint {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChainReport {
     pub table: String,
-    pub chain: i32,
+    /// None for the report on a table's rows that carry no chain fields.
+    pub chain: Option<i32>,
     pub rows_checked: i64,
     pub first_bad_seq: Option<i64>,
     pub ok: bool,
@@ -164,6 +225,8 @@ pub struct Verifier {
     keys: BTreeMap<String, VerifyingKey>,
     chains: BTreeMap<(String, i32), ChainState>,
     wanted: BTreeMap<(String, i32), Vec<i64>>,
+    /// Per table, how many rows carry no chain fields.
+    unchained: BTreeMap<String, i64>,
 }
 
 impl Verifier {
@@ -190,10 +253,17 @@ impl Verifier {
             keys,
             chains: BTreeMap::new(),
             wanted,
+            unchained: BTreeMap::new(),
         }
     }
 
     pub fn push(&mut self, row: &ExportRow) {
+        // A row without chain fields belongs to no chain: it is reported on its own, counted
+        // per table, and cannot disturb the verdict on the chains around it.
+        if !row.is_chained() {
+            *self.unchained.entry(row.table.clone()).or_default() += 1;
+            return;
+        }
         let key = (row.table.clone(), row.chain);
         let wants = self.wanted.get(&key).is_some_and(|s| s.contains(&row.seq));
         let st = self.chains.entry(key).or_default();
@@ -219,14 +289,15 @@ impl Verifier {
         let computed = row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns);
         let partial = self.partial;
         st.first_bad = match st.last_seq {
-            _ if row.chain < 0 => bad(
-                "row carries no chain fields (inserted while the chain trigger was disabled?)"
-                    .into(),
-            ),
             None if !partial && row.seq != 1 => gap(1),
             None if row.seq == 1 && row.prev_hash != GENESIS => {
                 bad("first row does not start from the genesis hash".into())
             }
+            Some(last) if row.seq == last => bad(format!("row {last} appears more than once")),
+            Some(last) if row.seq < last => bad(format!(
+                "row {} comes after row {last}: the rows are not in chain order",
+                row.seq
+            )),
             // Checked: an export is untrusted input, and a wrapped i64::MAX + 1 must not pass
             // for the next row.
             Some(last) if last.checked_add(1) != Some(row.seq) => gap(last.saturating_add(1)),
@@ -281,6 +352,18 @@ impl Verifier {
                 }
             }
         }
+        let unchained = self.unchained.into_iter().map(|(table, n)| ChainReport {
+            table,
+            chain: None,
+            rows_checked: n,
+            first_bad_seq: None,
+            ok: false,
+            detail: format!(
+                "{n} row{} carr{} no chain fields (inserted while the chain trigger was disabled?)",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "ies" } else { "y" }
+            ),
+        });
         self.chains
             .into_iter()
             .map(|((table, chain), st)| {
@@ -290,13 +373,14 @@ impl Verifier {
                 };
                 ChainReport {
                     table,
-                    chain,
+                    chain: Some(chain),
                     rows_checked: st.rows,
                     ok: first_bad_seq.is_none(),
                     first_bad_seq,
                     detail,
                 }
             })
+            .chain(unchained)
             .collect()
     }
 }
@@ -502,14 +586,78 @@ mod tests {
     }
 
     #[test]
-    fn unchained_rows_are_named() {
+    fn unchained_rows_are_reported_per_table_and_leave_the_chain_verdict_alone() {
         let key = keys::generate().unwrap();
-        let mut rows = chain(1);
-        rows[0].chain = -1;
-        rows[0].seq = 0;
+        let mut rows = chain(3);
+        let mut stray = rows[1].clone();
+        stray.chain = UNCHAINED;
+        rows.insert(0, stray.clone());
+        rows.insert(0, stray);
+        let mut v = Verifier::new(vec![], &[key.verifying_key()]);
+        rows.iter().for_each(|r| v.push(r));
+        let reports = v.finish();
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        assert!(reports[0].ok, "the chain itself is whole: {reports:?}");
+        let stray = &reports[1];
+        assert_eq!(
+            (stray.chain, stray.ok, stray.first_bad_seq),
+            (None, false, None)
+        );
+        assert_eq!(stray.rows_checked, 2);
+        assert!(
+            stray.detail.contains("2 rows carry no chain fields"),
+            "{stray:?}"
+        );
+    }
+
+    #[test]
+    fn a_row_without_chain_fields_reads_from_nulls_absent_keys_and_the_0_1_0_form() {
+        let columns = r#""columns":[["id",{"type":"int","value":1}]]"#;
+        let lines = [
+            format!(
+                r#"{{"table":"t","chain":null,"seq":null,"prev_hash":null,"row_hash":null,{columns}}}"#
+            ),
+            format!(r#"{{"table":"t",{columns}}}"#),
+            format!(
+                r#"{{"table":"t","chain":3,"seq":null,"prev_hash":null,"row_hash":null,{columns}}}"#
+            ),
+            // 0.1.0 exported such a row with these stand-ins.
+            format!(
+                r#"{{"table":"t","chain":-1,"seq":0,"prev_hash":"{z}","row_hash":"{z}",{columns}}}"#,
+                z = "00".repeat(32)
+            ),
+        ];
+        for line in &lines {
+            let row: ExportRow = serde_json::from_str(line).unwrap();
+            assert!(!row.is_chained(), "{line}");
+            // Written back, its chain keys are null.
+            let out = serde_json::to_string(&row).unwrap();
+            assert!(
+                out.contains(r#""chain":null,"seq":null,"prev_hash":null,"row_hash":null"#),
+                "{out}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_duplicated_row_is_named_at_its_own_sequence_number() {
+        let key = keys::generate().unwrap();
+        let mut rows = chain(5);
+        rows.insert(3, rows[2].clone());
+        let r = run(&rows, vec![], &key);
+        assert_eq!(r.first_bad_seq, Some(3));
+        assert!(r.detail.contains("row 3 appears more than once"), "{r:?}");
+    }
+
+    #[test]
+    fn rows_out_of_chain_order_are_named_not_passed() {
+        // The offline tool sorts first; the verifier itself refuses to guess.
+        let key = keys::generate().unwrap();
+        let mut rows = chain(4);
+        rows.swap(1, 2);
         let r = run(&rows, vec![], &key);
         assert!(!r.ok);
-        assert!(r.detail.contains("no chain fields"));
+        assert_eq!(r.first_bad_seq, Some(2));
     }
 
     #[test]

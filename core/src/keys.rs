@@ -1,6 +1,7 @@
 //! Ed25519 signing keys: generation, the key file format and its permission rule, key ids.
 
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+pub use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{Signer, SigningKey, Verifier};
 use thiserror::Error;
 use zeroize::Zeroizing;
 

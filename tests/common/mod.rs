@@ -292,3 +292,18 @@ pub fn run_verify(
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
+
+/// Fails unless every chain `vault_verify_audit` checks (of `table`, or of every table) is intact.
+pub fn assert_chains_verify(c: &mut Client, table: Option<&str>) {
+    let bad: Vec<String> = c
+        .query(
+            "SELECT table_name || ' ' || coalesce(chain::text, '-') || ': ' || detail
+               FROM vault_verify_audit($1::text::regclass) WHERE NOT ok",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}");
+}

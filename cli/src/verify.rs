@@ -1,0 +1,94 @@
+//! `vsql-vault verify`: exported hash-chained rows against signed checkpoints, every rule of
+//! docs/audit-format.md section 6.
+
+use crate::input::{public_keys, read_lines};
+use std::collections::BTreeSet;
+use vsql_vault_core::chain::{Checkpoint, ExportRow, Verifier};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Rows exported by `vault_export_audit()`, one JSON object per line; repeatable.
+    #[arg(long = "export", value_name = "FILE", required = true)]
+    exports: Vec<String>,
+    /// Checkpoints (`vault_export_checkpoints()` or the checkpoint export file); repeatable.
+    #[arg(long = "checkpoints", value_name = "FILE")]
+    checkpoints: Vec<String>,
+    /// A trusted Ed25519 public key, 64 hex characters; repeatable.
+    #[arg(long = "public-key", value_name = "HEX", required = true)]
+    public_keys: Vec<String>,
+    /// The exports start after seq 1 (`vault_export_audit(tbl, from_seq)`).
+    #[arg(long)]
+    partial: bool,
+    /// Verify only this table (its identity, or its schema.table part); repeatable. The others
+    /// in the evidence are named as skipped.
+    #[arg(long = "table", value_name = "NAME")]
+    tables: Vec<String>,
+}
+
+/// Whether `table` (an identity, `schema.table/N`) is the one `wanted` names.
+fn names(wanted: &str, table: &str) -> bool {
+    table == wanted || table.split_once('/').map(|(name, _)| name) == Some(wanted)
+}
+
+pub fn run(args: &Args) -> Result<bool, String> {
+    let keys = public_keys(&args.public_keys)?;
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    for path in &args.checkpoints {
+        checkpoints.extend(read_lines::<Checkpoint>(path)?);
+    }
+    let mut rows: Vec<ExportRow> = Vec::new();
+    for path in &args.exports {
+        rows.extend(read_lines::<ExportRow>(path)?);
+    }
+    // Every signed checkpoint is accounted for: its table's rows must be in the exports (a chain
+    // with a checkpoint and no rows fails), unless the table is left out by name with --table,
+    // which the output then says. An export emptied before it was taken does not verify.
+    let selected =
+        |table: &str| args.tables.is_empty() || args.tables.iter().any(|t| names(t, table));
+    let skipped: BTreeSet<&str> = checkpoints
+        .iter()
+        .map(|c| c.table.as_str())
+        .chain(rows.iter().map(|r| r.table.as_str()))
+        .filter(|t| !selected(t))
+        .collect();
+    let skipped: Vec<String> = skipped.into_iter().map(str::to_owned).collect();
+    checkpoints.retain(|c| selected(&c.table));
+    rows.retain(|r| selected(&r.table));
+    let mut intact = true;
+    for wanted in &args.tables {
+        if !rows.iter().any(|r| names(wanted, &r.table))
+            && !checkpoints.iter().any(|c| names(wanted, &c.table))
+        {
+            intact = false;
+            println!("FAILED  {wanted}: no rows and no checkpoint of it in the evidence given");
+        }
+    }
+    if rows.is_empty() && checkpoints.is_empty() && args.tables.is_empty() {
+        println!(
+            "FAILED  the evidence given holds no rows and no checkpoints: nothing was verified"
+        );
+        return Ok(false);
+    }
+    for table in &skipped {
+        println!("skipped {table}: not selected (--table)");
+    }
+    // An export need not be in chain order; a stable sort keeps duplicates next to each other,
+    // where the verifier names them.
+    rows.sort_by(|a, b| (&a.table, a.chain, a.seq).cmp(&(&b.table, b.chain, b.seq)));
+    let mut v = Verifier::with_partial(checkpoints, &keys, args.partial);
+    rows.iter().for_each(|r| v.push(r));
+    for r in v.finish() {
+        let chain = r.chain.map(|c| format!(" chain {c}")).unwrap_or_default();
+        if r.ok {
+            println!("ok      {}{chain}: {}", r.table, r.detail);
+        } else {
+            intact = false;
+            let at = r
+                .first_bad_seq
+                .map(|s| format!(" at seq {s}"))
+                .unwrap_or_default();
+            println!("FAILED  {}{chain}{at}: {}", r.table, r.detail);
+        }
+    }
+    Ok(intact)
+}

@@ -1,0 +1,145 @@
+//! How a column value becomes a canonical `Value` for hashing and export, and the output
+//! settings pinned while text forms are made, so that a row hashes the same in every session.
+//! The rules are specified in docs/audit-format.md section 2.
+
+use crate::identity::TemporarySetting;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+use vsql_vault_core::canonical::Value;
+
+/// The settings a text form is made under. Each one changes the output of some built-in type:
+/// floats and geometric types (`extra_float_digits`), dates and times (`DateStyle`, and
+/// `TimeZone` for timestamptz), `interval` (`IntervalStyle`), `bytea` inside arrays and
+/// composites (`bytea_output`), `money` (`lc_monetary`), the `reg*` types (`search_path`).
+/// The values are PostgreSQL's defaults (TimeZone aside, which has none), so evidence made in a
+/// default session before these were pinned hashes the same.
+pub const PINNED_OUTPUT_SETTINGS: [(&CStr, &str); 7] = [
+    (c"DateStyle", "ISO, MDY"),
+    (c"IntervalStyle", "postgres"),
+    (c"extra_float_digits", "1"),
+    (c"bytea_output", "hex"),
+    (c"TimeZone", "UTC"),
+    (c"lc_monetary", "C"),
+    (c"search_path", "pg_catalog, pg_temp"),
+];
+
+/// A column value in its canonical form. Timestamps, dates, integers, booleans and bytea are
+/// taken in their internal form; everything else by its output function, which the caller runs
+/// under `PinnedOutput` when `pins_output` says the type needs it.
+pub fn datum_value(datum: Option<pg_sys::Datum>, typid: pg_sys::Oid) -> Value {
+    let Some(d) = datum else {
+        return Value::Null;
+    };
+    // SAFETY: `d` is a non-null datum of type `typid` (the caller deformed it with the tuple's
+    // own descriptor); each arm reads it as that type's representation.
+    unsafe {
+        match pg_sys::BuiltinOid::from_u32(typid.to_u32()) {
+            Ok(pg_sys::BuiltinOid::BOOLOID) => Value::Bool(d.value() != 0),
+            Ok(pg_sys::BuiltinOid::INT2OID) => Value::Int(i64::from(d.value() as i16)),
+            Ok(pg_sys::BuiltinOid::INT4OID) => Value::Int(i64::from(d.value() as i32)),
+            Ok(pg_sys::BuiltinOid::INT8OID) => Value::Int(d.value() as i64),
+            Ok(pg_sys::BuiltinOid::OIDOID) => Value::Int(i64::from(d.value() as u32)),
+            Ok(pg_sys::BuiltinOid::DATEOID) => Value::Int(i64::from(d.value() as i32)),
+            Ok(pg_sys::BuiltinOid::TIMESTAMPTZOID | pg_sys::BuiltinOid::TIMESTAMPOID) => {
+                Value::Timestamp(d.value() as i64)
+            }
+            Ok(pg_sys::BuiltinOid::BYTEAOID) => {
+                Value::Bytes(<Vec<u8> as FromDatum>::from_datum(d, false).unwrap_or_default())
+            }
+            _ => {
+                let mut out = pg_sys::Oid::INVALID;
+                let mut varlena = false;
+                pg_sys::getTypeOutputInfo(typid, &mut out, &mut varlena);
+                let p = pg_sys::OidOutputFunctionCall(out, d);
+                Value::Text(CStr::from_ptr(p).to_string_lossy().into_owned())
+            }
+        }
+    }
+}
+
+/// Whether a column of this type is hashed through a text form that some setting could change:
+/// then the text is made under `PinnedOutput`.
+pub fn pins_output(typid: pg_sys::Oid) -> bool {
+    use pg_sys::BuiltinOid::*;
+    match pg_sys::BuiltinOid::from_u32(typid.to_u32()) {
+        // Hashed in their internal form, never as text.
+        Ok(
+            BOOLOID | INT2OID | INT4OID | INT8OID | OIDOID | DATEOID | TIMESTAMPOID
+            | TIMESTAMPTZOID | BYTEAOID,
+        ) => false,
+        _ => !text_is_settings_free(typid, 0),
+    }
+}
+
+/// Whether the output function of this type gives the same text under any settings. Unknown
+/// types (an extension's, a composite) count as dependent: pinning them costs little.
+fn text_is_settings_free(typid: pg_sys::Oid, depth: u32) -> bool {
+    use pg_sys::BuiltinOid::*;
+    if let Ok(builtin) = pg_sys::BuiltinOid::from_u32(typid.to_u32()) {
+        if matches!(
+            builtin,
+            BOOLOID
+                | INT2OID
+                | INT4OID
+                | INT8OID
+                | OIDOID
+                | TEXTOID
+                | VARCHAROID
+                | BPCHAROID
+                | NAMEOID
+                | CHAROID
+                | NUMERICOID
+                | JSONOID
+                | JSONBOID
+                | UUIDOID
+                | INETOID
+                | CIDROID
+                | MACADDROID
+                | MACADDR8OID
+                | XIDOID
+                | XID8OID
+                | BITOID
+                | VARBITOID
+                | TSVECTOROID
+                | TSQUERYOID
+                | PG_LSNOID
+                | INT2VECTOROID
+                | OIDVECTOROID
+                | CIDOID
+                | TIDOID
+                | XMLOID
+                | JSONPATHOID
+        ) {
+            return true;
+        }
+    }
+    if depth > 8 {
+        return false;
+    }
+    // SAFETY: catalog lookups by type OID; each returns InvalidOid / a default for no match.
+    unsafe {
+        let element = pg_sys::get_element_type(typid);
+        if element != pg_sys::Oid::INVALID {
+            return text_is_settings_free(element, depth + 1);
+        }
+        let base = pg_sys::getBaseType(typid);
+        if base != typid {
+            return text_is_settings_free(base, depth + 1);
+        }
+        // An enum prints its label.
+        pg_sys::get_typtype(typid) == pg_sys::TYPTYPE_ENUM as std::ffi::c_char
+    }
+}
+
+/// The output settings pinned (`PINNED_OUTPUT_SETTINGS`) until dropped.
+pub struct PinnedOutput {
+    _settings: TemporarySetting,
+}
+
+impl PinnedOutput {
+    pub fn enter() -> PinnedOutput {
+        PinnedOutput {
+            _settings: TemporarySetting::set_all(&PINNED_OUTPUT_SETTINGS),
+        }
+    }
+}
