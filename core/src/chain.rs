@@ -324,18 +324,15 @@ impl Verifier {
     pub fn finish(mut self) -> Vec<ChainReport> {
         for c in &self.checkpoints {
             let st = self.chains.entry((c.table.clone(), c.chain)).or_default();
-            if !c.signature_ok(&self.keys) {
-                let why = format!(
-                    "checkpoint at seq {} has no valid signature from a known key ({})",
-                    c.seq, c.key_id
-                );
-                if st.first_bad.is_none() {
-                    st.first_bad = Some((c.seq, why));
-                }
-                continue;
-            }
             let last = st.last_seq.unwrap_or(0);
             let problem = match st.at_checkpoints.get(&c.seq) {
+                _ if !c.signature_ok(&self.keys) => Some((
+                    c.seq,
+                    format!(
+                        "checkpoint at seq {} has no valid signature from a known key ({})",
+                        c.seq, c.key_id
+                    ),
+                )),
                 // The newest rows are gone: the checkpoint proves they existed.
                 None if last < c.seq => Some((
                     last.saturating_add(1),
@@ -345,6 +342,8 @@ impl Verifier {
                 Some(h) if *h != c.head_hash => Some((c.seq, format!("row {} differs from its signed checkpoint", c.seq))),
                 _ => None,
             };
+            // The verdict is the earliest problem, whatever the order of the checkpoints; at the
+            // same seq the row's own problem stands.
             if let Some((seq, why)) = problem {
                 let earlier = st.first_bad.as_ref().is_some_and(|(s, _)| *s <= seq);
                 if !earlier {
