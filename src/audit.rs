@@ -15,6 +15,20 @@ use std::io::Write;
 use vsql_vault_core::canonical::Value;
 use vsql_vault_core::chain::{self, Checkpoint, ExportRow, Verifier, CHAIN_COLUMNS, GENESIS};
 
+/// The table's columns other than generated ones, quoted, for a select list. A query result's
+/// descriptor does not say which columns are generated, and the chain trigger (which runs before
+/// they are computed) hashes without them: an export or a check must read without them too.
+fn stored_columns(relid: pg_sys::Oid) -> Result<String, VaultError> {
+    crate::identity::select_one::<String>(
+        "SELECT pg_catalog.string_agg(pg_catalog.quote_ident(attname), ', ' ORDER BY attnum)
+           FROM pg_catalog.pg_attribute
+          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
+        &[relid.into()],
+    )
+    .map_err(|e| VaultError::Internal(e.to_string()))?
+    .ok_or_else(|| VaultError::Internal(format!("relation {} has no columns", relid.to_u32())))
+}
+
 /// The hashed columns of a table: live, not generated, not the chain's own fields.
 fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::Oid)> {
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
@@ -597,7 +611,8 @@ fn scan_rows(
         return Ok(Err(Unreadable::Missing));
     };
     let query = format!(
-        "SELECT * FROM ONLY {} WHERE chain_seq IS NULL OR chain_seq >= $1 ORDER BY chain_id NULLS FIRST, chain_seq",
+        "SELECT {} FROM ONLY {} WHERE chain_seq IS NULL OR chain_seq >= $1 ORDER BY chain_id NULLS FIRST, chain_seq",
+        stored_columns(relid)?,
         table.quoted
     );
     let _table_owner = AsTableOwner::enter(table.owner);
@@ -1141,9 +1156,10 @@ pub fn protect(
 /// Rows a table held before it was protected are chained in physical order on chain 0. Called as
 /// the table's owner; the chain head is read and written as the vault's owner.
 fn chain_existing_rows(relid: pg_sys::Oid, quoted: &str) -> Result<(), VaultError> {
+    let columns = stored_columns(relid)?;
     let rows: Vec<(String, Vec<(String, Value)>)> = Spi::connect(|c| {
         let mut out = Vec::new();
-        c.select(&format!("SELECT ctid::pg_catalog.text AS vault_ctid, * FROM ONLY {quoted} WHERE chain_id IS NULL ORDER BY ctid"), None, &[])?;
+        c.select(&format!("SELECT ctid::pg_catalog.text AS vault_ctid, {columns} FROM ONLY {quoted} WHERE chain_id IS NULL ORDER BY ctid"), None, &[])?;
         unsafe {
             for_each_spi_tuple(|t, d| {
                 let values = deform(t, d);
