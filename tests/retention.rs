@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use postgres::Client;
-use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
@@ -74,19 +73,12 @@ fn offline_purge_check(s: &Server, su: &mut Client, tag: &str, from_id: i64) -> 
         .map(|r| r.get(0))
         .collect();
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI"));
-    cmd.args(["verify-purge", "--proofs", &file]);
-    for r in su
-        .query("SELECT public_key FROM vault.signing_keys", &[])
-        .unwrap()
-    {
-        cmd.args(["--public-key", r.get::<_, &str>(0)]);
+    let mut args = vec!["verify-purge".to_string(), "--proofs".into(), file];
+    for k in common::public_keys(su) {
+        args.push("--public-key".into());
+        args.push(k);
     }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    common::offline_tools(&args)
 }
 
 #[test]

@@ -27,7 +27,8 @@ pub struct Args {
 
 /// Whether `table` (an identity, `schema.table/N`) is the one `wanted` names.
 fn names(wanted: &str, table: &str) -> bool {
-    table == wanted || table.split_once('/').map(|(name, _)| name) == Some(wanted)
+    // The identity's number follows its last '/': a table's own name may hold one.
+    table == wanted || table.rsplit_once('/').map(|(name, _)| name) == Some(wanted)
 }
 
 pub fn run(args: &Args) -> Result<bool, String> {

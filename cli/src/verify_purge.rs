@@ -32,6 +32,11 @@ pub fn run(args: &Args) -> Result<bool, String> {
             }
         }
     }
+    if count == 0 {
+        // As for `verify`: evidence with nothing in it is not a pass.
+        println!("FAILED  the files given hold no purge proofs: nothing was verified");
+        return Ok(false);
+    }
     if intact {
         println!("ok      {count} purge proofs verify");
     }

@@ -289,6 +289,11 @@ impl Verifier {
         let computed = row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns);
         let partial = self.partial;
         st.first_bad = match st.last_seq {
+            None if !partial && row.seq < 1 => bad(format!(
+                "the chain starts at seq {}: sequence numbers start at 1",
+                row.seq
+            ))
+            .map(|(_, why)| (1, why)),
             None if !partial && row.seq != 1 => gap(1),
             None if row.seq == 1 && row.prev_hash != GENESIS => {
                 bad("first row does not start from the genesis hash".into())

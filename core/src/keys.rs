@@ -1,7 +1,7 @@
 //! Ed25519 signing keys: generation, the key file format and its permission rule, key ids.
 
 pub use ed25519_dalek::VerifyingKey;
-use ed25519_dalek::{Signer, SigningKey, Verifier};
+use ed25519_dalek::{Signer, SigningKey};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -66,11 +66,22 @@ pub fn check_permissions(
     Ok(())
 }
 
+/// A trusted public key, strictly: RFC 8032's canonical encoding (no y >= p, no negative zero)
+/// and not of small order, whose "signatures" anyone could make.
 pub fn parse_public(hex_text: &str) -> Result<VerifyingKey, KeyError> {
     let mut bytes = [0u8; 32];
     hex::decode_to_slice(hex_text.trim(), &mut bytes)
         .map_err(|e| KeyError::PublicKey(e.to_string()))?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| KeyError::PublicKey(e.to_string()))
+    let key = VerifyingKey::from_bytes(&bytes).map_err(|e| KeyError::PublicKey(e.to_string()))?;
+    if key.to_edwards().compress().to_bytes() != bytes {
+        return Err(KeyError::PublicKey("not a canonical encoding".into()));
+    }
+    if key.is_weak() {
+        return Err(KeyError::PublicKey(
+            "a point of small order, which verifies forged signatures".into(),
+        ));
+    }
+    Ok(key)
 }
 
 pub fn sign(key: &SigningKey, message: &[u8]) -> [u8; 64] {
@@ -81,7 +92,9 @@ pub fn verify(public: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
     let Ok(sig) = ed25519_dalek::Signature::from_slice(signature) else {
         return false;
     };
-    public.verify(message, &sig).is_ok()
+    // Strict: a small-order R or a non-canonical S is refused, so one message has one valid
+    // signature per key and no key of small order verifies anything.
+    public.verify_strict(message, &sig).is_ok()
 }
 
 #[cfg(test)]
@@ -101,6 +114,25 @@ mod tests {
         assert!(!verify(&key.verifying_key(), b"head", &sig[..10]));
         assert_eq!(key_id(&key.verifying_key()).len(), 16);
         assert!(decode_file("k", b"not hex").is_err());
+    }
+
+    #[test]
+    fn weak_and_non_canonical_public_keys_are_refused() {
+        // The identity point: (R = identity, S = 0) would verify any message under it.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert!(parse_public(&hex::encode(identity)).is_err());
+        // The identity again, with the sign bit set on x = 0 (negative zero).
+        identity[31] = 0x80;
+        assert!(parse_public(&hex::encode(identity)).is_err());
+        // y >= p: a non-canonical encoding.
+        let mut big = [0xffu8; 32];
+        big[0] = 0xee;
+        big[31] = 0x7f;
+        assert!(parse_public(&hex::encode(big)).is_err());
+        // An honest key still parses.
+        let key = generate().unwrap().verifying_key();
+        assert!(parse_public(&hex::encode(key.as_bytes())).is_ok());
     }
 
     #[cfg(unix)]

@@ -275,22 +275,60 @@ pub fn run_verify(
     checkpoints: &str,
     extra: &[&str],
 ) -> (i32, String) {
-    let mut cmd = Command::new(
-        std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI (run through tests/run.sh)"),
-    );
-    cmd.args(["verify", "--export", export, "--checkpoints", checkpoints]);
-    cmd.args(extra);
+    let mut args: Vec<String> = ["verify", "--export", export, "--checkpoints", checkpoints]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
     for r in su
         .query("SELECT public_key FROM vault.signing_keys", &[])
         .unwrap()
     {
-        cmd.args(["--public-key", r.get::<_, &str>(0)]);
+        args.push("--public-key".into());
+        args.push(r.get::<_, String>(0));
     }
-    let out = cmd.output().expect("run vsql-vault");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    offline_tools(&args)
+}
+
+/// Runs `vsql-vault` and the second verifier written from docs/audit-format.md alone
+/// (`tests/verifier/verify.py`) with the same arguments. They must exit alike and reach the same
+/// verdicts (status and subject of each line; the reasons' wording is each tool's own). Returns
+/// vsql-vault's (exit code, standard output).
+pub fn offline_tools(args: &[String]) -> (i32, String) {
+    let run = |program: &str, pre: &[&str]| {
+        let out = Command::new(program)
+            .args(pre)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cli = std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI (run through tests/run.sh)");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/verifier/verify.py");
+    let ours = run(&cli, &[]);
+    let theirs = run("python3", &[script]);
+    let verdicts = |out: &str| {
+        let mut v: Vec<String> = out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.split_once(": ").map_or(l, |(head, _)| head).to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        (ours.0, verdicts(&ours.1)),
+        (theirs.0, verdicts(&theirs.1)),
+        "vsql-vault and verify.py disagree on {args:?}\nvsql-vault:\n{}\nverify.py:\n{}{}",
+        ours.1,
+        theirs.1,
+        theirs.2
+    );
+    (ours.0, ours.1)
 }
 
 /// Fails unless every chain `vault_verify_audit` checks (of `table`, or of every table) is intact.
