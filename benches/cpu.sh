@@ -9,7 +9,7 @@
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-VSQL_VAULT_RELEASE=1 bash tests/setup.sh >/dev/null
+bash tests/setup.sh >/dev/null
 secs=${CPU_SECONDS:-8}
 dir=/tmp/vsql_vault_cpu
 port=${CPU_PORT:-54359}

@@ -10,7 +10,7 @@
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-VSQL_VAULT_RELEASE=1 bash tests/setup.sh >/dev/null
+bash tests/setup.sh >/dev/null
 if ! command -v valgrind >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi

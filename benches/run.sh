@@ -72,7 +72,7 @@ fi
 
 t0=$(date +%s)
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-VSQL_VAULT_RELEASE=1 bash tests/setup.sh >/dev/null
+bash tests/setup.sh >/dev/null
 # Peers and tools, for the benchmarks only: wal2json (decoding), pgaudit (audited reads), GNU time
 # (peak memory of the consumer), procps (pgrep, free).
 need=()

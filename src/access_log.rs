@@ -87,13 +87,15 @@ impl<'a> Event<'a> {
         (r, large)
     }
 
-    /// Makes a granted decision durable. Errors when the writer could not, or when the writer
-    /// refused it because the entry's retrieval limit was reached.
+    /// Makes a granted decision durable. Errors when the writer could not, when the writer
+    /// refused it because the entry's retrieval limit was reached (recorded by the writer), or
+    /// when the record would be too large to keep whole (recorded here as a refusal). Every
+    /// error it returns is already on record, or cannot be.
     pub fn granted(&self) -> Result<(), VaultError> {
         // A change whose record would lose details is not made: nothing half-recorded.
         let details_bytes = self.details.as_ref().map_or(0, |d| d.to_string().len());
         if details_bytes > audit_queue::LARGE_BYTES {
-            return Err(VaultError::RecordTooLarge(audit_queue::LARGE_BYTES));
+            return Err(self.refused(VaultError::RecordTooLarge(audit_queue::LARGE_BYTES)));
         }
         let (record, large) = self.raw(true, None);
         match audit_queue::submit(&record, large.as_deref())? {
@@ -161,28 +163,5 @@ impl Event<'_> {
             .map(|_| ())
         })
         .map_err(|e| VaultError::Internal(format!("recording the break-glass command failed: {e}")))
-    }
-}
-
-/// Runs `write` in a subtransaction that is kept only if `log` succeeds, so that a change whose
-/// record cannot be made durable is not stored, even for a caller that ignores the error row.
-pub fn write_then_log<T>(
-    write: impl FnOnce() -> Result<T, VaultError>,
-    log: impl FnOnce(&T) -> Result<(), VaultError>,
-) -> Result<T, VaultError> {
-    unsafe {
-        let context = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(context);
-        let result = write().and_then(|v| log(&v).map(|_| v));
-        if result.is_ok() {
-            pg_sys::ReleaseCurrentSubTransaction();
-        } else {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        }
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-        result
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::access_log::Event;
 use crate::audit;
+use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
 use crate::identity::{has_role, require, select_one, AsOwner, Caller};
 use pgrx::prelude::*;
@@ -14,24 +15,19 @@ fn is_superuser(caller: &Caller) -> bool {
     unsafe { pg_sys::superuser_arg(caller.role_oid) }
 }
 
-/// Runs `work` after `check`, logging the call (granted or refused) in the access log. Both see
-/// the caller, read once.
+/// An audited call that is checked (`check`: input and role) before its work. Both see the
+/// caller, read once.
 fn logged<T>(
     operation: &'static str,
     details: serde_json::Value,
     check: impl FnOnce(&Caller) -> Result<(), VaultError>,
     work: impl FnOnce(&Caller) -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, operation, None, None);
-    event.details = Some(details);
-    if let Err(e) = check(&caller) {
-        return Err(event.refused(e));
-    }
-    match work(&caller) {
-        Ok(v) => event.granted().map(|_| v),
-        Err(e) => Err(event.refused(e)),
-    }
+    audited_call(operation, None, None, |event| {
+        event.details = Some(details);
+        check(event.caller)?;
+        work(event.caller)
+    })
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
@@ -115,25 +111,13 @@ fn forget_missing_table_impl(
         name!(message, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "forget_missing_table", None, None);
-    event.details = Some(serde_json::json!({ "identity": identity }));
-    let result = require(&caller, &["vault_admin"])
-        .and_then(|()| Ok(identity.ok_or(vsql_vault_core::InputError::Null("identity"))?))
-        .and_then(|identity| {
-            crate::access_log::write_then_log(
-                || audit::forget_missing(identity),
-                |forgotten| {
-                    event.details = Some(forgotten.clone());
-                    event.granted()
-                },
-            )
-        });
-    let result = match result {
-        Ok(_) => Ok(()),
-        Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
-        Err(e) => Err(event.refused(e)),
-    };
+    let result = audited_call("forget_missing_table", None, None, |event| {
+        event.details = Some(serde_json::json!({ "identity": identity }));
+        require(event.caller, &["vault_admin"])?;
+        let identity = identity.ok_or(vsql_vault_core::InputError::Null("identity"))?;
+        event.details = Some(audit::forget_missing(identity)?);
+        Ok(())
+    });
     TableIterator::once(status(&result))
 }
 
@@ -237,19 +221,13 @@ fn verify_audit_impl(
 > {
     // The verdict goes into the access record itself, so the last verification and its result
     // are chained evidence that the compliance report and the audit_integrity view read back.
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "verify_audit", None, None);
-    event.details = Some(serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()) }));
-    let result = match require(&caller, crate::report::AUDITORS) {
-        Err(e) => Err(event.refused(e)),
-        Ok(()) => match audit::verify(tbl) {
-            Err(e) => Err(event.refused(e)),
-            Ok(reports) => {
-                event.details = Some(verdict(tbl, &reports));
-                event.granted().map(|_| reports)
-            }
-        },
-    };
+    let result = audited_call("verify_audit", None, None, |event| {
+        event.details = Some(serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()) }));
+        require(event.caller, crate::report::AUDITORS)?;
+        let reports = audit::verify(tbl)?;
+        event.details = Some(verdict(tbl, &reports));
+        Ok(reports)
+    });
     match result {
         Ok(reports) => TableIterator::new(
             reports

@@ -1,8 +1,8 @@
 //! SQL side of replication: which columns never leave the server, and the signed scope report.
 
-use crate::access_log::{write_then_log, Event};
+use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
-use crate::identity::{has_role, select_one, AsOwner, Caller};
+use crate::identity::{require, select_one, AsOwner};
 use pgrx::prelude::*;
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
@@ -18,74 +18,48 @@ fn sync_scope_impl(
         name!(message, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(
-        &caller,
-        if exclude {
-            "sync_exclude"
-        } else {
-            "sync_include"
-        },
-        None,
-        None,
-    );
-    event.details =
-        Some(serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "column": col }));
-    let result = (|| {
-        let checked = (|| {
-            let tbl = tbl.ok_or(vsql_vault_core::InputError::Null("tbl"))?;
-            let col = col.ok_or(vsql_vault_core::InputError::Null("col"))?;
-            if !has_role(&caller, "vault_admin") {
-                return Err(VaultError::Denied(format!(
-                    "role \"{}\" is not a member of vault_admin",
-                    caller.role_name
-                )));
-            }
-            let _owner = AsOwner::enter();
-            let name = select_one::<String>(
-                "SELECT c.oid::regclass::text FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
-                 WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-                &[tbl.into(), col.into()],
-            )
-            .map_err(|e| VaultError::Internal(e.to_string()))?
-            .ok_or_else(|| VaultError::UnknownColumn(col.to_owned()))?;
-            Ok((tbl, col, name))
-        })();
-        let (tbl, col, name) = match checked {
-            Ok(v) => v,
-            Err(e) => return Err(event.refused(e)),
-        };
+    let operation = if exclude {
+        "sync_exclude"
+    } else {
+        "sync_include"
+    };
+    let result = audited_call(operation, None, None, |event| {
+        let caller = event.caller;
+        event.details =
+            Some(serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()), "column": col }));
+        let tbl = tbl.ok_or(vsql_vault_core::InputError::Null("tbl"))?;
+        let col = col.ok_or(vsql_vault_core::InputError::Null("col"))?;
+        require(caller, &["vault_admin"])?;
+        let _owner = AsOwner::enter();
+        let name = select_one::<String>(
+            "SELECT c.oid::regclass::text FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+             WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[tbl.into(), col.into()],
+        )?
+        .ok_or_else(|| VaultError::UnknownColumn(col.to_owned()))?;
         event.details = Some(serde_json::json!({ "table": name, "column": col }));
-        let change = || {
-            let _owner = AsOwner::enter();
-            let query = if exclude {
-                "INSERT INTO vault.sync_exclusions (relid, column_name, table_name, excluded_by)
-                 SELECT $1, $2, $3, $4
-                 WHERE NOT EXISTS (SELECT 1 FROM vault.sync_exclusions WHERE relid = $1 AND column_name = $2)"
-            } else {
-                "DELETE FROM vault.sync_exclusions WHERE relid = $1 AND column_name = $2 AND $3 IS NOT NULL AND $4 IS NOT NULL"
-            };
-            Spi::connect_mut(|c| {
-                c.update(
-                    query,
-                    None,
-                    &[
-                        tbl.into(),
-                        col.into(),
-                        name.as_str().into(),
-                        caller.role_name.as_str().into(),
-                    ],
-                )
-                .map(|_| ())
-            })
-            .map_err(|e| VaultError::Internal(e.to_string()))
+        let query = if exclude {
+            "INSERT INTO vault.sync_exclusions (relid, column_name, table_name, excluded_by)
+             SELECT $1, $2, $3, $4
+             WHERE NOT EXISTS (SELECT 1 FROM vault.sync_exclusions WHERE relid = $1 AND column_name = $2)"
+        } else {
+            "DELETE FROM vault.sync_exclusions WHERE relid = $1 AND column_name = $2 AND $3 IS NOT NULL AND $4 IS NOT NULL"
         };
-        match write_then_log(change, |_| event.granted()) {
-            Ok(()) => Ok(()),
-            Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
-            Err(e) => Err(event.refused(e)),
-        }
-    })();
+        Spi::connect_mut(|c| {
+            c.update(
+                query,
+                None,
+                &[
+                    tbl.into(),
+                    col.into(),
+                    name.as_str().into(),
+                    caller.role_name.as_str().into(),
+                ],
+            )
+            .map(|_| ())
+        })?;
+        Ok(())
+    });
     TableIterator::once(status(&result))
 }
 
@@ -99,10 +73,8 @@ fn scope_report_impl() -> TableIterator<
         name!(report, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let event = Event::new(&caller, "scope_report", None, None);
-    let result = (|| {
-        crate::identity::require(&caller, crate::report::AUDITORS).map_err(|e| event.refused(e))?;
+    let result = audited_call("scope_report", None, None, |event| {
+        require(event.caller, crate::report::AUDITORS)?;
         let _owner = AsOwner::enter();
         let body = select_one::<pgrx::JsonB>(
             "SELECT jsonb_build_object(
@@ -123,8 +95,7 @@ fn scope_report_impl() -> TableIterator<
                                   FROM pg_replication_slots WHERE plugin = 'vsql_vault'), '[]'),
                'generated_at', now())",
             &[],
-        )
-        .map_err(|e| VaultError::Internal(e.to_string()))?
+        )?
         .map(|j| j.0)
         .unwrap_or_default();
         let mut report = body;
@@ -132,9 +103,8 @@ fn scope_report_impl() -> TableIterator<
         report["extension_version"] = serde_json::json!(env!("CARGO_PKG_VERSION"));
         report["report"] = serde_json::json!("vsql_vault scope report");
         crate::report::sign(&mut report)?;
-        event.granted()?;
         Ok(report.to_string())
-    })();
+    });
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }

@@ -74,12 +74,19 @@ pub enum VaultError {
     Busy(String),
     #[error("the record of this call would exceed {0} bytes of details; nothing was changed")]
     RecordTooLarge(usize),
+    /// An error caught inside an audited call, carried to where its subtransaction ends; never
+    /// returned to a caller (see `audited_call`).
+    #[error("an error was raised inside the call")]
+    Raised(Box<pgrx::pg_sys::panic::CaughtError>),
+    /// An ERROR raised by PostgreSQL inside an audited call, with its own SQLSTATE.
+    #[error("{message}")]
+    Database { sqlstate: String, message: String },
     #[error("{0}")]
     Internal(String),
 }
 
 impl VaultError {
-    pub fn sqlstate(&self) -> &'static str {
+    pub fn sqlstate(&self) -> &str {
         match self {
             VaultError::Input(e) => e.sqlstate(),
             VaultError::NoRetentionPolicy(_) => "VV428",
@@ -101,6 +108,8 @@ impl VaultError {
             VaultError::RecordTooLarge(_) => "54000",
             VaultError::NoSuchProof(_) => "P0002",
             VaultError::UnknownColumn(_) => "42703",
+            VaultError::Database { sqlstate, .. } => sqlstate,
+            VaultError::Raised(_) => "XX000",
             VaultError::Internal(_) => "XX000",
         }
     }

@@ -11,6 +11,7 @@ mod audit;
 mod audit_api;
 mod audit_queue;
 mod audit_writer;
+mod audited_call;
 mod column_values;
 mod decoding;
 mod decoding_api;

@@ -1,9 +1,9 @@
 //! Policy administration: retention policies, access policies and purpose grants.
 //! Only `vault_admin` members change policies; every attempt is logged like any access.
 
-use crate::access_log::{write_then_log, Event};
+use crate::audited_call::audited_call;
 use crate::errors::VaultError;
-use crate::identity::{has_role, select_one, AsOwner, Caller};
+use crate::identity::{require, select_one, AsOwner, Caller};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::{self, required, ROLE_TOKENS};
@@ -33,33 +33,28 @@ fn role_exists(role: &str) -> bool {
     .unwrap_or(false)
 }
 
-/// Validates, checks the caller is an admin, applies `change` and logs, all or nothing.
+/// An audited policy change: validates, checks the caller is an admin, applies `change` as the
+/// vault's owner; all or nothing, recorded either way.
 fn administer(
-    event: &mut Event,
+    operation: &'static str,
+    purpose: Option<&str>,
+    details: serde_json::Value,
     validate: impl FnOnce() -> Result<(), VaultError>,
-    change: impl FnOnce() -> Result<(), VaultError>,
+    change: impl FnOnce(&Caller) -> Result<(), VaultError>,
 ) -> Result<(), VaultError> {
-    if let Err(e) = validate() {
-        return Err(event.refused(e));
-    }
-    if !has_role(event.caller, "vault_admin") {
-        let e = VaultError::Denied(format!(
-            "role \"{}\" is not a member of vault_admin",
-            event.caller.role_name
-        ));
-        return Err(event.refused(e));
-    }
-    let _owner = AsOwner::enter();
-    match write_then_log(change, |_| event.granted()) {
-        Ok(()) => Ok(()),
-        Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
-        Err(e) => Err(event.refused(e)),
-    }
+    audited_call(operation, purpose, None, |event| {
+        event.details = Some(details);
+        validate()?;
+        require(event.caller, &["vault_admin"])?;
+        let _owner = AsOwner::enter();
+        change(event.caller)
+    })
 }
 
-fn spi_update(query: &str, args: &[DatumWithOid]) -> usize {
-    Spi::connect_mut(|c| c.update(query, None, args).map(|t| t.len()))
-        .unwrap_or_else(|e| pgrx::error!("vsql_vault: updating policies failed: {e}"))
+fn spi_update(query: &str, args: &[DatumWithOid]) -> Result<usize, VaultError> {
+    Ok(Spi::connect_mut(|c| {
+        c.update(query, None, args).map(|t| t.len())
+    })?)
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
@@ -78,13 +73,11 @@ fn set_retention_policy_impl(
         name!(message, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "set_retention_policy", purpose, None);
-    event.details = Some(serde_json::json!({
+    let details = serde_json::json!({
         "max_retention_days": max_retention_days, "default_ttl_days": default_ttl_days,
         "purge_method": purge_method, "require_purge_proof": require_purge_proof,
         "description": description,
-    }));
+    });
     let validate = || {
         let p = required(purpose, "purpose")?;
         let max = required(max_retention_days, "max_retention_days")?;
@@ -97,7 +90,7 @@ fn set_retention_policy_impl(
         rules::description(description)?;
         Ok(())
     };
-    let change = || {
+    let change = |caller: &Caller| {
         spi_update(
             "INSERT INTO vault.retention_policies AS r
                 (purpose, max_retention_days, default_ttl_days, purge_method, require_purge_proof,
@@ -119,10 +112,16 @@ fn set_retention_policy_impl(
                 description.into(),
                 caller.role_name.as_str().into(),
             ],
-        );
+        )?;
         Ok(())
     };
-    status_row(administer(&mut event, validate, change))
+    status_row(administer(
+        "set_retention_policy",
+        purpose,
+        details,
+        validate,
+        change,
+    ))
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
@@ -141,12 +140,10 @@ fn set_access_policy_impl(
         name!(message, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "set_access_policy", None, None);
-    event.details = Some(serde_json::json!({
+    let details = serde_json::json!({
         "name": name, "store_roles": store_roles, "retrieve_roles": retrieve_roles,
         "purge_roles": purge_roles, "max_retrievals": max_retrievals, "description": description,
-    }));
+    });
     let lists = [
         ("store_roles", &store_roles),
         ("retrieve_roles", &retrieve_roles),
@@ -168,7 +165,7 @@ fn set_access_policy_impl(
         rules::description(description)?;
         Ok(())
     };
-    let change = || {
+    let change = |caller: &Caller| {
         let n = name.unwrap_or_default();
         let changed = spi_update(
             "INSERT INTO vault.access_policies AS p
@@ -189,13 +186,19 @@ fn set_access_policy_impl(
                 description.into(),
                 caller.role_name.as_str().into(),
             ],
-        );
+        )?;
         if changed == 0 {
             return Err(VaultError::BuiltinPolicy(n.to_owned()));
         }
         Ok(())
     };
-    status_row(administer(&mut event, validate, change))
+    status_row(administer(
+        "set_access_policy",
+        None,
+        details,
+        validate,
+        change,
+    ))
 }
 
 fn purpose_grant(
@@ -209,9 +212,7 @@ fn purpose_grant(
         name!(message, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, operation, purpose, None);
-    event.details = Some(serde_json::json!({ "role": role }));
+    let details = serde_json::json!({ "role": role });
     let validate = || {
         let p = required(purpose, "purpose")?;
         let r = required(role, "role")?;
@@ -221,7 +222,7 @@ fn purpose_grant(
         }
         Ok(())
     };
-    let change = || {
+    let change = |caller: &Caller| {
         let p = purpose.unwrap_or_default();
         let has_policy = select_one::<bool>(
             "SELECT EXISTS (SELECT 1 FROM vault.retention_policies WHERE purpose = $1)",
@@ -239,16 +240,16 @@ fn purpose_grant(
                 "INSERT INTO vault.purpose_grants (purpose, role_name, granted_by) VALUES ($1, $2, $3)
                  ON CONFLICT DO NOTHING",
                 &args,
-            );
+            )?;
         } else {
             spi_update(
                 "DELETE FROM vault.purpose_grants WHERE purpose = $1 AND role_name = $2",
                 &args[..2],
-            );
+            )?;
         }
         Ok(())
     };
-    status_row(administer(&mut event, validate, change))
+    status_row(administer(operation, purpose, details, validate, change))
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]

@@ -5,9 +5,9 @@
 // pgrx reads result columns from the signature itself, so they cannot be behind a type alias.
 #![allow(clippy::type_complexity)]
 
-use crate::access_log::Event;
+use crate::audited_call::{audited_call, refusals_recorded};
 use crate::errors::{status, VaultError};
-use crate::identity::{has_role, require, select_one, AsOwner, Caller};
+use crate::identity::{has_role, require, select_one, AsOwner};
 
 /// Who may read the evidence.
 pub const AUDITORS: &[&str] = &["vault_auditor", "vault_admin"];
@@ -135,14 +135,11 @@ fn compliance_report_impl() -> TableIterator<
         name!(report, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let event = Event::new(&caller, "compliance_report", None, None);
-    let result = (|| {
-        require(&caller, AUDITORS).map_err(|e| event.refused(e))?;
+    let result = audited_call("compliance_report", None, None, |event| {
+        require(event.caller, AUDITORS)?;
         let mut report = {
             let _owner = AsOwner::enter();
-            select_one::<pgrx::JsonB>(COMPLIANCE_REPORT, &[])
-                .map_err(|e| VaultError::Internal(e.to_string()))?
+            select_one::<pgrx::JsonB>(COMPLIANCE_REPORT, &[])?
                 .map(|j| j.0)
                 .unwrap_or_default()
         };
@@ -152,9 +149,8 @@ fn compliance_report_impl() -> TableIterator<
             let _owner = AsOwner::enter();
             sign(&mut report)?;
         }
-        event.granted()?;
         Ok(report.to_string())
-    })();
+    });
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }
@@ -378,16 +374,13 @@ fn metrics_impl() -> TableIterator<
         name!(metrics, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let result = if has_role(&caller, "pg_monitor") {
-        metrics()
-    } else {
-        // Scrapes are not logged (they read counters, never an entry); refusals are.
-        match require(&caller, AUDITORS) {
-            Ok(()) => metrics(),
-            Err(e) => Err(Event::new(&caller, "metrics", None, None).refused(e)),
+    // Scrapes are not logged (they read counters, never an entry); refusals are.
+    let result = refusals_recorded("metrics", |event| {
+        if !has_role(event.caller, "pg_monitor") {
+            require(event.caller, AUDITORS)?;
         }
-    };
+        metrics()
+    });
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }

@@ -1,11 +1,13 @@
 //! SQL functions of retention enforcement; failures come back as (sqlstate, message) for the
 //! wrappers in `sql/retention.sql` to raise.
 
-use crate::access_log::{write_then_log, Event};
+use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
 use crate::identity::{has_role, AsOwner, Caller};
 use crate::retention;
+use crate::storage::{refusal_error, Subject};
 use pgrx::prelude::*;
+use vsql_vault_core::decide::{decide_delete, DeleteFacts};
 use vsql_vault_core::rules::{self, required};
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
@@ -22,37 +24,30 @@ fn delete_impl(
         name!(purge_id, Option<i64>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "delete", purpose, external_id);
-    let result = (|| {
-        let checked = (|| {
-            let p = required(purpose, "purpose")?;
-            let x = required(external_id, "external_id")?;
-            let r = required(reason, "reason")?;
-            rules::purpose(p)?;
-            rules::external_id(x)?;
-            rules::description(Some(r))?;
-            Ok::<_, VaultError>((p, x, r))
-        })();
-        let (p, x, r) = match checked {
-            Ok(v) => v,
-            Err(e) => return Err(event.refused(e)),
-        };
+    let result = audited_call("delete", purpose, external_id, |event| {
+        let caller = event.caller;
+        let p = required(purpose, "purpose")?;
+        let x = required(external_id, "external_id")?;
+        let r = required(reason, "reason")?;
+        rules::purpose(p)?;
+        rules::external_id(x)?;
+        rules::description(Some(r))?;
         event.details = Some(serde_json::json!({ "reason": r }));
         // Who may: the owner, a role in the entry's purge roles, or an admin.
-        let decision = {
+        let (id, facts) = {
             let _owner = AsOwner::enter();
             Spi::connect(|c| {
                 let row = c
                     .select(
-                        "SELECT e.id, e.purged_at IS NOT NULL OR (e.id IS NULL AND EXISTS (
-                                    SELECT 1 FROM vault.purge_log pl WHERE pl.purpose = $2 AND pl.external_id = $3)),
+                        "SELECT e.id,
+                                e.purged_at IS NOT NULL OR (e.id IS NULL AND EXISTS (
+                                    SELECT 1 FROM vault.purge_log pl WHERE pl.purpose = $2 AND pl.external_id = $3)) AS purged,
                                 (SELECT rolname FROM pg_catalog.pg_roles WHERE oid = $1) = e.owner
                                 OR vault.role_allowed(p.purge_roles, $1, e.owner, e.purpose)
-                                OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE'),
+                                OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE') AS may_purge,
                                 pg_catalog.pg_has_role($1, 'vault_app', 'USAGE')
                                 OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
-                                OR pg_catalog.pg_has_role($1, 'vault_auditor', 'USAGE')
+                                OR pg_catalog.pg_has_role($1, 'vault_auditor', 'USAGE') AS is_member
                          FROM (SELECT 1) one
                          LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
                          LEFT JOIN vault.access_policies p ON p.name = e.access_policy",
@@ -60,60 +55,34 @@ fn delete_impl(
                         &[caller.role_oid.into(), p.into(), x.into()],
                     )?
                     .first();
+                let flag =
+                    |name: &str| row.get_by_name::<bool, _>(name).map(|v| v.unwrap_or(false));
+                let id = row.get_by_name::<i64, _>("id")?;
                 Ok::<_, pgrx::spi::Error>((
-                    row.get::<i64>(1)?,
-                    row.get::<bool>(2)?.unwrap_or(false),
-                    row.get::<bool>(3)?.unwrap_or(false),
-                    row.get::<bool>(4)?.unwrap_or(false),
+                    id,
+                    DeleteFacts {
+                        is_member: flag("is_member")?,
+                        exists: id.is_some(),
+                        purged: flag("purged")?,
+                        may_purge: flag("may_purge")?,
+                    },
                 ))
-            })
-            .map_err(|e| VaultError::Internal(e.to_string()))?
+            })?
         };
-        let (id, purged, allowed, member) = decision;
         event.entry_id = id;
-        // A role outside the vault learns nothing, not even whether the entry exists.
-        let refusal = if !member {
-            Some(VaultError::Denied(format!(
-                "role \"{}\" is not a member of vault_app, vault_auditor or vault_admin",
-                caller.role_name
-            )))
-        } else if id.is_none() && purged {
-            Some(VaultError::Gone {
-                purpose: p.into(),
-                external_id: x.into(),
-                why: "purged",
-            })
-        } else if id.is_none() {
-            Some(VaultError::NotFound {
-                purpose: p.into(),
-                external_id: x.into(),
-            })
-        } else if !allowed {
-            Some(VaultError::Denied(format!(
-                "role \"{}\" may not purge this entry",
-                caller.role_name
-            )))
-        } else if purged {
-            Some(VaultError::Gone {
-                purpose: p.into(),
-                external_id: x.into(),
-                why: "purged",
-            })
-        } else {
-            None
-        };
-        if let Some(e) = refusal {
-            return Err(event.refused(e));
-        }
-        match write_then_log(
-            || retention::delete_one(p, x, r, &caller.role_name),
-            |_| event.granted(),
-        ) {
-            Ok(id) => Ok(id),
-            Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
-            Err(e) => Err(event.refused(e)),
-        }
-    })();
+        decide_delete(&facts).map_err(|refusal| {
+            refusal_error(
+                refusal,
+                &Subject {
+                    caller,
+                    purpose: p,
+                    external_id: x,
+                    access_policy: "",
+                },
+            )
+        })?;
+        retention::delete_one(p, x, r, &caller.role_name)
+    });
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }
@@ -130,67 +99,55 @@ fn purge_sweep_impl(
         name!(purged, Option<i64>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "purge_sweep", None, None);
-    event.details = Some(serde_json::json!({ "max_entries": max_entries }));
-    let result = (|| {
-        if !has_role(&caller, "vault_admin") {
-            return Err(event.refused(VaultError::Denied(format!(
+    let result = audited_call("purge_sweep", None, None, |event| {
+        let caller = event.caller;
+        event.details = Some(serde_json::json!({ "max_entries": max_entries }));
+        if !has_role(caller, "vault_admin") {
+            return Err(VaultError::Denied(format!(
                 "role \"{}\" is not a member of vault_admin",
                 caller.role_name
-            ))));
+            )));
         }
         if let Some(m) = max_entries.filter(|m| *m <= 0) {
-            return Err(event.refused(VaultError::Input(
+            return Err(VaultError::Input(
                 vsql_vault_core::InputError::NotPositive {
                     name: "max_entries",
                     value: i64::from(m),
                 },
-            )));
+            ));
         }
         let batch = crate::settings::SWEEP_BATCH_SIZE.get().max(1) as i64;
-        let work = || {
-            let run_id = {
-                let _owner = AsOwner::enter();
-                crate::identity::write_one::<i64>(
-                    "INSERT INTO vault.sweep_runs (started_by) VALUES ($1) RETURNING id",
-                    &[caller.role_name.as_str().into()],
-                )
-                .map_err(|e| VaultError::Internal(e.to_string()))?
-            };
-            let mut left = max_entries.map(i64::from).unwrap_or(i64::MAX);
-            let (mut total, mut batches) = (0i64, 0i32);
-            while left > 0 {
-                let n = retention::sweep_batch(batch.min(left), &caller.role_name, run_id)?;
-                if n == 0 {
-                    break;
-                }
-                total += n;
-                left -= n;
-                batches += 1;
-            }
+        let run_id = {
             let _owner = AsOwner::enter();
-            Spi::connect_mut(|c| {
-                c.update(
-                    "UPDATE vault.sweep_runs SET finished_at = clock_timestamp(), entries_purged = $2, batches = $3
-                     WHERE id = $1",
-                    None,
-                    &[run_id.into(), total.into(), batches.into()],
-                )
-                .map(|_| ())
-            })
-            .map_err(|e| VaultError::Internal(e.to_string()))?;
-            Ok(total)
+            crate::identity::write_one::<i64>(
+                "INSERT INTO vault.sweep_runs (started_by) VALUES ($1) RETURNING id",
+                &[caller.role_name.as_str().into()],
+            )?
         };
-        match write_then_log(work, |n| {
-            event.details = Some(serde_json::json!({ "max_entries": max_entries, "purged": n }));
-            event.granted()
-        }) {
-            Ok(n) => Ok(n),
-            Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
-            Err(e) => Err(event.refused(e)),
+        let mut left = max_entries.map(i64::from).unwrap_or(i64::MAX);
+        let (mut total, mut batches) = (0i64, 0i32);
+        while left > 0 {
+            let n = retention::sweep_batch(batch.min(left), &caller.role_name, run_id)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+            left -= n;
+            batches += 1;
         }
-    })();
+        let _owner = AsOwner::enter();
+        Spi::connect_mut(|c| {
+            c.update(
+                "UPDATE vault.sweep_runs SET finished_at = clock_timestamp(), entries_purged = $2, batches = $3
+                 WHERE id = $1",
+                None,
+                &[run_id.into(), total.into(), batches.into()],
+            )
+            .map(|_| ())
+        })?;
+        event.details = Some(serde_json::json!({ "max_entries": max_entries, "purged": total }));
+        Ok(total)
+    });
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }
@@ -218,28 +175,19 @@ fn verify_purge_proof_impl(
         name!(ok, Option<bool>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "verify_purge_proof", None, None);
-    event.details = Some(serde_json::json!({ "id": id }));
-    let result = (|| {
-        let id = required(id, "id").map_err(VaultError::from);
-        let id = match id.and_then(|i| require_reader(&caller).map(|_| i)) {
-            Ok(i) => i,
-            Err(e) => return Err(event.refused(e)),
-        };
-        let proof = match retention::load_proof(id)? {
-            Some(p) => p,
-            None => return Err(event.refused(VaultError::NoSuchProof(id))),
-        };
+    let result = audited_call("verify_purge_proof", None, None, |event| {
+        event.details = Some(serde_json::json!({ "id": id }));
+        let id = required(id, "id")?;
+        require_reader(event.caller)?;
+        let proof = retention::load_proof(id)?.ok_or(VaultError::NoSuchProof(id))?;
         event.purpose = Some(proof.statement.purpose.clone());
         event.external_id = Some(proof.statement.external_id.clone());
         let verdict = retention::verify_proof(&proof)?;
         event.details = Some(
             serde_json::json!({ "id": id, "ok": verdict.is_ok(), "why": verdict.as_ref().err() }),
         );
-        event.granted()?;
         Ok(verdict.is_ok())
-    })();
+    });
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }
@@ -256,19 +204,14 @@ fn export_purge_proofs_impl(
         name!(line, Option<String>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "export_purge_proofs", None, None);
-    event.details = Some(serde_json::json!({ "from_id": from_id }));
-    let result = (|| {
-        if let Err(e) = require_reader(&caller) {
-            return Err(event.refused(e));
-        }
+    let result = audited_call("export_purge_proofs", None, None, |event| {
+        event.details = Some(serde_json::json!({ "from_id": from_id }));
+        require_reader(event.caller)?;
         let proofs = retention::load_proofs("WHERE id >= $1", &[from_id.unwrap_or(0).into()])?;
-        event.granted()?;
         Ok(proofs
             .iter()
             .map(|p| serde_json::to_string(p).unwrap_or_default())
             .collect::<Vec<_>>())
-    })();
+    });
     crate::audit_api::rows_or_error(result)
 }

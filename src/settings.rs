@@ -172,6 +172,11 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::UNIT_MS,
     );
+    // A misspelt vsql_vault.* setting is an error, not a silent placeholder that governs
+    // nothing (SET vsql_vault.break_glas = on must not look like it worked).
+    // SAFETY: called from _PG_init, after this library defined its settings; the prefix is a
+    // NUL-terminated static string.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"vsql_vault".as_ptr()) };
 }
 
 pub fn database() -> String {

@@ -7,27 +7,67 @@
 // pgrx reads a function's result columns from the signature itself, so they cannot be behind a type alias.
 #![allow(clippy::type_complexity)]
 
-use crate::access_log::{write_then_log, Event};
+use crate::access_log::Event;
+use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
 use crate::identity::{AsOwner, Caller};
 use crate::plans::{self, types::*};
 use crate::settings;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use vsql_vault_core::decide::{self, EntryFacts, PutFacts, Refusal};
 use vsql_vault_core::rules::{self, required};
 use vsql_vault_core::Limits;
 
-/// Runs the decision, logs it either way, and returns the data only when its record is durable.
-fn decide_and_log<T>(
-    event: &mut Event,
-    decide: impl FnOnce(&mut Event) -> Result<T, VaultError>,
-) -> Result<T, VaultError> {
-    match decide(event) {
-        Ok(v) => match event.granted() {
-            Ok(()) => Ok(v),
-            Err(e) => Err(e),
+/// What a refusal's message names.
+pub struct Subject<'a> {
+    pub caller: &'a Caller,
+    pub purpose: &'a str,
+    pub external_id: &'a str,
+    pub access_policy: &'a str,
+}
+
+/// The error of a refused decision, with the message and SQLSTATE the API documents.
+pub fn refusal_error(r: Refusal, s: &Subject) -> VaultError {
+    let (purpose, external_id) = (s.purpose.to_owned(), s.external_id.to_owned());
+    match r {
+        Refusal::NotMember { roles } => VaultError::Denied(format!(
+            "role \"{}\" is not a member of {roles}",
+            s.caller.role_name
+        )),
+        Refusal::NoRetentionPolicy => VaultError::NoRetentionPolicy(purpose),
+        Refusal::UnknownPolicy => VaultError::UnknownPolicy(s.access_policy.to_owned()),
+        // The put's own message carries the limit; see `put`.
+        Refusal::BeyondRetention | Refusal::ExpiryInPast => {
+            VaultError::Internal("a retention refusal without its limit".into())
+        }
+        Refusal::PolicyForbidsStore => VaultError::Denied(format!(
+            "access policy \"{}\" does not let role \"{}\" store",
+            s.access_policy, s.caller.role_name
+        )),
+        Refusal::OwnedByAnother => VaultError::Denied(format!(
+            "entry \"{external_id}\" of purpose \"{purpose}\" belongs to another role"
+        )),
+        Refusal::NotFound => VaultError::NotFound {
+            purpose,
+            external_id,
         },
-        Err(e) => Err(event.refused(e)),
+        Refusal::Gone { why } => VaultError::Gone {
+            purpose,
+            external_id,
+            why,
+        },
+        // Members learn that the entry exists (42501 against P0002 for an unknown id, as the
+        // service this replaces answered 403 against 404), but not the policy's name: vault_app
+        // cannot read the policies. The record keeps the name for auditors.
+        Refusal::PolicyForbidsRetrieve => VaultError::Denied(format!(
+            "role \"{}\" may not retrieve this entry (its access policy does not allow it)",
+            s.caller.role_name
+        )),
+        Refusal::PolicyForbidsPurge => VaultError::Denied(format!(
+            "role \"{}\" may not purge this entry",
+            s.caller.role_name
+        )),
     }
 }
 
@@ -41,19 +81,19 @@ macro_rules! member {
 const PUT_DECISION: &str = concat!(
     "SELECT ",
     member!(),
-    ",
-        rp.purpose IS NOT NULL,
+    " AS is_member,
+        rp.purpose IS NOT NULL AS has_retention_policy,
         rp.max_retention_days,
-        ap.name IS NOT NULL,
-        vault.role_allowed(ap.store_roles, $1, $5, $2),
-        e.id,
-        e.owner::text,
-        vault.role_allowed(eap.store_roles, $1, e.owner, $2),
-        COALESCE($6, LEAST(now() + pg_catalog.make_interval(days => rp.default_ttl_days), lim.until)),
-        COALESCE($6, now()) > lim.until OR lim.until <= now(),
-        $6 <= now(),
-        lim.until::text,
-        COALESCE($6, now() + pg_catalog.make_interval(days => rp.default_ttl_days))::text
+        ap.name IS NOT NULL AS policy_exists,
+        vault.role_allowed(ap.store_roles, $1, $5, $2) AS policy_lets_store,
+        e.id AS existing_id,
+        e.owner::text AS existing_owner,
+        vault.role_allowed(eap.store_roles, $1, e.owner, $2) AS existing_policy_lets_store,
+        COALESCE($6, LEAST(now() + pg_catalog.make_interval(days => rp.default_ttl_days), lim.until)) AS effective_expiry,
+        COALESCE($6, now()) > lim.until OR lim.until <= now() AS beyond_retention,
+        $6 <= now() AS expiry_in_past,
+        lim.until::text AS retention_limit,
+        COALESCE($6, now() + pg_catalog.make_interval(days => rp.default_ttl_days))::text AS requested_expiry
      FROM (SELECT 1) AS one
      LEFT JOIN vault.retention_policies rp ON rp.purpose = $2
      LEFT JOIN vault.access_policies ap ON ap.name = $4
@@ -90,14 +130,14 @@ macro_rules! find_query {
         concat!(
             "SELECT ",
             member!(),
-            ", NULL::bool, e.id, ",
+            " AS is_member, e.id, ",
             $value,
-            ", e.algorithm_hint, e.key_ref, e.metadata::text, e.owner::text,
-                e.created_at, e.expires_at, e.access_policy,
-                e.purged_at IS NOT NULL, e.expires_at <= now(), p.max_retrievals,
-                vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose),
+            " AS encrypted_value, e.algorithm_hint, e.key_ref, e.metadata::text AS metadata,
+                e.owner::text AS owner, e.created_at, e.expires_at, e.access_policy,
+                e.purged_at IS NOT NULL AS purged, e.expires_at <= now() AS expired, p.max_retrievals,
+                vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose) AS policy_lets_retrieve,
                 e.id IS NULL AND EXISTS (SELECT 1 FROM vault.purge_log pl
-                                         WHERE pl.purpose = $2 AND pl.external_id = $3)
+                                         WHERE pl.purpose = $2 AND pl.external_id = $3) AS destroyed
              FROM (SELECT 1) AS one
              LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
              LEFT JOIN vault.access_policies p ON p.name = e.access_policy"
@@ -107,11 +147,10 @@ macro_rules! find_query {
 const FIND_WITH_VALUE: &str = find_query!("e.encrypted_value");
 const FIND_WITHOUT_VALUE: &str = find_query!("NULL::bytea");
 
-const IS_MEMBER: &str = concat!("SELECT ", member!());
+const IS_MEMBER: &str = concat!("SELECT ", member!(), " AS is_member");
 
-const LIST: &str =
-    "SELECT e.external_id, e.owner::text, e.algorithm_hint, e.key_ref, e.metadata::text,
-        e.access_policy, e.created_at, e.expires_at
+const LIST: &str = "SELECT e.external_id, e.owner::text AS owner, e.algorithm_hint, e.key_ref,
+        e.metadata::text AS metadata, e.access_policy, e.created_at, e.expires_at
      FROM vault.entries e JOIN vault.access_policies p ON p.name = e.access_policy
      WHERE e.purpose = $2 AND e.purged_at IS NULL
        AND (pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
@@ -138,11 +177,7 @@ fn put_impl(
         name!(expires_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "put", purpose, external_id);
-    let result = put(
-        &caller,
-        &mut event,
+    let input = PutInput {
         purpose,
         external_id,
         encrypted_value,
@@ -151,47 +186,43 @@ fn put_impl(
         metadata,
         expires_at,
         access_policy,
-    );
+    };
+    let result = audited_call("put", purpose, external_id, |event| put(event, &input));
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn put(
-    caller: &Caller,
-    event: &mut Event,
-    purpose: Option<&str>,
-    external_id: Option<&str>,
-    encrypted_value: Option<&[u8]>,
-    algorithm_hint: Option<&str>,
-    key_ref: Option<&str>,
-    metadata: Option<&str>,
+/// The arguments of `vault_put`, as SQL passed them.
+struct PutInput<'a> {
+    purpose: Option<&'a str>,
+    external_id: Option<&'a str>,
+    encrypted_value: Option<&'a [u8]>,
+    algorithm_hint: Option<&'a str>,
+    key_ref: Option<&'a str>,
+    metadata: Option<&'a str>,
     expires_at: Option<TimestampWithTimeZone>,
-    access_policy: Option<&str>,
-) -> Result<TimestampWithTimeZone, VaultError> {
-    let checked = (|| {
-        let purpose = required(purpose, "purpose")?;
-        let external_id = required(external_id, "external_id")?;
-        let value = required(encrypted_value, "encrypted_value")?;
-        let metadata = required(metadata, "metadata")?;
-        let access_policy = required(access_policy, "access_policy")?;
-        rules::purpose(purpose)?;
-        rules::external_id(external_id)?;
-        let limits = Limits {
-            max_value_bytes: settings::MAX_VALUE_BYTES.get().max(1) as usize,
-        };
-        rules::encrypted_value(value, limits)?;
-        rules::metadata(metadata)?;
-        Ok::<_, VaultError>((purpose, external_id, value, metadata, access_policy))
-    })();
-    let (purpose, external_id, value, metadata, access_policy) = match checked {
-        Ok(v) => v,
-        Err(e) => return Err(event.refused(e)),
-    };
-    event.details = Some(serde_json::json!({"access_policy": access_policy, "bytes": value.len()}));
+    access_policy: Option<&'a str>,
+}
 
+/// What the put's decision query read, besides the facts the decision takes.
+struct PutPlan {
+    facts: PutFacts,
+    existing_id: Option<i64>,
+    max_retention_days: i32,
+    effective_expiry: Option<TimestampWithTimeZone>,
+    retention_limit: String,
+    requested_expiry: String,
+}
+
+fn read_put_plan(
+    caller: &Caller,
+    purpose: &str,
+    external_id: &str,
+    access_policy: &str,
+    expires_at: Option<TimestampWithTimeZone>,
+) -> Result<PutPlan, VaultError> {
     let _owner = AsOwner::enter();
-    let decision = Spi::connect(|client| {
+    Ok(Spi::connect(|client| {
         let args: Vec<DatumWithOid> = vec![
             caller.role_oid.into(),
             purpose.into(),
@@ -207,154 +238,125 @@ fn put(
             false,
         )?;
         let row = client.select(&*stmt, None, &args)?.first();
-        Ok::<_, pgrx::spi::Error>((
-            row.get::<bool>(1)?.unwrap_or(false),
-            row.get::<bool>(2)?.unwrap_or(false),
-            row.get::<i32>(3)?.unwrap_or(0),
-            row.get::<bool>(4)?.unwrap_or(false),
-            row.get::<bool>(5)?.unwrap_or(false),
-            row.get::<i64>(6)?,
-            row.get::<String>(7)?,
-            row.get::<bool>(8)?.unwrap_or(false),
-            row.get::<TimestampWithTimeZone>(9)?,
-            row.get::<bool>(10)?.unwrap_or(false),
-            row.get::<bool>(11)?.unwrap_or(false),
-            row.get::<String>(12)?.unwrap_or_default(),
-            row.get::<String>(13)?.unwrap_or_default(),
-        ))
-    })
-    .unwrap_or_else(|e| pgrx::error!("vsql_vault: reading policies failed: {e}"));
-    let (
-        member,
-        has_retention,
-        max_days,
-        policy_exists,
-        may_store,
-        existing_id,
-        existing_owner,
-        may_store_existing,
-        effective,
-        beyond,
-        in_past,
-        limit,
-        requested,
-    ) = decision;
-    event.entry_id = existing_id;
-
-    let refuse = |event: &Event, e: VaultError| Err(event.refused(e));
-    if !member {
-        return refuse(
-            event,
-            VaultError::Denied(format!(
-                "role \"{}\" is not a member of vault_app or vault_admin",
-                caller.role_name
-            )),
-        );
-    }
-    if !has_retention {
-        return refuse(event, VaultError::NoRetentionPolicy(purpose.to_owned()));
-    }
-    if !policy_exists {
-        return refuse(event, VaultError::UnknownPolicy(access_policy.to_owned()));
-    }
-    if beyond {
-        return refuse(
-            event,
-            VaultError::BeyondRetention {
-                purpose: purpose.to_owned(),
-                requested,
-                max_days,
-                limit,
+        let flag = |name: &str| row.get_by_name::<bool, _>(name).map(|v| v.unwrap_or(false));
+        Ok::<_, pgrx::spi::Error>(PutPlan {
+            facts: PutFacts {
+                is_member: flag("is_member")?,
+                has_retention_policy: flag("has_retention_policy")?,
+                policy_exists: flag("policy_exists")?,
+                policy_lets_store: flag("policy_lets_store")?,
+                existing_owner: row.get_by_name::<String, _>("existing_owner")?,
+                existing_policy_lets_store: flag("existing_policy_lets_store")?,
+                beyond_retention: flag("beyond_retention")?,
+                expiry_in_past: flag("expiry_in_past")?,
             },
-        );
-    }
-    if in_past {
-        return refuse(event, VaultError::ExpiryInPast(requested));
-    }
-    if !may_store {
-        return refuse(
-            event,
-            VaultError::Denied(format!(
-                "access policy \"{access_policy}\" does not let role \"{}\" store",
-                caller.role_name
-            )),
-        );
-    }
-    if let Some(owner) = existing_owner.as_deref() {
-        if owner != caller.role_name || !may_store_existing {
-            return refuse(
-                event,
-                VaultError::Denied(format!(
-                    "entry \"{external_id}\" of purpose \"{purpose}\" belongs to another role"
-                )),
-            );
-        }
-    }
-    let Some(effective) = effective else {
-        pgrx::error!("vsql_vault: no effective expiry computed");
-    };
+            existing_id: row.get_by_name::<i64, _>("existing_id")?,
+            max_retention_days: row
+                .get_by_name::<i32, _>("max_retention_days")?
+                .unwrap_or(0),
+            effective_expiry: row.get_by_name::<TimestampWithTimeZone, _>("effective_expiry")?,
+            retention_limit: row
+                .get_by_name::<String, _>("retention_limit")?
+                .unwrap_or_default(),
+            requested_expiry: row
+                .get_by_name::<String, _>("requested_expiry")?
+                .unwrap_or_default(),
+        })
+    })?)
+}
 
-    let written = write_then_log(
-        || {
-            let args: Vec<DatumWithOid> = vec![
-                purpose.into(),
-                external_id.into(),
-                value.into(),
-                algorithm_hint.into(),
-                key_ref.into(),
-                metadata.into(),
-                access_policy.into(),
-                caller.role_name.as_str().into(),
-                effective.into(),
-            ];
-            // Another transaction's uncommitted write of the same (purpose, external_id), maybe
-            // another tenant's, must not hold this put forever, unrecorded: wait at most
-            // vsql_vault.put_lock_timeout, then refuse with 55P03 and a record. (The wait is
-            // inside write_then_log's subtransaction, whose rollback restores lock_timeout.)
-            let id = PgTryBuilder::new(|| {
-                let _lock_timeout = crate::identity::TemporarySetting::set(
-                    c"lock_timeout",
-                    &format!("{}ms", settings::PUT_LOCK_TIMEOUT_MS.get().max(1)),
-                );
-                let id = Spi::connect_mut(|client| {
-                    let stmt = plans::plan(
-                        client,
-                        UPSERT,
-                        &[TEXT, TEXT, BYTEA, TEXT, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ],
-                        true,
-                    )?;
-                    client.update(&*stmt, None, &args)?.first().get_one::<i64>()
-                })
-                .unwrap_or_else(|e| pgrx::error!("vsql_vault: storing the entry failed: {e}"));
-                Ok(id)
-            })
-            .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
-                Err(VaultError::Busy(format!(
-                    "entry \"{external_id}\" of purpose \"{purpose}\" is being written by another transaction"
-                )))
-            })
-            .execute()?;
-            id.ok_or_else(|| {
-                VaultError::Denied(format!(
-                    "entry \"{external_id}\" of purpose \"{purpose}\" belongs to another role"
-                ))
-            })
+/// Validates, decides, and stores; the executor records the outcome.
+fn put(event: &mut Event, input: &PutInput) -> Result<TimestampWithTimeZone, VaultError> {
+    let caller = event.caller;
+    let purpose = required(input.purpose, "purpose")?;
+    let external_id = required(input.external_id, "external_id")?;
+    let value = required(input.encrypted_value, "encrypted_value")?;
+    let metadata = required(input.metadata, "metadata")?;
+    let access_policy = required(input.access_policy, "access_policy")?;
+    rules::purpose(purpose)?;
+    rules::external_id(external_id)?;
+    let limits = Limits {
+        max_value_bytes: settings::MAX_VALUE_BYTES.get().max(1) as usize,
+    };
+    rules::encrypted_value(value, limits)?;
+    rules::metadata(metadata)?;
+    event.details = Some(serde_json::json!({"access_policy": access_policy, "bytes": value.len()}));
+
+    let plan = read_put_plan(
+        caller,
+        purpose,
+        external_id,
+        access_policy,
+        input.expires_at,
+    )?;
+    event.entry_id = plan.existing_id;
+    let subject = Subject {
+        caller,
+        purpose,
+        external_id,
+        access_policy,
+    };
+    decide::decide_put(&caller.role_name, &plan.facts).map_err(|r| match r {
+        Refusal::BeyondRetention => VaultError::BeyondRetention {
+            purpose: purpose.to_owned(),
+            requested: plan.requested_expiry.clone(),
+            max_days: plan.max_retention_days,
+            limit: plan.retention_limit.clone(),
         },
-        |id| {
-            event.entry_id = Some(*id);
-            event.granted()
-        },
-    );
-    match written {
-        Ok(_) => Ok(effective),
-        Err(e @ VaultError::AuditUnavailable(_)) => Err(e),
-        Err(e) => Err(event.refused(e)),
-    }
+        Refusal::ExpiryInPast => VaultError::ExpiryInPast(plan.requested_expiry.clone()),
+        other => refusal_error(other, &subject),
+    })?;
+    let effective = plan
+        .effective_expiry
+        .ok_or_else(|| VaultError::Internal("no effective expiry computed".into()))?;
+
+    let args: Vec<DatumWithOid> = vec![
+        purpose.into(),
+        external_id.into(),
+        value.into(),
+        input.algorithm_hint.into(),
+        input.key_ref.into(),
+        metadata.into(),
+        access_policy.into(),
+        caller.role_name.as_str().into(),
+        effective.into(),
+    ];
+    // Another transaction's uncommitted write of the same (purpose, external_id), maybe another
+    // tenant's, must not hold this put forever, unrecorded: wait at most
+    // vsql_vault.put_lock_timeout, then refuse with 55P03 and a record. (The executor's
+    // subtransaction, rolled back on the refusal, restores lock_timeout.)
+    let _owner = AsOwner::enter();
+    let id = PgTryBuilder::new(|| {
+        let _lock_timeout = crate::identity::TemporarySetting::set(
+            c"lock_timeout",
+            &format!("{}ms", settings::PUT_LOCK_TIMEOUT_MS.get().max(1)),
+        );
+        Spi::connect_mut(|client| {
+            let stmt = plans::plan(
+                client,
+                UPSERT,
+                &[TEXT, TEXT, BYTEA, TEXT, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ],
+                true,
+            )?;
+            client.update(&*stmt, None, &args)?.first().get_one::<i64>()
+        })
+        .map_err(VaultError::from)
+    })
+    .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
+        Err(VaultError::Busy(format!(
+            "entry \"{external_id}\" of purpose \"{purpose}\" is being written by another transaction"
+        )))
+    })
+    .execute()?;
+    // No row: the conflicting entry belongs to another role (it changed since the decision).
+    let id = id.ok_or_else(|| refusal_error(Refusal::OwnedByAnother, &subject))?;
+    event.entry_id = Some(id);
+    Ok(effective)
 }
 
 /// What a retrieval reads about an entry before deciding.
 struct Found {
-    member: bool,
+    facts: EntryFacts,
     id: Option<i64>,
     value: Option<Vec<u8>>,
     algorithm_hint: Option<String>,
@@ -364,45 +366,49 @@ struct Found {
     created_at: Option<TimestampWithTimeZone>,
     expires_at: Option<TimestampWithTimeZone>,
     access_policy: Option<String>,
-    purged: bool,
-    expired: bool,
     max_retrievals: Option<i32>,
-    allowed: bool,
-    /// No entry, but a purge proof for this key: it existed and was destroyed.
-    destroyed: bool,
 }
 
-fn find(caller: &Caller, purpose: &str, external_id: &str, with_value: bool) -> Found {
+fn find(
+    caller: &Caller,
+    purpose: &str,
+    external_id: &str,
+    with_value: bool,
+) -> Result<Found, VaultError> {
     let _owner = AsOwner::enter();
     let query = if with_value {
         FIND_WITH_VALUE
     } else {
         FIND_WITHOUT_VALUE
     };
-    Spi::connect(|client| {
+    Ok(Spi::connect(|client| {
         let args: Vec<DatumWithOid> =
             vec![caller.role_oid.into(), purpose.into(), external_id.into()];
         let stmt = plans::plan(client, query, &[OID, TEXT, TEXT], false)?;
         let row = client.select(&*stmt, None, &args)?.first();
+        let flag = |name: &str| row.get_by_name::<bool, _>(name).map(|v| v.unwrap_or(false));
+        let id = row.get_by_name::<i64, _>("id")?;
         Ok::<_, pgrx::spi::Error>(Found {
-            member: row.get::<bool>(1)?.unwrap_or(false),
-            id: row.get::<i64>(3)?,
-            value: row.get::<Vec<u8>>(4)?,
-            algorithm_hint: row.get::<String>(5)?,
-            key_ref: row.get::<String>(6)?,
-            metadata: row.get::<String>(7)?,
-            owner: row.get::<String>(8)?,
-            created_at: row.get::<TimestampWithTimeZone>(9)?,
-            expires_at: row.get::<TimestampWithTimeZone>(10)?,
-            access_policy: row.get::<String>(11)?,
-            purged: row.get::<bool>(12)?.unwrap_or(false),
-            expired: row.get::<bool>(13)?.unwrap_or(false),
-            max_retrievals: row.get::<i32>(14)?,
-            allowed: row.get::<bool>(15)?.unwrap_or(false),
-            destroyed: row.get::<bool>(16)?.unwrap_or(false),
+            facts: EntryFacts {
+                is_member: flag("is_member")?,
+                exists: id.is_some(),
+                destroyed: flag("destroyed")?,
+                policy_lets_retrieve: flag("policy_lets_retrieve")?,
+                purged: flag("purged")?,
+                expired: flag("expired")?,
+            },
+            id,
+            value: row.get_by_name::<Vec<u8>, _>("encrypted_value")?,
+            algorithm_hint: row.get_by_name::<String, _>("algorithm_hint")?,
+            key_ref: row.get_by_name::<String, _>("key_ref")?,
+            metadata: row.get_by_name::<String, _>("metadata")?,
+            owner: row.get_by_name::<String, _>("owner")?,
+            created_at: row.get_by_name::<TimestampWithTimeZone, _>("created_at")?,
+            expires_at: row.get_by_name::<TimestampWithTimeZone, _>("expires_at")?,
+            access_policy: row.get_by_name::<String, _>("access_policy")?,
+            max_retrievals: row.get_by_name::<i32, _>("max_retrievals")?,
         })
-    })
-    .unwrap_or_else(|e| pgrx::error!("vsql_vault: reading the entry failed: {e}"))
+    })?)
 }
 
 fn checked_key<'a>(
@@ -416,23 +422,38 @@ fn checked_key<'a>(
     Ok((purpose, external_id))
 }
 
-/// A member asked for an entry its access policy keeps from it. Members learn that the entry
-/// exists (42501 against P0002 for an unknown id, as the service this replaces answered 403
-/// against 404), but not the policy's name: vault_app cannot read the policies. The record
-/// keeps the name for auditors.
-fn refused_by_policy(event: &mut Event, caller: &Caller, policy: Option<&str>) -> VaultError {
-    event.details = Some(serde_json::json!({ "access_policy": policy }));
-    VaultError::Denied(format!(
-        "role \"{}\" may not retrieve this entry (its access policy does not allow it)",
-        caller.role_name
-    ))
-}
-
-fn not_member(caller: &Caller) -> VaultError {
-    VaultError::Denied(format!(
-        "role \"{}\" is not a member of vault_app or vault_admin",
-        caller.role_name
-    ))
+/// Reads an entry and decides a get or head on it. A refusal by the entry's policy keeps the
+/// policy's name in the record, for auditors.
+fn find_and_decide(
+    event: &mut Event,
+    purpose: Option<&str>,
+    external_id: Option<&str>,
+    with_value: bool,
+    decide: fn(&EntryFacts) -> Result<(), Refusal>,
+) -> Result<Found, VaultError> {
+    let caller = event.caller;
+    let (purpose, external_id) = checked_key(purpose, external_id)?;
+    let found = find(caller, purpose, external_id, with_value)?;
+    event.entry_id = found.id;
+    // Only a get returns the value, so only a get counts against max_retrievals.
+    if with_value {
+        event.max_retrievals = found.max_retrievals;
+    }
+    if let Err(refusal) = decide(&found.facts) {
+        if refusal == Refusal::PolicyForbidsRetrieve {
+            event.details = Some(serde_json::json!({ "access_policy": found.access_policy }));
+        }
+        return Err(refusal_error(
+            refusal,
+            &Subject {
+                caller,
+                purpose,
+                external_id,
+                access_policy: found.access_policy.as_deref().unwrap_or_default(),
+            },
+        ));
+    }
+    Ok(found)
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
@@ -454,45 +475,8 @@ fn get_impl(
         name!(expires_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "get", purpose, external_id);
-    let result = decide_and_log(&mut event, |event| {
-        let (purpose, external_id) = checked_key(purpose, external_id)?;
-        let f = find(&caller, purpose, external_id, true);
-        event.entry_id = f.id;
-        event.max_retrievals = f.max_retrievals;
-        if !f.member {
-            return Err(not_member(&caller));
-        }
-        if f.id.is_none() && f.destroyed {
-            return Err(VaultError::Gone {
-                purpose: purpose.into(),
-                external_id: external_id.into(),
-                why: "purged",
-            });
-        }
-        if f.id.is_none() {
-            return Err(VaultError::NotFound {
-                purpose: purpose.into(),
-                external_id: external_id.into(),
-            });
-        }
-        if !f.allowed {
-            return Err(refused_by_policy(
-                event,
-                &caller,
-                f.access_policy.as_deref(),
-            ));
-        }
-        if f.purged || f.expired {
-            let why = if f.purged { "purged" } else { "expired" };
-            return Err(VaultError::Gone {
-                purpose: purpose.into(),
-                external_id: external_id.into(),
-                why,
-            });
-        }
-        Ok(f)
+    let result = audited_call("get", purpose, external_id, |event| {
+        find_and_decide(event, purpose, external_id, true, decide::decide_get)
     });
     let (s, m) = status(&result);
     TableIterator::once(match result {
@@ -529,34 +513,20 @@ fn head_impl(
         name!(expires_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "head", purpose, external_id);
-    let result = decide_and_log(&mut event, |event| {
-        let (purpose, external_id) = checked_key(purpose, external_id)?;
-        let f = find(&caller, purpose, external_id, false);
-        event.entry_id = f.id;
-        if !f.member {
-            return Err(not_member(&caller));
-        }
-        if f.id.is_some() && !f.allowed {
-            return Err(refused_by_policy(
-                event,
-                &caller,
-                f.access_policy.as_deref(),
-            ));
-        }
-        event.details = Some(serde_json::json!({"found": f.id.is_some()}));
+    let result = audited_call("head", purpose, external_id, |event| {
+        let f = find_and_decide(event, purpose, external_id, false, decide::decide_head)?;
+        event.details = Some(serde_json::json!({"found": f.facts.exists}));
         Ok(f)
     });
     let (s, m) = status(&result);
     TableIterator::once(match result {
         Ok(f) => {
-            let found = f.id.is_some();
+            let found = f.facts.exists;
             (
                 s,
                 m,
                 Some(found),
-                Some(found && (f.expired || f.purged)),
+                Some(found && (f.facts.expired || f.facts.purged)),
                 f.owner,
                 f.access_policy,
                 f.created_at,
@@ -565,6 +535,67 @@ fn head_impl(
         }
         Err(_) => (s, m, None, None, None, None, None, None),
     })
+}
+
+/// One entry of a listing.
+struct Listed {
+    external_id: Option<String>,
+    owner: Option<String>,
+    algorithm_hint: Option<String>,
+    key_ref: Option<String>,
+    metadata: Option<String>,
+    access_policy: Option<String>,
+    created_at: Option<TimestampWithTimeZone>,
+    expires_at: Option<TimestampWithTimeZone>,
+}
+
+fn list(event: &mut Event, purpose: Option<&str>) -> Result<Vec<Listed>, VaultError> {
+    let caller = event.caller;
+    let purpose = required(purpose, "purpose")?;
+    rules::purpose(purpose)?;
+    let _owner = AsOwner::enter();
+    let rows = Spi::connect(|client| {
+        let stmt = plans::plan(client, IS_MEMBER, &[OID], false)?;
+        let member = client
+            .select(&*stmt, None, &[caller.role_oid.into()])?
+            .first()
+            .get_by_name::<bool, _>("is_member")?
+            .unwrap_or(false);
+        if !member {
+            return Ok(None);
+        }
+        let args: Vec<DatumWithOid> = vec![caller.role_oid.into(), purpose.into()];
+        let mut out = Vec::new();
+        let stmt = plans::plan(client, LIST, &[OID, TEXT], false)?;
+        for row in client.select(&*stmt, None, &args)? {
+            out.push(Listed {
+                external_id: row.get_by_name("external_id")?,
+                owner: row.get_by_name("owner")?,
+                algorithm_hint: row.get_by_name("algorithm_hint")?,
+                key_ref: row.get_by_name("key_ref")?,
+                metadata: row.get_by_name("metadata")?,
+                access_policy: row.get_by_name("access_policy")?,
+                created_at: row.get_by_name("created_at")?,
+                expires_at: row.get_by_name("expires_at")?,
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(Some(out))
+    })?;
+    let rows = rows.ok_or_else(|| {
+        refusal_error(
+            Refusal::NotMember {
+                roles: "vault_app or vault_admin",
+            },
+            &Subject {
+                caller,
+                purpose,
+                external_id: "",
+                access_policy: "",
+            },
+        )
+    })?;
+    event.details = Some(serde_json::json!({"entries": rows.len()}));
+    Ok(rows)
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
@@ -586,49 +617,25 @@ fn list_impl(
         name!(expires_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, "list", purpose, None);
-    let result = decide_and_log(&mut event, |event| {
-        let purpose = required(purpose, "purpose")?;
-        rules::purpose(purpose)?;
-        let _owner = AsOwner::enter();
-        let rows = Spi::connect(|client| {
-            let stmt = plans::plan(client, IS_MEMBER, &[OID], false)?;
-            let member = client
-                .select(&*stmt, None, &[caller.role_oid.into()])?
-                .first()
-                .get_one::<bool>()?
-                .unwrap_or(false);
-            if !member {
-                return Ok(None);
-            }
-            let args: Vec<DatumWithOid> = vec![caller.role_oid.into(), purpose.into()];
-            let mut out = Vec::new();
-            let stmt = plans::plan(client, LIST, &[OID, TEXT], false)?;
-            for row in client.select(&*stmt, None, &args)? {
-                out.push((
-                    row.get::<String>(1)?,
-                    row.get::<String>(2)?,
-                    row.get::<String>(3)?,
-                    row.get::<String>(4)?,
-                    row.get::<String>(5)?,
-                    row.get::<String>(6)?,
-                    row.get::<TimestampWithTimeZone>(7)?,
-                    row.get::<TimestampWithTimeZone>(8)?,
-                ));
-            }
-            Ok::<_, pgrx::spi::Error>(Some(out))
-        })
-        .unwrap_or_else(|e| pgrx::error!("vsql_vault: listing entries failed: {e}"));
-        let rows = rows.ok_or_else(|| not_member(&caller))?;
-        event.details = Some(serde_json::json!({"entries": rows.len()}));
-        Ok(rows)
-    });
+    let result = audited_call("list", purpose, None, |event| list(event, purpose));
     let (s, m) = status(&result);
     let rows: Vec<_> = match result {
         Ok(rows) => rows
             .into_iter()
-            .map(|(x, o, a, k, md, p, c, e)| (None, None, x, o, a, k, md, p, c, e))
+            .map(|r| {
+                (
+                    None,
+                    None,
+                    r.external_id,
+                    r.owner,
+                    r.algorithm_hint,
+                    r.key_ref,
+                    r.metadata,
+                    r.access_policy,
+                    r.created_at,
+                    r.expires_at,
+                )
+            })
             .collect(),
         Err(_) => vec![(s, m, None, None, None, None, None, None, None, None)],
     };

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{server, Server};
+use common::{server, sqlstate, Server};
 use postgres::Client;
 
 /// (what, role, statement, expected SQLSTATE)
@@ -253,4 +253,23 @@ fn a_nul_character_is_refused_by_postgresql_before_the_vault_and_the_backend_sur
     assert_eq!(v, vec![0u8, 1, 0]);
     let alive: i32 = app.query_one("SELECT 1", &[]).unwrap().get(0);
     assert_eq!(alive, 1);
+}
+
+#[test]
+fn a_misspelt_vsql_vault_setting_is_an_error_not_a_silent_placeholder() {
+    let s = server();
+    let mut su = s.connect("postgres");
+    // The prefix is reserved: a typo cannot pass for turning a setting on.
+    let e = su
+        .batch_execute("SET vsql_vault.break_glas = on")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42602", "{e:?}");
+    let e = s
+        .connect("it_a")
+        .batch_execute("SET vsql_vault.no_such_setting = 1")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42602", "{e:?}");
+    // The real ones are unaffected.
+    su.batch_execute("SET vsql_vault.break_glass = on; RESET vsql_vault.break_glass")
+        .unwrap();
 }

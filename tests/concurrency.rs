@@ -51,7 +51,7 @@ fn thirty_two_clients_of_mixed_operations() {
         .unwrap();
     let broken_before: Vec<String> = su
         .query(
-            "SELECT table_name || ' ' || chain FROM vault_verify_audit() WHERE NOT ok ORDER BY 1",
+            "SELECT table_name || ' ' || coalesce(chain::text, '-') FROM vault_verify_audit() WHERE NOT ok ORDER BY 1",
             &[],
         )
         .unwrap()
@@ -164,7 +164,7 @@ fn thirty_two_clients_of_mixed_operations() {
     // No chain forked or broken by the load.
     let broken_after: Vec<String> = su
         .query(
-            "SELECT table_name || ' ' || chain FROM vault_verify_audit() WHERE NOT ok ORDER BY 1",
+            "SELECT table_name || ' ' || coalesce(chain::text, '-') FROM vault_verify_audit() WHERE NOT ok ORDER BY 1",
             &[],
         )
         .unwrap()

@@ -21,7 +21,7 @@ fn crash_and_restart(s: &Server) {
 /// Chains that do not verify (earlier test files tamper on purpose; a crash must add none).
 fn broken_chains(su: &mut Client) -> std::collections::BTreeSet<String> {
     su.query(
-        "SELECT table_name || ' chain ' || chain FROM vault_verify_audit() WHERE NOT ok",
+        "SELECT table_name || ' chain ' || coalesce(chain::text, '-') FROM vault_verify_audit() WHERE NOT ok",
         &[],
     )
     .unwrap()

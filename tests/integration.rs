@@ -90,6 +90,39 @@ fn denied_call_row_survives_the_error_and_rollback() {
 }
 
 #[test]
+fn a_database_error_inside_a_get_is_recorded_as_a_failed_call_with_its_sqlstate() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    put(&mut a, "db-error-1", b"\x01").unwrap();
+    // Another session holds vault.entries; the get's read of it times out inside the call.
+    let mut holder = s.connect("postgres");
+    holder
+        .batch_execute("BEGIN; LOCK TABLE vault.entries IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    a.batch_execute("SET lock_timeout = '200ms'").unwrap();
+    let before = log_count(&mut su, "get", "db-error-1", false);
+    let e = get(&mut a, "db-error-1").unwrap_err();
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(sqlstate(&e), "55P03", "{e:?}");
+    assert_eq!(log_count(&mut su, "get", "db-error-1", false), before + 1);
+    let (code, reason): (String, String) = su
+        .query_one(
+            "SELECT sqlstate, reason FROM vault.access_log
+              WHERE operation = 'get' AND external_id = 'db-error-1' AND NOT granted
+              ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(code, "55P03");
+    assert!(reason.contains("lock timeout"), "{reason}");
+    // The session goes on: the failed call left no aborted state behind.
+    a.batch_execute("RESET lock_timeout").unwrap();
+    assert_eq!(get(&mut a, "db-error-1").unwrap(), b"\x01");
+}
+
+#[test]
 fn fails_closed_when_the_record_cannot_be_written() {
     let s = server();
     let mut su = setup(&s);

@@ -36,7 +36,11 @@ if ! grep -q "pg15" "${PGRX_HOME:-$HOME/.pgrx}/config.toml" 2>/dev/null; then
 fi
 
 say "Building and installing vsql_vault into $("$PG_CONFIG" --pkglibdir)"
-cargo pgrx install --pg-config "$PG_CONFIG" ${VSQL_VAULT_RELEASE:+--release} 2>&1 |
+# A release build by default: the server a user follows the README into gets an optimized
+# library. VSQL_VAULT_DEBUG=1 installs a debug build instead (for development).
+release=--release
+if [ -n "${VSQL_VAULT_DEBUG:-}" ]; then release=; fi
+cargo pgrx install --pg-config "$PG_CONFIG" $release 2>&1 |
     grep -E 'Finished|Installing|error|warning: unused' || true
 test -f "$("$PG_CONFIG" --pkglibdir)/vsql_vault.so"
 

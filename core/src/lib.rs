@@ -5,6 +5,7 @@
 
 pub mod canonical;
 pub mod chain;
+pub mod decide;
 pub mod envelope;
 pub mod keys;
 pub mod merkle;

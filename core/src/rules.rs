@@ -246,9 +246,34 @@ pub fn summarize_details(details: &serde_json::Value, limit: usize) -> serde_jso
 /// Roles in an access policy are role names or one of these tokens, resolved per entry.
 pub const ROLE_TOKENS: [&str; 2] = ["@owner", "@purpose"];
 
+/// The five characters of a SQLSTATE as PostgreSQL packs it into an int (`MAKE_SQLSTATE`: six
+/// bits per character, the first lowest).
+pub fn unpack_sqlstate(mut packed: i32) -> String {
+    (0..5)
+        .map(|_| {
+            let c = char::from(b'0' + (packed & 0x3F) as u8);
+            packed >>= 6;
+            c
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_sqlstates_unpack() {
+        let pack = |s: &str| {
+            s.bytes()
+                .enumerate()
+                .map(|(i, b)| (i32::from(b - b'0') & 0x3F) << (6 * i))
+                .sum::<i32>()
+        };
+        for code in ["55P03", "XX000", "42501", "23505", "P0002", "00000"] {
+            assert_eq!(unpack_sqlstate(pack(code)), code);
+        }
+    }
 
     #[test]
     fn purposes() {

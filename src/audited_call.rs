@@ -1,0 +1,180 @@
+//! The one path every audited SQL entry point takes: validate → decide → either refuse (the
+//! refusal recorded) or act and make the grant durable → return. It owns the subtransaction that
+//! keeps a call's changes only once their record is durable, the catching of database errors
+//! (recorded as failed calls with their SQLSTATE), and the rule for an unavailable audit writer.
+//!
+//! An entry point supplies only the body: it validates its input, reads the facts, decides, and
+//! acts, returning the result or the refusal. The body may fill in the `Event` (entry id,
+//! details) as it learns them. The DDL guard's event triggers are the one other writer of access
+//! records (`Event::granted_in_transaction`, `Event::refused_detached`): they run inside someone
+//! else's DDL, not as a call of the API.
+
+use crate::access_log::Event;
+use crate::errors::VaultError;
+use crate::identity::Caller;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use vsql_vault_core::rules::unpack_sqlstate;
+
+/// Runs an audited call: `body` in a subtransaction; its result is returned only when the grant
+/// is durable, and its changes are kept only then. A refusal, a failure and a database error
+/// raised inside `body` are recorded (with their SQLSTATE) and returned.
+pub fn audited_call<T>(
+    operation: &'static str,
+    purpose: Option<&str>,
+    external_id: Option<&str>,
+    body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, operation, purpose, external_id);
+    run(&mut event, Grants::Recorded, body)
+}
+
+/// As `audited_call`, for a read whose grants are deliberately not recorded (metrics scrapes
+/// read counters, never an entry); its refusals and failures are.
+pub fn refusals_recorded<T>(
+    operation: &'static str,
+    body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
+    let caller = Caller::current();
+    let mut event = Event::new(&caller, operation, None, None);
+    run(&mut event, Grants::NotRecorded, body)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Grants {
+    Recorded,
+    NotRecorded,
+}
+
+fn run<T>(
+    event: &mut Event,
+    grants: Grants,
+    body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
+    // Every error raised while the subtransaction is open must be caught and the subtransaction
+    // rolled back before it goes on: left open, an internal subtransaction turns the caller's
+    // next command into "current transaction is aborted".
+    let in_body = std::cell::Cell::new(true);
+    let sub = SubTransaction::begin();
+    let attempt = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        let value = body(event)?;
+        in_body.set(false);
+        match grants {
+            Grants::Recorded => event.granted().map(|()| value),
+            Grants::NotRecorded => Ok(value),
+        }
+    }))
+    .catch_others(|caught| Err(VaultError::Raised(Box::new(caught))))
+    .execute();
+    match attempt {
+        Ok(value) => {
+            sub.keep();
+            Ok(value)
+        }
+        Err(VaultError::Raised(caught)) => {
+            sub.discard();
+            match *caught {
+                // A database error inside the body: a failed call, recorded with its SQLSTATE.
+                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)
+                    if in_body.get() =>
+                {
+                    Err(refusal(
+                        event,
+                        VaultError::Database {
+                            sqlstate: unpack_sqlstate(report.sql_error_code() as i32),
+                            message: report.message().to_owned(),
+                        },
+                    ))
+                }
+                // Raised while the grant was being made durable (a cancel while waiting for the
+                // writer), or a Rust panic: the caller gets it as it was.
+                other => other.rethrow(),
+            }
+        }
+        // A refusal or failure of the body: recorded.
+        Err(e) if in_body.get() => {
+            sub.discard();
+            Err(refusal(event, e))
+        }
+        // The writer could not make the grant durable, or refused it itself (an entry past
+        // max_retrievals, recorded by the writer): nothing is kept or returned.
+        Err(e) => {
+            sub.discard();
+            Err(e)
+        }
+    }
+}
+
+/// Records a refused or failed call and returns its error. When the writer is unavailable no
+/// record can be made, and trying again would only wait a second time.
+fn refusal(event: &Event, e: VaultError) -> VaultError {
+    match e {
+        e @ VaultError::AuditUnavailable(_) => e,
+        e => event.refused(e),
+    }
+}
+
+/// An internal subtransaction: kept or rolled back, with the caller's memory context and
+/// resource owner restored either way.
+struct SubTransaction {
+    context: pg_sys::MemoryContext,
+    owner: pg_sys::ResourceOwner,
+    open: bool,
+}
+
+impl SubTransaction {
+    fn begin() -> SubTransaction {
+        // SAFETY: read before the subtransaction changes them, restored when it ends.
+        let (context, owner) =
+            unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+        // SAFETY: called inside a transaction (every SQL function is); the memory context is
+        // switched back so the body's allocations outlive the subtransaction.
+        unsafe {
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(context);
+        }
+        SubTransaction {
+            context,
+            owner,
+            open: true,
+        }
+    }
+
+    fn keep(mut self) {
+        // SAFETY: this subtransaction is the innermost one: everything the body opened inside it
+        // has ended.
+        unsafe { pg_sys::ReleaseCurrentSubTransaction() };
+        self.restore();
+    }
+
+    fn discard(mut self) {
+        // SAFETY: as in `keep`; after a caught error the subtransaction is in the aborted state
+        // PostgreSQL expects here.
+        unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
+        self.restore();
+    }
+
+    fn restore(&mut self) {
+        // SAFETY: both were valid when the subtransaction began and outlive it.
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(self.context);
+            pg_sys::CurrentResourceOwner = self.owner;
+        }
+        self.open = false;
+    }
+}
+
+impl Drop for SubTransaction {
+    fn drop(&mut self) {
+        // Left open only by a Rust panic unwinding through the call: the error that panic
+        // becomes aborts the transaction, and this subtransaction with it.
+        debug_assert!(!self.open || std::thread::panicking());
+    }
+}
+
+impl From<pgrx::spi::Error> for VaultError {
+    fn from(e: pgrx::spi::Error) -> VaultError {
+        VaultError::Internal(format!("a query of the vault failed: {e}"))
+    }
+}
