@@ -31,6 +31,10 @@ fn stored_columns(relid: pg_sys::Oid) -> Result<String, VaultError> {
 
 /// The hashed columns of a table: live, not generated, not the chain's own fields.
 fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::Oid)> {
+    // SAFETY: every caller passes a live descriptor: the trigger relation's `rd_att` (chain_row,
+    // valid for the trigger call) or the `tupdesc` of the current SPI result (export_row via
+    // scan_rows, chain_existing_rows), valid until SPI_finish. The wrapper does not outlive this
+    // function and, made with `from_pg_unchecked`, never releases the descriptor.
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
     desc.iter()
         .enumerate()
@@ -91,6 +95,9 @@ pub fn protecting_object(object: &str) -> bool {
 
 /// The relation a trigger fired on, by OID: names can change under a running session.
 fn trigger_relid(trigger: &PgTrigger) -> u32 {
+    // SAFETY: `trigger_data()` is the TriggerData PostgreSQL passed to this trigger call;
+    // `tg_relation` is the open relation the trigger fired on, non-null and valid for as long as
+    // `trigger` is borrowed.
     unsafe { (*trigger.trigger_data().tg_relation).rd_id.to_u32() }
 }
 
@@ -100,6 +107,10 @@ fn trigger_relid(trigger: &PgTrigger) -> u32 {
 type StatementKey = (pg_sys::TransactionId, pg_sys::SubTransactionId);
 
 fn statement_key() -> StatementKey {
+    // SAFETY: called from the chain triggers (chain_row, flush_statement), so inside a transaction
+    // on the backend's thread. Both functions only read the transaction state (the first may
+    // assign the top-level xid, which an INSERT's transaction needs anyway); a refusal, e.g. in a
+    // read-only transaction, is an ERROR that pgrx turns into a Rust panic.
     unsafe {
         (
             pg_sys::GetTopTransactionId(),
@@ -132,6 +143,9 @@ pub fn flush_statement(trigger: &PgTrigger) -> Result<(), VaultError> {
 /// The OID of `vault.<name>` (given as `vault.<name>`), if it exists.
 fn vault_relation(qualified: &str) -> Option<pg_sys::Oid> {
     let name = std::ffi::CString::new(qualified.strip_prefix("vault.")?).ok()?;
+    // SAFETY: syscache lookups, made inside a transaction (SQL functions, triggers, and the
+    // workers' `BackgroundWorker::transaction` bodies). Both names are NUL-terminated and outlive
+    // the calls; `missing_ok` is true, and an invalid namespace OID just finds no relation.
     unsafe {
         let ns = pg_sys::get_namespace_oid(c"vault".as_ptr(), true);
         let rel = pg_sys::get_relname_relid(name.as_ptr(), ns);
@@ -144,6 +158,9 @@ fn vault_relation(qualified: &str) -> Option<pg_sys::Oid> {
 /// registered by name, and the chains must keep working (the audit writer too) until the update.
 /// Two syscache lookups, cheap enough for every chained statement.
 pub fn registry_by_oid() -> bool {
+    // SAFETY: a syscache lookup inside a transaction (as for `vault_relation`); `rel` is a
+    // relation OID just found, the attribute name a NUL-terminated static string, and an unknown
+    // name gives InvalidAttrNumber rather than an error.
     vault_relation("vault.protected_tables").is_none_or(|rel| unsafe {
         pg_sys::get_attnum(rel, c"relid".as_ptr()) != pg_sys::InvalidAttrNumber as i16
     })
@@ -206,6 +223,8 @@ pub struct Head {
 
 /// Locks a chain of relation `table` for this transaction (a free one if any) and returns its head.
 fn take_chain(table: u32) -> Result<Head, VaultError> {
+    // SAFETY: called by chain_row / begin_batch, inside a transaction that is about to insert
+    // rows (assigning its xid now is harmless); an ERROR becomes a Rust panic.
     let xid = unsafe { pg_sys::GetTopTransactionId() };
     let held = HELD
         .with(|h| {
@@ -215,6 +234,8 @@ fn take_chain(table: u32) -> Result<Head, VaultError> {
                 .map(|(_, c)| *c)
         })
         .unwrap_or(-1);
+    // SAFETY: a plain read of a process-global int set once at process start, on the backend's
+    // only thread.
     let pid = unsafe { pg_sys::MyProcPid };
     let _owner = AsOwner::enter();
     let found = Spi::connect_mut(|c| {
@@ -346,6 +367,10 @@ pub fn chain_row<'a>(
         );
     }
     let td = trigger.trigger_data();
+    // SAFETY: in a BEFORE INSERT row trigger `tg_relation` is the open target relation and
+    // `tg_trigtuple` the new row, formed with that relation's descriptor `rd_att`; both stay
+    // valid for the whole trigger call, and `deform` fills exactly `natts` slots. The datums
+    // borrowed from the tuple are turned into owned `Value`s before this block ends.
     let columns = unsafe {
         let tupdesc = (*td.tg_relation).rd_att;
         let values = deform(td.tg_trigtuple, tupdesc);
@@ -408,10 +433,18 @@ pub fn chain_row<'a>(
 }
 
 /// The attribute values of a heap tuple, NULL as None.
+///
+/// # Safety
+///
+/// `tuple` must be a valid heap tuple formed with `tupdesc` (or an earlier version of it with
+/// fewer attributes), and `tupdesc` a valid descriptor. By-reference datums in the result point
+/// into `tuple` and are valid only as long as it is.
 unsafe fn deform(
     tuple: pg_sys::HeapTuple,
     tupdesc: pg_sys::TupleDesc,
 ) -> Vec<Option<pg_sys::Datum>> {
+    // SAFETY: the caller guarantees `tuple` and `tupdesc` are valid and match;
+    // heap_deform_tuple writes `natts` entries, exactly the length of both vectors.
     unsafe {
         let natts = (*tupdesc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
@@ -439,15 +472,32 @@ fn columns_of(
         .collect()
 }
 
-/// Index of a named attribute in a tuple descriptor.
-fn attribute_index(tupdesc: pg_sys::TupleDesc, name: &str) -> Option<usize> {
+/// Index of a named attribute of the given type in a tuple descriptor: a chain field is read as
+/// its datum type only when the column really is of that type.
+fn attribute_index(
+    tupdesc: pg_sys::TupleDesc,
+    name: &str,
+    typid: pg_sys::BuiltinOid,
+) -> Option<usize> {
+    // SAFETY: its one caller, export_row, passes the `tupdesc` of the current SPI result, valid
+    // until SPI_finish; the wrapper is local and never releases the descriptor.
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
     desc.iter()
-        .position(|a| !a.attisdropped && a.name() == name)
+        .position(|a| !a.attisdropped && a.name() == name && a.atttypid == pg_sys::Oid::from(typid))
 }
 
 /// Calls `each` with every tuple of the current SPI result (`SPI_tuptable`) and its descriptor.
+///
+/// # Safety
+///
+/// Call inside an SPI connection, right after the query (or cursor fetch) whose result is to be
+/// read, with no other command run on that connection in between: `SPI_tuptable` and
+/// `SPI_processed` must describe that result. `each` must not run commands on the same
+/// connection (a nested `Spi::connect` is fine: SPI_finish restores both variables).
 unsafe fn for_each_spi_tuple(mut each: impl FnMut(pg_sys::HeapTuple, pg_sys::TupleDesc)) {
+    // SAFETY: by the caller's guarantee `SPI_tuptable` is null or the result just produced,
+    // allocated in the SPI procedure's memory and valid until SPI_finish; `vals` holds
+    // `SPI_processed` tuples, so every `add(i)` stays in bounds.
     unsafe {
         let tt = pg_sys::SPI_tuptable;
         if tt.is_null() {
@@ -500,17 +550,25 @@ fn restored_row<'a>(
 }
 
 fn export_row(table: &str, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> ExportRow {
+    // SAFETY: its one caller, scan_rows, passes a tuple of the current SPI result with that
+    // result's own descriptor (from for_each_spi_tuple); both live until the next fetch, and the
+    // row is converted into an owned ExportRow before this function returns.
     let values = unsafe { deform(tuple, tupdesc) };
-    let get = |name: &str| attribute_index(tupdesc, name).and_then(|i| values[i]);
+    use pg_sys::BuiltinOid::{BYTEAOID, INT4OID, INT8OID};
+    // A chain field of another type than the vault's (vault_protect_table refuses tables that
+    // have such columns) reads as missing, never as the wrong representation.
+    let get = |name: &str, typid| attribute_index(tupdesc, name, typid).and_then(|i| values[i]);
     let hash32 = |d: Option<pg_sys::Datum>| -> Option<[u8; 32]> {
+        // SAFETY: `d` comes from `get(.., BYTEAOID)`: a non-null datum of a bytea column of the
+        // current SPI tuple, so a live varlena; its bytes are copied out at once.
         d.and_then(|d| unsafe { <Vec<u8> as FromDatum>::from_datum(d, false) })
             .and_then(|v| v.try_into().ok())
     };
     let link = match (
-        get("chain_id"),
-        get("chain_seq"),
-        hash32(get("prev_hash")),
-        hash32(get("row_hash")),
+        get("chain_id", INT4OID),
+        get("chain_seq", INT8OID),
+        hash32(get("prev_hash", BYTEAOID)),
+        hash32(get("row_hash", BYTEAOID)),
     ) {
         (Some(chain), Some(seq), Some(prev), Some(hash)) => {
             (chain.value() as i32, seq.value() as i64, prev, hash)
@@ -578,11 +636,15 @@ fn live_table(relid: pg_sys::Oid) -> Result<Option<LiveTable>, VaultError> {
 fn lock_within_timeout(relid: pg_sys::Oid, lock: u32) -> bool {
     let attempts = (settings::VERIFY_LOCK_TIMEOUT_MS.get().max(0) / 10) + 1;
     for attempt in 0..attempts {
+        // SAFETY: called inside a transaction (scan_rows serves the verify and export SQL calls);
+        // locking a relation by OID is valid for any OID, even one no longer in use (the table
+        // is checked again by live_table once locked), and `lock` is a valid lock mode.
         if unsafe { pg_sys::ConditionalLockRelationOid(relid, lock as pg_sys::LOCKMODE) } {
             return true;
         }
         if attempt + 1 < attempts {
             pgrx::check_for_interrupts!();
+            // SAFETY: a plain sleep, valid in any backend; no pointers involved.
             unsafe { pg_sys::pg_usleep(10_000) };
         }
     }
@@ -623,6 +685,9 @@ fn scan_rows(
             if batch.is_empty() {
                 break;
             }
+            // SAFETY: right after `cursor.fetch` inside this SPI connection: `SPI_tuptable` is that
+            // batch, left alive by `batch` until the end of the iteration. `each` is the caller's
+            // pure Rust callback and runs no command on this connection.
             unsafe { for_each_spi_tuple(|t, d| each(export_row(identity, t, d))) };
         }
         Ok::<_, pgrx::spi::Error>(())
@@ -967,6 +1032,8 @@ struct Candidate {
     triggers: bool,
     rules: bool,
     policies: bool,
+    /// A column named like one of the chain's own fields exists already.
+    chain_columns: bool,
     registered: bool,
 }
 
@@ -986,6 +1053,10 @@ fn candidate(relid: pg_sys::Oid) -> Result<Option<Candidate>, VaultError> {
                              WHERE r.ev_class OPERATOR(pg_catalog.=) c.oid) AS rules,
                     (c.relforcerowsecurity OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p
                              WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid)) AS policies,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
+                               AND NOT a.attisdropped
+                               AND a.attname OPERATOR(pg_catalog.=) ANY ('{{chain_id,chain_seq,prev_hash,row_hash}}'::pg_catalog.name[])) AS chain_columns,
                     EXISTS (SELECT 1 FROM vault.protected_tables p
                              WHERE {} OPERATOR(pg_catalog.=) c.oid) AS registered
                FROM pg_catalog.pg_class c
@@ -1011,6 +1082,7 @@ fn candidate(relid: pg_sys::Oid) -> Result<Option<Candidate>, VaultError> {
             triggers: flag("triggers")?,
             rules: flag("rules")?,
             policies: flag("policies")?,
+            chain_columns: flag("chain_columns")?,
             registered: flag("registered")?,
         }))
     })
@@ -1041,6 +1113,15 @@ fn protection_refusal(t: &Candidate) -> Option<VaultError> {
                 .into(),
         ));
     }
+    // The vault adds these columns itself: a same-named column of another type would be read as
+    // the chain's (a bigint taken for a bytea pointer), and rows whose chain fields were filled
+    // before protection would be taken for chained ones.
+    if t.chain_columns {
+        return Some(VaultError::CannotProtect(
+            "the table already has a column named chain_id, chain_seq, prev_hash or row_hash, which the vault adds itself"
+                .into(),
+        ));
+    }
     if t.triggers || t.rules || t.policies {
         return Some(VaultError::CannotProtect(
             "the table has triggers, rules or row-security policies of its own; drop them first"
@@ -1063,6 +1144,9 @@ pub fn protect(
 ) -> Result<String, VaultError> {
     let _protecting = Protecting::enter(table_oid);
     // Held to the end of the transaction: nothing changes the table between the checks and the DDL.
+    // SAFETY: called by protect_table_impl / protect_builtin, inside a transaction; any
+    // OID can be locked (a missing table is then reported by `candidate`), and AccessExclusiveLock
+    // is a valid lock mode.
     unsafe { pg_sys::LockRelationOid(table_oid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
     let table = candidate(table_oid)?.ok_or(VaultError::NotATable)?;
     let display = format!("{}.{}", table.schema, table.name);
@@ -1160,6 +1244,10 @@ fn chain_existing_rows(relid: pg_sys::Oid, quoted: &str) -> Result<(), VaultErro
     let rows: Vec<(String, Vec<(String, Value)>)> = Spi::connect(|c| {
         let mut out = Vec::new();
         c.select(&format!("SELECT ctid::pg_catalog.text AS vault_ctid, {columns} FROM ONLY {quoted} WHERE chain_id IS NULL ORDER BY ctid"), None, &[])?;
+        // SAFETY: right after that select on this connection, so `SPI_tuptable` is its result
+        // (valid until SPI_finish, at the end of this closure). Each tuple is deformed with the
+        // result's own descriptor, and its values are copied into owned Rust data before the
+        // next tuple; the callback runs no SPI command.
         unsafe {
             for_each_spi_tuple(|t, d| {
                 let values = deform(t, d);

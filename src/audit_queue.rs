@@ -120,6 +120,11 @@ pub struct AuditQueue {
     writer_db: u32,
 }
 
+// SAFETY: AuditQueue is `repr(C)` and `Copy` plain data (integers, bools and fixed byte arrays):
+// it owns no heap memory and holds no reference into one process's memory, so every backend can
+// use the copy mapped at the same address in its shared memory. The latches it stores are
+// addresses of PGPROC latches, which live in shared memory too, kept as integers and only ever
+// handed to SetLatch. Every access goes through QUEUE's LWLock.
 unsafe impl PGRXSharedMemory for AuditQueue {}
 
 impl Default for AuditQueue {
@@ -130,6 +135,9 @@ impl Default for AuditQueue {
     }
 }
 
+// SAFETY: the one ShmemInitStruct / LWLock tranche of this name, and no other code could take it:
+// the four shared-memory names of this library (here, LARGE, retention_worker::SHARED and
+// decoding::BATCHES_SEALED) are distinct and all start with "vsql_vault_".
 static QUEUE: PgLwLock<AuditQueue> = unsafe { PgLwLock::new(c"vsql_vault_audit_queue") };
 
 #[derive(Copy, Clone)]
@@ -140,6 +148,8 @@ pub struct LargeDetails {
     bytes: [[u8; LARGE_BYTES]; LARGE_SLOTS],
 }
 
+// SAFETY: as for AuditQueue: `repr(C)`, `Copy`, only bools, integers and byte arrays, used by
+// every process only under LARGE's LWLock.
 unsafe impl PGRXSharedMemory for LargeDetails {}
 
 impl Default for LargeDetails {
@@ -149,6 +159,7 @@ impl Default for LargeDetails {
     }
 }
 
+// SAFETY: a name of its own, as for QUEUE.
 static LARGE: PgLwLock<LargeDetails> = unsafe { PgLwLock::new(c"vsql_vault_audit_large_details") };
 
 pub fn init_shmem() {
@@ -200,11 +211,18 @@ pub fn empty_record() -> RawRecord {
 }
 
 fn my_latch() -> usize {
+    // SAFETY: a plain read of a process global on the backend's thread. Its callers run in a
+    // backend or worker after InitProcess, where MyLatch is this process's PGPROC latch (in shared
+    // memory, so its address is meaningful to the other processes it is published to).
     unsafe { pg_sys::MyLatch as usize }
 }
 
 fn set_latch(latch: usize) {
     if latch != 0 {
+        // SAFETY: a non-zero `latch` is a `my_latch()` some process of this cluster stored in the
+        // queue: a PGPROC latch in shared memory, mapped at the same address in every process and
+        // never freed. If its owner has exited meanwhile, SetLatch only sets the flag or signals
+        // whichever process owns the latch now, a spurious wake-up every latch user tolerates.
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) }
     }
 }
@@ -266,6 +284,8 @@ fn claim_slot(record: &RawRecord, large: Option<&str>) -> Result<SlotClaim, Vaul
     }
     let timeout = Duration::from_millis(settings::AUDIT_TIMEOUT_MS.get().max(1) as u64);
     let deadline = Instant::now() + timeout;
+    // SAFETY: a plain read of a process global set when this backend connected, on its only
+    // thread.
     let my_db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let mut record = *record;
     if let Some(details) = large {
@@ -324,6 +344,8 @@ fn claim_free_slot(
 
 fn wait_for(mut claim: SlotClaim, deadline: Instant, timeout: Duration) -> Result<u32, VaultError> {
     loop {
+        // SAFETY: called in a backend (an audited SQL call), where MyLatch is this process's own
+        // latch, valid for the life of the process; only its owner may reset it, and it is.
         unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
         {
             let mut q = QUEUE.exclusive();
@@ -355,6 +377,10 @@ fn wait_for(mut claim: SlotClaim, deadline: Instant, timeout: Duration) -> Resul
 }
 
 fn wait_my_latch(d: Duration) {
+    // SAFETY: called in a backend waiting for the writer, on its own latch (valid for the life of
+    // the process) with valid event flags and a positive timeout; no LWLock is held across the
+    // wait (every QUEUE / LARGE guard is dropped before). An interrupt (cancel, termination)
+    // raised by check_for_interrupts is an ERROR that pgrx turns into a Rust panic.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -372,7 +398,10 @@ fn wait_my_latch(d: Duration) {
 pub fn writer_attach() {
     let mut q = QUEUE.exclusive();
     q.writer_latch = my_latch();
+    // SAFETY: plain reads of process globals, set when the writer started and connected, on its
+    // only thread.
     q.writer_pid = unsafe { pg_sys::MyProcPid };
+    // SAFETY: as above.
     q.writer_db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     // A previous writer that died mid-batch never committed these: their callers must fail.
     let mut wake = Vec::new();
@@ -385,6 +414,7 @@ pub fn writer_attach() {
 
 pub fn writer_detach() {
     let mut q = QUEUE.exclusive();
+    // SAFETY: a plain read of a process global set at process start, on the process's only thread.
     if q.writer_pid == unsafe { pg_sys::MyProcPid } {
         q.writer_latch = 0;
         q.writer_pid = 0;

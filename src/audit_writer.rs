@@ -87,10 +87,15 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
 
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
+            // SAFETY: the reload a background worker makes in its main loop (as PostgreSQL's own
+            // workers do): on the worker's thread, between transactions, no LWLock held.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             if settings::database() != database {
                 log!("vsql_vault.database changed: audit writer restarts to follow it");
                 audit_queue::writer_detach();
+                // SAFETY: outside any transaction, with no LWLock held (writer_detach's guard is
+                // dropped); proc_exit runs PostgreSQL's exit callbacks and never returns, so no
+                // Rust code runs after it (the frames' owned memory goes with the process).
                 unsafe { pg_sys::proc_exit(1) };
             }
         }
@@ -110,6 +115,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
     audit_queue::writer_detach();
     // Exit code 1: after pg_terminate_backend the postmaster starts a new writer (code 0 would
     // retire it for good, and every audited call would fail until the server restarts).
+    // SAFETY: as above: outside any transaction, no LWLock held, and nothing runs after it.
     unsafe { pg_sys::proc_exit(1) };
 }
 

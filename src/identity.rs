@@ -25,6 +25,10 @@ thread_local! {
 }
 
 fn role_name(oid: pg_sys::Oid) -> String {
+    // SAFETY: called inside a transaction (from Caller::current, in an SQL call), so the syscache
+    // lookup is allowed; with noerr = true an unknown OID gives NULL, checked here. Otherwise the
+    // result is a palloc'd NUL-terminated copy in the current memory context, copied into a
+    // String before anything could reset that context.
     unsafe {
         let p = pg_sys::GetUserNameFromId(oid, true);
         if p.is_null() {
@@ -37,8 +41,14 @@ fn role_name(oid: pg_sys::Oid) -> String {
 
 impl Caller {
     pub fn current() -> Caller {
+        // SAFETY: both only read this backend's user ids, which are set (valid OIDs) once a
+        // session is authenticated, as it is in any SQL call; on the backend's only thread.
         let role_oid = unsafe { pg_sys::GetUserId() };
+        // SAFETY: as above.
         let session_oid = unsafe { pg_sys::GetSessionUserId() };
+        // SAFETY: `application_name` is the GUC's string variable: NULL or a NUL-terminated
+        // string owned by the GUC machinery, which nothing replaces while this block copies it
+        // (no setting is changed in between).
         let application_name = unsafe {
             let p = pg_sys::application_name;
             (!p.is_null())
@@ -59,6 +69,7 @@ impl Caller {
             session_user: role_name(session_oid),
             application_name,
             client_addr,
+            // SAFETY: a plain read of a process global set at process start.
             backend_pid: unsafe { pg_sys::MyProcPid },
         }
     }
@@ -90,6 +101,10 @@ impl AsOwner {
         let owner = vault_owner();
         let mut saved_user = pg_sys::Oid::INVALID;
         let mut saved_context = 0;
+        // SAFETY: plain reads and writes of this backend's current user id and security context
+        // through pointers to two live locals; `owner` is the valid role OID that owns
+        // vault.entries. The saved pair is put back exactly by Drop (guards nest as scopes do), and
+        // a transaction abort restores the outer values anyway.
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
             pg_sys::SetUserIdAndSecContext(
@@ -106,6 +121,8 @@ impl AsOwner {
 
 impl Drop for AsOwner {
     fn drop(&mut self) {
+        // SAFETY: restores the user id and security context `enter` saved, still valid values,
+        // on the same backend thread.
         unsafe { pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context) };
     }
 }
@@ -125,6 +142,8 @@ impl AsTableOwner {
     pub fn enter(table_owner: pg_sys::Oid) -> AsTableOwner {
         let mut saved_user = pg_sys::Oid::INVALID;
         let mut saved_context = 0;
+        // SAFETY: as in AsOwner::enter; `table_owner` is the relowner read from pg_class (or the
+        // bootstrap superuser), a valid role OID. Drop restores the saved pair.
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
             pg_sys::SetUserIdAndSecContext(
@@ -144,6 +163,7 @@ impl AsTableOwner {
 
 impl Drop for AsTableOwner {
     fn drop(&mut self) {
+        // SAFETY: as for AsOwner: restores the pair `enter` saved.
         unsafe { pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context) };
     }
 }
@@ -188,6 +208,10 @@ impl TemporarySetting {
 impl Drop for TemporarySetting {
     fn drop(&mut self) {
         if !std::thread::panicking() {
+            // SAFETY: closes the nesting level `set_all` opened, inside the same transaction:
+            // guards are dropped in reverse order of creation, so it is the innermost level still
+            // open (isCommit = false restores the values saved at that level). While unwinding
+            // this is skipped: the (sub)transaction abort that follows pops the level itself.
             unsafe { pg_sys::AtEOXact_GUC(false, self.guc_level) };
         }
     }
@@ -195,11 +219,13 @@ impl Drop for TemporarySetting {
 
 /// The caller's top-level transaction id, if it has one (a put has one after its write).
 pub fn current_xid() -> Option<u64> {
+    // SAFETY: only reads the current transaction state (no xid is assigned); valid in any backend.
     let full = unsafe { pg_sys::GetTopFullTransactionIdIfAny() };
     (full.value != 0).then_some(full.value)
 }
 
 pub fn now_micros() -> i64 {
+    // SAFETY: reads the system clock (gettimeofday); no arguments, no state, valid in any process.
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 

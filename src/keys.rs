@@ -13,6 +13,8 @@ use vsql_vault_core::keys::{self, KeyError};
 
 /// Where the generated key lives when no key file is configured.
 fn generated_path() -> String {
+    // SAFETY: DataDir is set (absolute, NUL-terminated) by the postmaster before any backend,
+    // worker or walsender exists, inherited by them and never changed or freed afterwards.
     let dir = unsafe { CStr::from_ptr(pg_sys::DataDir) }
         .to_string_lossy()
         .into_owned();
@@ -32,15 +34,24 @@ fn read_key(path: &str) -> Result<SigningKey, KeyError> {
         why: e.kind().to_string(),
     };
     let meta = std::fs::metadata(path).map_err(io)?;
+    // SAFETY: libc_geteuid has no precondition (see its Safety section).
     keys::check_permissions(path, &meta, unsafe { libc_geteuid() })?;
     let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(io)?);
     keys::decode_file(path, &bytes)
 }
 
+/// The process's effective user id.
+///
+/// # Safety
+///
+/// None for the caller: geteuid takes no argument, touches no memory and cannot fail. The one
+/// obligation is on the declaration below, which matches POSIX on the supported platforms
+/// (`uid_t` is a 32-bit unsigned integer on Linux and macOS).
 unsafe fn libc_geteuid() -> u32 {
     unsafe extern "C" {
         fn geteuid() -> u32;
     }
+    // SAFETY: a call through the declaration above, which matches libc's `uid_t geteuid(void)`.
     unsafe { geteuid() }
 }
 

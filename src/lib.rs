@@ -78,6 +78,8 @@ pub extern "C-unwind" fn _PG_init() {
     settings::define();
     // A walsender or a plain backend may load the library too; shared memory and workers can only
     // be requested while the postmaster preloads it.
+    // SAFETY: a plain read of a process-global bool that PostgreSQL sets around the loading of
+    // shared_preload_libraries; _PG_init runs on the process's only thread.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
         audit_queue::init_shmem();

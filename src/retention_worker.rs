@@ -18,8 +18,13 @@ pub struct RetentionShared {
     vacuum_requested: bool,
 }
 
+// SAFETY: `repr(C)`, `Copy` plain data (an integer and a bool) that owns nothing and refers to no
+// process-local memory: `worker_latch` is the address of the worker's PGPROC latch, in shared
+// memory, only ever handed to SetLatch. Every access goes through SHARED's LWLock.
 unsafe impl PGRXSharedMemory for RetentionShared {}
 
+// SAFETY: a shared-memory name of its own: this library's four names (here, the audit queue's
+// two and decoding's batch counter) are distinct and all start with "vsql_vault_".
 static SHARED: PgLwLock<RetentionShared> = unsafe { PgLwLock::new(c"vsql_vault_retention") };
 
 pub fn init_shmem() {
@@ -49,12 +54,21 @@ pub fn request_vacuum() {
         s.worker_latch
     };
     if latch != 0 {
+        // SAFETY: a non-zero `latch` is the MyLatch the worker published after it connected: its
+        // PGPROC latch, in shared memory mapped at the same address in every process and never
+        // freed. If the worker has exited meanwhile (a proc_exit on a database change leaves the
+        // address behind), SetLatch only sets the flag or signals the latch's current owner, a
+        // spurious wake-up latch users tolerate.
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
     }
 }
 
 /// SIGTERM arrived (pgrx's flag for it is cleared when read; this one is not).
 fn stop_requested() -> bool {
+    // SAFETY: reads an int-sized `sig_atomic_t` that only the SIGTERM handler (pgrx's) sets, on
+    // the worker's only thread; a torn read is impossible. It is a plain rather than a volatile
+    // read, but every read is a fresh call separated from the last by opaque FFI calls, so the
+    // compiler cannot cache it.
     unsafe { pg_sys::ShutdownRequestPending != 0 }
 }
 
@@ -81,6 +95,9 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // SAFETY: a plain read of a process global on the worker's thread. After the worker's
+    // InitProcess, MyLatch is its PGPROC latch in shared memory, so the address means the same in
+    // the backends that SetLatch it (request_vacuum).
     SHARED.exclusive().worker_latch = unsafe { pg_sys::MyLatch as usize };
     log!("{WORKER_NAME} started for database \"{database}\"");
 
@@ -98,9 +115,13 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
             break;
         }
         if BackgroundWorker::sighup_received() {
+            // SAFETY: the reload a background worker makes in its main loop (as PostgreSQL's own
+            // workers do): on the worker's thread, between transactions, no LWLock held.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             if settings::database() != database {
                 log!("vsql_vault.database changed: {WORKER_NAME} restarts to follow it");
+                // SAFETY: between transactions, no LWLock held (SHARED's guards are temporaries);
+                // proc_exit never returns, so no Rust code runs after it.
                 unsafe { pg_sys::proc_exit(1) };
             }
             continue;
@@ -119,6 +140,7 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
     SHARED.exclusive().worker_latch = 0;
     // Exit code 1: if this was pg_terminate_backend rather than a shutdown, the postmaster starts
     // a new worker (code 0 would retire it for good and silently stop retention).
+    // SAFETY: as above: between transactions, no LWLock held, and nothing runs after it.
     unsafe { pg_sys::proc_exit(1) };
 }
 
@@ -154,6 +176,12 @@ fn scheduled_sweep() {
             }))
         })
         .catch_others(|e| {
+            // SAFETY: on the worker's thread, after pgrx caught the error (it has already copied
+            // the error data and flushed PostgreSQL's error state). AbortCurrentTransaction aborts
+            // and cleans up the batch's transaction whatever state the error left it in (active
+            // snapshot, resource owner and memory contexts included), and does nothing if no
+            // transaction was open; nothing from that transaction is used afterwards (`e` is
+            // owned Rust data).
             unsafe { pg_sys::AbortCurrentTransaction() };
             Err(match e {
                 pg_sys::panic::CaughtError::PostgresError(r)
@@ -201,9 +229,26 @@ fn scheduled_sweep() {
 /// VACUUM vault.entries, which only works outside a transaction block: the worker runs it the
 /// way a top-level command runs.
 fn vacuum_entries() {
+    // SAFETY: called from the worker's main loop and at the end of a sweep, never inside a
+    // transaction: StartTransactionCommand opens a fresh one, not a transaction block, which is
+    // what VACUUM with isTopLevel = true needs. vacuum() commits that transaction and starts new
+    // ones, so, as autovacuum does, the parse tree and PortalContext live in a context of their
+    // own under TopMemoryContext that survives those commits, deleted once the work is done.
+    // raw_parser on this constant either ERRORs or returns a one-element list whose RawStmt is a
+    // VacuumStmt, so the two dereferences and the cast are valid; make_parsestate accepts a null
+    // parent.
     unsafe {
+        let portal = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"vsql_vault vacuum".as_ptr(),
+            0,
+            8 * 1024,
+            8 * 1024 * 1024,
+        );
+        pg_sys::PortalContext = portal;
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
+        pg_sys::MemoryContextSwitchTo(portal);
         let stmts = pg_sys::raw_parser(
             c"VACUUM vault.entries".as_ptr(),
             pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
@@ -213,5 +258,8 @@ fn vacuum_entries() {
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
         pg_sys::ExecVacuum(pstate, stmt, true);
         pg_sys::CommitTransactionCommand();
+        pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+        pg_sys::PortalContext = std::ptr::null_mut();
+        pg_sys::MemoryContextDelete(portal);
     }
 }

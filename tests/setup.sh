@@ -25,6 +25,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
+# The second, independent verifier of the tests (tests/verifier/verify.py) needs Python 3 only.
+if ! command -v python3 >/dev/null; then
+    say "Installing python3 (the tests' second verifier)"
+    apt-get install -y -qq python3 >/dev/null
+fi
+
 if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.1'; then
     say "Installing cargo-pgrx 0.18.1 (a few minutes the first time)"
     cargo install cargo-pgrx --version 0.18.1 --locked
