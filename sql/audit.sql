@@ -238,6 +238,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
            AND d.deptype = 'e' AND e.extname = 'vsql_vault')
 $fn$;
 
+-- Asked by the guard for ALTER EXTENSION vsql_vault: an UPDATE by a superuser is allowed without
+-- break-glass and recorded (its argument is the command the event trigger reports).
+CREATE FUNCTION vault.extension_update_recorded(command pg_ddl_command) RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'extension_update_recorded_wrapper';
+
 CREATE FUNCTION vault.guard_alter() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE c record; target oid;
@@ -264,9 +272,11 @@ BEGIN
             END IF;
         END IF;
         -- Taking a function out of the extension (ALTER EXTENSION ... DROP) would let it be
-        -- replaced unguarded; any ALTER EXTENSION vsql_vault goes through break-glass.
+        -- replaced unguarded: such ALTER EXTENSION vsql_vault forms go through break-glass. An
+        -- UPDATE by a superuser is allowed and recorded.
         IF c.classid = 'pg_extension'::regclass
            AND c.objid = (SELECT oid FROM pg_extension WHERE extname = 'vsql_vault')
+           AND NOT vault.extension_update_recorded(c.command)
            AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
             RAISE EXCEPTION USING ERRCODE = 'VV403',
                 MESSAGE = format('%s %s is refused (vsql_vault.break_glass is off)',

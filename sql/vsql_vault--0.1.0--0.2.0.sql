@@ -1,6 +1,6 @@
 -- vsql_vault 0.1.0 -> 0.2.0: the security fixes of 0.2.0 (docs/security.md, "0.2.0").
 -- Additive: no table of evidence is dropped or rewritten. Run by ALTER EXTENSION vsql_vault UPDATE,
--- which, like any ALTER EXTENSION of vsql_vault, needs vsql_vault.break_glass and is recorded.
+-- which a superuser runs without vsql_vault.break_glass; the update is recorded in the chained log.
 \echo Use "ALTER EXTENSION vsql_vault UPDATE TO '0.2.0'" to load this file. \quit
 
 -- Protected tables are found by OID from now on. Registrations made by name under 0.1.0 get the
@@ -54,6 +54,14 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'ddl_guard_allows_relation_wrapper';
 
+-- Asked by the guard for ALTER EXTENSION vsql_vault: an UPDATE by a superuser is allowed without
+-- break-glass and recorded (its argument is the command the event trigger reports).
+CREATE FUNCTION vault.extension_update_recorded(command pg_ddl_command) RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'extension_update_recorded_wrapper';
+
 CREATE OR REPLACE FUNCTION vault.guard_alter() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE c record; target oid;
@@ -80,9 +88,11 @@ BEGIN
             END IF;
         END IF;
         -- Taking a function out of the extension (ALTER EXTENSION ... DROP) would let it be
-        -- replaced unguarded; any ALTER EXTENSION vsql_vault goes through break-glass.
+        -- replaced unguarded: such ALTER EXTENSION vsql_vault forms go through break-glass. An
+        -- UPDATE by a superuser is allowed and recorded.
         IF c.classid = 'pg_extension'::regclass
            AND c.objid = (SELECT oid FROM pg_extension WHERE extname = 'vsql_vault')
+           AND NOT vault.extension_update_recorded(c.command)
            AND NOT vault.ddl_guard_allows(c.command_tag, c.object_identity) THEN
             RAISE EXCEPTION USING ERRCODE = 'VV403',
                 MESSAGE = format('%s %s is refused (vsql_vault.break_glass is off)',

@@ -12,6 +12,8 @@ use crate::identity::{has_role, require, select_one, AsOwner, Caller};
 use pgrx::prelude::*;
 
 fn is_superuser(caller: &Caller) -> bool {
+    // SAFETY: called from the audited SQL functions, inside a transaction, so the syscache lookup
+    // of pg_authid is allowed; any OID is accepted (an unknown role is simply not a superuser).
     unsafe { pg_sys::superuser_arg(caller.role_oid) }
 }
 
@@ -339,10 +341,53 @@ pub(crate) fn rows_or_error(
 /// sets up and changes the protected tables itself. Only a superuser runs it (the extension is
 /// not trusted), and an ALTER EXTENSION is itself refused without break-glass and recorded.
 fn running_own_script() -> bool {
+    // SAFETY: called from the DDL guard's SQL function, inside a transaction on the backend's
+    // thread: `creating_extension` and `CurrentExtensionObject` are plain process globals, and
+    // get_extension_oid is a catalog lookup by a NUL-terminated static name with missing_ok.
     unsafe {
         pg_sys::creating_extension
             && pg_sys::CurrentExtensionObject
                 == pg_sys::get_extension_oid(c"vsql_vault".as_ptr(), true)
+    }
+}
+
+/// Asked by the DDL guard for each `ALTER EXTENSION vsql_vault`: an update to another version
+/// (`ALTER EXTENSION vsql_vault UPDATE`), run by a superuser, needs no break-glass; it is recorded
+/// in the chained log in the same transaction, so the record commits exactly when the update
+/// does. Adding or dropping a member, or moving the extension, still goes through break-glass.
+/// Declared by hand in sql/audit.sql: its argument is a `pg_ddl_command`.
+#[pg_extern(volatile, parallel_unsafe, schema = "vault", sql = false)]
+fn extension_update_recorded(command: pgrx::datum::Internal) -> bool {
+    // SAFETY: the SQL declaration takes a pg_ddl_command, which pg_event_trigger_ddl_commands()
+    // produces as a pointer to the CollectedCommand of the command being reported, live for the
+    // event trigger's run; its parse tree is a Node, whose tag is read before anything else.
+    let is_update = unsafe {
+        command
+            .get::<pg_sys::CollectedCommand>()
+            .map(|c| c.parsetree)
+            .filter(|tree| !tree.is_null())
+            .is_some_and(|tree| (*tree).type_ == pg_sys::NodeTag::T_AlterExtensionStmt)
+    };
+    let caller = Caller::current();
+    if !is_update || !is_superuser(&caller) {
+        return false;
+    }
+    let version = {
+        let _owner = AsOwner::enter();
+        select_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'vsql_vault'",
+            &[],
+        )
+        .ok()
+        .flatten()
+    };
+    let mut event = Event::new(&caller, "extension_update", None, None);
+    event.details = Some(
+        serde_json::json!({ "command": "ALTER EXTENSION vsql_vault UPDATE", "version": version }),
+    );
+    match event.granted_in_transaction() {
+        Ok(()) => true,
+        Err(e) => pgrx::error!("vsql_vault: the extension update could not be recorded: {e}"),
     }
 }
 

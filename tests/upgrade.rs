@@ -184,17 +184,29 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
         .get(0);
     assert_chains_verify(&mut su, None);
 
-    // The upgrade. Any ALTER EXTENSION of vsql_vault goes through break-glass, and is recorded.
-    let e = su
-        .batch_execute("ALTER EXTENSION vsql_vault UPDATE")
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "VV403", "{e}");
-    su.batch_execute(
-        "SET vsql_vault.break_glass = on; ALTER EXTENSION vsql_vault UPDATE; RESET vsql_vault.break_glass;",
-    )
-    .unwrap();
+    // The upgrade: a superuser runs it without break-glass, and it is recorded in the chained log
+    // in its own transaction (a rolled-back update leaves no record and no change).
+    su.batch_execute("BEGIN; ALTER EXTENSION vsql_vault UPDATE; ROLLBACK;")
+        .unwrap();
+    assert_eq!(installed_version(&mut su), OLD);
+    su.batch_execute("ALTER EXTENSION vsql_vault UPDATE")
+        .unwrap();
     let version = installed_version(&mut su);
     assert_eq!(version, NEW);
+    let recorded: Vec<(String, bool, String)> = su
+        .query(
+            "SELECT role_name::text, granted, details->>'version' FROM vault.access_log
+              WHERE operation = 'extension_update' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        recorded,
+        vec![("postgres".to_string(), true, NEW.to_string())]
+    );
 
     // Old evidence verifies, and new evidence joins it.
     assert_chains_verify(&mut su, None);
