@@ -1,6 +1,6 @@
 //! Building access records and making them durable through the audit writer.
 
-use crate::audit_queue::{self, RawRecord, OUTCOME_LIMIT_REACHED};
+use crate::audit_queue::{self, Outcome, RawRecord};
 use crate::errors::VaultError;
 use crate::identity::{self, Caller};
 use pgrx::prelude::*;
@@ -99,11 +99,14 @@ impl<'a> Event<'a> {
         }
         let (record, large) = self.raw(true, None);
         match audit_queue::submit(&record, large.as_deref())? {
-            OUTCOME_LIMIT_REACHED => Err(VaultError::Denied(format!(
+            Outcome::LimitReached => Err(VaultError::Denied(format!(
                 "entry has reached its max_retrievals ({})",
                 self.max_retrievals.unwrap_or(0)
             ))),
-            _ => Ok(()),
+            Outcome::Failed => Err(VaultError::AuditUnavailable(
+                "the audit writer could not commit the record".into(),
+            )),
+            Outcome::Written => Ok(()),
         }
     }
 

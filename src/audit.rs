@@ -223,7 +223,7 @@ pub struct Head {
 
 /// Locks a chain of relation `table` for this transaction (a free one if any) and returns its head.
 fn take_chain(table: u32) -> Result<Head, VaultError> {
-    // SAFETY: called by chain_row / begin_batch, inside a transaction that is about to insert
+    // SAFETY: called by chain_row / ChainBatch::begin, inside a transaction that is about to insert
     // rows (assigning its xid now is harmless); an ERROR becomes a Rust panic.
     let xid = unsafe { pg_sys::GetTopTransactionId() };
     let held = HELD
@@ -250,10 +250,14 @@ fn take_chain(table: u32) -> Result<Head, VaultError> {
             let rows = c.update(&*stmt, None, &args)?;
             if let Some(row) = rows.into_iter().next() {
                 return Ok(Some(Head {
-                    chain: row.get::<i32>(1)?.unwrap_or(0),
-                    seq: row.get::<i64>(2)?.unwrap_or(0),
-                    hash: row.get::<Vec<u8>>(3)?.unwrap_or_default(),
-                    identity: row.get::<String>(4)?.unwrap_or_default(),
+                    chain: row.get_by_name::<i32, _>("chain_id")?.unwrap_or(0),
+                    seq: row.get_by_name::<i64, _>("seq")?.unwrap_or(0),
+                    hash: row
+                        .get_by_name::<Vec<u8>, _>("head_hash")?
+                        .unwrap_or_default(),
+                    identity: row
+                        .get_by_name::<String, _>("identity")?
+                        .unwrap_or_default(),
                 }));
             }
         }
@@ -265,36 +269,49 @@ fn take_chain(table: u32) -> Result<Head, VaultError> {
     Ok(found)
 }
 
-/// Locks `table`'s chain for the rest of the transaction and links the rows this process inserts
-/// into it in memory, until `end_batch` writes the head back. For a table with one writer.
-pub fn begin_batch(table: &str) -> Result<(), VaultError> {
-    CURSOR.with(|c| *c.borrow_mut() = None);
-    // The extension's own tables, named by the extension itself and never renamed (the DDL
-    // guard): found through the syscache, not a query, once per batch of the audit writer.
-    let relid = vault_relation(table)
-        .ok_or_else(|| VaultError::NotProtected(table.to_owned()))?
-        .to_u32();
-    let head = take_chain(relid)?;
-    CURSOR.with(|c| *c.borrow_mut() = Some(Cursor { relid, head }));
-    Ok(())
+/// A chain a single writer holds for a batch (the audit writer's access-log batches, a purge
+/// batch): `begin` locks the table's chain for the rest of the transaction, the chain trigger
+/// links the rows this process inserts into it in memory, and `finish` writes the head back once,
+/// in the same transaction. Dropped unfinished (an error), it forgets the batch, so the next one
+/// starts from the head on disk.
+#[must_use = "finish() writes the chain head back"]
+pub struct ChainBatch {
+    finished: bool,
 }
 
-/// Writes the batch's final head back (in the same transaction as its rows).
-pub fn end_batch() -> Result<(), VaultError> {
-    match CURSOR.with(|c| c.borrow_mut().take()) {
-        Some(cur) => advance_chain(
-            &cur.head.identity,
-            cur.head.chain,
-            cur.head.seq,
-            &cur.head.hash,
-        ),
-        None => Ok(()),
+impl ChainBatch {
+    pub fn begin(table: &str) -> Result<ChainBatch, VaultError> {
+        CURSOR.with(|c| *c.borrow_mut() = None);
+        // The extension's own tables, named by the extension itself and never renamed (the DDL
+        // guard): found through the syscache, not a query, once per batch.
+        let relid = vault_relation(table)
+            .ok_or_else(|| VaultError::NotProtected(table.to_owned()))?
+            .to_u32();
+        let head = take_chain(relid)?;
+        CURSOR.with(|c| *c.borrow_mut() = Some(Cursor { relid, head }));
+        Ok(ChainBatch { finished: false })
+    }
+
+    pub fn finish(mut self) -> Result<(), VaultError> {
+        self.finished = true;
+        match CURSOR.with(|c| c.borrow_mut().take()) {
+            Some(cur) => advance_chain(
+                &cur.head.identity,
+                cur.head.chain,
+                cur.head.seq,
+                &cur.head.hash,
+            ),
+            None => Ok(()),
+        }
     }
 }
 
-/// Forgets a batch whose transaction failed.
-pub fn abandon_batch() {
-    CURSOR.with(|c| *c.borrow_mut() = None);
+impl Drop for ChainBatch {
+    fn drop(&mut self) {
+        if !self.finished {
+            CURSOR.with(|c| *c.borrow_mut() = None);
+        }
+    }
 }
 
 fn advance_chain(table: &str, chain: i32, seq: i64, head: &[u8]) -> Result<(), VaultError> {
@@ -732,17 +749,19 @@ pub fn load_checkpoints(identity: Option<&str>) -> Result<Vec<Checkpoint>, Vault
             &[identity.into()],
         )? {
             let mut head = [0u8; 32];
-            if let Some(h) = row.get::<Vec<u8>>(4)?.filter(|h| h.len() == 32) {
+            let text = |name: &str| row.get_by_name::<String, _>(name).map(Option::unwrap_or_default);
+            let bytes = |name: &str| row.get_by_name::<Vec<u8>, _>(name);
+            if let Some(h) = bytes("head_hash")?.filter(|h| h.len() == 32) {
                 head.copy_from_slice(&h);
             }
             out.push(Checkpoint {
-                table: row.get::<String>(1)?.unwrap_or_default(),
-                chain: row.get::<i32>(2)?.unwrap_or(0),
-                seq: row.get::<i64>(3)?.unwrap_or(0),
+                table: text("table_identity")?,
+                chain: row.get_by_name::<i32, _>("chain")?.unwrap_or(0),
+                seq: row.get_by_name::<i64, _>("seq")?.unwrap_or(0),
                 head_hash: head,
-                signed_at: row.get::<i64>(5)?.unwrap_or(0),
-                key_id: row.get::<String>(6)?.unwrap_or_default(),
-                signature: hex::encode(row.get::<Vec<u8>>(7)?.unwrap_or_default()),
+                signed_at: row.get_by_name::<i64, _>("signed_at_us")?.unwrap_or(0),
+                key_id: text("key_id")?,
+                signature: hex::encode(bytes("signature")?.unwrap_or_default()),
             });
         }
         Ok::<_, pgrx::spi::Error>(out)
@@ -754,7 +773,7 @@ pub fn public_keys() -> Result<Vec<ed25519_dalek::VerifyingKey>, VaultError> {
     let texts = Spi::connect(|c| {
         let mut out = Vec::new();
         for row in c.select("SELECT public_key FROM vault.signing_keys", None, &[])? {
-            out.extend(row.get::<String>(1)?);
+            out.extend(row.get_by_name::<String, _>("public_key")?);
         }
         Ok::<_, pgrx::spi::Error>(out)
     })
@@ -890,10 +909,10 @@ pub fn checkpoint() -> Result<i64, VaultError> {
             &[],
         )? {
             out.push((
-                row.get::<String>(1)?.unwrap_or_default(),
-                row.get::<i32>(2)?.unwrap_or(0),
-                row.get::<i64>(3)?.unwrap_or(0),
-                row.get::<Vec<u8>>(4)?.unwrap_or_default(),
+                row.get_by_name::<String, _>("identity")?.unwrap_or_default(),
+                row.get_by_name::<i32, _>("chain_id")?.unwrap_or(0),
+                row.get_by_name::<i64, _>("seq")?.unwrap_or(0),
+                row.get_by_name::<Vec<u8>, _>("head_hash")?.unwrap_or_default(),
             ));
         }
         Ok::<_, pgrx::spi::Error>(out)

@@ -20,17 +20,28 @@ pub const LARGE_SLOTS: usize = 4;
 /// The longest details a record can carry.
 pub const LARGE_BYTES: usize = 128 * 1024;
 
-const FREE: u32 = 0;
-const PENDING: u32 = 1;
-const WRITING: u32 = 2;
-const DONE: u32 = 3;
+/// Where a slot is in its life: a caller claims a free one and fills it (pending), the writer
+/// takes it (writing) and reports its outcome (done), the caller reads that and frees it.
+/// Zero is `Free`: zeroed shared memory is a queue of free slots.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[repr(u32)]
+enum SlotState {
+    Free = 0,
+    Pending = 1,
+    Writing = 2,
+    Done = 3,
+}
 
-/// What the writer decided for a record.
-pub const OUTCOME_WRITTEN: u32 = 0;
-/// The entry's `max_retrievals` was reached: the record was written as a denial.
-pub const OUTCOME_LIMIT_REACHED: u32 = 1;
-/// The writer could not commit the batch; the record is not durable.
-pub const OUTCOME_FAILED: u32 = 2;
+/// What the writer decided for a record. Zero is `Written`, the value a claimed slot starts with.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[repr(u32)]
+pub enum Outcome {
+    Written = 0,
+    /// The entry's `max_retrievals` was reached: the record was written as a denial.
+    LimitReached = 1,
+    /// The writer could not commit the batch; the record is not durable.
+    Failed = 2,
+}
 
 /// A UTF-8 string of at most `N` bytes in shared memory, cut at a character boundary.
 #[derive(Copy, Clone)]
@@ -102,8 +113,8 @@ pub struct RawRecord {
 #[derive(Copy, Clone)]
 #[repr(C)]
 struct Slot {
-    state: u32,
-    outcome: u32,
+    state: SlotState,
+    outcome: Outcome,
     /// The caller gave up waiting: the writer frees the slot itself once it is written.
     abandoned: bool,
     latch: usize,
@@ -130,7 +141,7 @@ unsafe impl PGRXSharedMemory for AuditQueue {}
 impl Default for AuditQueue {
     fn default() -> Self {
         // SAFETY: every field is plain data for which all-zero bytes are a valid value
-        // (FREE slots, absent strings, no writer).
+        // (`SlotState::Free` and `Outcome::Written` are 0: free slots, absent strings, no writer).
         unsafe { std::mem::zeroed() }
     }
 }
@@ -240,8 +251,8 @@ impl Drop for SlotClaim {
         }
         let mut q = QUEUE.exclusive();
         let slot = &mut q.slots[self.index];
-        if slot.state == DONE {
-            slot.state = FREE;
+        if slot.state == SlotState::Done {
+            slot.state = SlotState::Free;
         } else {
             slot.abandoned = true;
         }
@@ -256,8 +267,8 @@ pub fn submit_detached(record: &RawRecord, large: Option<&str>) -> Result<(), Va
     let claim = claim_slot(&r, large)?;
     let mut q = QUEUE.exclusive();
     let slot = &mut q.slots[claim.index];
-    if slot.state == DONE {
-        slot.state = FREE;
+    if slot.state == SlotState::Done {
+        slot.state = SlotState::Free;
     } else {
         slot.abandoned = true;
     }
@@ -267,9 +278,9 @@ pub fn submit_detached(record: &RawRecord, large: Option<&str>) -> Result<(), Va
 }
 
 /// Hands `record` to the audit writer and waits until it is durable.
-/// Returns the writer's outcome (`OUTCOME_WRITTEN` or `OUTCOME_LIMIT_REACHED`).
+/// Returns the writer's outcome (`Outcome::Written` or `Outcome::LimitReached`).
 /// `large`: details too long for the record's own field (see `LARGE_BYTES`).
-pub fn submit(record: &RawRecord, large: Option<&str>) -> Result<u32, VaultError> {
+pub fn submit(record: &RawRecord, large: Option<&str>) -> Result<Outcome, VaultError> {
     let timeout = Duration::from_millis(settings::AUDIT_TIMEOUT_MS.get().max(1) as u64);
     let deadline = Instant::now() + timeout;
     let claim = claim_slot(record, large)?;
@@ -313,12 +324,12 @@ fn claim_free_slot(
             let start = q.next;
             let found = (0..SLOTS)
                 .map(|i| (start + i) % SLOTS)
-                .find(|&i| q.slots[i].state == FREE);
+                .find(|&i| q.slots[i].state == SlotState::Free);
             if let Some(i) = found {
                 let latch = my_latch();
                 let slot = &mut q.slots[i];
-                slot.state = PENDING;
-                slot.outcome = OUTCOME_WRITTEN;
+                slot.state = SlotState::Pending;
+                slot.outcome = Outcome::Written;
                 slot.abandoned = false;
                 slot.latch = latch;
                 slot.record = *record;
@@ -342,7 +353,11 @@ fn claim_free_slot(
     Ok(claim)
 }
 
-fn wait_for(mut claim: SlotClaim, deadline: Instant, timeout: Duration) -> Result<u32, VaultError> {
+fn wait_for(
+    mut claim: SlotClaim,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Outcome, VaultError> {
     loop {
         // SAFETY: called in a backend (an audited SQL call), where MyLatch is this process's own
         // latch, valid for the life of the process; only its owner may reset it, and it is.
@@ -350,19 +365,19 @@ fn wait_for(mut claim: SlotClaim, deadline: Instant, timeout: Duration) -> Resul
         {
             let mut q = QUEUE.exclusive();
             let slot = &mut q.slots[claim.index];
-            if slot.state == DONE {
+            if slot.state == SlotState::Done {
                 let outcome = slot.outcome;
-                slot.state = FREE;
+                slot.state = SlotState::Free;
                 claim.settled = true;
                 drop(q);
                 return match outcome {
-                    OUTCOME_FAILED => Err(VaultError::AuditUnavailable(
+                    Outcome::Failed => Err(VaultError::AuditUnavailable(
                         "the audit writer could not commit the record".into(),
                     )),
                     o => Ok(o),
                 };
             }
-            // A writer that died mid-batch leaves WRITING slots; its successor fails them.
+            // A writer that died mid-batch leaves SlotState::Writing slots; its successor fails them.
         }
         let now = Instant::now();
         if now >= deadline {
@@ -405,8 +420,8 @@ pub fn writer_attach() {
     q.writer_db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     // A previous writer that died mid-batch never committed these: their callers must fail.
     let mut wake = Vec::new();
-    for slot in q.slots.iter_mut().filter(|s| s.state == WRITING) {
-        finish_slot(slot, OUTCOME_FAILED, &mut wake);
+    for slot in q.slots.iter_mut().filter(|s| s.state == SlotState::Writing) {
+        finish_slot(slot, Outcome::Failed, &mut wake);
     }
     drop(q);
     wake.into_iter().for_each(set_latch);
@@ -436,8 +451,8 @@ pub fn take_pending() -> Vec<Taken> {
     let mut out = Vec::new();
     for i in (0..SLOTS).map(|k| (start + k) % SLOTS) {
         let slot = &mut q.slots[i];
-        if slot.state == PENDING {
-            slot.state = WRITING;
+        if slot.state == SlotState::Pending {
+            slot.state = SlotState::Writing;
             out.push(Taken {
                 index: i,
                 record: slot.record,
@@ -448,13 +463,13 @@ pub fn take_pending() -> Vec<Taken> {
     out
 }
 
-fn finish_slot(slot: &mut Slot, outcome: u32, wake: &mut Vec<usize>) {
+fn finish_slot(slot: &mut Slot, outcome: Outcome, wake: &mut Vec<usize>) {
     // The writer is done with the record: its long details, if any, are no longer needed.
     release_large(std::mem::take(&mut slot.record.large));
     if slot.abandoned {
-        slot.state = FREE;
+        slot.state = SlotState::Free;
     } else {
-        slot.state = DONE;
+        slot.state = SlotState::Done;
         slot.outcome = outcome;
         wake.push(slot.latch);
     }
@@ -463,15 +478,15 @@ fn finish_slot(slot: &mut Slot, outcome: u32, wake: &mut Vec<usize>) {
 /// Reports the outcome of each taken record and wakes its caller. Returns the indexes of the
 /// records whose caller gave up while the writer was writing them: their data was never
 /// returned.
-pub fn complete(results: &[(usize, u32)]) -> Vec<usize> {
+pub fn complete(results: &[(usize, Outcome)]) -> Vec<usize> {
     let mut wake = Vec::with_capacity(results.len());
     let mut gone = Vec::new();
     {
         let mut q = QUEUE.exclusive();
         for &(index, outcome) in results {
             let slot = &mut q.slots[index];
-            if slot.state == WRITING {
-                if slot.abandoned && outcome == OUTCOME_WRITTEN {
+            if slot.state == SlotState::Writing {
+                if slot.abandoned && outcome == Outcome::Written {
                     gone.push(index);
                 }
                 finish_slot(slot, outcome, &mut wake);

@@ -3,7 +3,7 @@
 //! It is the only process that inserts into `vault.access_log`, which makes it the log's single
 //! sequencer: it also enforces `max_retrievals`, because only it sees every granted get in order.
 
-use crate::audit_queue::{self, Taken, OUTCOME_FAILED, OUTCOME_LIMIT_REACHED, OUTCOME_WRITTEN};
+use crate::audit_queue::{self, Outcome, Taken};
 use crate::plans::{self, types::*};
 use crate::settings;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -156,7 +156,6 @@ fn when_installed(table: &str, work: impl FnOnce() -> Result<(), String>) -> Res
 }
 
 fn write_batch(batch: Vec<Taken>) {
-    crate::audit::abandon_batch();
     let indexes: Vec<usize> = batch.iter().map(|t| t.index).collect();
     // A failure is raised inside the transaction so that it aborts: never half a batch committed.
     let result = PgTryBuilder::new(|| {
@@ -168,7 +167,7 @@ fn write_batch(batch: Vec<Taken>) {
     })
     .catch_others(|e| {
         // Tell the callers now rather than at their timeout, then let the worker restart.
-        let failed: Vec<(usize, u32)> = indexes.iter().map(|&i| (i, OUTCOME_FAILED)).collect();
+        let failed: Vec<(usize, Outcome)> = indexes.iter().map(|&i| (i, Outcome::Failed)).collect();
         audit_queue::complete(&failed);
         e.rethrow()
     })
@@ -220,25 +219,26 @@ fn note_not_returned(batch: &[Taken], gone: &[usize]) {
 }
 
 #[derive(Default)]
-struct Columns(
-    Vec<i64>,
-    Vec<String>,
-    Vec<String>,
-    Vec<Option<String>>,
-    Vec<Option<String>>,
-    Vec<i32>,
-    Vec<String>,
-    Vec<Option<String>>,
-    Vec<Option<String>>,
-    Vec<Option<i64>>,
-    Vec<bool>,
-    Vec<Option<String>>,
-    Vec<Option<String>>,
-    Vec<Option<String>>,
-    Vec<Option<String>>,
-);
+/// One array per column of the access log, in the order of `INSERT`'s parameters.
+struct Columns {
+    logged_at: Vec<i64>,
+    role_name: Vec<String>,
+    session_user: Vec<String>,
+    application_name: Vec<Option<String>>,
+    client_addr: Vec<Option<String>>,
+    backend_pid: Vec<i32>,
+    operation: Vec<String>,
+    purpose: Vec<Option<String>>,
+    external_id: Vec<Option<String>>,
+    entry_id: Vec<Option<i64>>,
+    granted: Vec<bool>,
+    sqlstate: Vec<Option<String>>,
+    reason: Vec<Option<String>>,
+    details: Vec<Option<String>>,
+    caller_xid: Vec<Option<String>>,
+}
 
-fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, String> {
+fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, String> {
     let _writing = crate::audit::VaultWriting::enter();
     let present = Spi::connect(|c| {
         c.select(&*plans::plan(c, LOG_PRESENT, &[], false)?, None, &[])?
@@ -248,17 +248,17 @@ fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, u32)>, String> {
     .map_err(|e| e.to_string())?
     .unwrap_or(false);
     if !present {
-        return Ok(batch.iter().map(|t| (t.index, OUTCOME_FAILED)).collect());
+        return Ok(batch.iter().map(|t| (t.index, Outcome::Failed)).collect());
     }
     // The writer is the access log's only inserter: it holds the chain for the whole batch and
     // the chain trigger links the rows in memory; the head is written back once.
-    crate::audit::begin_batch("vault.access_log").map_err(|e| e.to_string())?;
+    let chain = crate::audit::ChainBatch::begin("vault.access_log").map_err(|e| e.to_string())?;
     let outcomes = insert_rows(batch).map_err(|e| e.to_string())?;
-    crate::audit::end_batch().map_err(|e| e.to_string())?;
+    chain.finish().map_err(|e| e.to_string())?;
     Ok(outcomes)
 }
 
-fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
+fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, pgrx::spi::Error> {
     Spi::connect_mut(|client| {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut retrievals: HashMap<i64, i64> = HashMap::new();
@@ -268,7 +268,7 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
             let mut granted = r.granted;
             let mut sqlstate = r.sqlstate.get();
             let mut reason = r.reason.get();
-            let mut outcome = OUTCOME_WRITTEN;
+            let mut outcome = Outcome::Written;
             let mut details = audit_queue::details_of(r);
             // A caller that gave up before its record was written gets no data: the record says
             // so and the get does not count against max_retrievals.
@@ -290,7 +290,7 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
                     granted = false;
                     sqlstate = Some("42501".into());
                     reason = Some(format!("max_retrievals ({}) reached", r.max_retrievals));
-                    outcome = OUTCOME_LIMIT_REACHED;
+                    outcome = Outcome::LimitReached;
                 } else {
                     retrievals.insert(r.entry_id, count + 1);
                 }
@@ -307,44 +307,42 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, u32)>, pgrx::spi::Error> {
                 d["returned"] = serde_json::json!(false);
                 details = Some(d.to_string());
             }
-            c.0.push(r.logged_at);
-            c.1.push(r.role_name.get().unwrap_or_default());
-            c.2.push(r.session_user.get().unwrap_or_default());
-            c.3.push(r.application_name.get());
-            c.4.push(r.client_addr.get());
-            c.5.push(r.backend_pid);
-            c.6.push(r.operation.get().unwrap_or_default());
-            c.7.push(r.purpose.get());
-            c.8.push(r.external_id.get());
-            c.9.push(r.has_entry.then_some(r.entry_id));
-            c.10.push(granted);
-            c.11.push(sqlstate);
-            c.12.push(reason);
-            c.13.push(details);
-            c.14.push(r.has_xid.then(|| r.caller_xid.to_string()));
+            c.logged_at.push(r.logged_at);
+            c.role_name.push(r.role_name.get().unwrap_or_default());
+            c.session_user
+                .push(r.session_user.get().unwrap_or_default());
+            c.application_name.push(r.application_name.get());
+            c.client_addr.push(r.client_addr.get());
+            c.backend_pid.push(r.backend_pid);
+            c.operation.push(r.operation.get().unwrap_or_default());
+            c.purpose.push(r.purpose.get());
+            c.external_id.push(r.external_id.get());
+            c.entry_id.push(r.has_entry.then_some(r.entry_id));
+            c.granted.push(granted);
+            c.sqlstate.push(sqlstate);
+            c.reason.push(reason);
+            c.details.push(details);
+            c.caller_xid
+                .push(r.has_xid.then(|| r.caller_xid.to_string()));
             outcomes.push((t.index, outcome));
         }
         let args: Vec<DatumWithOid> = vec![
-            c.0.into(),
-            c.1.into(),
-            c.2.into(),
-            c.3.into(),
-            c.4.into(),
-            c.5.into(),
-            c.6.into(),
-            c.7.into(),
-            c.8.into(),
-            c.9.into(),
-            c.10.into(),
-            c.11.into(),
-            c.12.into(),
-            c.13.into(),
-            c.14.into(),
+            c.logged_at.into(),
+            c.role_name.into(),
+            c.session_user.into(),
+            c.application_name.into(),
+            c.client_addr.into(),
+            c.backend_pid.into(),
+            c.operation.into(),
+            c.purpose.into(),
+            c.external_id.into(),
+            c.entry_id.into(),
+            c.granted.into(),
+            c.sqlstate.into(),
+            c.reason.into(),
+            c.details.into(),
+            c.caller_xid.into(),
         ];
-        // The writer is the access log's only inserter: it holds the chain for the whole batch
-        // and the chain trigger links rows in memory.
-        crate::audit::begin_batch("vault.access_log")
-            .map_err(|e| pgrx::spi::Error::CursorNotFound(e.to_string()))?;
         let stmt = plans::plan(
             client,
             INSERT,

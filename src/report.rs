@@ -243,10 +243,10 @@ fn metrics() -> Result<String, VaultError> {
             c.select(METRIC_ROWS, None, &[])?
                 .map(|r| {
                     Ok((
-                        r.get::<String>(1)?.unwrap_or_default(),
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
+                        r.get_by_name::<String, _>("family")?.unwrap_or_default(),
+                        r.get_by_name("a")?,
+                        r.get_by_name("b")?,
+                        r.get_by_name("v")?,
                     ))
                 })
                 .collect::<Result<Vec<_>, pgrx::spi::Error>>()

@@ -19,32 +19,38 @@ struct Doomed {
 
 const SELECT_COLUMNS: &str =
     "e.id, e.purpose, e.external_id, e.encrypted_value, e.algorithm_hint, e.key_ref,
-       e.metadata::text, e.access_policy, e.owner::text, vault.to_us(e.created_at),
-       vault.to_us(e.updated_at), vault.to_us(e.expires_at),
+       e.metadata::text AS metadata, e.access_policy, e.owner::text AS owner,
+       vault.to_us(e.created_at) AS created_at_us, vault.to_us(e.updated_at) AS updated_at_us,
+       vault.to_us(e.expires_at) AS expires_at_us,
        rp.max_retention_days, rp.default_ttl_days, rp.purge_method";
 
 fn read_doomed(query: &str, args: &[DatumWithOid]) -> Result<Vec<Doomed>, VaultError> {
     Spi::connect_mut(|c| {
         let mut out = Vec::new();
         for row in c.update(query, None, args)? {
+            let text = |name: &str| row.get_by_name::<String, _>(name);
+            let int = |name: &str| row.get_by_name::<i64, _>(name).map(|v| v.unwrap_or(0));
+            let days = |name: &str| row.get_by_name::<i32, _>(name).map(|v| v.unwrap_or(0));
             out.push(Doomed {
                 snapshot: EntrySnapshot {
-                    id: row.get::<i64>(1)?.unwrap_or(0),
-                    purpose: row.get::<String>(2)?.unwrap_or_default(),
-                    external_id: row.get::<String>(3)?.unwrap_or_default(),
-                    encrypted_value: row.get::<Vec<u8>>(4)?.unwrap_or_default(),
-                    algorithm_hint: row.get::<String>(5)?,
-                    key_ref: row.get::<String>(6)?,
-                    metadata: row.get::<String>(7)?.unwrap_or_default(),
-                    access_policy: row.get::<String>(8)?.unwrap_or_default(),
-                    owner: row.get::<String>(9)?.unwrap_or_default(),
-                    created_at: row.get::<i64>(10)?.unwrap_or(0),
-                    updated_at: row.get::<i64>(11)?.unwrap_or(0),
-                    expires_at: row.get::<i64>(12)?.unwrap_or(0),
+                    id: int("id")?,
+                    purpose: text("purpose")?.unwrap_or_default(),
+                    external_id: text("external_id")?.unwrap_or_default(),
+                    encrypted_value: row
+                        .get_by_name::<Vec<u8>, _>("encrypted_value")?
+                        .unwrap_or_default(),
+                    algorithm_hint: text("algorithm_hint")?,
+                    key_ref: text("key_ref")?,
+                    metadata: text("metadata")?.unwrap_or_default(),
+                    access_policy: text("access_policy")?.unwrap_or_default(),
+                    owner: text("owner")?.unwrap_or_default(),
+                    created_at: int("created_at_us")?,
+                    updated_at: int("updated_at_us")?,
+                    expires_at: int("expires_at_us")?,
                 },
-                max_retention_days: row.get::<i32>(13)?.unwrap_or(0),
-                default_ttl_days: row.get::<i32>(14)?.unwrap_or(0),
-                purge_method: row.get::<String>(15)?.unwrap_or_default(),
+                max_retention_days: days("max_retention_days")?,
+                default_ttl_days: days("default_ttl_days")?,
+                purge_method: text("purge_method")?.unwrap_or_default(),
             });
         }
         Ok::<_, pgrx::spi::Error>(out)
@@ -115,7 +121,7 @@ fn destroy(
     };
     // This transaction holds the purge log's chain for the batch: its rows are linked in memory
     // and the head is written once.
-    crate::audit::begin_batch("vault.purge_log")?;
+    let chain = crate::audit::ChainBatch::begin("vault.purge_log")?;
     let ids = Spi::connect_mut(|c| {
         let st = |f: fn(&PurgeStatement) -> String| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
         let int = |f: fn(&PurgeStatement) -> i64| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
@@ -177,7 +183,7 @@ fn destroy(
             None,
             &args,
         )? {
-            ids.push(row.get::<i64>(1)?.unwrap_or(0));
+            ids.push(row.get_by_name::<i64, _>("id")?.unwrap_or(0));
         }
         if !ids_delete.is_empty() {
             c.update("DELETE FROM vault.entries WHERE id = ANY($1)", None, &[ids_delete.clone().into()])?;
@@ -193,7 +199,7 @@ fn destroy(
         Ok::<_, pgrx::spi::Error>(ids)
     })
     .map_err(|e| VaultError::Internal(format!("purging failed: {e}")))?;
-    crate::audit::end_batch()?;
+    chain.finish()?;
     request_vacuum();
     Ok(ids)
 }
@@ -254,11 +260,11 @@ pub fn load_proofs(filter: &str, args: &[DatumWithOid]) -> Result<Vec<PurgeProof
         let mut out = Vec::new();
         for row in c.select(
             &format!(
-                "SELECT id, purpose, external_id, owner::text, entry_id, created_at_us, expires_at_us,
+                "SELECT id, purpose, external_id, owner::text AS owner, entry_id, created_at_us, expires_at_us,
                         max_retention_days, default_ttl_days, purge_method, access_policy, reason, purged_by,
                         purged_at_us, entry_hash, batch_id, leaf_index, tree_size,
                         (SELECT string_agg(encode(p, 'hex'), ',' ORDER BY n)
-                           FROM unnest(inclusion_path) WITH ORDINALITY AS x(p, n)),
+                           FROM unnest(inclusion_path) WITH ORDINALITY AS x(p, n)) AS path,
                         merkle_root, signed_at_us, key_id, signature
                  FROM vault.purge_log {filter} ORDER BY id"
             ),
@@ -272,35 +278,39 @@ pub fn load_proofs(filter: &str, args: &[DatumWithOid]) -> Result<Vec<PurgeProof
                 }
                 h
             };
+            let text = |name: &str| row.get_by_name::<String, _>(name).map(Option::unwrap_or_default);
+            let int = |name: &str| row.get_by_name::<i64, _>(name).map(|v| v.unwrap_or(0));
+            let days = |name: &str| row.get_by_name::<i32, _>(name).map(|v| v.unwrap_or(0));
+            let bytes = |name: &str| row.get_by_name::<Vec<u8>, _>(name);
             out.push(PurgeProof {
-                id: row.get::<i64>(1)?.unwrap_or(0),
+                id: int("id")?,
                 statement: PurgeStatement {
-                    purpose: row.get::<String>(2)?.unwrap_or_default(),
-                    external_id: row.get::<String>(3)?.unwrap_or_default(),
-                    owner: row.get::<String>(4)?.unwrap_or_default(),
-                    entry_id: row.get::<i64>(5)?.unwrap_or(0),
-                    created_at: row.get::<i64>(6)?.unwrap_or(0),
-                    expires_at: row.get::<i64>(7)?.unwrap_or(0),
-                    max_retention_days: row.get::<i32>(8)?.unwrap_or(0),
-                    default_ttl_days: row.get::<i32>(9)?.unwrap_or(0),
-                    purge_method: row.get::<String>(10)?.unwrap_or_default(),
-                    access_policy: row.get::<String>(11)?.unwrap_or_default(),
-                    reason: row.get::<String>(12)?.unwrap_or_default(),
-                    purged_by: row.get::<String>(13)?.unwrap_or_default(),
-                    purged_at: row.get::<i64>(14)?.unwrap_or(0),
-                    entry_hash: hash32(row.get::<Vec<u8>>(15)?),
+                    purpose: text("purpose")?,
+                    external_id: text("external_id")?,
+                    owner: text("owner")?,
+                    entry_id: int("entry_id")?,
+                    created_at: int("created_at_us")?,
+                    expires_at: int("expires_at_us")?,
+                    max_retention_days: days("max_retention_days")?,
+                    default_ttl_days: days("default_ttl_days")?,
+                    purge_method: text("purge_method")?,
+                    access_policy: text("access_policy")?,
+                    reason: text("reason")?,
+                    purged_by: text("purged_by")?,
+                    purged_at: int("purged_at_us")?,
+                    entry_hash: hash32(bytes("entry_hash")?),
                 },
-                batch_id: row.get::<i64>(16)?.unwrap_or(0),
-                leaf_index: row.get::<i64>(17)?.unwrap_or(0),
-                tree_size: row.get::<i64>(18)?.unwrap_or(0),
+                batch_id: int("batch_id")?,
+                leaf_index: int("leaf_index")?,
+                tree_size: int("tree_size")?,
                 path: row
-                    .get::<String>(19)?
+                    .get_by_name::<String, _>("path")?
                     .map(|p| p.split(',').map(str::to_owned).collect())
                     .unwrap_or_default(),
-                root: hash32(row.get::<Vec<u8>>(20)?),
-                signed_at: row.get::<i64>(21)?.unwrap_or(0),
-                key_id: row.get::<String>(22)?.unwrap_or_default(),
-                signature: hex::encode(row.get::<Vec<u8>>(23)?.unwrap_or_default()),
+                root: hash32(bytes("merkle_root")?),
+                signed_at: int("signed_at_us")?,
+                key_id: text("key_id")?,
+                signature: hex::encode(bytes("signature")?.unwrap_or_default()),
             });
         }
         Ok::<_, pgrx::spi::Error>(out)
