@@ -9,8 +9,6 @@ use pgrx::prelude::*;
 mod access_log;
 mod audit;
 mod audit_api;
-mod audit_queue;
-mod audit_writer;
 mod audited_call;
 mod column_values;
 mod decoding;
@@ -22,8 +20,6 @@ mod plans;
 mod policy;
 mod report;
 mod retention;
-mod retention_api;
-mod retention_worker;
 mod settings;
 mod storage;
 
@@ -82,11 +78,11 @@ pub extern "C-unwind" fn _PG_init() {
     // shared_preload_libraries; _PG_init runs on the process's only thread.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
-        audit_queue::init_shmem();
-        retention_worker::init_shmem();
+        access_log::queue::init_shmem();
+        retention::worker::init_shmem();
         decoding::init_shmem();
-        audit_writer::register();
-        retention_worker::register();
+        access_log::writer::register();
+        retention::worker::register();
     }
 }
 

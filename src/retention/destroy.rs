@@ -200,7 +200,6 @@ fn destroy(
     })
     .map_err(|e| VaultError::Internal(format!("purging failed: {e}")))?;
     chain.finish()?;
-    request_vacuum();
     Ok(ids)
 }
 
@@ -327,10 +326,4 @@ pub fn verify_proof(proof: &PurgeProof) -> Result<Result<(), String>, VaultError
             .copied()
     };
     Ok(proof.check(&by_id))
-}
-
-/// Asks the retention worker to vacuum the entries table (destroyed values must not linger in
-/// dead tuples); the worker does it outside any transaction, as VACUUM requires.
-pub fn request_vacuum() {
-    crate::retention_worker::request_vacuum();
 }

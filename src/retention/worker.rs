@@ -171,7 +171,7 @@ fn scheduled_sweep() {
         // without its purge or a purge without its proof.
         let result = PgTryBuilder::new(|| {
             Ok(BackgroundWorker::transaction(|| {
-                crate::retention::sweep_batch(batch, WORKER_NAME, Some(run_id))
+                super::destroy::sweep_batch(batch, WORKER_NAME, Some(run_id))
                     .unwrap_or_else(|e| pgrx::error!("{e}"))
             }))
         })

@@ -1,10 +1,11 @@
 //! SQL functions of retention enforcement; failures come back as (sqlstate, message) for the
 //! wrappers in `sql/retention.sql` to raise.
 
+use super::destroy;
+use super::worker::request_vacuum;
 use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
 use crate::identity::{has_role, AsOwner, Caller};
-use crate::retention;
 use crate::storage::{refusal_error, Subject};
 use pgrx::prelude::*;
 use vsql_vault_core::decide::{decide_delete, DeleteFacts};
@@ -81,7 +82,10 @@ fn delete_impl(
                 },
             )
         })?;
-        retention::delete_one(p, x, r, &caller.role_name)
+        let proof = destroy::delete_one(p, x, r, &caller.role_name)?;
+        // Destroyed values must not stay readable in dead tuples.
+        request_vacuum();
+        Ok(proof)
     });
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
@@ -127,7 +131,7 @@ fn purge_sweep_impl(
         let mut left = max_entries.map(i64::from).unwrap_or(i64::MAX);
         let (mut total, mut batches) = (0i64, 0i32);
         while left > 0 {
-            let n = retention::sweep_batch(batch.min(left), &caller.role_name, run_id)?;
+            let n = destroy::sweep_batch(batch.min(left), &caller.role_name, run_id)?;
             if n == 0 {
                 break;
             }
@@ -146,6 +150,9 @@ fn purge_sweep_impl(
             .map(|_| ())
         })?;
         event.details = Some(serde_json::json!({ "max_entries": max_entries, "purged": total }));
+        if total > 0 {
+            request_vacuum();
+        }
         Ok(total)
     });
     let (s, m) = status(&result);
@@ -179,10 +186,10 @@ fn verify_purge_proof_impl(
         event.details = Some(serde_json::json!({ "id": id }));
         let id = required(id, "id")?;
         require_reader(event.caller)?;
-        let proof = retention::load_proof(id)?.ok_or(VaultError::NoSuchProof(id))?;
+        let proof = destroy::load_proof(id)?.ok_or(VaultError::NoSuchProof(id))?;
         event.purpose = Some(proof.statement.purpose.clone());
         event.external_id = Some(proof.statement.external_id.clone());
-        let verdict = retention::verify_proof(&proof)?;
+        let verdict = destroy::verify_proof(&proof)?;
         event.details = Some(
             serde_json::json!({ "id": id, "ok": verdict.is_ok(), "why": verdict.as_ref().err() }),
         );
@@ -207,7 +214,7 @@ fn export_purge_proofs_impl(
     let result = audited_call("export_purge_proofs", None, None, |event| {
         event.details = Some(serde_json::json!({ "from_id": from_id }));
         require_reader(event.caller)?;
-        let proofs = retention::load_proofs("WHERE id >= $1", &[from_id.unwrap_or(0).into()])?;
+        let proofs = destroy::load_proofs("WHERE id >= $1", &[from_id.unwrap_or(0).into()])?;
         Ok(proofs
             .iter()
             .map(|p| serde_json::to_string(p).unwrap_or_default())

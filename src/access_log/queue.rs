@@ -147,7 +147,7 @@ impl Default for AuditQueue {
 }
 
 // SAFETY: the one ShmemInitStruct / LWLock tranche of this name, and no other code could take it:
-// the four shared-memory names of this library (here, LARGE, retention_worker::SHARED and
+// the four shared-memory names of this library (here, LARGE, retention::worker::SHARED and
 // decoding::BATCHES_SEALED) are distinct and all start with "vsql_vault_".
 static QUEUE: PgLwLock<AuditQueue> = unsafe { PgLwLock::new(c"vsql_vault_audit_queue") };
 

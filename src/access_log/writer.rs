@@ -3,7 +3,7 @@
 //! It is the only process that inserts into `vault.access_log`, which makes it the log's single
 //! sequencer: it also enforces `max_retrievals`, because only it sees every granted get in order.
 
-use crate::audit_queue::{self, Outcome, Taken};
+use super::queue::{self, Outcome, Taken};
 use crate::plans::{self, types::*};
 use crate::settings;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -61,7 +61,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
         Spi::run("SET lock_timeout = '2s'; SET synchronous_commit = on; SET application_name = 'vsql_vault audit writer'")
     })
     .unwrap_or_else(|e| pgrx::error!("vsql_vault audit writer could not configure its session: {e}"));
-    audit_queue::writer_attach();
+    queue::writer_attach();
     log!("vsql_vault audit writer started for database \"{database}\"");
     // The data-directory signing key is made on first start, so checkpoints can always be signed.
     match crate::keys::current() {
@@ -92,7 +92,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             if settings::database() != database {
                 log!("vsql_vault.database changed: audit writer restarts to follow it");
-                audit_queue::writer_detach();
+                queue::writer_detach();
                 // SAFETY: outside any transaction, with no LWLock held (writer_detach's guard is
                 // dropped); proc_exit runs PostgreSQL's exit callbacks and never returns, so no
                 // Rust code runs after it (the frames' owned memory goes with the process).
@@ -100,7 +100,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
             }
         }
         loop {
-            let batch = audit_queue::take_pending();
+            let batch = queue::take_pending();
             if batch.is_empty() {
                 break;
             }
@@ -112,7 +112,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
             scheduled_checkpoint();
         }
     }
-    audit_queue::writer_detach();
+    queue::writer_detach();
     // Exit code 1: after pg_terminate_backend the postmaster starts a new writer (code 0 would
     // retire it for good, and every audited call would fail until the server restarts).
     // SAFETY: as above: outside any transaction, no LWLock held, and nothing runs after it.
@@ -168,11 +168,11 @@ fn write_batch(batch: Vec<Taken>) {
     .catch_others(|e| {
         // Tell the callers now rather than at their timeout, then let the worker restart.
         let failed: Vec<(usize, Outcome)> = indexes.iter().map(|&i| (i, Outcome::Failed)).collect();
-        audit_queue::complete(&failed);
+        queue::complete(&failed);
         e.rethrow()
     })
     .execute();
-    let gone = audit_queue::complete(&result);
+    let gone = queue::complete(&result);
     note_not_returned(&batch, &gone);
 }
 
@@ -269,7 +269,7 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, pgrx::spi::Erro
             let mut sqlstate = r.sqlstate.get();
             let mut reason = r.reason.get();
             let mut outcome = Outcome::Written;
-            let mut details = audit_queue::details_of(r);
+            let mut details = queue::details_of(r);
             // A caller that gave up before its record was written gets no data: the record says
             // so and the get does not count against max_retrievals.
             let returned = !t.abandoned || r.detached;

@@ -1,6 +1,6 @@
 //! Building access records and making them durable through the audit writer.
 
-use crate::audit_queue::{self, Outcome, RawRecord};
+use super::queue::{self, Outcome, RawRecord};
 use crate::errors::VaultError;
 use crate::identity::{self, Caller};
 use pgrx::prelude::*;
@@ -37,7 +37,7 @@ impl<'a> Event<'a> {
 
     /// The record, and its details when they are too long for the record's own field.
     fn raw(&self, granted: bool, error: Option<&VaultError>) -> (RawRecord, Option<String>) {
-        let mut r = audit_queue::empty_record();
+        let mut r = queue::empty_record();
         r.logged_at = identity::now_micros();
         r.backend_pid = self.caller.backend_pid;
         r.granted = granted;
@@ -76,12 +76,12 @@ impl<'a> Event<'a> {
             let text = d.to_string();
             if text.len() <= r.details.capacity() {
                 r.details.set(Some(&text));
-            } else if text.len() <= audit_queue::LARGE_BYTES {
+            } else if text.len() <= queue::LARGE_BYTES {
                 large = Some(text);
             } else {
                 // Only a refused call's input gets this long (a granted change is refused
                 // first, see `granted`): every key stays, long values become their digest.
-                large = Some(summarize_details(d, audit_queue::LARGE_BYTES).to_string());
+                large = Some(summarize_details(d, queue::LARGE_BYTES).to_string());
             }
         }
         (r, large)
@@ -94,11 +94,11 @@ impl<'a> Event<'a> {
     pub fn granted(&self) -> Result<(), VaultError> {
         // A change whose record would lose details is not made: nothing half-recorded.
         let details_bytes = self.details.as_ref().map_or(0, |d| d.to_string().len());
-        if details_bytes > audit_queue::LARGE_BYTES {
-            return Err(self.refused(VaultError::RecordTooLarge(audit_queue::LARGE_BYTES)));
+        if details_bytes > queue::LARGE_BYTES {
+            return Err(self.refused(VaultError::RecordTooLarge(queue::LARGE_BYTES)));
         }
         let (record, large) = self.raw(true, None);
-        match audit_queue::submit(&record, large.as_deref())? {
+        match queue::submit(&record, large.as_deref())? {
             Outcome::LimitReached => Err(VaultError::Denied(format!(
                 "entry has reached its max_retrievals ({})",
                 self.max_retrievals.unwrap_or(0)
@@ -114,7 +114,7 @@ impl<'a> Event<'a> {
     /// be recorded the caller still gets its error, with that fact added.
     pub fn refused(&self, error: VaultError) -> VaultError {
         let (record, large) = self.raw(false, Some(&error));
-        match audit_queue::submit(&record, large.as_deref()) {
+        match queue::submit(&record, large.as_deref()) {
             Ok(_) => error,
             Err(audit) => {
                 pgrx::warning!("vsql_vault: a refused call could not be logged: {audit}");
@@ -129,7 +129,7 @@ impl Event<'_> {
     /// the lock on a protected table the writer may need (the access log itself).
     pub fn refused_detached(&self, error: VaultError) -> VaultError {
         let (record, large) = self.raw(false, Some(&error));
-        if let Err(audit) = audit_queue::submit_detached(&record, large.as_deref()) {
+        if let Err(audit) = queue::submit_detached(&record, large.as_deref()) {
             pgrx::warning!("vsql_vault: a refused call could not be logged: {audit}");
         }
         error

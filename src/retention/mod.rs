@@ -1,0 +1,13 @@
+//! Retention enforcement: entries past their expiry are destroyed, each with a signed purge proof.
+//!
+//! - `destroy`: choosing entries, destroying them and writing their proofs in one transaction
+//!   (sweeps and manual deletes), and reading proofs back;
+//! - `api`: the SQL entry points (`vault_delete`, `vault_purge_sweep`, proof verification and
+//!   export);
+//! - `worker`: the background worker that sweeps on schedule and vacuums destroyed values away.
+//!
+//! Dependencies run one way: `api` and `worker` use `destroy`; `api` asks `worker` to vacuum.
+
+pub mod api;
+mod destroy;
+pub mod worker;
