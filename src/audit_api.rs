@@ -5,8 +5,8 @@
 #![allow(clippy::type_complexity)]
 
 use crate::access_log::Event;
-use crate::audit;
 use crate::audited_call::audited_call;
+use crate::chain;
 use crate::errors::{status, VaultError};
 use crate::identity::{has_role, require, select_one, AsOwner, Caller};
 use pgrx::prelude::*;
@@ -88,7 +88,7 @@ fn protect_table_impl(
             }
         },
         |caller| {
-            audit::protect(
+            chain::protect(
                 tbl.unwrap_or(pg_sys::Oid::INVALID),
                 chains.unwrap_or(16),
                 false,
@@ -117,7 +117,7 @@ fn forget_missing_table_impl(
         event.details = Some(serde_json::json!({ "identity": identity }));
         require(event.caller, &["vault_admin"])?;
         let identity = identity.ok_or(vsql_vault_core::InputError::Null("identity"))?;
-        event.details = Some(audit::forget_missing(identity)?);
+        event.details = Some(chain::forget_missing(identity)?);
         Ok(())
     });
     TableIterator::once(status(&result))
@@ -128,7 +128,7 @@ fn forget_missing_table_impl(
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
 fn protect_builtin(tbl: pg_sys::Oid, chains: i32) -> String {
-    audit::protect(tbl, chains, true, &Caller::current().role_name)
+    chain::protect(tbl, chains, true, &Caller::current().role_name)
         .unwrap_or_else(|e| pgrx::error!("vsql_vault: protecting a built-in table failed: {e}"))
 }
 
@@ -146,7 +146,7 @@ fn checkpoint_impl() -> TableIterator<
         "checkpoint",
         serde_json::json!({}),
         |c| require(c, &["vault_admin"]),
-        |_| audit::checkpoint(),
+        |_| chain::checkpoint(),
     );
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
@@ -226,7 +226,7 @@ fn verify_audit_impl(
     let result = audited_call("verify_audit", None, None, |event| {
         event.details = Some(serde_json::json!({ "table_oid": tbl.map(|o| o.to_u32()) }));
         require(event.caller, crate::report::AUDITORS)?;
-        let reports = audit::verify(tbl)?;
+        let reports = chain::verify(tbl)?;
         event.details = Some(verdict(tbl, &reports));
         Ok(reports)
     });
@@ -282,7 +282,7 @@ fn export_audit_impl(
             require(c, crate::report::AUDITORS)
         },
         |caller| {
-            audit::export(
+            chain::export(
                 caller,
                 tbl.unwrap_or(pg_sys::Oid::INVALID),
                 from_seq.unwrap_or(0),
@@ -306,7 +306,7 @@ fn export_checkpoints_impl() -> TableIterator<
         "export_checkpoints",
         serde_json::json!({}),
         |c| require(c, crate::report::AUDITORS),
-        |_| audit::export_checkpoints(),
+        |_| chain::export_checkpoints(),
     );
     rows_or_error(result)
 }
@@ -397,7 +397,7 @@ fn extension_update_recorded(command: pgrx::datum::Internal) -> bool {
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
 fn ddl_guard_allows_relation(command: &str, object: &str, rel: pg_sys::Oid) -> bool {
-    audit::protecting(rel) || ddl_guard_allows(command, object)
+    chain::protecting(rel) || ddl_guard_allows(command, object)
 }
 
 /// Asked by the DDL event triggers before a command touches a protected table or the extension:
@@ -411,7 +411,7 @@ fn ddl_guard_allows(command: &str, object: &str) -> bool {
     }
     // The guard of a 0.1.0 schema (library updated, ALTER EXTENSION UPDATE not yet run) only
     // knows names: let the protection's own commands on its one table through.
-    if !audit::registry_by_oid() && audit::protecting_object(object) {
+    if !chain::registry_by_oid() && chain::protecting_object(object) {
         return true;
     }
     let caller = Caller::current();

@@ -7,9 +7,9 @@
 use pgrx::prelude::*;
 
 mod access_log;
-mod audit;
 mod audit_api;
 mod audited_call;
+mod chain;
 mod column_values;
 mod decoding;
 mod decoding_api;
@@ -96,7 +96,7 @@ mod vault {
     fn chain_row<'a>(
         trigger: &'a pgrx::PgTrigger<'a>,
     ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, crate::errors::VaultError> {
-        crate::audit::chain_row(trigger).map(Some)
+        crate::chain::chain_row(trigger).map(Some)
     }
 
     /// AFTER INSERT FOR EACH STATEMENT trigger of every protected table: writes back the chain
@@ -105,6 +105,6 @@ mod vault {
     fn chain_flush<'a>(
         trigger: &'a pgrx::PgTrigger<'a>,
     ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, crate::errors::VaultError> {
-        crate::audit::flush_statement(trigger).map(|_| None)
+        crate::chain::flush_statement(trigger).map(|_| None)
     }
 }

@@ -142,7 +142,7 @@ impl Event<'_> {
         let (r, large) = self.raw(true, None);
         let details = large.or_else(|| r.details.get());
         let _owner = crate::identity::AsOwner::enter();
-        let _writing = crate::audit::VaultWriting::enter();
+        let _writing = crate::chain::VaultWriting::enter();
         Spi::connect_mut(|c| {
             c.update(
                 "INSERT INTO vault.access_log

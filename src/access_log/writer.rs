@@ -123,7 +123,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
 /// next interval rather than ending the writer.
 fn scheduled_checkpoint() {
     let result = when_installed("vault.audit_checkpoints", || {
-        crate::audit::checkpoint()
+        crate::chain::checkpoint()
             .map(|_| ())
             .map_err(|e| e.to_string())
     });
@@ -239,7 +239,7 @@ struct Columns {
 }
 
 fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, String> {
-    let _writing = crate::audit::VaultWriting::enter();
+    let _writing = crate::chain::VaultWriting::enter();
     let present = Spi::connect(|c| {
         c.select(&*plans::plan(c, LOG_PRESENT, &[], false)?, None, &[])?
             .first()
@@ -252,7 +252,7 @@ fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, String> {
     }
     // The writer is the access log's only inserter: it holds the chain for the whole batch and
     // the chain trigger links the rows in memory; the head is written back once.
-    let chain = crate::audit::ChainBatch::begin("vault.access_log").map_err(|e| e.to_string())?;
+    let chain = crate::chain::ChainBatch::begin("vault.access_log").map_err(|e| e.to_string())?;
     let outcomes = insert_rows(batch).map_err(|e| e.to_string())?;
     chain.finish().map_err(|e| e.to_string())?;
     Ok(outcomes)

@@ -121,7 +121,7 @@ fn destroy(
     };
     // This transaction holds the purge log's chain for the batch: its rows are linked in memory
     // and the head is written once.
-    let chain = crate::audit::ChainBatch::begin("vault.purge_log")?;
+    let chain = crate::chain::ChainBatch::begin("vault.purge_log")?;
     let ids = Spi::connect_mut(|c| {
         let st = |f: fn(&PurgeStatement) -> String| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
         let int = |f: fn(&PurgeStatement) -> i64| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
@@ -155,7 +155,7 @@ fn destroy(
             sig.as_slice().into(),
         ];
         let mut ids = Vec::new();
-        let _writing = crate::audit::VaultWriting::enter();
+        let _writing = crate::chain::VaultWriting::enter();
         for row in c.update(
             "INSERT INTO vault.purge_log
                 (purged_at, purged_at_us, purpose, external_id, owner, entry_id, created_at_us, expires_at_us,
@@ -319,7 +319,7 @@ pub fn load_proofs(filter: &str, args: &[DatumWithOid]) -> Result<Vec<PurgeProof
 
 pub fn verify_proof(proof: &PurgeProof) -> Result<Result<(), String>, VaultError> {
     let _owner = AsOwner::enter();
-    let keys = crate::audit::public_keys()?;
+    let keys = crate::chain::public_keys()?;
     let by_id = |id: &str| {
         keys.iter()
             .find(|k| vsql_vault_core::keys::key_id(k) == id)

@@ -1,0 +1,190 @@
+//! Chain heads: taking a chain for a transaction (a free one if any), writing its head back,
+//! and the batch a single writer holds for many rows (`ChainBatch`).
+
+use super::*;
+
+thread_local! {
+    pub(crate) static CURSOR: RefCell<Option<Cursor>> = const { RefCell::new(None) };
+    /// The chain this backend's current transaction already holds, per table, so that a
+    /// transaction inserting many rows stays on one chain.
+    pub(crate) static HELD: RefCell<HashMap<u32, (pg_sys::TransactionId, i32)>> = RefCell::new(HashMap::new());
+}
+
+/// A chain a single writer holds for a whole batch (the audit writer and the access log): rows
+/// are linked in memory and the head is written back once, when the batch is done.
+pub(crate) struct Cursor {
+    pub(crate) relid: u32,
+    pub(crate) head: Head,
+}
+
+macro_rules! chain_query {
+    ($lock:literal, $registered:expr) => {
+        concat!(
+            "SELECT h.chain_id, h.seq, h.head_hash, h.identity FROM vault.chain_heads h
+             WHERE h.identity OPERATOR(pg_catalog.=) (SELECT p.identity FROM vault.protected_tables p
+                                                       WHERE ",
+            $registered,
+            " OPERATOR(pg_catalog.=) $1)
+             ORDER BY h.chain_id OPERATOR(pg_catalog.=) $3 DESC, h.chain_id OPERATOR(pg_catalog.#) $2
+             LIMIT 1 FOR UPDATE OF h",
+            $lock
+        )
+    };
+}
+
+const TAKE_CHAIN: [&str; 2] = [
+    chain_query!(" SKIP LOCKED", "p.relid::pg_catalog.oid"),
+    chain_query!("", "p.relid::pg_catalog.oid"),
+];
+
+const TAKE_CHAIN_BY_NAME: [&str; 2] = [
+    chain_query!(" SKIP LOCKED", oid_by_recorded_name!()),
+    chain_query!("", oid_by_recorded_name!()),
+];
+
+const ADVANCE_CHAIN: &str = "UPDATE vault.chain_heads SET seq = $3, head_hash = $4
+     WHERE identity OPERATOR(pg_catalog.=) $1 AND chain_id OPERATOR(pg_catalog.=) $2";
+
+/// A locked chain: the table's identity, the chain, and its head.
+pub struct Head {
+    pub(crate) identity: String,
+    pub(crate) chain: i32,
+    pub(crate) seq: i64,
+    pub(crate) hash: Vec<u8>,
+}
+
+/// Locks a chain of relation `table` for this transaction (a free one if any) and returns its head.
+pub(crate) fn take_chain(table: u32) -> Result<Head, VaultError> {
+    // SAFETY: called by chain_row / ChainBatch::begin, inside a transaction that is about to insert
+    // rows (assigning its xid now is harmless); an ERROR becomes a Rust panic.
+    let xid = unsafe { pg_sys::GetTopTransactionId() };
+    let held = HELD
+        .with(|h| {
+            h.borrow()
+                .get(&table)
+                .filter(|(x, _)| *x == xid)
+                .map(|(_, c)| *c)
+        })
+        .unwrap_or(-1);
+    // SAFETY: a plain read of a process-global int set once at process start, on the backend's
+    // only thread.
+    let pid = unsafe { pg_sys::MyProcPid };
+    let _owner = AsOwner::enter();
+    let found = Spi::connect_mut(|c| {
+        let args = [pg_sys::Oid::from(table).into(), pid.into(), held.into()];
+        let queries = if registry_by_oid() {
+            TAKE_CHAIN
+        } else {
+            TAKE_CHAIN_BY_NAME
+        };
+        for query in queries {
+            let stmt = plans::plan(c, query, &[OID, INT4, INT4], true)?;
+            let rows = c.update(&*stmt, None, &args)?;
+            if let Some(row) = rows.into_iter().next() {
+                return Ok(Some(Head {
+                    chain: row.get_by_name::<i32, _>("chain_id")?.unwrap_or(0),
+                    seq: row.get_by_name::<i64, _>("seq")?.unwrap_or(0),
+                    hash: row
+                        .get_by_name::<Vec<u8>, _>("head_hash")?
+                        .unwrap_or_default(),
+                    identity: row
+                        .get_by_name::<String, _>("identity")?
+                        .unwrap_or_default(),
+                }));
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(None)
+    })
+    .map_err(|e| VaultError::Internal(format!("taking a chain head failed: {e}")))?;
+    let found = found.ok_or_else(|| VaultError::NotProtected(format!("relation {table}")))?;
+    HELD.with(|h| h.borrow_mut().insert(table, (xid, found.chain)));
+    Ok(found)
+}
+
+/// A chain a single writer holds for a batch (the audit writer's access-log batches, a purge
+/// batch): `begin` locks the table's chain for the rest of the transaction, the chain trigger
+/// links the rows this process inserts into it in memory, and `finish` writes the head back once,
+/// in the same transaction. Dropped unfinished (an error), it forgets the batch, so the next one
+/// starts from the head on disk.
+#[must_use = "finish() writes the chain head back"]
+pub struct ChainBatch {
+    finished: bool,
+}
+
+impl ChainBatch {
+    pub fn begin(table: &str) -> Result<ChainBatch, VaultError> {
+        CURSOR.with(|c| *c.borrow_mut() = None);
+        // The extension's own tables, named by the extension itself and never renamed (the DDL
+        // guard): found through the syscache, not a query, once per batch.
+        let relid = vault_relation(table)
+            .ok_or_else(|| VaultError::NotProtected(table.to_owned()))?
+            .to_u32();
+        let head = take_chain(relid)?;
+        CURSOR.with(|c| *c.borrow_mut() = Some(Cursor { relid, head }));
+        Ok(ChainBatch { finished: false })
+    }
+
+    pub fn finish(mut self) -> Result<(), VaultError> {
+        self.finished = true;
+        match CURSOR.with(|c| c.borrow_mut().take()) {
+            Some(cur) => advance_chain(
+                &cur.head.identity,
+                cur.head.chain,
+                cur.head.seq,
+                &cur.head.hash,
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ChainBatch {
+    fn drop(&mut self) {
+        if !self.finished {
+            CURSOR.with(|c| *c.borrow_mut() = None);
+        }
+    }
+}
+
+pub(crate) fn advance_chain(
+    table: &str,
+    chain: i32,
+    seq: i64,
+    head: &[u8],
+) -> Result<(), VaultError> {
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|c| {
+        let stmt = plans::plan(c, ADVANCE_CHAIN, &[TEXT, INT4, INT8, BYTEA], true)?;
+        c.update(
+            &*stmt,
+            None,
+            &[table.into(), chain.into(), seq.into(), head.into()],
+        )
+        .map(|_| ())
+    })
+    .map_err(|e| VaultError::Internal(format!("advancing the chain head failed: {e}")))
+}
+
+pub(crate) fn take_chain_zero(
+    relid: pg_sys::Oid,
+) -> Result<(String, i32, i64, Vec<u8>), VaultError> {
+    Spi::connect_mut(|c| {
+        let row = c
+            .update(
+                &format!("SELECT h.identity, h.seq, h.head_hash FROM vault.chain_heads h JOIN vault.protected_tables p
+                   ON p.identity OPERATOR(pg_catalog.=) h.identity
+                 WHERE {} OPERATOR(pg_catalog.=) $1 AND h.chain_id OPERATOR(pg_catalog.=) 0
+                 FOR UPDATE OF h", registered_oid()),
+                None,
+                &[relid.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>((
+            row.get_by_name::<String, _>("identity")?.unwrap_or_default(),
+            0,
+            row.get_by_name::<i64, _>("seq")?.unwrap_or(0),
+            row.get_by_name::<Vec<u8>, _>("head_hash")?.unwrap_or(GENESIS.to_vec()),
+        ))
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}

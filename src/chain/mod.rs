@@ -1,0 +1,193 @@
+//! Tamper evidence: hash-chained, append-only tables (the vault's own evidence tables and those
+//! given to `vault_protect_table`), signed checkpoints, verification and export. The row hash,
+//! the checkpoint message and the verifier come from `vsql_vault_core::chain`, which the offline
+//! tool uses too.
+//!
+//! - `head`: taking a chain and writing its head back; `ChainBatch` for a single writer;
+//! - `trigger`: the chain trigger on every protected table;
+//! - `protect`: `vault_protect_table` and forgetting a table that is gone;
+//! - `verify`: reading a protected table back, for verification and export;
+//! - `checkpoint`: signing chain heads, reading checkpoints and keys.
+//!
+//! This module keeps what they share: how a row's columns become hashed values, and how the
+//! vault finds its registrations (by OID, or by the names a 0.1.0 schema recorded).
+
+use crate::column_values::{datum_value, pins_output, PinnedOutput};
+use crate::errors::VaultError;
+use crate::identity::{AsOwner, AsTableOwner};
+use crate::plans::{self, types::*};
+use crate::{keys, settings};
+use pgrx::prelude::*;
+use pgrx::PgTupleDesc;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::Write;
+use vsql_vault_core::canonical::Value;
+use vsql_vault_core::chain::{self, Checkpoint, ExportRow, Verifier, CHAIN_COLUMNS, GENESIS};
+
+/// The OID of registration `p`'s table from the name 0.1.0 recorded (`schema.table`, unquoted),
+/// written out rather than through `vault.table_oid`, which a 0.1.0 install creates only after
+/// it protects its own tables.
+macro_rules! oid_by_recorded_name {
+    () => {
+        "(SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n
+                ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+           WHERE n.nspname OPERATOR(pg_catalog.=) pg_catalog.split_part(p.table_name, '.', 1)
+             AND c.relname OPERATOR(pg_catalog.=) pg_catalog.substr(p.table_name,
+                     pg_catalog.length(pg_catalog.split_part(p.table_name, '.', 1)) OPERATOR(pg_catalog.+) 2))"
+    };
+}
+
+mod checkpoint;
+mod head;
+mod protect;
+mod trigger;
+mod verify;
+
+pub use checkpoint::*;
+pub use head::*;
+pub use protect::*;
+pub use trigger::*;
+pub use verify::*;
+
+/// The table's columns other than generated ones, quoted, for a select list. A query result's
+/// descriptor does not say which columns are generated, and the chain trigger (which runs before
+/// they are computed) hashes without them: an export or a check must read without them too.
+fn stored_columns(relid: pg_sys::Oid) -> Result<String, VaultError> {
+    crate::identity::select_one::<String>(
+        "SELECT pg_catalog.string_agg(pg_catalog.quote_ident(attname), ', ' ORDER BY attnum)
+           FROM pg_catalog.pg_attribute
+          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
+        &[relid.into()],
+    )
+    .map_err(|e| VaultError::Internal(e.to_string()))?
+    .ok_or_else(|| VaultError::Internal(format!("relation {} has no columns", relid.to_u32())))
+}
+
+/// The hashed columns of a table: live, not generated, not the chain's own fields.
+fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::Oid)> {
+    // SAFETY: every caller passes a live descriptor: the trigger relation's `rd_att` (chain_row,
+    // valid for the trigger call) or the `tupdesc` of the current SPI result (export_row via
+    // scan_rows, chain_existing_rows), valid until SPI_finish. The wrapper does not outlive this
+    // function and, made with `from_pg_unchecked`, never releases the descriptor.
+    let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
+    desc.iter()
+        .enumerate()
+        .filter(|(_, a)| {
+            !a.attisdropped && a.attgenerated == 0 && !CHAIN_COLUMNS.contains(&a.name())
+        })
+        .map(|(i, a)| (i, a.name().to_owned(), a.atttypid))
+        .collect()
+}
+
+/// The OID of `vault.<name>` (given as `vault.<name>`), if it exists.
+fn vault_relation(qualified: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(qualified.strip_prefix("vault.")?).ok()?;
+    // SAFETY: syscache lookups, made inside a transaction (SQL functions, triggers, and the
+    // workers' `BackgroundWorker::transaction` bodies). Both names are NUL-terminated and outlive
+    // the calls; `missing_ok` is true, and an invalid namespace OID just finds no relation.
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"vault".as_ptr(), true);
+        let rel = pg_sys::get_relname_relid(name.as_ptr(), ns);
+        (ns != pg_sys::Oid::INVALID && rel != pg_sys::Oid::INVALID).then_some(rel)
+    }
+}
+
+/// Whether `vault.protected_tables` has its `relid` column. It has not between installing this
+/// version's library over 0.1.0 and `ALTER EXTENSION vsql_vault UPDATE`: tables are then still
+/// registered by name, and the chains must keep working (the audit writer too) until the update.
+/// Two syscache lookups, cheap enough for every chained statement.
+pub fn registry_by_oid() -> bool {
+    // SAFETY: a syscache lookup inside a transaction (as for `vault_relation`); `rel` is a
+    // relation OID just found, the attribute name a NUL-terminated static string, and an unknown
+    // name gives InvalidAttrNumber rather than an error.
+    vault_relation("vault.protected_tables").is_none_or(|rel| unsafe {
+        pg_sys::get_attnum(rel, c"relid".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    })
+}
+
+/// The SQL expression for the OID of registration `p`'s table (see `registry_by_oid`).
+fn registered_oid() -> &'static str {
+    if registry_by_oid() {
+        "p.relid::pg_catalog.oid"
+    } else {
+        oid_by_recorded_name!()
+    }
+}
+
+/// The attribute values of a heap tuple, NULL as None.
+///
+/// # Safety
+///
+/// `tuple` must be a valid heap tuple formed with `tupdesc` (or an earlier version of it with
+/// fewer attributes), and `tupdesc` a valid descriptor. By-reference datums in the result point
+/// into `tuple` and are valid only as long as it is.
+unsafe fn deform(
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+) -> Vec<Option<pg_sys::Datum>> {
+    // SAFETY: the caller guarantees `tuple` and `tupdesc` are valid and match;
+    // heap_deform_tuple writes `natts` entries, exactly the length of both vectors.
+    unsafe {
+        let natts = (*tupdesc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        values
+            .into_iter()
+            .zip(nulls)
+            .map(|(v, n)| (!n).then_some(v))
+            .collect()
+    }
+}
+
+fn columns_of(
+    values: &[Option<pg_sys::Datum>],
+    attrs: &[(usize, String, pg_sys::Oid)],
+) -> Vec<(String, Value)> {
+    let _pinned = attrs
+        .iter()
+        .any(|(i, _, typid)| values[*i].is_some() && pins_output(*typid))
+        .then(PinnedOutput::enter);
+    attrs
+        .iter()
+        .map(|(i, name, typid)| (name.clone(), datum_value(values[*i], *typid)))
+        .collect()
+}
+
+/// Index of a named attribute of the given type in a tuple descriptor: a chain field is read as
+/// its datum type only when the column really is of that type.
+fn attribute_index(
+    tupdesc: pg_sys::TupleDesc,
+    name: &str,
+    typid: pg_sys::BuiltinOid,
+) -> Option<usize> {
+    // SAFETY: its one caller, export_row, passes the `tupdesc` of the current SPI result, valid
+    // until SPI_finish; the wrapper is local and never releases the descriptor.
+    let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
+    desc.iter()
+        .position(|a| !a.attisdropped && a.name() == name && a.atttypid == pg_sys::Oid::from(typid))
+}
+
+/// Calls `each` with every tuple of the current SPI result (`SPI_tuptable`) and its descriptor.
+///
+/// # Safety
+///
+/// Call inside an SPI connection, right after the query (or cursor fetch) whose result is to be
+/// read, with no other command run on that connection in between: `SPI_tuptable` and
+/// `SPI_processed` must describe that result. `each` must not run commands on the same
+/// connection (a nested `Spi::connect` is fine: SPI_finish restores both variables).
+unsafe fn for_each_spi_tuple(mut each: impl FnMut(pg_sys::HeapTuple, pg_sys::TupleDesc)) {
+    // SAFETY: by the caller's guarantee `SPI_tuptable` is null or the result just produced,
+    // allocated in the SPI procedure's memory and valid until SPI_finish; `vals` holds
+    // `SPI_processed` tuples, so every `add(i)` stays in bounds.
+    unsafe {
+        let tt = pg_sys::SPI_tuptable;
+        if tt.is_null() {
+            return;
+        }
+        for i in 0..pg_sys::SPI_processed as usize {
+            each(*(*tt).vals.add(i), (*tt).tupdesc);
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The chain trigger: links each inserted row of a protected table to its chain (per statement
+//! in memory, the head written once by the AFTER STATEMENT trigger), and keeps the chain fields a
+//! restored row carries in restore mode.
+
+use super::*;
+
+thread_local! {
+    /// Chains held by the statements running in this backend, per table: the rows of one
+    /// statement are linked in memory and the head is written back once, by the AFTER STATEMENT
+    /// trigger. (Writing the head row back for every row made a 20,000-row INSERT ... SELECT
+    /// quadratic: each update of the same row inside one transaction lengthens its version chain.)
+    pub(crate) static STATEMENTS: RefCell<HashMap<(u32, StatementKey), Head>> = RefCell::new(HashMap::new());
+}
+
+/// The relation a trigger fired on, by OID: names can change under a running session.
+fn trigger_relid(trigger: &PgTrigger) -> u32 {
+    // SAFETY: `trigger_data()` is the TriggerData PostgreSQL passed to this trigger call;
+    // `tg_relation` is the open relation the trigger fired on, non-null and valid for as long as
+    // `trigger` is borrowed.
+    unsafe { (*trigger.trigger_data().tg_relation).rd_id.to_u32() }
+}
+
+/// The (transaction, subtransaction) a statement runs in. Not the command id: the chain's own
+/// queries advance it between rows. A statement's entry ends with its AFTER STATEMENT trigger, or
+/// with its (sub)transaction when it fails.
+type StatementKey = (pg_sys::TransactionId, pg_sys::SubTransactionId);
+
+fn statement_key() -> StatementKey {
+    // SAFETY: called from the chain triggers (chain_row, flush_statement), so inside a transaction
+    // on the backend's thread. Both functions only read the transaction state (the first may
+    // assign the top-level xid, which an INSERT's transaction needs anyway); a refusal, e.g. in a
+    // read-only transaction, is an ERROR that pgrx turns into a Rust panic.
+    unsafe {
+        (
+            pg_sys::GetTopTransactionId(),
+            pg_sys::GetCurrentSubTransactionId(),
+        )
+    }
+}
+
+/// AFTER STATEMENT: writes back the heads the statement's rows advanced in memory.
+pub fn flush_statement(trigger: &PgTrigger) -> Result<(), VaultError> {
+    let table = trigger_relid(trigger);
+    let (xid, subxid) = statement_key();
+    let done: Vec<Head> = STATEMENTS.with(|s| {
+        let mut s = s.borrow_mut();
+        // Entries of transactions that are over (an error ended them) are dropped on the way.
+        s.retain(|(_, k), _| k.0 == xid);
+        let keys: Vec<(u32, StatementKey)> = s
+            .keys()
+            .filter(|(t, k)| *t == table && k.1 == subxid)
+            .cloned()
+            .collect();
+        keys.into_iter().filter_map(|k| s.remove(&k)).collect()
+    });
+    for head in done {
+        advance_chain(&head.identity, head.chain, head.seq, &head.hash)?;
+    }
+    Ok(())
+}
+
+fn qualified_name(trigger: &PgTrigger) -> Result<String, VaultError> {
+    let schema = trigger
+        .table_schema()
+        .map_err(|e| VaultError::Internal(e.to_string()))?;
+    let table = trigger
+        .table_name()
+        .map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(format!("{schema}.{table}"))
+}
+
+thread_local! {
+    static VAULT_WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The extension's own tables of evidence: rows come from vsql_vault's code paths only.
+const EVIDENCE_TABLES: [&str; 3] = [
+    "vault.access_log",
+    "vault.audit_checkpoints",
+    "vault.purge_log",
+];
+
+/// Held while vsql_vault itself inserts into an evidence table; any other insert (by the owner
+/// or a superuser, with plain SQL) is refused, so a forged record cannot be chained in as if the
+/// vault had written it.
+pub struct VaultWriting(bool);
+
+impl VaultWriting {
+    pub fn enter() -> VaultWriting {
+        VaultWriting(VAULT_WRITING.with(|w| w.replace(true)))
+    }
+}
+
+impl Drop for VaultWriting {
+    fn drop(&mut self) {
+        let previous = self.0;
+        VAULT_WRITING.with(|w| w.set(previous));
+    }
+}
+
+/// BEFORE INSERT: links the new row to its chain and fills the chain fields.
+pub fn chain_row<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<PgHeapTuple<'a, AllocatedByRust>, VaultError> {
+    let table = qualified_name(trigger)?;
+    let relid = trigger_relid(trigger);
+    if EVIDENCE_TABLES.contains(&table.as_str())
+        && !VAULT_WRITING.with(|w| w.get())
+        && !settings::RESTORE_MODE.get()
+    {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("rows of {table} are written by vsql_vault only: a direct INSERT is refused")
+        );
+    }
+    let td = trigger.trigger_data();
+    // SAFETY: in a BEFORE INSERT row trigger `tg_relation` is the open target relation and
+    // `tg_trigtuple` the new row, formed with that relation's descriptor `rd_att`; both stay
+    // valid for the whole trigger call, and `deform` fills exactly `natts` slots. The datums
+    // borrowed from the tuple are turned into owned `Value`s before this block ends.
+    let columns = unsafe {
+        let tupdesc = (*td.tg_relation).rd_att;
+        let values = deform(td.tg_trigtuple, tupdesc);
+        columns_of(&values, &hashed_attributes(tupdesc))
+    };
+    if settings::RESTORE_MODE.get() {
+        if let Some(kept) = restored_row(trigger, relid)? {
+            return Ok(kept);
+        }
+        // A dump always carries the chain fields of evidence rows: one without them is not a
+        // restore but a new record, and those come from the vault only.
+        if EVIDENCE_TABLES.contains(&table.as_str()) && !VAULT_WRITING.with(|w| w.get()) {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("rows of {table} are written by vsql_vault only: in restore mode only rows with their chain fields are accepted")
+            );
+        }
+    }
+    let (_identity, chain_id, seq, prev, hash) = match CURSOR.with(|c| c.borrow_mut().take()) {
+        // A writer that holds this table's chain for its whole batch: link in memory.
+        Some(mut cur) if cur.relid == relid => {
+            let seq = cur.head.seq + 1;
+            let prev = std::mem::take(&mut cur.head.hash);
+            let hash = chain::row_hash(&cur.head.identity, cur.head.chain, seq, &prev, &columns);
+            cur.head.seq = seq;
+            cur.head.hash = hash.to_vec();
+            let out = (cur.head.identity.clone(), cur.head.chain, seq, prev, hash);
+            CURSOR.with(|c| *c.borrow_mut() = Some(cur));
+            out
+        }
+        other => {
+            CURSOR.with(|c| *c.borrow_mut() = other);
+            let key = (relid, statement_key());
+            let held = STATEMENTS.with(|s| s.borrow_mut().remove(&key));
+            let mut head = match held {
+                Some(head) => head,
+                None => take_chain(relid)?,
+            };
+            let seq = head.seq + 1;
+            let prev = std::mem::take(&mut head.hash);
+            let hash = chain::row_hash(&head.identity, head.chain, seq, &prev, &columns);
+            head.seq = seq;
+            head.hash = hash.to_vec();
+            let out = (head.identity.clone(), head.chain, seq, prev, hash);
+            STATEMENTS.with(|s| s.borrow_mut().insert(key, head));
+            out
+        }
+    };
+    let set = |e: pgrx::datum::TryFromDatumError| VaultError::Internal(e.to_string());
+    let mut new = trigger
+        .new()
+        .ok_or_else(|| VaultError::Internal("no new row".into()))?
+        .into_owned();
+    new.set_by_name("chain_id", chain_id).map_err(set)?;
+    new.set_by_name("chain_seq", seq).map_err(set)?;
+    new.set_by_name("prev_hash", prev).map_err(set)?;
+    new.set_by_name("row_hash", hash.to_vec()).map_err(set)?;
+    Ok(new)
+}
+
+/// In restore mode, a row that arrives with all its chain fields keeps them, and the chain's head
+/// moves forward to it. Returns None for a row without chain fields (it is chained normally).
+fn restored_row<'a>(
+    trigger: &'a PgTrigger<'a>,
+    relid: u32,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, VaultError> {
+    let new = trigger
+        .new()
+        .ok_or_else(|| VaultError::Internal("no new row".into()))?;
+    let get = |e: pgrx::datum::TryFromDatumError| VaultError::Internal(e.to_string());
+    let chain_id = new.get_by_name::<i32>("chain_id").map_err(get)?;
+    let seq = new.get_by_name::<i64>("chain_seq").map_err(get)?;
+    let prev = new
+        .get_by_name::<&[u8]>("prev_hash")
+        .map_err(get)?
+        .map(<[u8]>::to_vec);
+    let hash = new
+        .get_by_name::<&[u8]>("row_hash")
+        .map_err(get)?
+        .map(<[u8]>::to_vec);
+    let (Some(chain_id), Some(seq), Some(_), Some(hash)) = (chain_id, seq, prev, hash) else {
+        return Ok(None);
+    };
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|c| {
+        c.update(
+            &format!("INSERT INTO vault.chain_heads AS h (identity, chain_id, seq, head_hash)
+             SELECT p.identity, $2, $3, $4 FROM vault.protected_tables p
+              WHERE {} OPERATOR(pg_catalog.=) $1
+             ON CONFLICT (identity, chain_id) DO UPDATE SET seq = EXCLUDED.seq, head_hash = EXCLUDED.head_hash
+             WHERE h.seq < EXCLUDED.seq", registered_oid()),
+            None,
+            &[pg_sys::Oid::from(relid).into(), chain_id.into(), seq.into(), hash.as_slice().into()],
+        )
+        .map(|_| ())
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(Some(new.into_owned()))
+}
