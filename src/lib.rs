@@ -7,12 +7,10 @@
 use pgrx::prelude::*;
 
 mod access_log;
-mod audit_api;
 mod audited_call;
 mod chain;
 mod column_values;
 mod decoding;
-mod decoding_api;
 mod errors;
 mod identity;
 mod keys;
@@ -34,9 +32,9 @@ pgrx::extension_sql_file!(
         "api",
         vault::chain_row,
         vault::chain_flush,
-        audit_api::protect_builtin,
-        audit_api::ddl_guard_allows,
-        audit_api::ddl_guard_allows_relation
+        chain::api::protect_builtin,
+        chain::api::ddl_guard_allows,
+        chain::api::ddl_guard_allows_relation
     ]
 );
 pgrx::extension_sql_file!(
@@ -49,8 +47,8 @@ pgrx::extension_sql_file!(
     name = "replication",
     requires = [
         "retention",
-        decoding_api::sync_scope_impl,
-        decoding_api::scope_report_impl
+        decoding::api::sync_scope_impl,
+        decoding::api::scope_report_impl
     ]
 );
 pgrx::extension_sql_file!("../sql/compliance.sql", name = "compliance", finalize);

@@ -38,6 +38,7 @@ macro_rules! oid_by_recorded_name {
     };
 }
 
+pub mod api;
 mod checkpoint;
 mod head;
 mod protect;

@@ -220,5 +220,5 @@ fn export_purge_proofs_impl(
             .map(|p| serde_json::to_string(p).unwrap_or_default())
             .collect::<Vec<_>>())
     });
-    crate::audit_api::rows_or_error(result)
+    crate::chain::api::rows_or_error(result)
 }

@@ -1,5 +1,6 @@
-//! SQL functions of the tamper-evident audit. As for storage, failures come back as
-//! `(sqlstate, message)` and the wrappers in `sql/audit.sql` raise them.
+//! The SQL entry points of the chains (protect, verify, export, checkpoint, key rotation) and the
+//! DDL guard's questions. As for storage, failures come back as `(sqlstate, message)` and the
+//! wrappers in `sql/audit.sql` raise them.
 
 // pgrx reads result columns from the signature itself, so they cannot be behind a type alias.
 #![allow(clippy::type_complexity)]
