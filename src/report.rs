@@ -188,6 +188,11 @@ impl Family {
     }
 
     fn sample(mut self, labels: &[(&str, &str)], value: f64) -> Family {
+        self.add(labels, value);
+        self
+    }
+
+    fn add(&mut self, labels: &[(&str, &str)], value: f64) {
         let labels = if labels.is_empty() {
             String::new()
         } else {
@@ -198,7 +203,6 @@ impl Family {
             format!("{{{}}}", inner.join(","))
         };
         self.samples.push((labels, value));
-        self
     }
 
     fn write(&self, out: &mut String) {
@@ -236,132 +240,171 @@ UNION ALL
 SELECT 'purge_proofs', NULL, NULL, count(*)::float8 FROM vault.purge_log
 "#;
 
-fn metrics() -> Result<String, VaultError> {
-    let rows: Vec<(String, Option<String>, Option<String>, Option<f64>)> = {
-        let _owner = AsOwner::enter();
-        Spi::connect(|c| {
-            c.select(METRIC_ROWS, None, &[])?
-                .map(|r| {
-                    Ok((
-                        r.get_by_name::<String, _>("family")?.unwrap_or_default(),
-                        r.get_by_name("a")?,
-                        r.get_by_name("b")?,
-                        r.get_by_name("v")?,
-                    ))
+/// One row of METRIC_ROWS: a family and its labels or values, by family.
+struct MetricRow {
+    family: String,
+    a: Option<String>,
+    b: Option<String>,
+    v: Option<f64>,
+}
+
+fn read_metric_rows() -> Result<Vec<MetricRow>, VaultError> {
+    let _owner = AsOwner::enter();
+    Spi::connect(|c| {
+        c.select(METRIC_ROWS, None, &[])?
+            .map(|r| {
+                Ok(MetricRow {
+                    family: r.get_by_name::<String, _>("family")?.unwrap_or_default(),
+                    a: r.get_by_name("a")?,
+                    b: r.get_by_name("b")?,
+                    v: r.get_by_name("v")?,
                 })
-                .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-        })
-        .map_err(|e| VaultError::Internal(e.to_string()))?
-    };
-    let number = |t: &Option<String>| t.as_deref().and_then(|v| v.parse::<f64>().ok());
-    let mut operations = Family::new(
-        "vsql_vault_operations_total",
-        "counter",
-        "Decisions recorded in the access log, by operation and outcome.",
-    );
-    let mut entries = Family::new(
-        "vsql_vault_entries",
-        "gauge",
-        "Stored entries not yet destroyed, by purpose and state.",
-    );
-    let mut expired = 0.0;
-    let mut sweep_time = Family::new(
-        "vsql_vault_last_sweep_timestamp_seconds",
-        "gauge",
-        "When the last finished retention sweep ended (Unix time).",
-    );
-    let mut sweep_duration = Family::new(
-        "vsql_vault_last_sweep_duration_seconds",
-        "gauge",
-        "How long the last finished retention sweep took.",
-    );
-    let mut sweep_purged = Family::new(
-        "vsql_vault_last_sweep_entries_purged",
-        "gauge",
-        "Entries destroyed by the last finished retention sweep.",
-    );
-    let mut verification_time = Family::new(
-        "vsql_vault_last_verification_timestamp_seconds",
-        "gauge",
-        "When vault_verify_audit last ran (Unix time).",
-    );
-    let mut verification_ok = Family::new(
-        "vsql_vault_last_verification_ok",
-        "gauge",
-        "1 when the last vault_verify_audit (of any scope) found every chain it checked intact, 0 when not.",
-    );
-    let mut checkpoint_time = Family::new(
-        "vsql_vault_last_checkpoint_timestamp_seconds",
-        "gauge",
-        "When the chain heads were last signed (Unix time).",
-    );
-    let mut proofs = Family::new(
-        "vsql_vault_purge_proofs",
-        "gauge",
-        "Signed purge proofs held in vault.purge_log.",
-    );
-    for (family, a, b, v) in &rows {
-        let a_text = a.as_deref().unwrap_or("");
-        let b_text = b.as_deref().unwrap_or("");
-        match family.as_str() {
-            "operations" => {
-                operations = operations.sample(
-                    &[("operation", a_text), ("outcome", b_text)],
-                    v.unwrap_or(0.0),
-                )
-            }
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}
+
+/// The metric families filled from METRIC_ROWS.
+struct Families {
+    operations: Family,
+    entries: Family,
+    sweep_time: Family,
+    sweep_duration: Family,
+    sweep_purged: Family,
+    verification_time: Family,
+    verification_ok: Family,
+    checkpoint_time: Family,
+    proofs: Family,
+    expired: f64,
+}
+
+impl Families {
+    fn new() -> Families {
+        Families {
+            operations: Family::new(
+                    "vsql_vault_operations_total",
+            "counter",
+            "Decisions recorded in the access log, by operation and outcome.",
+            ),
+            entries: Family::new(
+                    "vsql_vault_entries",
+            "gauge",
+            "Stored entries not yet destroyed, by purpose and state.",
+            ),
+            sweep_time: Family::new(
+                    "vsql_vault_last_sweep_timestamp_seconds",
+            "gauge",
+            "When the last finished retention sweep ended (Unix time).",
+            ),
+            sweep_duration: Family::new(
+                    "vsql_vault_last_sweep_duration_seconds",
+            "gauge",
+            "How long the last finished retention sweep took.",
+            ),
+            sweep_purged: Family::new(
+                    "vsql_vault_last_sweep_entries_purged",
+            "gauge",
+            "Entries destroyed by the last finished retention sweep.",
+            ),
+            verification_time: Family::new(
+                    "vsql_vault_last_verification_timestamp_seconds",
+            "gauge",
+            "When vault_verify_audit last ran (Unix time).",
+            ),
+            verification_ok: Family::new(
+                    "vsql_vault_last_verification_ok",
+            "gauge",
+            "1 when the last vault_verify_audit (of any scope) found every chain it checked intact, 0 when not.",
+            ),
+            checkpoint_time: Family::new(
+                    "vsql_vault_last_checkpoint_timestamp_seconds",
+            "gauge",
+            "When the chain heads were last signed (Unix time).",
+            ),
+            proofs: Family::new(
+                    "vsql_vault_purge_proofs",
+            "gauge",
+            "Signed purge proofs held in vault.purge_log.",
+            ),
+            expired: 0.0,
+        }
+    }
+
+    fn add(&mut self, row: &MetricRow) {
+        let number = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let a_text = row.a.as_deref().unwrap_or("");
+        let b_text = row.b.as_deref().unwrap_or("");
+        let v = row.v.unwrap_or(0.0);
+        match row.family.as_str() {
+            "operations" => self
+                .operations
+                .add(&[("operation", a_text), ("outcome", b_text)], v),
             "entries" => {
                 if b_text == "expired_pending_purge" {
-                    expired += v.unwrap_or(0.0);
+                    self.expired += v;
                 }
-                entries =
-                    entries.sample(&[("purpose", a_text), ("state", b_text)], v.unwrap_or(0.0))
+                self.entries
+                    .add(&[("purpose", a_text), ("state", b_text)], v)
             }
             "last_sweep" => {
-                sweep_time = sweep_time.sample(&[], number(a).unwrap_or(0.0));
-                sweep_duration = sweep_duration.sample(&[], number(b).unwrap_or(0.0));
-                sweep_purged = sweep_purged.sample(&[], v.unwrap_or(0.0));
+                self.sweep_time.add(&[], number(&row.a));
+                self.sweep_duration.add(&[], number(&row.b));
+                self.sweep_purged.add(&[], v);
             }
             "last_verification" => {
-                verification_time = verification_time.sample(&[], number(a).unwrap_or(0.0));
-                verification_ok = verification_ok.sample(&[], number(b).unwrap_or(0.0));
+                self.verification_time.add(&[], number(&row.a));
+                self.verification_ok.add(&[], number(&row.b));
             }
-            "last_checkpoint" => {
-                checkpoint_time = checkpoint_time.sample(&[], number(a).unwrap_or(0.0))
-            }
-            "purge_proofs" => proofs = proofs.sample(&[], v.unwrap_or(0.0)),
+            "last_checkpoint" => self.checkpoint_time.add(&[], number(&row.a)),
+            "purge_proofs" => self.proofs.add(&[], v),
             _ => {}
         }
     }
-    let pending = Family::new(
-        "vsql_vault_expired_pending_purge",
-        "gauge",
-        "Entries past their expiry that the retention worker has not destroyed yet.",
-    )
-    .sample(&[], expired);
-    let sealed = Family::new(
-        "vsql_vault_replication_batches_sealed_total",
-        "counter",
-        "Replication batches sealed by the output plugin since the server started.",
-    )
-    .sample(&[], crate::decoding::batches_sealed().unwrap_or(0) as f64);
-    let mut out = String::new();
-    for f in [
-        &operations,
-        &entries,
-        &pending,
-        &sweep_time,
-        &sweep_duration,
-        &sweep_purged,
-        &verification_time,
-        &verification_ok,
-        &checkpoint_time,
-        &proofs,
-        &sealed,
-    ] {
-        f.write(&mut out);
+
+    fn render(&self) -> String {
+        let pending = Family::new(
+            "vsql_vault_expired_pending_purge",
+            "gauge",
+            "Entries past their expiry that the retention worker has not destroyed yet.",
+        )
+        .sample(&[], self.expired);
+        let sealed = Family::new(
+            "vsql_vault_replication_batches_sealed_total",
+            "counter",
+            "Replication batches sealed by the output plugin since the server started.",
+        )
+        .sample(&[], crate::decoding::batches_sealed().unwrap_or(0) as f64);
+        let mut out = String::new();
+        for f in [
+            &self.operations,
+            &self.entries,
+            &pending,
+            &self.sweep_time,
+            &self.sweep_duration,
+            &self.sweep_purged,
+            &self.verification_time,
+            &self.verification_ok,
+            &self.checkpoint_time,
+            &self.proofs,
+            &sealed,
+        ] {
+            f.write(&mut out);
+        }
+        out
     }
-    Ok(out)
+}
+
+fn metrics() -> Result<String, VaultError> {
+    let mut families = Families::new();
+    for row in &read_metric_rows()? {
+        families.add(row);
+    }
+    Ok(families.render())
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]

@@ -46,104 +46,19 @@ pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 pub static KEK_WRAP_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn define() {
-    GucRegistry::define_int_guc(
-        c"vsql_vault.put_lock_timeout",
-        c"How long vault_put waits for another transaction's uncommitted write of the same entry.",
-        c"Past it the put is refused with 55P03 and recorded, instead of waiting as long as the other transaction stays open.",
-        &PUT_LOCK_TIMEOUT_MS,
-        1,
-        600_000,
-        GucContext::Suset,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
-        c"vsql_vault.verify_lock_timeout",
-        c"How long verification waits for a lock on a protected table.",
-        c"A table locked longer (by its owner, say) is reported as not verified, and verification goes on with the next table.",
-        &VERIFY_LOCK_TIMEOUT_MS,
-        0,
-        600_000,
-        GucContext::Suset,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_string_guc(
-        c"vsql_vault.kek_wrap_command",
-        c"Command that wraps replication data keys through a KMS (instead of vsql_vault.kek_file).",
-        c"Run with VSQL_VAULT_OP=wrap: reads the data key in hex on stdin, prints `<kek id> <wrapped hex>`.",
-        &KEK_WRAP_COMMAND,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"vsql_vault.kek_file",
-        c"Key-encryption key file of the vsql_vault replication stream (owner-only).",
-        c"One key version per line: `<id> <64 hex characters>`; the last line is the active version.",
-        &KEK_FILE,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"vsql_vault.sweep_interval",
-        c"Seconds between retention sweeps of the retention worker.",
-        c"",
-        &SWEEP_INTERVAL_S,
-        1,
-        7 * 86_400,
-        GucContext::Suset,
-        GucFlags::UNIT_S,
-    );
-    GucRegistry::define_int_guc(
-        c"vsql_vault.sweep_batch_size",
-        c"Expired entries destroyed per committed batch; each batch signs one Merkle root.",
-        c"",
-        &SWEEP_BATCH_SIZE,
-        1,
-        1_000_000,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_bool_guc(
-        c"vsql_vault.break_glass",
-        c"Allow ALTER/DROP of protected tables and their triggers; every such command is recorded.",
-        c"Superuser-only break-glass switch. Off: DDL that could weaken a protected table is refused.",
-        &BREAK_GLASS,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_bool_guc(
-        c"vsql_vault.restore_mode",
-        c"Keep the chain fields of inserted rows (for pg_restore only).",
-        c"Superuser-only. While on, rows inserted into protected tables keep the chain fields they carry instead of being linked anew; vault_verify_audit still checks every one.",
-        &RESTORE_MODE,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"vsql_vault.signing_key_file",
-        c"Ed25519 signing key file for audit checkpoints (owner-only permissions).",
-        c"Unset: a key is generated on first use inside the data directory.",
-        &SIGNING_KEY_FILE,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"vsql_vault.checkpoint_interval",
-        c"Seconds between signed checkpoints of the audit chains.",
-        c"",
-        &CHECKPOINT_INTERVAL_S,
-        1,
-        86_400,
-        GucContext::Suset,
-        GucFlags::UNIT_S,
-    );
-    GucRegistry::define_string_guc(
-        c"vsql_vault.checkpoint_export_path",
-        c"File each signed checkpoint is appended to as a JSON line.",
-        c"Keeps chain heads outside the database, which is how truncation of the newest rows is caught.",
-        &CHECKPOINT_EXPORT_PATH,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    define_storage();
+    define_chains();
+    define_retention();
+    define_replication();
+    // A misspelt vsql_vault.* setting is an error, not a silent placeholder that governs
+    // nothing (SET vsql_vault.break_glas = on must not look like it worked).
+    // SAFETY: called from _PG_init, after this library defined its settings; the prefix is a
+    // NUL-terminated static string.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"vsql_vault".as_ptr()) };
+}
+
+/// The storage API and its access records.
+fn define_storage() {
     GucRegistry::define_string_guc(
         c"vsql_vault.database",
         c"Database served by the vsql_vault audit writer.",
@@ -172,11 +87,116 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::UNIT_MS,
     );
-    // A misspelt vsql_vault.* setting is an error, not a silent placeholder that governs
-    // nothing (SET vsql_vault.break_glas = on must not look like it worked).
-    // SAFETY: called from _PG_init, after this library defined its settings; the prefix is a
-    // NUL-terminated static string.
-    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"vsql_vault".as_ptr()) };
+    GucRegistry::define_int_guc(
+        c"vsql_vault.put_lock_timeout",
+        c"How long vault_put waits for another transaction's uncommitted write of the same entry.",
+        c"Past it the put is refused with 55P03 and recorded, instead of waiting as long as the other transaction stays open.",
+        &PUT_LOCK_TIMEOUT_MS,
+        1,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+}
+
+/// Hash chains, their protection and signed checkpoints.
+fn define_chains() {
+    GucRegistry::define_bool_guc(
+        c"vsql_vault.break_glass",
+        c"Allow ALTER/DROP of protected tables and their triggers; every such command is recorded.",
+        c"Superuser-only break-glass switch. Off: DDL that could weaken a protected table is refused.",
+        &BREAK_GLASS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"vsql_vault.restore_mode",
+        c"Keep the chain fields of inserted rows (for pg_restore only).",
+        c"Superuser-only. While on, rows inserted into protected tables keep the chain fields they carry instead of being linked anew; vault_verify_audit still checks every one.",
+        &RESTORE_MODE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.verify_lock_timeout",
+        c"How long verification waits for a lock on a protected table.",
+        c"A table locked longer (by its owner, say) is reported as not verified, and verification goes on with the next table.",
+        &VERIFY_LOCK_TIMEOUT_MS,
+        0,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"vsql_vault.signing_key_file",
+        c"Ed25519 signing key file for audit checkpoints (owner-only permissions).",
+        c"Unset: a key is generated on first use inside the data directory.",
+        &SIGNING_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.checkpoint_interval",
+        c"Seconds between signed checkpoints of the audit chains.",
+        c"",
+        &CHECKPOINT_INTERVAL_S,
+        1,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"vsql_vault.checkpoint_export_path",
+        c"File each signed checkpoint is appended to as a JSON line.",
+        c"Keeps chain heads outside the database, which is how truncation of the newest rows is caught.",
+        &CHECKPOINT_EXPORT_PATH,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// The retention worker.
+fn define_retention() {
+    GucRegistry::define_int_guc(
+        c"vsql_vault.sweep_interval",
+        c"Seconds between retention sweeps of the retention worker.",
+        c"",
+        &SWEEP_INTERVAL_S,
+        1,
+        7 * 86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.sweep_batch_size",
+        c"Expired entries destroyed per committed batch; each batch signs one Merkle root.",
+        c"",
+        &SWEEP_BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// The encrypted replication stream.
+fn define_replication() {
+    GucRegistry::define_string_guc(
+        c"vsql_vault.kek_file",
+        c"Key-encryption key file of the vsql_vault replication stream (owner-only).",
+        c"One key version per line: `<id> <64 hex characters>`; the last line is the active version.",
+        &KEK_FILE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"vsql_vault.kek_wrap_command",
+        c"Command that wraps replication data keys through a KMS (instead of vsql_vault.kek_file).",
+        c"Run with VSQL_VAULT_OP=wrap: reads the data key in hex on stdin, prints `<kek id> <wrapped hex>`.",
+        &KEK_WRAP_COMMAND,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
 }
 
 pub fn database() -> String {

@@ -265,84 +265,36 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, pgrx::spi::Erro
         let mut c: Columns = Default::default();
         for t in batch {
             let r = &t.record;
-            let mut granted = r.granted;
-            let mut sqlstate = r.sqlstate.get();
-            let mut reason = r.reason.get();
+            let mut row = Decided {
+                granted: r.granted,
+                sqlstate: r.sqlstate.get(),
+                reason: r.reason.get(),
+                details: queue::details_of(r),
+            };
             let mut outcome = Outcome::Written;
-            let mut details = queue::details_of(r);
             // A caller that gave up before its record was written gets no data: the record says
             // so and the get does not count against max_retrievals.
             let returned = !t.abandoned || r.detached;
-            if granted && returned && r.max_retrievals > 0 && r.has_entry {
+            if row.granted && returned && r.max_retrievals > 0 && r.has_entry {
                 let count = match retrievals.get(&r.entry_id) {
                     Some(n) => *n,
-                    None => client
-                        .select(
-                            &*plans::plan(client, RETRIEVALS, &[INT8], false)?,
-                            None,
-                            &[r.entry_id.into()],
-                        )?
-                        .first()
-                        .get_one::<i64>()?
-                        .unwrap_or(0),
+                    None => retrievals_so_far(client, r.entry_id)?,
                 };
                 if count >= i64::from(r.max_retrievals) {
-                    granted = false;
-                    sqlstate = Some("42501".into());
-                    reason = Some(format!("max_retrievals ({}) reached", r.max_retrievals));
+                    row.granted = false;
+                    row.sqlstate = Some("42501".into());
+                    row.reason = Some(format!("max_retrievals ({}) reached", r.max_retrievals));
                     outcome = Outcome::LimitReached;
                 } else {
                     retrievals.insert(r.entry_id, count + 1);
                 }
             }
             if !returned {
-                reason = Some(match reason {
-                    Some(r) => format!("{r}; {NOT_RETURNED}"),
-                    None => NOT_RETURNED.to_owned(),
-                });
-                let mut d = details
-                    .and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
-                    .filter(serde_json::Value::is_object)
-                    .unwrap_or_else(|| serde_json::json!({}));
-                d["returned"] = serde_json::json!(false);
-                details = Some(d.to_string());
+                row.mark_not_returned();
             }
-            c.logged_at.push(r.logged_at);
-            c.role_name.push(r.role_name.get().unwrap_or_default());
-            c.session_user
-                .push(r.session_user.get().unwrap_or_default());
-            c.application_name.push(r.application_name.get());
-            c.client_addr.push(r.client_addr.get());
-            c.backend_pid.push(r.backend_pid);
-            c.operation.push(r.operation.get().unwrap_or_default());
-            c.purpose.push(r.purpose.get());
-            c.external_id.push(r.external_id.get());
-            c.entry_id.push(r.has_entry.then_some(r.entry_id));
-            c.granted.push(granted);
-            c.sqlstate.push(sqlstate);
-            c.reason.push(reason);
-            c.details.push(details);
-            c.caller_xid
-                .push(r.has_xid.then(|| r.caller_xid.to_string()));
+            c.push(r, row);
             outcomes.push((t.index, outcome));
         }
-        let args: Vec<DatumWithOid> = vec![
-            c.logged_at.into(),
-            c.role_name.into(),
-            c.session_user.into(),
-            c.application_name.into(),
-            c.client_addr.into(),
-            c.backend_pid.into(),
-            c.operation.into(),
-            c.purpose.into(),
-            c.external_id.into(),
-            c.entry_id.into(),
-            c.granted.into(),
-            c.sqlstate.into(),
-            c.reason.into(),
-            c.details.into(),
-            c.caller_xid.into(),
-        ];
         let stmt = plans::plan(
             client,
             INSERT,
@@ -353,7 +305,91 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, pgrx::spi::Erro
             ],
             true,
         )?;
-        client.update(&*stmt, None, &args)?;
+        client.update(&*stmt, None, &c.into_args())?;
         Ok(outcomes)
     })
+}
+
+/// Granted gets of an entry already in the access log.
+fn retrievals_so_far(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    entry_id: i64,
+) -> Result<i64, pgrx::spi::Error> {
+    Ok(client
+        .select(
+            &*plans::plan(client, RETRIEVALS, &[INT8], false)?,
+            None,
+            &[entry_id.into()],
+        )?
+        .first()
+        .get_one::<i64>()?
+        .unwrap_or(0))
+}
+
+/// The outcome fields of one record as the writer decided them.
+struct Decided {
+    granted: bool,
+    sqlstate: Option<String>,
+    reason: Option<String>,
+    details: Option<String>,
+}
+
+impl Decided {
+    fn mark_not_returned(&mut self) {
+        self.reason = Some(match self.reason.take() {
+            Some(r) => format!("{r}; {NOT_RETURNED}"),
+            None => NOT_RETURNED.to_owned(),
+        });
+        let mut d = self
+            .details
+            .take()
+            .and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::json!({}));
+        d["returned"] = serde_json::json!(false);
+        self.details = Some(d.to_string());
+    }
+}
+
+impl Columns {
+    fn push(&mut self, r: &queue::RawRecord, row: Decided) {
+        self.logged_at.push(r.logged_at);
+        self.role_name.push(r.role_name.get().unwrap_or_default());
+        self.session_user
+            .push(r.session_user.get().unwrap_or_default());
+        self.application_name.push(r.application_name.get());
+        self.client_addr.push(r.client_addr.get());
+        self.backend_pid.push(r.backend_pid);
+        self.operation.push(r.operation.get().unwrap_or_default());
+        self.purpose.push(r.purpose.get());
+        self.external_id.push(r.external_id.get());
+        self.entry_id.push(r.has_entry.then_some(r.entry_id));
+        self.granted.push(row.granted);
+        self.sqlstate.push(row.sqlstate);
+        self.reason.push(row.reason);
+        self.details.push(row.details);
+        self.caller_xid
+            .push(r.has_xid.then(|| r.caller_xid.to_string()));
+    }
+
+    /// The arguments of INSERT, in its parameter order.
+    fn into_args(self) -> Vec<DatumWithOid<'static>> {
+        vec![
+            self.logged_at.into(),
+            self.role_name.into(),
+            self.session_user.into(),
+            self.application_name.into(),
+            self.client_addr.into(),
+            self.backend_pid.into(),
+            self.operation.into(),
+            self.purpose.into(),
+            self.external_id.into(),
+            self.entry_id.into(),
+            self.granted.into(),
+            self.sqlstate.into(),
+            self.reason.into(),
+            self.details.into(),
+            self.caller_xid.into(),
+        ]
+    }
 }

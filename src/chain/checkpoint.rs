@@ -56,12 +56,16 @@ pub fn export_checkpoints() -> Result<Vec<String>, VaultError> {
         .collect())
 }
 
-/// Signs the head of every chain that moved since its last checkpoint. Returns how many.
-pub fn checkpoint() -> Result<i64, VaultError> {
-    let key = keys::current()?;
-    let key_id = keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
-    let _owner = AsOwner::enter();
-    let heads = Spi::connect(|c| {
+/// A chain head that moved since its last checkpoint.
+struct MovedHead {
+    table: String,
+    chain_id: i32,
+    seq: i64,
+    head: Vec<u8>,
+}
+
+fn moved_heads() -> Result<Vec<MovedHead>, VaultError> {
+    Spi::connect(|c| {
         let mut out = Vec::new();
         for row in c.select(
             &format!("SELECT h.identity, h.chain_id, h.seq, h.head_hash
@@ -73,19 +77,33 @@ pub fn checkpoint() -> Result<i64, VaultError> {
             None,
             &[],
         )? {
-            out.push((
-                row.get_by_name::<String, _>("identity")?.unwrap_or_default(),
-                row.get_by_name::<i32, _>("chain_id")?.unwrap_or(0),
-                row.get_by_name::<i64, _>("seq")?.unwrap_or(0),
-                row.get_by_name::<Vec<u8>, _>("head_hash")?.unwrap_or_default(),
-            ));
+            out.push(MovedHead {
+                table: row.get_by_name::<String, _>("identity")?.unwrap_or_default(),
+                chain_id: row.get_by_name::<i32, _>("chain_id")?.unwrap_or(0),
+                seq: row.get_by_name::<i64, _>("seq")?.unwrap_or(0),
+                head: row.get_by_name::<Vec<u8>, _>("head_hash")?.unwrap_or_default(),
+            });
         }
         Ok::<_, pgrx::spi::Error>(out)
     })
-    .map_err(|e| VaultError::Internal(e.to_string()))?;
+    .map_err(|e| VaultError::Internal(e.to_string()))
+}
+
+/// Signs the head of every chain that moved since its last checkpoint. Returns how many.
+pub fn checkpoint() -> Result<i64, VaultError> {
+    let key = keys::current()?;
+    let key_id = keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
+    let _owner = AsOwner::enter();
+    let heads = moved_heads()?;
     let signed_at = crate::identity::now_micros();
     let mut lines = Vec::new();
-    for (table, chain_id, seq, head) in &heads {
+    for MovedHead {
+        table,
+        chain_id,
+        seq,
+        head,
+    } in &heads
+    {
         let msg = Checkpoint::message(table, *chain_id, *seq, head, signed_at, &key_id);
         let sig = vsql_vault_core::keys::sign(&key, &msg);
         let _writing = VaultWriting::enter();
@@ -123,6 +141,12 @@ pub fn checkpoint() -> Result<i64, VaultError> {
         };
         lines.push(serde_json::to_string(&cp).unwrap_or_default());
     }
+    append_to_export(&lines)?;
+    Ok(heads.len() as i64)
+}
+
+/// Appends signed checkpoints to vsql_vault.checkpoint_export_path, when set, and syncs it.
+fn append_to_export(lines: &[String]) -> Result<(), VaultError> {
     if let Some(path) = settings::CHECKPOINT_EXPORT_PATH
         .get()
         .map(|c| c.to_string_lossy().into_owned())
@@ -139,7 +163,7 @@ pub fn checkpoint() -> Result<i64, VaultError> {
                         e.kind()
                     ))
                 })?;
-            for l in &lines {
+            for l in lines {
                 writeln!(f, "{l}").map_err(|e| {
                     VaultError::Internal(format!("cannot write {path}: {}", e.kind()))
                 })?;
@@ -148,5 +172,5 @@ pub fn checkpoint() -> Result<i64, VaultError> {
                 .map_err(|e| VaultError::Internal(format!("cannot sync {path}: {}", e.kind())))?;
         }
     }
-    Ok(heads.len() as i64)
+    Ok(())
 }

@@ -235,9 +235,20 @@ pub fn protect(
         spi::quote_identifier(&table.schema),
         spi::quote_identifier(&table.name)
     );
-    {
-        let _owner = AsOwner::enter();
-        Spi::connect_mut(|c| {
+    register(table_oid, &display, chains, protected_by)?;
+    install(&table, &quoted, table_oid)?;
+    Ok(display)
+}
+
+/// Records the table in vault.protected_tables and creates its chain heads.
+fn register(
+    table_oid: pg_sys::Oid,
+    display: &str,
+    chains: i32,
+    protected_by: &str,
+) -> Result<(), VaultError> {
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|c| {
             // Before the update from 0.1.0 the registration has no relid: the table is found by
             // the name recorded here until the update fills it in.
             let register = if registry_by_oid() {
@@ -255,7 +266,7 @@ pub fn protect(
                 None,
                 &[
                     table_oid.into(),
-                    display.as_str().into(),
+                    display.into(),
                     chains.into(),
                     protected_by.into(),
                 ],
@@ -269,15 +280,19 @@ pub fn protect(
             )
             .map(|_| ())
         })
-        .map_err(|e| VaultError::Internal(e.to_string()))?;
-    }
+        .map_err(|e| VaultError::Internal(e.to_string()))
+}
+
+/// Adds the chain fields, chains the rows already there, and creates the index and the triggers,
+/// as the table's owner.
+fn install(table: &Candidate, quoted: &str, table_oid: pg_sys::Oid) -> Result<(), VaultError> {
     let _table_owner = AsTableOwner::enter(table.owner);
     Spi::run(&format!(
         "ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS chain_id int, ADD COLUMN IF NOT EXISTS chain_seq bigint,
              ADD COLUMN IF NOT EXISTS prev_hash bytea, ADD COLUMN IF NOT EXISTS row_hash bytea"
     ))
     .map_err(|e| VaultError::Internal(e.to_string()))?;
-    chain_existing_rows(table_oid, &quoted)?;
+    chain_existing_rows(table_oid, quoted)?;
     {
         // An index is a schema object: it needs CREATE on the table's schema, which an
         // application role owning its table often lacks. Built by the bootstrap superuser, still
@@ -303,7 +318,7 @@ pub fn protect(
              ENABLE ALWAYS TRIGGER vault_no_truncate, ENABLE ALWAYS TRIGGER vault_chain_flush;"
     ))
     .map_err(|e| VaultError::Internal(e.to_string()))?;
-    Ok(display)
+    Ok(())
 }
 
 /// Rows a table held before it was protected are chained in physical order on chain 0. Called as

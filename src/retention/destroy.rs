@@ -7,7 +7,7 @@ use crate::identity::AsOwner;
 use crate::keys;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use vsql_vault_core::purge::{prove_batch, EntrySnapshot, PurgeProof, PurgeStatement};
+use vsql_vault_core::purge::{prove_batch, EntrySnapshot, ProvedLeaf, PurgeProof, PurgeStatement};
 
 /// One entry chosen for destruction, with its retention policy as it stands now.
 struct Doomed {
@@ -76,88 +76,68 @@ fn destroy(
         crate::identity::write_one::<i64>("SELECT nextval('vault.purge_batch_seq')", &[])
             .map_err(|e| VaultError::Internal(e.to_string()))?
             .unwrap_or(0);
-    let mut ids_shred = Vec::new();
-    let mut ids_delete = Vec::new();
     let statements: Vec<PurgeStatement> = doomed
         .iter()
-        .map(|d| {
-            if d.purge_method == "crypto-shred" {
-                ids_shred.push(d.snapshot.id);
-            } else {
-                ids_delete.push(d.snapshot.id);
-            }
-            let reason = match (reason, d.purge_method.as_str()) {
-                (Some(r), _) => r.to_owned(),
-                (None, "retention-expire") => format!(
-                    "retention: policy of purpose {} ({} days max)",
-                    d.snapshot.purpose, d.max_retention_days
-                ),
-                (None, _) => "expired".to_owned(),
-            };
-            PurgeStatement {
-                purpose: d.snapshot.purpose.clone(),
-                external_id: d.snapshot.external_id.clone(),
-                owner: d.snapshot.owner.clone(),
-                entry_id: d.snapshot.id,
-                created_at: d.snapshot.created_at,
-                expires_at: d.snapshot.expires_at,
-                max_retention_days: d.max_retention_days,
-                default_ttl_days: d.default_ttl_days,
-                purge_method: d.purge_method.clone(),
-                access_policy: d.snapshot.access_policy.clone(),
-                reason,
-                purged_by: purged_by.to_owned(),
-                purged_at: now,
-                entry_hash: d.snapshot.hash(),
-            }
-        })
+        .map(|d| statement(d, reason, purged_by, now))
         .collect();
     let proved = prove_batch(statements, batch_id, now, &key);
-
-    // The batch's root, key and signature are the same for every proof of the batch.
-    let (root, key_id, sig) = match proved.first() {
-        Some(l) => (l.root.to_vec(), l.key_id.clone(), l.signature.clone()),
-        None => return Ok(Vec::new()),
+    let batch = BatchFields {
+        batch_id,
+        purged_at: now,
+        purged_by,
+        sweep_id,
     };
     // This transaction holds the purge log's chain for the batch: its rows are linked in memory
     // and the head is written once.
     let chain = crate::chain::ChainBatch::begin("vault.purge_log")?;
     let ids = Spi::connect_mut(|c| {
-        let st = |f: fn(&PurgeStatement) -> String| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
-        let int = |f: fn(&PurgeStatement) -> i64| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
-        let args: Vec<DatumWithOid> = vec![
-            st(|s| s.purpose.clone()).into(),
-            st(|s| s.external_id.clone()).into(),
-            st(|s| s.owner.clone()).into(),
-            int(|s| s.entry_id).into(),
-            int(|s| s.created_at).into(),
-            int(|s| s.expires_at).into(),
-            proved.iter().map(|l| l.statement.max_retention_days).collect::<Vec<_>>().into(),
-            proved.iter().map(|l| l.statement.default_ttl_days).collect::<Vec<_>>().into(),
-            st(|s| s.purge_method.clone()).into(),
-            st(|s| s.access_policy.clone()).into(),
-            st(|s| s.reason.clone()).into(),
-            proved.iter().map(|l| l.statement.entry_hash.to_vec()).collect::<Vec<_>>().into(),
-            proved.iter().map(|l| l.leaf_index).collect::<Vec<_>>().into(),
-            proved.iter().map(|l| l.tree_size).collect::<Vec<_>>().into(),
-            // Paths travel as one hex text per proof, turned back into bytea[] in SQL.
-            proved
-                .iter()
-                .map(|l| l.path.iter().map(hex::encode).collect::<Vec<_>>().join(","))
-                .collect::<Vec<_>>()
-                .into(),
-            now.into(),
-            purged_by.into(),
-            sweep_id.into(),
-            batch_id.into(),
-            root.as_slice().into(),
-            key_id.as_str().into(),
-            sig.as_slice().into(),
-        ];
-        let mut ids = Vec::new();
-        let _writing = crate::chain::VaultWriting::enter();
-        for row in c.update(
-            "INSERT INTO vault.purge_log
+        let ids = insert_proofs(c, &proved, &batch)?;
+        remove_entries(c, &doomed)?;
+        Ok::<_, pgrx::spi::Error>(ids)
+    })
+    .map_err(|e| VaultError::Internal(format!("purging failed: {e}")))?;
+    chain.finish()?;
+    Ok(ids)
+}
+
+/// What every proof of one batch shares, besides its signed root.
+struct BatchFields<'a> {
+    batch_id: i64,
+    purged_at: i64,
+    purged_by: &'a str,
+    sweep_id: Option<i64>,
+}
+
+/// The signed statement of one destruction.
+fn statement(d: &Doomed, reason: Option<&str>, purged_by: &str, now: i64) -> PurgeStatement {
+    let reason = match (reason, d.purge_method.as_str()) {
+        (Some(r), _) => r.to_owned(),
+        (None, "retention-expire") => format!(
+            "retention: policy of purpose {} ({} days max)",
+            d.snapshot.purpose, d.max_retention_days
+        ),
+        (None, _) => "expired".to_owned(),
+    };
+    PurgeStatement {
+        purpose: d.snapshot.purpose.clone(),
+        external_id: d.snapshot.external_id.clone(),
+        owner: d.snapshot.owner.clone(),
+        entry_id: d.snapshot.id,
+        created_at: d.snapshot.created_at,
+        expires_at: d.snapshot.expires_at,
+        max_retention_days: d.max_retention_days,
+        default_ttl_days: d.default_ttl_days,
+        purge_method: d.purge_method.clone(),
+        access_policy: d.snapshot.access_policy.clone(),
+        reason,
+        purged_by: purged_by.to_owned(),
+        purged_at: now,
+        entry_hash: d.snapshot.hash(),
+    }
+}
+
+/// One row per proof, from parallel arrays ($1..$15) and the batch's shared values ($16..$22).
+const INSERT_PROOFS: &str = "INSERT INTO vault.purge_log
                 (purged_at, purged_at_us, purpose, external_id, owner, entry_id, created_at_us, expires_at_us,
                  created_at, expires_at, max_retention_days, default_ttl_days, purge_method, access_policy,
                  reason, purged_by, entry_hash, sweep_id, batch_id, leaf_index, tree_size, inclusion_path,
@@ -179,28 +159,106 @@ fn destroy(
                                        max_days, ttl_days, method, access_policy, reason, entry_hash,
                                        leaf_index, tree_size, path, ord)
              ORDER BY r.ord
-             RETURNING id",
-            None,
-            &args,
-        )? {
-            ids.push(row.get_by_name::<i64, _>("id")?.unwrap_or(0));
-        }
-        if !ids_delete.is_empty() {
-            c.update("DELETE FROM vault.entries WHERE id = ANY($1)", None, &[ids_delete.clone().into()])?;
-        }
-        if !ids_shred.is_empty() {
-            // The ciphertext is overwritten; the row stays as a tombstone with purged_at set.
-            c.update(
-                "UPDATE vault.entries SET encrypted_value = '\\x'::bytea, purged_at = now() WHERE id = ANY($1)",
-                None,
-                &[ids_shred.clone().into()],
-            )?;
-        }
-        Ok::<_, pgrx::spi::Error>(ids)
-    })
-    .map_err(|e| VaultError::Internal(format!("purging failed: {e}")))?;
-    chain.finish()?;
+             RETURNING id";
+
+/// Inserts the batch's proofs into `vault.purge_log`, in order; returns their ids.
+fn insert_proofs(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    proved: &[ProvedLeaf],
+    batch: &BatchFields,
+) -> Result<Vec<i64>, pgrx::spi::Error> {
+    // The batch's root, key and signature are the same for every proof of the batch.
+    let Some(first) = proved.first() else {
+        return Ok(Vec::new());
+    };
+    let st = |f: fn(&PurgeStatement) -> String| {
+        proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>()
+    };
+    let int =
+        |f: fn(&PurgeStatement) -> i64| proved.iter().map(|l| f(&l.statement)).collect::<Vec<_>>();
+    let args: Vec<DatumWithOid> = vec![
+        st(|s| s.purpose.clone()).into(),
+        st(|s| s.external_id.clone()).into(),
+        st(|s| s.owner.clone()).into(),
+        int(|s| s.entry_id).into(),
+        int(|s| s.created_at).into(),
+        int(|s| s.expires_at).into(),
+        proved
+            .iter()
+            .map(|l| l.statement.max_retention_days)
+            .collect::<Vec<_>>()
+            .into(),
+        proved
+            .iter()
+            .map(|l| l.statement.default_ttl_days)
+            .collect::<Vec<_>>()
+            .into(),
+        st(|s| s.purge_method.clone()).into(),
+        st(|s| s.access_policy.clone()).into(),
+        st(|s| s.reason.clone()).into(),
+        proved
+            .iter()
+            .map(|l| l.statement.entry_hash.to_vec())
+            .collect::<Vec<_>>()
+            .into(),
+        proved
+            .iter()
+            .map(|l| l.leaf_index)
+            .collect::<Vec<_>>()
+            .into(),
+        proved
+            .iter()
+            .map(|l| l.tree_size)
+            .collect::<Vec<_>>()
+            .into(),
+        // Paths travel as one hex text per proof, turned back into bytea[] in SQL.
+        proved
+            .iter()
+            .map(|l| l.path.iter().map(hex::encode).collect::<Vec<_>>().join(","))
+            .collect::<Vec<_>>()
+            .into(),
+        batch.purged_at.into(),
+        batch.purged_by.into(),
+        batch.sweep_id.into(),
+        batch.batch_id.into(),
+        first.root.as_slice().into(),
+        first.key_id.as_str().into(),
+        first.signature.as_slice().into(),
+    ];
+    let mut ids = Vec::new();
+    let _writing = crate::chain::VaultWriting::enter();
+    for row in c.update(INSERT_PROOFS, None, &args)? {
+        ids.push(row.get_by_name::<i64, _>("id")?.unwrap_or(0));
+    }
     Ok(ids)
+}
+
+/// Deletes the entries of `delete` purpose policies; crypto-shreds the others (the ciphertext is
+/// overwritten and the row stays as a tombstone with purged_at set).
+fn remove_entries(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    doomed: &[Doomed],
+) -> Result<(), pgrx::spi::Error> {
+    let (shred, delete): (Vec<&Doomed>, Vec<&Doomed>) = doomed
+        .iter()
+        .partition(|d| d.purge_method == "crypto-shred");
+    let ids = |list: Vec<&Doomed>| list.iter().map(|d| d.snapshot.id).collect::<Vec<i64>>();
+    let (ids_shred, ids_delete) = (ids(shred), ids(delete));
+    if !ids_delete.is_empty() {
+        c.update(
+            "DELETE FROM vault.entries WHERE id = ANY($1)",
+            None,
+            &[ids_delete.into()],
+        )?;
+    }
+    if !ids_shred.is_empty() {
+        c.update(
+            "UPDATE vault.entries SET encrypted_value = '\\x'::bytea, purged_at = now() WHERE id = ANY($1)",
+            None,
+            &[ids_shred.into()],
+        )?;
+    }
+    Ok(())
 }
 
 /// Purges up to `limit` expired entries in the current transaction; returns how many.

@@ -1,0 +1,130 @@
+//! vault_list: the live entries of a purpose that the caller may retrieve.
+
+// pgrx reads a function's result columns from the signature itself, so they cannot be behind a type alias.
+#![allow(clippy::type_complexity)]
+
+use super::{refusal_error, Subject};
+use crate::access_log::Event;
+use crate::audited_call::audited_call;
+use crate::errors::{status, VaultError};
+use crate::identity::AsOwner;
+use crate::plans::{self, types::*};
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use vsql_vault_core::decide::Refusal;
+use vsql_vault_core::rules::{self, required};
+
+const IS_MEMBER: &str = concat!("SELECT ", member!(), " AS is_member");
+
+const LIST: &str = "SELECT e.external_id, e.owner::text AS owner, e.algorithm_hint, e.key_ref,
+        e.metadata::text AS metadata, e.access_policy, e.created_at, e.expires_at
+     FROM vault.entries e JOIN vault.access_policies p ON p.name = e.access_policy
+     WHERE e.purpose = $2 AND e.purged_at IS NULL
+       AND (pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
+            OR vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose))
+     ORDER BY e.external_id";
+
+/// One entry of a listing.
+struct Listed {
+    external_id: Option<String>,
+    owner: Option<String>,
+    algorithm_hint: Option<String>,
+    key_ref: Option<String>,
+    metadata: Option<String>,
+    access_policy: Option<String>,
+    created_at: Option<TimestampWithTimeZone>,
+    expires_at: Option<TimestampWithTimeZone>,
+}
+
+fn list(event: &mut Event, purpose: Option<&str>) -> Result<Vec<Listed>, VaultError> {
+    let caller = event.caller;
+    let purpose = required(purpose, "purpose")?;
+    rules::purpose(purpose)?;
+    let _owner = AsOwner::enter();
+    let rows = Spi::connect(|client| {
+        let stmt = plans::plan(client, IS_MEMBER, &[OID], false)?;
+        let member = client
+            .select(&*stmt, None, &[caller.role_oid.into()])?
+            .first()
+            .get_by_name::<bool, _>("is_member")?
+            .unwrap_or(false);
+        if !member {
+            return Ok(None);
+        }
+        let args: Vec<DatumWithOid> = vec![caller.role_oid.into(), purpose.into()];
+        let mut out = Vec::new();
+        let stmt = plans::plan(client, LIST, &[OID, TEXT], false)?;
+        for row in client.select(&*stmt, None, &args)? {
+            out.push(Listed {
+                external_id: row.get_by_name("external_id")?,
+                owner: row.get_by_name("owner")?,
+                algorithm_hint: row.get_by_name("algorithm_hint")?,
+                key_ref: row.get_by_name("key_ref")?,
+                metadata: row.get_by_name("metadata")?,
+                access_policy: row.get_by_name("access_policy")?,
+                created_at: row.get_by_name("created_at")?,
+                expires_at: row.get_by_name("expires_at")?,
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(Some(out))
+    })?;
+    let rows = rows.ok_or_else(|| {
+        refusal_error(
+            Refusal::NotMember {
+                roles: "vault_app or vault_admin",
+            },
+            &Subject {
+                caller,
+                purpose,
+                external_id: "",
+                access_policy: "",
+            },
+        )
+    })?;
+    event.details = Some(serde_json::json!({"entries": rows.len()}));
+    Ok(rows)
+}
+
+#[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn list_impl(
+    purpose: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(external_id, Option<String>),
+        name!(owner, Option<String>),
+        name!(algorithm_hint, Option<String>),
+        name!(key_ref, Option<String>),
+        name!(metadata, Option<String>),
+        name!(access_policy, Option<String>),
+        name!(created_at, Option<TimestampWithTimeZone>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let result = audited_call("list", purpose, None, |event| list(event, purpose));
+    let (s, m) = status(&result);
+    let rows: Vec<_> = match result {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|r| {
+                (
+                    None,
+                    None,
+                    r.external_id,
+                    r.owner,
+                    r.algorithm_hint,
+                    r.key_ref,
+                    r.metadata,
+                    r.access_policy,
+                    r.created_at,
+                    r.expires_at,
+                )
+            })
+            .collect(),
+        Err(_) => vec![(s, m, None, None, None, None, None, None, None, None)],
+    };
+    TableIterator::new(rows)
+}
