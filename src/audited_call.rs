@@ -27,6 +27,7 @@ pub fn audited_call<T>(
 ) -> Result<T, VaultError> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, operation, purpose, external_id);
+    refuse_direct_call(&event, operation);
     run(&mut event, Grants::Recorded, body)
 }
 
@@ -38,7 +39,23 @@ pub fn refusals_recorded<T>(
 ) -> Result<T, VaultError> {
     let caller = Caller::current();
     let mut event = Event::new(&caller, operation, None, None);
+    refuse_direct_call(&event, operation);
     run(&mut event, Grants::NotRecorded, body)
+}
+
+/// An internal `*_impl` function called other than from the extension's own SQL function is
+/// refused, recorded, and raised (42501): it does nothing and returns no row
+/// (`security::api_entry`).
+fn refuse_direct_call(event: &Event, operation: &str) {
+    if crate::security::api_entry::take_permit() {
+        return;
+    }
+    let refused = event.refused(VaultError::NotThroughApi(operation.to_owned()));
+    pgrx::ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        refused.to_string()
+    );
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -81,6 +81,8 @@ pub enum VaultError {
     /// An ERROR raised by PostgreSQL inside an audited call, with its own SQLSTATE.
     #[error("{message}")]
     Database { sqlstate: String, message: String },
+    #[error("the internal function of operation \"{0}\" answers only vsql_vault's own SQL functions: call the vault_* function")]
+    NotThroughApi(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -110,6 +112,7 @@ impl VaultError {
             VaultError::UnknownColumn(_) => "42703",
             VaultError::Database { sqlstate, .. } => sqlstate,
             VaultError::Raised(_) => "XX000",
+            VaultError::NotThroughApi(_) => "42501",
             VaultError::Internal(_) => "XX000",
         }
     }

@@ -18,6 +18,7 @@ mod plans;
 mod policy;
 mod report;
 mod retention;
+mod security;
 mod settings;
 mod storage;
 
@@ -70,6 +71,7 @@ pub extern "C-unwind" fn _PG_init() {
     // environment concurrently.
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     settings::define();
+    security::api_entry::install();
     // A walsender or a plain backend may load the library too; shared memory and workers can only
     // be requested while the postmaster preloads it.
     // SAFETY: a plain read of a process-global bool that PostgreSQL sets around the loading of

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{server, Server};
+use common::{server, sqlstate, Server};
 use postgres::Client;
 use std::collections::BTreeMap;
 
@@ -207,12 +207,35 @@ fn functions_are_executable_exactly_as_documented_and_refusals_inside_are_logged
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
-    // Calling an open internal function directly gains nothing: it applies the same checks.
+    // The internal functions answer only the API's own SQL functions: called directly, by anyone
+    // (a superuser too), they are refused with 42501, do nothing, and the attempt is recorded.
     let mut public = s.connect("pm_public");
-    let row = public
-        .query_one("SELECT sqlstate FROM vault.set_retention_policy_impl('pm.x', 30, 7, 'physical-delete', true, NULL)", &[])
+    let direct = "SELECT sqlstate FROM vault.set_retention_policy_impl('pm.direct', 30, 7, 'physical-delete', true, NULL)";
+    for c in [&mut public, &mut su] {
+        let e = c.query_one(direct, &[]).unwrap_err();
+        assert_eq!(sqlstate(&e), "42501", "{e}");
+        assert!(e.to_string().contains("call the vault_* function"), "{e}");
+    }
+    let stored: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.retention_policies WHERE purpose = 'pm.direct'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "a direct call changed nothing");
+    let recorded: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'set_retention_policy'
+               AND purpose = 'pm.direct' AND NOT granted AND sqlstate = '42501'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 2, "both direct calls are in the access log");
+    // Through the API the same call works for an administrator.
+    su.batch_execute("SELECT vault_set_retention_policy('pm.direct', 30, 7)")
         .unwrap();
-    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("42501"));
     let e = public
         .query_one(
             "SELECT vault.role_allowed('{@owner}', 10, 'postgres', 'x')",
