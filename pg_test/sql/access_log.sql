@@ -1,5 +1,7 @@
 -- The access log: durable whatever the caller's transaction does, identity recorded,
 -- append-only for every role.
+-- A statement expected to fail shows its message, and the \echo :SQLSTATE after it its SQLSTATE.
+\set SHOW_CONTEXT never
 SELECT max(id) AS last_id FROM vault.access_log \gset
 
 -- A granted get inside a rolled-back transaction stays logged.
@@ -10,6 +12,7 @@ ROLLBACK;
 -- A denied call raises an error and still leaves its row.
 BEGIN;
 SELECT vault_put('nopolicy', 'z', '\x01');
+\echo :SQLSTATE
 ROLLBACK;
 RESET ROLE;
 SELECT role_name, session_user_name, operation, purpose, external_id, granted, sqlstate,
@@ -49,27 +52,38 @@ SELECT count(*) AS reads_with_xid FROM vault.access_log
 
 -- Append-only: UPDATE, DELETE and TRUNCATE are refused, for the superuser too.
 UPDATE vault.access_log SET granted = true WHERE id = 1;
+\echo :SQLSTATE
 DELETE FROM vault.access_log WHERE id = 1;
+\echo :SQLSTATE
 TRUNCATE vault.access_log;
+\echo :SQLSTATE
 SET session_replication_role = replica;
 UPDATE vault.access_log SET granted = true WHERE id = 1;
+\echo :SQLSTATE
 DELETE FROM vault.access_log WHERE id = 1;
+\echo :SQLSTATE
 RESET session_replication_role;
 SELECT count(*) > 0 AS rows_kept FROM vault.access_log WHERE id = 1;
 
 -- Nobody reads or writes the tables directly except as granted.
 SET ROLE app_a;
 SELECT count(*) FROM vault.entries;
+\echo :SQLSTATE
 SELECT count(*) FROM vault.access_log;
+\echo :SQLSTATE
 INSERT INTO vault.access_log (logged_at, role_name, session_user_name, backend_pid, operation, granted)
 VALUES (now(), 'app_a', 'app_a', 1, 'get', true);
+\echo :SQLSTATE
 RESET ROLE;
 SET ROLE auditor1;
 SELECT count(*) > 0 AS auditor_reads_log FROM vault.access_log;
 SELECT count(*) > 0 AS auditor_reads_metadata FROM (SELECT purpose, external_id, owner FROM vault.entries) m;
 SELECT encrypted_value FROM vault.entries LIMIT 1;
+\echo :SQLSTATE
 SELECT * FROM vault_get('card', 'p1');
+\echo :SQLSTATE
 RESET ROLE;
 SET ROLE admin1;
 SELECT encrypted_value FROM vault.entries LIMIT 1;
+\echo :SQLSTATE
 RESET ROLE;

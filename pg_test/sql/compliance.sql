@@ -1,6 +1,8 @@
 -- Compliance evidence on a known data set: the signed report, the auditor views and the metrics.
 -- Earlier files left entries, purges, denials and a tampered purge proof behind; the figures
 -- below include them.
+-- A statement expected to fail shows its message, and the \echo :SQLSTATE after it its SQLSTATE.
+\set SHOW_CONTEXT never
 SET ROLE admin1;
 SELECT vault_set_retention_policy('med', 100, 30, 'crypto-shred', description => 'health records');
 SELECT vault_set_retention_policy('tmp', 10, 5, 'physical-delete');
@@ -15,9 +17,13 @@ RESET ROLE;
 -- A refused read, and a refused report.
 SET ROLE app_c;
 SELECT * FROM vault_get('med', 'm1');
+\echo :SQLSTATE
 SELECT vault_compliance_report();
+\echo :SQLSTATE
 SELECT vault_metrics();
+\echo :SQLSTATE
 SELECT count(*) FROM vault.retention_compliance;
+\echo :SQLSTATE
 RESET ROLE;
 -- Time passes for m1, m2 and t1; then the maximum of 'tmp' is lowered below t2's expiry.
 UPDATE vault.entries SET expires_at = now() - interval '1 day'

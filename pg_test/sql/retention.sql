@@ -1,4 +1,6 @@
 -- Retention enforcement: sweeps, the three purge methods, vault_delete, and signed purge proofs.
+-- A statement expected to fail shows its message, and the \echo :SQLSTATE after it its SQLSTATE.
+\set SHOW_CONTEXT never
 SET ROLE admin1;
 SELECT vault_set_retention_policy('otp', 7, 1, 'physical-delete');
 SELECT vault_set_retention_policy('pan', 30, 7, 'crypto-shred');
@@ -18,9 +20,11 @@ UPDATE vault.entries SET expires_at = now() - interval '1 second'
 -- Only an admin runs a sweep by hand.
 SET ROLE app_a;
 SELECT vault_purge_sweep();
+\echo :SQLSTATE
 RESET ROLE;
 SET ROLE admin1;
 SELECT vault_purge_sweep(0);
+\echo :SQLSTATE
 SELECT vault_purge_sweep(2) AS purged_first;
 SELECT vault_purge_sweep() AS purged_rest;
 SELECT vault_purge_sweep() AS nothing_left;
@@ -39,8 +43,11 @@ SELECT started_by, entries_purged, finished_at IS NOT NULL AS finished, errors
 -- Afterwards a get answers VV410 (gone), whatever the method.
 SET ROLE app_a;
 SELECT * FROM vault_get('otp', 'o1');
+\echo :SQLSTATE
 SELECT * FROM vault_get('pan', 'p1');
+\echo :SQLSTATE
 SELECT * FROM vault_get('log', 'l1');
+\echo :SQLSTATE
 SELECT encrypted_value FROM vault_get('otp', 'keep');
 RESET ROLE;
 
@@ -51,6 +58,7 @@ SELECT vault_put('otp', 'd1', '\x01') IS NOT NULL, vault_put('otp', 'd2', '\x02'
 RESET ROLE;
 SET ROLE app_c;
 SELECT vault_delete('otp', 'd1');
+\echo :SQLSTATE
 RESET ROLE;
 SET ROLE app_a;
 SELECT vault_delete('otp', 'd1', 'customer asked to be forgotten') > 0 AS deleted_by_owner;
@@ -61,11 +69,17 @@ RESET ROLE;
 SET ROLE admin1;
 SELECT vault_delete('otp', 'd3', 'incident 42') > 0 AS deleted_by_admin;
 SELECT vault_delete('otp', 'd3');
+\echo :SQLSTATE
 SELECT vault_delete('otp', 'never-was');
+\echo :SQLSTATE
 SELECT vault_delete(NULL, 'x');
+\echo :SQLSTATE
 SELECT vault_delete('otp', NULL);
+\echo :SQLSTATE
 SELECT vault_delete('otp', 'x', NULL);
+\echo :SQLSTATE
 SELECT vault_delete('OTP', 'x');
+\echo :SQLSTATE
 RESET ROLE;
 SELECT external_id, reason, purged_by, tree_size FROM vault.purge_log
  WHERE external_id IN ('d1', 'd2', 'd3') ORDER BY external_id;
@@ -77,10 +91,13 @@ SELECT count(*) AS exported FROM vault_export_purge_proofs();
 SELECT table_name, sum(rows_checked) AS rows_checked, bool_and(ok) AS ok
   FROM vault_verify_audit('vault.purge_log') GROUP BY 1;
 SELECT vault_verify_purge_proof(999999);
+\echo :SQLSTATE
 SELECT vault_verify_purge_proof(NULL);
+\echo :SQLSTATE
 RESET ROLE;
 SET ROLE app_a;
 SELECT vault_verify_purge_proof(1);
+\echo :SQLSTATE
 RESET ROLE;
 
 -- A proof altered behind the triggers no longer verifies (and the chain says which row).
