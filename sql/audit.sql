@@ -83,36 +83,25 @@ SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints_id_seq', '')
 
 CREATE FUNCTION vault_protect_table(tbl regclass, chains int DEFAULT 16) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.protect_table_impl($1::oid, $2);
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.protect_table_impl($1::oid, $2) r;
 END
 $fn$;
 
 CREATE FUNCTION vault_checkpoint() RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.checkpoint_impl();
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
-    RETURN r.checkpoints;
+    RETURN (SELECT r.checkpoints FROM vault.checkpoint_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
 END
 $fn$;
 
 CREATE FUNCTION vault_rotate_signing_key() RETURNS text
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.rotate_signing_key_impl();
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
-    RETURN r.key_id;
+    RETURN (SELECT r.key_id FROM vault.rotate_signing_key_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
 END
 $fn$;
 
@@ -120,40 +109,28 @@ CREATE FUNCTION vault_verify_audit(tbl regclass DEFAULT NULL)
 RETURNS TABLE (table_name text, chain int, rows_checked bigint, first_bad_seq bigint, ok bool,
                detail text)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    FOR r IN SELECT * FROM vault.verify_audit_impl($1::oid) LOOP
-        IF r.sqlstate IS NOT NULL THEN
-            RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-        END IF;
-        RETURN QUERY SELECT r.table_name, r.chain, r.rows_checked, r.first_bad_seq, r.ok, r.detail;
-    END LOOP;
+    RETURN QUERY SELECT r.table_name, r.chain, r.rows_checked, r.first_bad_seq, r.ok, r.detail
+                   FROM vault.verify_audit_impl($1::oid) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
 END
 $fn$;
 
 CREATE FUNCTION vault_export_audit(tbl regclass, from_seq bigint DEFAULT 0) RETURNS SETOF text
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    FOR r IN SELECT * FROM vault.export_audit_impl($1::oid, $2) LOOP
-        IF r.sqlstate IS NOT NULL THEN
-            RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-        END IF;
-        RETURN NEXT r.line;
-    END LOOP;
+    RETURN QUERY SELECT r.line
+                   FROM vault.export_audit_impl($1::oid, $2) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
 END
 $fn$;
 
 CREATE FUNCTION vault_export_checkpoints() RETURNS SETOF text
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    FOR r IN SELECT * FROM vault.export_checkpoints_impl() LOOP
-        IF r.sqlstate IS NOT NULL THEN
-            RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-        END IF;
-        RETURN NEXT r.line;
-    END LOOP;
+    RETURN QUERY SELECT r.line
+                   FROM vault.export_checkpoints_impl() r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
 END
 $fn$;
 
@@ -162,12 +139,9 @@ $fn$;
 -- and the removal is recorded with the heads its chains had reached.
 CREATE FUNCTION vault_forget_missing_table(identity text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.forget_missing_table_impl($1);
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.forget_missing_table_impl($1) r;
 END
 $fn$;
 

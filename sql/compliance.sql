@@ -4,25 +4,17 @@
 
 CREATE FUNCTION vault_compliance_report() RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.compliance_report_impl();
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
-    RETURN r.report::jsonb;
+    RETURN (SELECT r.report::jsonb FROM vault.compliance_report_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
 END
 $fn$;
 
 CREATE FUNCTION vault_metrics() RETURNS text
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.metrics_impl();
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
-    RETURN r.metrics;
+    RETURN (SELECT r.metrics FROM vault.metrics_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
 END
 $fn$;
 

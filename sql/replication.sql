@@ -16,34 +16,24 @@ GRANT SELECT ON vault.sync_exclusions TO vault_auditor, vault_admin;
 
 CREATE FUNCTION vault_sync_exclude(tbl regclass, col name) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.sync_scope_impl($1::oid, $2::text, true);
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.sync_scope_impl($1::oid, $2::text, true) r;
 END
 $fn$;
 
 CREATE FUNCTION vault_sync_include(tbl regclass, col name) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.sync_scope_impl($1::oid, $2::text, false);
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.sync_scope_impl($1::oid, $2::text, false) r;
 END
 $fn$;
 
 CREATE FUNCTION vault_scope_report() RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.scope_report_impl();
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
-    RETURN r.report::jsonb;
+    RETURN (SELECT r.report::jsonb FROM vault.scope_report_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
 END
 $fn$;

@@ -69,49 +69,33 @@ SELECT pg_catalog.pg_extension_config_dump('vault.purge_batch_seq', '');
 CREATE FUNCTION vault_delete(purpose text, external_id text, reason text DEFAULT 'manual')
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.delete_impl($1, $2, $3);
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
-    RETURN r.purge_id;
+    RETURN (SELECT r.purge_id FROM vault.delete_impl($1, $2, $3) r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
 END
 $fn$;
 
 CREATE FUNCTION vault_purge_sweep(max_entries int DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.purge_sweep_impl($1);
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
-    RETURN r.purged;
+    RETURN (SELECT r.purged FROM vault.purge_sweep_impl($1) r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
 END
 $fn$;
 
 CREATE FUNCTION vault_verify_purge_proof(id bigint) RETURNS bool
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.verify_purge_proof_impl($1);
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
-    RETURN r.ok;
+    RETURN (SELECT r.ok FROM vault.verify_purge_proof_impl($1) r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
 END
 $fn$;
 
 CREATE FUNCTION vault_export_purge_proofs(from_id bigint DEFAULT 0) RETURNS SETOF text
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    FOR r IN SELECT * FROM vault.export_purge_proofs_impl($1) LOOP
-        IF r.sqlstate IS NOT NULL THEN
-            RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-        END IF;
-        RETURN NEXT r.line;
-    END LOOP;
+    RETURN QUERY SELECT r.line
+                   FROM vault.export_purge_proofs_impl($1) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
 END
 $fn$;

@@ -230,3 +230,18 @@ BEGIN
 END
 $fn$;
 REVOKE ALL ON FUNCTION vault.role_allowed(name[], oid, name, text) FROM PUBLIC;
+
+-- How the API wrappers raise a failure that a vault.*_impl function reported: pgrx can raise only
+-- the SQLSTATEs PostgreSQL defines (a custom code such as VV428 would be lost), so the Rust
+-- functions return (sqlstate, message, ...) and each wrapper calls this in its one statement.
+-- True when nothing was reported. VOLATILE because it raises; PUBLIC may execute it, since the
+-- wrappers run as their caller.
+CREATE FUNCTION vault.raise_reported(code text, message text) RETURNS bool
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF code IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message;
+    END IF;
+    RETURN true;
+END
+$fn$;

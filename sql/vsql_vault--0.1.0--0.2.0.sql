@@ -153,6 +153,246 @@ CREATE EVENT TRIGGER vault_guard_alter ON ddl_command_end
     EXECUTE FUNCTION vault.guard_alter();
 ALTER EVENT TRIGGER vault_guard_alter ENABLE ALWAYS;
 
+-- The API wrappers become one statement each: a failure a vault.*_impl function reports is raised
+-- by one helper (pgrx cannot raise custom SQLSTATEs; sql/schema.sql). Same signatures, results
+-- and SQLSTATEs.
+CREATE FUNCTION vault.raise_reported(code text, message text) RETURNS bool
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF code IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message;
+    END IF;
+    RETURN true;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_put(
+    purpose text,
+    external_id text,
+    encrypted_value bytea,
+    algorithm_hint text DEFAULT NULL,
+    key_ref text DEFAULT NULL,
+    metadata jsonb DEFAULT '{}',
+    expires_at timestamptz DEFAULT NULL,
+    access_policy text DEFAULT 'owner-only'
+) RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.expires_at FROM vault.put_impl($1, $2, $3, $4, $5, $6::text, $7, $8) r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_get(purpose text, external_id text)
+RETURNS TABLE (encrypted_value bytea, algorithm_hint text, key_ref text, metadata jsonb,
+               owner name, created_at timestamptz, expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.encrypted_value, r.algorithm_hint, r.key_ref, r.metadata::jsonb,
+                        r.owner::name, r.created_at, r.expires_at
+                   FROM vault.get_impl($1, $2) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_head(purpose text, external_id text)
+RETURNS TABLE (found bool, expired bool, owner name, access_policy text,
+               created_at timestamptz, expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    -- RETURN QUERY, not assignments: an OUT column named found would be plpgsql's FOUND.
+    RETURN QUERY SELECT r.found, r.expired, r.owner::name, r.access_policy,
+                        r.created_at, r.expires_at
+                   FROM vault.head_impl($1, $2) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_list(purpose text)
+RETURNS TABLE (external_id text, owner name, algorithm_hint text, key_ref text, metadata jsonb,
+               access_policy text, created_at timestamptz, expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.external_id, r.owner::name, r.algorithm_hint, r.key_ref,
+                        r.metadata::jsonb, r.access_policy, r.created_at, r.expires_at
+                   FROM vault.list_impl($1) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_set_retention_policy(
+    purpose text,
+    max_retention_days int,
+    default_ttl_days int,
+    purge_method text DEFAULT 'physical-delete',
+    require_purge_proof bool DEFAULT true,
+    description text DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.set_retention_policy_impl($1, $2, $3, $4, $5, $6) r;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_set_access_policy(
+    name text,
+    store_roles name[],
+    retrieve_roles name[],
+    purge_roles name[],
+    max_retrievals int DEFAULT NULL,
+    description text DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.set_access_policy_impl($1, $2::text[], $3::text[], $4::text[], $5, $6) r;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_grant_purpose(purpose text, role name) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.grant_purpose_impl($1, $2::text) r;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_revoke_purpose(purpose text, role name) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.revoke_purpose_impl($1, $2::text) r;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_protect_table(tbl regclass, chains int DEFAULT 16) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.protect_table_impl($1::oid, $2) r;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_checkpoint() RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.checkpoints FROM vault.checkpoint_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_rotate_signing_key() RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.key_id FROM vault.rotate_signing_key_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_verify_audit(tbl regclass DEFAULT NULL)
+RETURNS TABLE (table_name text, chain int, rows_checked bigint, first_bad_seq bigint, ok bool,
+               detail text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.table_name, r.chain, r.rows_checked, r.first_bad_seq, r.ok, r.detail
+                   FROM vault.verify_audit_impl($1::oid) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_export_audit(tbl regclass, from_seq bigint DEFAULT 0) RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.line
+                   FROM vault.export_audit_impl($1::oid, $2) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_export_checkpoints() RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.line
+                   FROM vault.export_checkpoints_impl() r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_delete(purpose text, external_id text, reason text DEFAULT 'manual')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.purge_id FROM vault.delete_impl($1, $2, $3) r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_purge_sweep(max_entries int DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.purged FROM vault.purge_sweep_impl($1) r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_verify_purge_proof(id bigint) RETURNS bool
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.ok FROM vault.verify_purge_proof_impl($1) r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_export_purge_proofs(from_id bigint DEFAULT 0) RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.line
+                   FROM vault.export_purge_proofs_impl($1) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_sync_exclude(tbl regclass, col name) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.sync_scope_impl($1::oid, $2::text, true) r;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_sync_include(tbl regclass, col name) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.sync_scope_impl($1::oid, $2::text, false) r;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_scope_report() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.report::jsonb FROM vault.scope_report_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_compliance_report() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.report::jsonb FROM vault.compliance_report_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION vault_metrics() RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.metrics FROM vault.metrics_impl() r
+             WHERE vault.raise_reported(r.sqlstate, r.message));
+END
+$fn$;
+
 CREATE  FUNCTION vault."forget_missing_table_impl"(
 	"identity" TEXT /* Option < & str > */
 ) RETURNS TABLE (
@@ -169,12 +409,9 @@ AS 'MODULE_PATHNAME', 'forget_missing_table_impl_wrapper';
 -- and the removal is recorded with the heads its chains had reached.
 CREATE FUNCTION vault_forget_missing_table(identity text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM vault.forget_missing_table_impl($1);
-    IF r.sqlstate IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
-    END IF;
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.forget_missing_table_impl($1) r;
 END
 $fn$;
 
