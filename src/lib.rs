@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 mod access_log;
+mod api;
 mod audited_call;
 mod chain;
 mod column_values;
@@ -33,9 +34,9 @@ pgrx::extension_sql_file!(
         "api",
         vault::chain_row,
         vault::chain_flush,
-        chain::api::protect_builtin,
-        chain::api::ddl_guard_allows,
-        chain::api::ddl_guard_allows_relation
+        api::chain::protect_builtin,
+        api::chain::ddl_guard_allows,
+        api::chain::ddl_guard_allows_relation
     ]
 );
 pgrx::extension_sql_file!(

@@ -38,7 +38,6 @@ macro_rules! oid_by_recorded_name {
     };
 }
 
-pub mod api;
 mod checkpoint;
 mod head;
 mod protect;

@@ -2,12 +2,10 @@
 //!
 //! - `destroy`: choosing entries, destroying them and writing their proofs in one transaction
 //!   (sweeps and manual deletes), and reading proofs back;
-//! - `api`: the SQL entry points (`vault_delete`, `vault_purge_sweep`, proof verification and
-//!   export);
 //! - `worker`: the background worker that sweeps on schedule and vacuums destroyed values away.
 //!
-//! Dependencies run one way: `api` and `worker` use `destroy`; `api` asks `worker` to vacuum.
+//! Dependencies run one way: `worker` uses `destroy`. The SQL entry points (`vault_delete`,
+//! `vault_purge_sweep`, proof verification and export) are in `crate::api::retention`.
 
-pub mod api;
-mod destroy;
+pub(crate) mod destroy;
 pub mod worker;

@@ -1,8 +1,8 @@
 //! SQL functions of retention enforcement; failures come back as (sqlstate, message) for the
 //! wrappers in `sql/retention.sql` to raise.
 
-use super::destroy;
-use super::worker::request_vacuum;
+use crate::retention::destroy;
+use crate::retention::worker::request_vacuum;
 use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
 use crate::identity::{has_role, AsOwner, Caller};
@@ -220,5 +220,5 @@ fn export_purge_proofs_impl(
             .map(|p| serde_json::to_string(p).unwrap_or_default())
             .collect::<Vec<_>>())
     });
-    crate::chain::api::rows_or_error(result)
+    crate::api::chain::rows_or_error(result)
 }
