@@ -123,6 +123,21 @@ fn run<T>(
     }
 }
 
+/// For the in-backend tests: an audited call whose body takes the guard `enter` returns and then
+/// fails with a database error (division_by_zero), which the call must return as that failure.
+#[cfg(any(test, feature = "pg_test"))]
+pub(crate) fn fail_holding<G>(enter: impl FnOnce() -> G) {
+    let result = audited_call("test", None, None, |_| {
+        let _guard = enter();
+        crate::identity::select_one::<i32>("SELECT 1 / 0", &[])?;
+        Ok(())
+    });
+    assert!(
+        matches!(&result, Err(VaultError::Database { sqlstate, .. }) if sqlstate == "22012"),
+        "{result:?}"
+    );
+}
+
 /// Records a refused or failed call and returns its error. When the writer is unavailable no
 /// record can be made, and trying again would only wait a second time.
 fn refusal(event: &Event, e: VaultError) -> VaultError {

@@ -143,3 +143,50 @@ impl PinnedOutput {
         }
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::{PinnedOutput, PINNED_OUTPUT_SETTINGS};
+    use crate::identity::select_one;
+    use pgrx::prelude::*;
+
+    /// The current values of the pinned settings.
+    fn output_settings() -> Vec<String> {
+        PINNED_OUTPUT_SETTINGS
+            .iter()
+            .map(|(name, _)| {
+                select_one::<String>(
+                    "SELECT pg_catalog.current_setting($1)",
+                    &[name.to_str().unwrap().into()],
+                )
+                .unwrap()
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[pg_test]
+    fn pinned_settings_come_back_after_the_pin_and_after_an_error() {
+        Spi::run("SET LOCAL DateStyle = 'SQL, DMY'").unwrap();
+        Spi::run("SET LOCAL TimeZone = 'Asia/Tokyo'").unwrap();
+        Spi::run("SET LOCAL search_path = public").unwrap();
+        let caller = output_settings();
+        let pinned: Vec<String> = PINNED_OUTPUT_SETTINGS
+            .iter()
+            .map(|(_, value)| value.to_string())
+            .collect();
+        assert_ne!(caller, pinned);
+        {
+            let _pinned = PinnedOutput::enter();
+            assert_eq!(output_settings(), pinned);
+        }
+        assert_eq!(output_settings(), caller);
+        crate::audited_call::fail_holding(|| {
+            let pinned_guard = PinnedOutput::enter();
+            assert_eq!(output_settings(), pinned);
+            pinned_guard
+        });
+        assert_eq!(output_settings(), caller);
+    }
+}

@@ -282,3 +282,79 @@ pub fn require(caller: &Caller, roles: &[&str]) -> Result<(), crate::errors::Vau
         )))
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::{select_one, AsTableOwner};
+    use pgrx::prelude::*;
+
+    fn user_and_context() -> (pg_sys::Oid, i32) {
+        let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
+        // SAFETY: writes this backend's current user id and security context into two live locals.
+        unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
+        (user, context)
+    }
+
+    /// The user id and security context, `current_user` and `search_path`.
+    fn identity() -> ((pg_sys::Oid, i32), String, String) {
+        let current = |query| select_one::<String>(query, &[]).unwrap().unwrap();
+        (
+            user_and_context(),
+            current("SELECT current_user::text"),
+            current("SELECT pg_catalog.current_setting('search_path')"),
+        )
+    }
+
+    /// A role to switch to, created in the test's transaction (rolled back with it).
+    fn new_table_owner() -> pg_sys::Oid {
+        Spi::run("CREATE ROLE vsql_vault_test_owner").unwrap();
+        select_one::<pg_sys::Oid>(
+            "SELECT 'vsql_vault_test_owner'::pg_catalog.regrole::oid",
+            &[],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    fn assert_switched_to(owner: pg_sys::Oid) {
+        let ((user, context), current_user, search_path) = identity();
+        assert_eq!(user, owner);
+        assert_ne!(context & pg_sys::SECURITY_RESTRICTED_OPERATION as i32, 0);
+        assert_eq!(current_user, "vsql_vault_test_owner");
+        assert_eq!(search_path, "pg_catalog, pg_temp");
+    }
+
+    #[pg_test]
+    fn owner_switch_is_undone_by_an_error_unwinding() {
+        let owner = new_table_owner();
+        let before = user_and_context();
+        PgTryBuilder::new(|| {
+            let _owner = AsTableOwner::enter(owner);
+            assert_switched_to(owner);
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_RAISE_EXCEPTION,
+                "raised as the table owner"
+            );
+        })
+        // Only that error: a failed assertion above is not caught.
+        .catch_when(PgSqlErrorCode::ERRCODE_RAISE_EXCEPTION, |_| ())
+        .execute();
+        // No (sub)transaction was rolled back: the guard's drop alone put the caller back.
+        // (search_path comes back with the (sub)transaction's abort: see the audited-call test.)
+        assert_eq!(user_and_context(), before);
+    }
+
+    #[pg_test]
+    fn audited_call_failing_as_table_owner_restores_the_caller() {
+        let owner = new_table_owner();
+        let before = identity();
+        crate::audited_call::fail_holding(|| {
+            let owner_guard = AsTableOwner::enter(owner);
+            assert_switched_to(owner);
+            owner_guard
+        });
+        assert_eq!(identity(), before);
+    }
+}

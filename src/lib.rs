@@ -87,6 +87,22 @@ pub extern "C-unwind" fn _PG_init() {
     }
 }
 
+/// Settings of the cluster `cargo pgrx test` starts for the `#[pg_test]` functions
+/// (pg_test/in_backend.sh).
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    /// Nothing beyond the defaults, and deliberately no `shared_preload_libraries`: the tests call
+    /// the code directly inside a transaction that is rolled back, so they need neither the audit
+    /// writer nor the retention worker (anything that needs those, or a commit, is tested against
+    /// a preloaded cluster by pg_test/ and tests/). Unpreloaded, an audited call's refusal is
+    /// not recorded but warned about, and its error is returned as usual.
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}
+
 /// The schema that holds the vault's tables and the API's internal functions.
 #[pg_schema]
 mod vault {

@@ -168,3 +168,37 @@ impl Event<'_> {
         .map_err(|e| VaultError::Internal(format!("recording the break-glass command failed: {e}")))
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::Event;
+    use crate::errors::VaultError;
+    use crate::identity::Caller;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn record_cuts_long_values_and_keeps_long_details_whole() {
+        let caller = Caller::current();
+        // 401 bytes: byte 256, the field's end, falls inside an 'é'.
+        let external_id = format!("a{}", "é".repeat(200));
+        let purpose = "€".repeat(30);
+        let mut event = Event::new(&caller, "get", Some(&purpose), Some(&external_id));
+        let details = serde_json::json!({ "input": "x".repeat(2000) });
+        event.details = Some(details.clone());
+        let error = VaultError::Denied("ü".repeat(400));
+        let (record, large) = event.raw(false, Some(&error));
+        assert_eq!(
+            record.external_id.get(),
+            Some(format!("a{}", "é".repeat(127)))
+        );
+        assert_eq!(record.purpose.get(), Some("€".repeat(21)));
+        let reason = record.reason.get().unwrap();
+        let capacity = record.reason.capacity();
+        assert!(error.to_string().starts_with(&reason));
+        assert!(reason.len() <= capacity && reason.len() > capacity - 'ü'.len_utf8());
+        // Details longer than the record's field travel whole beside it.
+        assert_eq!(record.details.get(), None);
+        assert_eq!(large, Some(details.to_string()));
+    }
+}

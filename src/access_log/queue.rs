@@ -496,3 +496,31 @@ pub fn complete(results: &[(usize, Outcome)]) -> Vec<usize> {
     wake.into_iter().for_each(set_latch);
     gone
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::empty_record;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn fixed_strings_are_cut_at_a_character_boundary() {
+        let mut s = empty_record().sqlstate;
+        assert_eq!(s.capacity(), 5);
+        assert_eq!(s.get(), None);
+        s.set(Some("abcde"));
+        assert_eq!(s.get().as_deref(), Some("abcde"));
+        // The fifth byte is the first of 'é': the whole character goes.
+        s.set(Some("abcdé"));
+        assert_eq!(s.get().as_deref(), Some("abcd"));
+        // A three-byte character that ends exactly at the capacity stays.
+        s.set(Some("ab€€"));
+        assert_eq!(s.get().as_deref(), Some("ab€"));
+        s.set(Some("x"));
+        assert_eq!(s.get().as_deref(), Some("x"));
+        s.set(Some(""));
+        assert_eq!(s.get().as_deref(), Some(""));
+        s.set(None);
+        assert_eq!(s.get(), None);
+    }
+}

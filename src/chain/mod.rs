@@ -191,3 +191,117 @@ unsafe fn for_each_spi_tuple(mut each: impl FnMut(pg_sys::HeapTuple, pg_sys::Tup
         }
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::{columns_of, deform, for_each_spi_tuple, hashed_attributes};
+    use pgrx::prelude::*;
+    use vsql_vault_core::canonical::{encode, Value};
+
+    /// The values the chain trigger (and the export) hashes for the one row `query` returns.
+    fn hashed_values(query: &str) -> Vec<(String, Value)> {
+        Spi::connect(|c| {
+            let _rows = c.select(query, None, &[])?;
+            let mut rows = Vec::new();
+            // SAFETY: right after the query on this connection, whose result `_rows` keeps; the
+            // callback runs no command. Each tuple comes with its own result's descriptor and is
+            // turned into owned values at once.
+            unsafe {
+                for_each_spi_tuple(|t, d| {
+                    rows.push(columns_of(&deform(t, d), &hashed_attributes(d)));
+                });
+            }
+            Ok::<_, pgrx::spi::Error>(rows)
+        })
+        .expect("the query runs")
+        .pop()
+        .expect("the query returns a row")
+    }
+
+    /// Each known-answer vector of tests/vectors/canonical_v1.json as a row of the column types
+    /// its values come from in the vault's tables.
+    const VECTOR_ROWS: [(&str, &str); 3] = [
+        (
+            "vsql_vault.access_log",
+            "SELECT 'get'::text AS operation, 'card'::text AS purpose, 'p1'::text AS external_id,
+                    true AS granted, 42::bigint AS entry_id,
+                    timestamptz '2025-11-24 01:30:00+00' AS logged_at, NULL::text AS reason",
+        ),
+        (
+            "vsql_vault.entries",
+            r#"SELECT '\x00ff10'::bytea AS encrypted_value, '{"k":"ü 100%"}'::jsonb AS metadata,
+                      -1 AS count"#,
+        ),
+        ("empty", "SELECT"),
+    ];
+
+    #[pg_test]
+    fn rows_encode_to_the_known_answer_vectors() {
+        // Far from the pinned values: the hashed values must not depend on the session.
+        Spi::run("SET LOCAL TimeZone = 'Asia/Tokyo'").unwrap();
+        Spi::run("SET LOCAL DateStyle = 'SQL, DMY'").unwrap();
+        let vectors: Vec<serde_json::Value> =
+            serde_json::from_str(include_str!("../../tests/vectors/canonical_v1.json")).unwrap();
+        assert_eq!(vectors.len(), VECTOR_ROWS.len(), "a vector without its row");
+        for v in &vectors {
+            let domain = v["domain"].as_str().unwrap();
+            let (_, query) = VECTOR_ROWS
+                .iter()
+                .find(|(d, _)| *d == domain)
+                .unwrap_or_else(|| panic!("no row for vector {domain}"));
+            let expected: Vec<(String, Value)> =
+                serde_json::from_value(v["fields"].clone()).unwrap();
+            let values = hashed_values(query);
+            assert_eq!(values, expected, "values of {domain}");
+            let encoded = encode(domain, &values);
+            assert_eq!(
+                Some(hex::encode(encoded.bytes()).as_str()),
+                v["canonical_hex"].as_str(),
+                "bytes of {domain}"
+            );
+            assert_eq!(
+                Some(hex::encode(encoded.sha256()).as_str()),
+                v["sha256_hex"].as_str(),
+                "hash of {domain}"
+            );
+        }
+    }
+
+    #[pg_test]
+    fn text_forms_are_made_under_the_pinned_settings() {
+        // One column for each setting of PINNED_OUTPUT_SETTINGS but lc_monetary (which needs a
+        // locale this machine may not have).
+        let row = r"SELECT ARRAY[timestamptz '2024-02-29 23:30:00+00'] AS at,
+                           ARRAY[date '2024-02-29'] AS days,
+                           interval '1 day 02:03:04' AS span,
+                           (1::float8 / 3) AS third,
+                           ARRAY['\x00ff'::bytea] AS blobs,
+                           'vault.entries'::regclass AS rel";
+        let pinned = hashed_values(row);
+        let text = |s: &str| Value::Text(s.to_owned());
+        assert_eq!(
+            pinned,
+            [
+                ("at", text(r#"{"2024-02-29 23:30:00+00"}"#)),
+                ("days", text("{2024-02-29}")),
+                ("span", text("1 day 02:03:04")),
+                ("third", text("0.3333333333333333")),
+                ("blobs", text(r#"{"\\x00ff"}"#)),
+                ("rel", text("vault.entries")),
+            ]
+            .map(|(n, v)| (n.to_owned(), v))
+        );
+        for set in [
+            "SET LOCAL TimeZone = 'Asia/Tokyo'",
+            "SET LOCAL DateStyle = 'SQL, DMY'",
+            "SET LOCAL IntervalStyle = 'iso_8601'",
+            "SET LOCAL extra_float_digits = -3",
+            "SET LOCAL bytea_output = 'escape'",
+            "SET LOCAL search_path = vault, public",
+        ] {
+            Spi::run(set).unwrap();
+        }
+        assert_eq!(hashed_values(row), pinned);
+    }
+}
