@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: formatting and lints, the core crate's unit tests, then a private preloaded
-# PostgreSQL cluster for the golden-file SQL tests (pg_test/) and the integration tests (tests/).
+# Runs every test: formatting and lints, the core crate's unit tests, the in-backend #[pg_test]
+# units (pg_test/in_backend.sh), then a private preloaded PostgreSQL cluster for the golden-file
+# SQL tests (pg_test/) and the integration tests (tests/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
@@ -11,6 +12,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "==> core crate and offline tool tests (no server)"
 cargo test -p vsql_vault_core -p vsql-vault
+
+echo "==> in-backend unit tests (#[pg_test], pg_test/in_backend.sh)"
+bash pg_test/in_backend.sh
 
 dir=$(mktemp -d /tmp/vsql_vault_test.XXXXXX)
 port=${VSQL_VAULT_TEST_PORT:-54331}

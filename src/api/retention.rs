@@ -1,11 +1,11 @@
 //! SQL functions of retention enforcement; failures come back as (sqlstate, message) for the
 //! wrappers in `sql/retention.sql` to raise.
 
-use crate::retention::destroy;
-use crate::retention::worker::request_vacuum;
 use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
 use crate::identity::{has_role, AsOwner, Caller};
+use crate::retention::destroy;
+use crate::retention::worker::request_vacuum;
 use crate::storage::{refusal_error, Subject};
 use pgrx::prelude::*;
 use vsql_vault_core::decide::{decide_delete, DeleteFacts};

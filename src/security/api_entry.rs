@@ -145,3 +145,45 @@ unsafe extern "C-unwind" fn clear_permits(
         PERMITS.with(|p| p.borrow_mut().clear());
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::{is_extension_sql_function, take_permit, PERMITS};
+    use pgrx::prelude::*;
+
+    fn oid_of(signature: &str) -> pg_sys::Oid {
+        Spi::get_one_with_args::<pg_sys::Oid>("SELECT $1::regprocedure::oid", &[signature.into()])
+            .expect("the lookup runs")
+            .expect("the function exists")
+    }
+
+    #[pg_test]
+    fn only_the_extensions_own_sql_functions_open_permits() {
+        Spi::run(
+            "CREATE FUNCTION public.look_alike() RETURNS void LANGUAGE plpgsql AS 'BEGIN END'",
+        )
+        .expect("created");
+        assert!(is_extension_sql_function(oid_of(
+            "vault_put(text,text,bytea,text,text,jsonb,timestamptz,text)"
+        )));
+        assert!(is_extension_sql_function(oid_of("vault_get(text,text)")));
+        // The internal functions themselves (C) and anyone else's functions do not.
+        assert!(!is_extension_sql_function(oid_of(
+            "vault.get_impl(text,text)"
+        )));
+        assert!(!is_extension_sql_function(oid_of("public.look_alike()")));
+    }
+
+    #[pg_test]
+    fn a_permit_is_taken_once() {
+        assert!(!take_permit(), "no extension function is running");
+        PERMITS.with(|p| p.borrow_mut().push((1, false)));
+        assert!(take_permit());
+        assert!(
+            !take_permit(),
+            "a second internal call under one permit is refused"
+        );
+        PERMITS.with(|p| p.borrow_mut().clear());
+    }
+}
