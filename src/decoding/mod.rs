@@ -1,7 +1,30 @@
-//! Encrypted replication: the `vsql_vault` output plugin (`plugin`) and its SQL side (`api`:
-//! which columns never leave the server, and the signed scope report).
+//! Encrypted replication: the `vsql_vault` output plugin and its SQL side (`api`: which columns
+//! never leave the server, and the signed scope report).
+//!
+//! The plugin is split by concern so each part can be read on its own: `plugin` (the callbacks
+//! PostgreSQL calls, and the session's state), `options` (what a consumer may ask for), `kek`
+//! (the key-encryption keys), `relation_cache` and `exclusions` (what is read of the catalogs),
+//! `record` (the JSON form of one change) and `batch` (sealing and writing the output).
+
+use pgrx::PgSqlErrorCode;
 
 pub mod api;
+mod batch;
+mod exclusions;
+mod kek;
+mod options;
 mod plugin;
+mod record;
+mod relation_cache;
 
-pub use plugin::{batches_sealed, init_shmem, kek_ids};
+pub(crate) use batch::{batches_sealed, init_shmem};
+pub(crate) use kek::kek_ids;
+
+/// Raises an ERROR with a specific SQLSTATE (decoding errors end the walsender's session).
+fn fail(code: PgSqlErrorCode, message: String) -> ! {
+    pgrx::ereport!(ERROR, code, message);
+}
+
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}

@@ -1,141 +1,37 @@
 //! The `vsql_vault` logical-decoding output plugin: every transaction leaves the server as one
 //! sealed, signed, chained batch (or several bounded chunks of a large one). Brokers and files
 //! between `pg_recvlogical` and `vsql-vault decrypt` see ciphertext only.
+//!
+//! This file holds what PostgreSQL calls (the entry point and the callbacks) and the session's
+//! state they share; each callback decides what to publish and hands the work to the sibling
+//! modules, so the control flow of a decoding session reads top to bottom here.
 
-use crate::settings;
+use super::batch::{flush, push};
+use super::exclusions::excluded_columns;
+use super::kek;
+use super::options::{parse_options, Options};
+use super::record::{close_record, message_record, open_record, write_row};
+use super::relation_cache::{forget_all, relation_of};
 use pgrx::prelude::*;
 use std::ffi::CStr;
-use vsql_vault_core::canonical::push_json_str;
-use vsql_vault_core::envelope::{Kek, KekRing};
+use vsql_vault_core::envelope::Kek;
 use vsql_vault_core::stream::Sealer;
 
-/// A transaction larger than this is sent in several batches, so memory stays bounded.
-const CHUNK_BYTES: usize = 4 * 1024 * 1024;
-/// A session's data key is replaced after this many batches.
-const BATCHES_PER_DEK: i64 = 100_000;
-
-/// Consumer-side options, for convenience only: they choose what a consumer receives of what
-/// the server publishes (they can never widen it).
-#[derive(Default)]
-struct Options {
-    include_xids: bool,
-    include_timestamp: bool,
-    add_tables: Vec<(String, String)>,
-    filter_tables: Vec<(String, String)>,
-}
-
-fn matches(pattern: &str, name: &str) -> bool {
-    pattern == "*" || pattern == name
-}
-
-impl Options {
-    fn wants(&self, schema: &str, table: &str) -> bool {
-        let hit = |list: &[(String, String)]| {
-            list.iter()
-                .any(|(s, t)| matches(s, schema) && matches(t, table))
-        };
-        (self.add_tables.is_empty() || hit(&self.add_tables)) && !hit(&self.filter_tables)
-    }
-}
-
-/// `schema.table` patterns separated by commas; `*` stands for any schema or any table.
-fn parse_tables(option: &str, value: &str) -> Vec<(String, String)> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('.') {
-            Some((s, t)) if !s.is_empty() && !t.is_empty() => (s.to_owned(), t.to_owned()),
-            _ => fail(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("vsql_vault decoding: {option} expects schema.table patterns, got \"{p}\""),
-            ),
-        })
-        .collect()
-}
-
-fn parse_bool(option: &str, value: Option<&str>) -> bool {
-    match value.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("1" | "true" | "on" | "yes") => true,
-        Some("0" | "false" | "off" | "no") => false,
-        Some(other) => fail(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("vsql_vault decoding: {option} expects a boolean, got \"{other}\""),
-        ),
-    }
-}
-
-/// Unknown options are refused rather than silently ignored.
-///
-/// # Safety
-///
-/// `list` must be NIL or a valid `List` of `DefElem` nodes (a decoding context's
-/// `output_plugin_options`), alive for the duration of the call.
-unsafe fn parse_options(list: *mut pg_sys::List) -> Options {
-    let mut o = Options {
-        include_xids: true,
-        ..Default::default()
-    };
-    // SAFETY: by the caller's guarantee `list` is NIL (PgList handles null) or a List whose
-    // elements are DefElem pointers; the wrapper is only iterated here, not freed or kept.
-    let opts = unsafe { pgrx::PgList::<pg_sys::DefElem>::from_pg(list) };
-    for d in opts.iter_ptr() {
-        // SAFETY: `d` is a DefElem of that list: its `defname` is a non-null NUL-terminated
-        // string, and defGetString is called only for a non-null `arg` (it ERRORs on a node type
-        // it cannot print). Both strings are copied into Rust Strings at once.
-        let (name, value) = unsafe {
-            let name = CStr::from_ptr((*d).defname).to_string_lossy().into_owned();
-            let arg = (*d).arg;
-            let value = if arg.is_null() {
-                None
-            } else {
-                Some(
-                    CStr::from_ptr(pg_sys::defGetString(d))
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-            };
-            (name, value)
-        };
-        match name.as_str() {
-            "include-xids" => o.include_xids = parse_bool(&name, value.as_deref()),
-            "include-timestamp" => o.include_timestamp = parse_bool(&name, value.as_deref()),
-            "add-tables" => o.add_tables = parse_tables(&name, value.as_deref().unwrap_or("")),
-            "filter-tables" => {
-                o.filter_tables = parse_tables(&name, value.as_deref().unwrap_or(""))
-            }
-            _ => fail(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("vsql_vault decoding: unknown option \"{name}\""),
-            ),
-        }
-    }
-    o
-}
-
-struct State {
+/// One decoding session's state, boxed by `startup` and freed by `shutdown`.
+pub(super) struct State {
     options: Options,
     /// Excluded columns per relation, read under the historic snapshot, for this transaction.
     excluded: std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Vec<String>>>,
     /// The largest change record so far: new records start with room for it.
     record_capacity: usize,
-    slot: String,
-    kek: Kek,
-    sealer: Option<Sealer>,
-    pending: Vec<String>,
-    pending_bytes: usize,
-    tables: std::collections::BTreeSet<String>,
-    first_lsn: u64,
+    pub(super) slot: String,
+    pub(super) kek: Kek,
+    pub(super) sealer: Option<Sealer>,
+    pub(super) pending: Vec<String>,
+    pub(super) pending_bytes: usize,
+    pub(super) tables: std::collections::BTreeSet<String>,
+    pub(super) first_lsn: u64,
     context: pg_sys::MemoryContext,
-}
-
-/// Raises an ERROR with a specific SQLSTATE (decoding errors end the walsender's session).
-fn fail(code: PgSqlErrorCode, message: String) -> ! {
-    pgrx::ereport!(ERROR, code, message);
-}
-
-fn lsn_text(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
 
 /// The plugin's state for this decoding session.
@@ -146,7 +42,7 @@ fn lsn_text(lsn: u64) -> String {
 /// is the `State` it boxed) and whose `shutdown` has not. The reference must not outlive the
 /// callback, and no other reference to that `State` may be used while it is: callers take it
 /// afresh and stop using the previous one before calling something that takes its own.
-unsafe fn state<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut State {
+pub(super) unsafe fn state<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut State {
     // SAFETY: by the caller's guarantee the pointer is the live, uniquely borrowed State made by
     // `Box::into_raw` in `startup`: non-null, aligned and initialised.
     unsafe { &mut *((*ctx).output_plugin_private as *mut State) }
@@ -172,58 +68,6 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
         (*cb).message_cb = Some(message);
         (*cb).shutdown_cb = Some(shutdown);
     }
-}
-
-fn wrap_command() -> Option<String> {
-    settings::KEK_WRAP_COMMAND
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .filter(|c| !c.is_empty())
-}
-
-/// The KEK versions the server knows (ids only), for the scope report.
-pub fn kek_ids() -> Vec<String> {
-    if let Some(cmd) = wrap_command() {
-        return Kek::Command(cmd).ids();
-    }
-    let Some(path) = settings::KEK_FILE
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .filter(|p| !p.is_empty())
-    else {
-        return Vec::new();
-    };
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).unwrap_or_default());
-    KekRing::parse(&path, &text)
-        .map(|r| r.ids())
-        .unwrap_or_default()
-}
-
-fn load_ring() -> KekRing {
-    let Some(path) = settings::KEK_FILE
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .filter(|p| !p.is_empty())
-    else {
-        fail(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "vsql_vault decoding needs a key-encryption key: set vsql_vault.kek_file".into(),
-        );
-    };
-    let meta = std::fs::metadata(&path).unwrap_or_else(|e| {
-        fail(
-            PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
-            format!("KEK file {path}: {}", e.kind()),
-        )
-    });
-    use std::os::unix::fs::MetadataExt;
-    if meta.mode() & 0o077 != 0 {
-        fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, format!("KEK file {path} is readable or writable by others; it must be owner-only (chmod 600)")
-        );
-    }
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).unwrap_or_default());
-    KekRing::parse(&path, &text)
-        .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()))
 }
 
 /// Startup callback: parses the options, loads the KEK and sets up the session's state.
@@ -260,10 +104,7 @@ unsafe extern "C-unwind" fn startup(
             excluded: Default::default(),
             record_capacity: 256,
             slot,
-            kek: match wrap_command() {
-                Some(cmd) => Kek::Command(cmd),
-                None => Kek::File(load_ring()),
-            },
+            kek: kek::session_kek(),
             sealer: None,
             pending: Vec::new(),
             pending_bytes: 0,
@@ -273,7 +114,7 @@ unsafe extern "C-unwind" fn startup(
         });
         (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
         // Cached output functions live in this session's memory: start afresh.
-        RELATIONS.with(|c| c.borrow_mut().clear());
+        forget_all();
     }
 }
 
@@ -293,7 +134,7 @@ unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
             // Dropping the sealer zeroizes the session's data key.
             drop(Box::from_raw(p));
             (*ctx).output_plugin_private = std::ptr::null_mut();
-            RELATIONS.with(|c| c.borrow_mut().clear());
+            forget_all();
         }
     }
 }
@@ -315,437 +156,6 @@ unsafe extern "C-unwind" fn begin(
     st.tables.clear();
     st.first_lsn = 0;
     st.excluded.clear();
-}
-
-/// The columns of `relid` that must never leave the server, as of the change being decoded:
-/// `vault.sync_exclusions` is a user catalog table, so it is read under the historic snapshot.
-///
-/// # Safety
-///
-/// Call from a change callback of logical decoding (inside its transaction, with the historic
-/// snapshot set up), where catalog and user-catalog tables may be read.
-unsafe fn excluded_columns(relid: pg_sys::Oid) -> Vec<String> {
-    let mut out = Vec::new();
-    // SAFETY: inside a decoding callback, so syscache lookups and a catalog scan of a user
-    // catalog table are allowed; the relation is opened, scanned and closed here with matching
-    // lock modes. heap_deform_tuple writes `natts` entries into vectors of `natts`; the first
-    // two columns are read only after checking they are `oid` and `name` (a by-reference,
-    // NUL-terminated NameData), and each name is copied before the next heap_getnext.
-    unsafe {
-        let nsp = pg_sys::get_namespace_oid(c"vault".as_ptr(), true);
-        if nsp == pg_sys::Oid::INVALID {
-            return out;
-        }
-        let exclusions = pg_sys::get_relname_relid(c"sync_exclusions".as_ptr(), nsp);
-        if exclusions == pg_sys::Oid::INVALID {
-            return out;
-        }
-        let rel = pg_sys::table_open(exclusions, pg_sys::AccessShareLock as i32);
-        let desc = (*rel).rd_att;
-        let natts = (*desc).natts as usize;
-        let typid = |i: usize| (*(*desc).attrs.as_ptr().add(i)).atttypid;
-        if natts < 2
-            || typid(0) != pg_sys::Oid::from(pg_sys::BuiltinOid::OIDOID)
-            || typid(1) != pg_sys::Oid::from(pg_sys::BuiltinOid::NAMEOID)
-        {
-            pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-            // Fail closed: publishing without knowing which columns must stay would leak them.
-            pgrx::error!("vsql_vault: vault.sync_exclusions does not have the layout this library reads (relid oid, column_name name, ...)");
-        }
-        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-        let mut values = vec![pg_sys::Datum::from(0usize); natts];
-        let mut nulls = vec![false; natts];
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            if !nulls[0] && pg_sys::Oid::from(values[0].value() as u32) == relid && !nulls[1] {
-                let name = values[1].cast_mut_ptr::<std::ffi::c_char>();
-                out.push(CStr::from_ptr(name).to_string_lossy().into_owned());
-            }
-        }
-        pg_sys::table_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-    }
-    out
-}
-
-/// Writes one line of output.
-///
-/// # Safety
-///
-/// `ctx` must be the live decoding context of a callback that may write (begin, change,
-/// truncate, message, commit).
-unsafe fn write_line(ctx: *mut pg_sys::LogicalDecodingContext, line: &str, last: bool) {
-    // SAFETY: by the caller's guarantee `ctx` and its `out` StringInfo are live (PostgreSQL
-    // ERRORs if writes are not accepted); `line` is a valid buffer of `line.len()` bytes that
-    // appendBinaryStringInfo copies. A length beyond i32 (which a StringInfo cannot hold anyway)
-    // would be refused by enlargeStringInfo with an ERROR, or append a shorter prefix.
-    unsafe {
-        pg_sys::OutputPluginPrepareWrite(ctx, last);
-        pg_sys::appendBinaryStringInfo(
-            (*ctx).out,
-            line.as_ptr() as *const std::ffi::c_char,
-            line.len() as i32,
-        );
-        pg_sys::OutputPluginWrite(ctx, last);
-    }
-}
-
-/// Seals what is pending into one batch line (opening a session first if needed) and writes it.
-///
-/// # Safety
-///
-/// As for `state` and `write_line`: a live decoding context, after `startup`, in a callback that
-/// may write, with no other reference to the State in use.
-unsafe fn flush(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    lsn_end: u64,
-    xid: u32,
-    commit_time: i64,
-    last: bool,
-) {
-    // SAFETY: the caller's guarantee; `st` is the only reference to the State in this function.
-    let st = unsafe { state(ctx) };
-    if st.pending.is_empty() {
-        return;
-    }
-    if st
-        .sealer
-        .as_ref()
-        .is_none_or(|s| s.sealed() >= BATCHES_PER_DEK)
-    {
-        let key = crate::keys::current()
-            .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()));
-        let (sealer, header) = Sealer::start(&st.slot, &st.kek, key, crate::identity::now_micros())
-            .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));
-        st.sealer = Some(sealer);
-        // SAFETY: the caller's guarantee: a callback that may write; write_line does not touch
-        // the State.
-        unsafe { write_line(ctx, &header, false) };
-    }
-    let tables: Vec<String> = st.tables.iter().cloned().collect();
-    let line = st
-        .sealer
-        .as_mut()
-        .map(|s| {
-            s.batch(
-                &st.pending,
-                &lsn_text(st.first_lsn),
-                &lsn_text(lsn_end),
-                i64::from(xid),
-                commit_time,
-                tables,
-            )
-        })
-        .transpose()
-        .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()))
-        .unwrap_or_default();
-    st.pending.clear();
-    st.pending_bytes = 0;
-    st.tables.clear();
-    st.first_lsn = 0;
-    // SAFETY: as above.
-    unsafe { write_line(ctx, &line, last) };
-    if crate::preloaded() {
-        BATCHES_SEALED
-            .get()
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Batches sealed by every walsender and SQL decoding call since the server started, for
-/// `vault_metrics()`. Shared memory exists only when the library is preloaded.
-// SAFETY: a shared-memory name of its own: this library's four names (here, the audit queue's two
-// and the retention worker's) are distinct and all start with "vsql_vault_".
-static BATCHES_SEALED: pgrx::PgAtomic<std::sync::atomic::AtomicU64> =
-    unsafe { pgrx::PgAtomic::new(c"vsql_vault_batches_sealed") };
-
-pub fn init_shmem() {
-    pgrx::pg_shmem_init!(BATCHES_SEALED);
-}
-
-pub fn batches_sealed() -> Option<u64> {
-    crate::preloaded().then(|| {
-        BATCHES_SEALED
-            .get()
-            .load(std::sync::atomic::Ordering::Relaxed)
-    })
-}
-
-/// Adds a change record to the pending batch, flushing a bounded chunk when it is large.
-///
-/// # Safety
-///
-/// As for `flush`.
-unsafe fn push(ctx: *mut pg_sys::LogicalDecodingContext, lsn: u64, xid: u32, record: String) {
-    // SAFETY: the caller's guarantee; the callers stop using their own reference before this.
-    let st = unsafe { state(ctx) };
-    if st.first_lsn == 0 {
-        st.first_lsn = lsn;
-    }
-    st.pending_bytes += record.len();
-    st.pending.push(record);
-    if st.pending_bytes >= CHUNK_BYTES {
-        // A bounded chunk of a large transaction: its own batch, the rest follows.
-        // SAFETY: the caller's guarantee; `st` is not used after this call.
-        unsafe { flush(ctx, lsn, xid, 0, false) };
-    }
-}
-
-/// What the plugin needs of each live column of a relation, looked up once per relation (the
-/// per-column catalog lookups are the known hot spot of decoding plugins) and dropped whenever
-/// the relation cache says the relation changed.
-struct Column {
-    index: usize,
-    name: String,
-    attlen: i16,
-    /// Output functions write their cache (`fn_extra`) through this while the column is shared,
-    /// hence the cell.
-    output: Box<std::cell::UnsafeCell<pg_sys::FmgrInfo>>,
-    /// `[name,type` already escaped: each row only appends its value (see
-    /// `vsql_vault_core::stream::expand_columns` for the wire form).
-    prefix: String,
-}
-
-/// A relation as the change records name it, with its columns.
-struct Relation {
-    schema: String,
-    table: String,
-    qualified: String,
-    /// `"schema":...,"table":...` already escaped.
-    names: String,
-    columns: Vec<Column>,
-}
-
-thread_local! {
-    static RELATIONS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Relation>>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
-    static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Relcache invalidation callback (registered in `relation_of`).
-///
-/// # Safety
-///
-/// Called by PostgreSQL's invalidation machinery only; it touches nothing but this backend's
-/// Rust cache.
-#[pg_guard]
-unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    RELATIONS.with(|c| {
-        let mut c = c.borrow_mut();
-        if relid == pg_sys::Oid::INVALID {
-            c.clear();
-        } else {
-            c.remove(&relid);
-        }
-    });
-}
-
-/// A renamed schema does not invalidate its relations' cache entries: forget them all.
-///
-/// # Safety
-///
-/// As for `relation_changed`: a syscache callback of PostgreSQL's.
-#[pg_guard]
-unsafe extern "C-unwind" fn namespace_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
-    RELATIONS.with(|c| c.borrow_mut().clear());
-}
-
-fn c_text(ptr: *const std::ffi::c_char) -> String {
-    if ptr.is_null() {
-        return String::new();
-    }
-    // SAFETY: every caller (relation_of) passes a NameData's `data` (NUL-terminated within its
-    // 64 bytes) or a palloc'd C string from get_namespace_name / format_type_be, alive for this
-    // call; null is handled above. This is a safe fn over a raw pointer, so the compiler does not
-    // enforce that (reported).
-    unsafe { CStr::from_ptr(ptr) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// The cached description of `rel`, made on first use.
-///
-/// # Safety
-///
-/// Call from a decoding callback (catalog lookups allowed) with `rel` the open relation the
-/// callback was given, and `long_lived` a memory context that outlives the cache entry (the
-/// decoding context's: `startup` clears the cache for every new session, and the relcache
-/// callback clears it when PostgreSQL resets its caches after an error).
-unsafe fn relation_of(
-    rel: pg_sys::Relation,
-    long_lived: pg_sys::MemoryContext,
-) -> std::rc::Rc<Relation> {
-    // SAFETY: `rel` is a live relation, so `rd_rel` and `rd_att` are valid and `attrs` holds
-    // `natts` entries. The callbacks are registered once per process (the library is never
-    // unloaded) and have PostgreSQL's callback signatures. The catalog lookups run inside the
-    // decoding transaction; the strings they return are copied at once (c_text). An all-zero
-    // FmgrInfo is a valid value (null pointers, None, zeros) that fmgr_info_cxt then fills in;
-    // it is boxed, so its address stays fixed while PostgreSQL caches state in it. No RefCell
-    // borrow of RELATIONS is held across a PostgreSQL call, so an invalidation callback fired
-    // from one can take its own.
-    unsafe {
-        let relid = (*rel).rd_id;
-        if let Some(r) = RELATIONS.with(|c| c.borrow().get(&relid).cloned()) {
-            return r;
-        }
-        if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
-            pg_sys::CacheRegisterRelcacheCallback(
-                Some(relation_changed),
-                pg_sys::Datum::from(0usize),
-            );
-            pg_sys::CacheRegisterSyscacheCallback(
-                pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
-                Some(namespace_changed),
-                pg_sys::Datum::from(0usize),
-            );
-        }
-        let form = (*rel).rd_rel;
-        let table = c_text((*form).relname.data.as_ptr());
-        let schema = c_text(pg_sys::get_namespace_name((*form).relnamespace));
-        let mut names = String::from("\"schema\":");
-        push_json_str(&mut names, &schema);
-        names.push_str(",\"table\":");
-        push_json_str(&mut names, &table);
-        let desc = (*rel).rd_att;
-        let natts = (*desc).natts as usize;
-        let mut columns = Vec::with_capacity(natts);
-        for (i, a) in (*desc).attrs.as_slice(natts).iter().enumerate() {
-            if a.attisdropped || a.attnum <= 0 {
-                continue;
-            }
-            let mut out_fn = pg_sys::Oid::INVALID;
-            let mut varlena = false;
-            pg_sys::getTypeOutputInfo(a.atttypid, &mut out_fn, &mut varlena);
-            let output: Box<std::cell::UnsafeCell<pg_sys::FmgrInfo>> =
-                Box::new(std::cell::UnsafeCell::new(std::mem::zeroed()));
-            pg_sys::fmgr_info_cxt(out_fn, output.get(), long_lived);
-            let name = c_text(a.attname.data.as_ptr());
-            let mut prefix = String::from("[");
-            push_json_str(&mut prefix, &name);
-            prefix.push(',');
-            push_json_str(&mut prefix, &c_text(pg_sys::format_type_be(a.atttypid)));
-            columns.push(Column {
-                index: i,
-                name,
-                attlen: a.attlen,
-                output,
-                prefix,
-            });
-        }
-        let r = std::rc::Rc::new(Relation {
-            qualified: format!("{schema}.{table}"),
-            schema,
-            table,
-            names,
-            columns,
-        });
-        RELATIONS.with(|c| c.borrow_mut().insert(relid, r.clone()));
-        r
-    }
-}
-
-/// Appends the columns of a decoded tuple as a JSON array: name, type, and the value in its text
-/// form (NULL as null); an unchanged TOAST value is marked, not fetched.
-///
-/// # Safety
-///
-/// `desc` must be the descriptor of the relation `r` describes, as of the change, and `tuple`
-/// null or a tuple of that change formed with it; call from a change callback.
-unsafe fn write_columns(
-    out: &mut String,
-    r: &Relation,
-    desc: pg_sys::TupleDesc,
-    tuple: *mut pg_sys::ReorderBufferTupleBuf,
-    key_only: bool,
-    excluded: &[String],
-) {
-    out.push('[');
-    if tuple.is_null() {
-        out.push(']');
-        return;
-    }
-    // SAFETY: `tuple` is non-null and, with `desc`, valid by the caller's guarantee;
-    // heap_deform_tuple writes `natts` entries, the vectors' length, and `c.index < natts` is
-    // checked before use. A non-null varlena datum points to at least its one-byte header, and the
-    // second byte is read only when the first says it is an external (1B_E) pointer, which has a
-    // tag byte. The output function is the cached one for this column's type (the relcache
-    // callback drops the entry when the relation changes), given a non-null datum of that type;
-    // it returns a palloc'd C string, copied at once.
-    // The FmgrInfo sits in an UnsafeCell: output functions such as array_out write their cache
-    // (`fn_extra`) through the pointer, and no Rust reference to it exists meanwhile.
-    unsafe {
-        let natts = (*desc).natts as usize;
-        let mut values = vec![pg_sys::Datum::from(0usize); natts];
-        let mut nulls = vec![false; natts];
-        pg_sys::heap_deform_tuple(
-            &mut (*tuple).tuple,
-            desc,
-            values.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-        );
-        let mut first = true;
-        for c in &r.columns {
-            let i = c.index;
-            if i >= natts || (key_only && nulls[i]) {
-                continue;
-            }
-            // Excluded columns never leave the server, not even sealed.
-            if !excluded.is_empty() && excluded.contains(&c.name) {
-                continue;
-            }
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            out.push_str(&c.prefix);
-            if nulls[i] {
-                out.push_str(",null]");
-                continue;
-            }
-            let ptr = values[i].cast_mut_ptr::<u8>();
-            // A varlena that is an on-disk TOAST pointer: unchanged and not part of the WAL.
-            if c.attlen == -1 && *ptr == 0x01 && *ptr.add(1) == 18 {
-                out.push(']');
-                continue;
-            }
-            let finfo = c.output.get();
-            let text = CStr::from_ptr(pg_sys::OutputFunctionCall(finfo, values[i]));
-            out.push(',');
-            match text.to_str() {
-                Ok(t) => push_json_str(out, t),
-                Err(_) => push_json_str(out, &text.to_string_lossy()),
-            }
-            out.push(']');
-        }
-    }
-    out.push(']');
-}
-
-/// Appends the xid and commit time to a change record as the consumer asked.
-///
-/// # Safety
-///
-/// `txn` must be null or the live transaction of the decoding callback.
-unsafe fn decorate(options: &Options, record: &mut String, txn: *mut pg_sys::ReorderBufferTXN) {
-    use std::fmt::Write as _;
-    if txn.is_null() {
-        return;
-    }
-    // SAFETY: `txn` is non-null and live by the caller's guarantee. Only committed transactions
-    // are decoded (no prepare or stream callbacks are registered), so `xact_time` holds the
-    // commit time; both members of that union are a TimestampTz anyway.
-    unsafe {
-        if options.include_xids {
-            let _ = write!(record, ",\"xid\":{}", (*txn).xid.into_inner());
-        }
-        if options.include_timestamp {
-            let _ = write!(record, ",\"commit_time\":{}", (*txn).xact_time.commit_time);
-        }
-    }
 }
 
 /// Change callback: one record per inserted, updated or deleted row.
@@ -786,37 +196,12 @@ unsafe extern "C-unwind" fn change(
             .or_insert_with(|| std::rc::Rc::new(excluded_columns(relid)))
             .clone();
         let tp = (*change).data.tp;
-        let desc = (*rel).rd_att;
         let previous = pg_sys::MemoryContextSwitchTo(st.context);
         let mut record = String::with_capacity(st.record_capacity);
-        record.push_str("{\"action\":\"");
-        record.push_str(action);
-        record.push_str("\",");
-        record.push_str(&r.names);
-        record.push_str(",\"columns\":");
-        if new {
-            write_columns(&mut record, &r, desc, tp.newtuple, false, &excluded);
-        } else {
-            record.push_str("[]");
-        }
-        record.push_str(",\"identity\":");
-        if old {
-            write_columns(&mut record, &r, desc, tp.oldtuple, true, &excluded);
-        } else {
-            record.push_str("[]");
-        }
-        {
-            use std::fmt::Write as _;
-            let lsn = (*change).lsn;
-            let _ = write!(
-                record,
-                ",\"lsn\":\"{:X}/{:X}\"",
-                lsn >> 32,
-                lsn & 0xffff_ffff
-            );
-        }
-        decorate(&st.options, &mut record, txn);
-        record.push('}');
+        open_record(&mut record, action, &r);
+        let (new, old) = (new.then_some(tp.newtuple), old.then_some(tp.oldtuple));
+        write_row(&mut record, &r, (*rel).rd_att, new, old, &excluded);
+        close_record(&mut record, (*change).lsn, &st.options, txn);
         pg_sys::MemoryContextSwitchTo(previous);
         pg_sys::MemoryContextReset(st.context);
         st.record_capacity = st.record_capacity.max(record.len() + 16);
@@ -849,13 +234,9 @@ unsafe extern "C-unwind" fn truncate(
             if !state(ctx).options.wants(&r.schema, &r.table) {
                 continue;
             }
-            let mut record = String::from("{\"action\":\"T\",");
-            record.push_str(&r.names);
-            record.push_str(",\"lsn\":\"");
-            record.push_str(&lsn_text((*change).lsn));
-            record.push('"');
-            decorate(&state(ctx).options, &mut record, txn);
-            record.push('}');
+            let mut record = String::new();
+            open_record(&mut record, "T", &r);
+            close_record(&mut record, (*change).lsn, &state(ctx).options, txn);
             state(ctx).tables.insert(r.qualified.clone());
             push(ctx, (*change).lsn, (*txn).xid.into_inner(), record);
         }
@@ -889,11 +270,7 @@ unsafe extern "C-unwind" fn message(
         } else {
             (*txn).xid.into_inner()
         };
-        let record = serde_json::json!({
-            "action": "M", "prefix": prefix, "content": String::from_utf8_lossy(bytes), "transactional": transactional,
-            "lsn": lsn_text(lsn), "xid": xid,
-        })
-        .to_string();
+        let record = message_record(&prefix, bytes, transactional, lsn, xid);
         push(ctx, lsn, xid, record);
         if !transactional {
             // A non-transactional message is not part of any commit: it is its own batch.
