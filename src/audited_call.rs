@@ -11,7 +11,7 @@
 
 use crate::access_log::Event;
 use crate::errors::VaultError;
-use crate::identity::Caller;
+use crate::security::Caller;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::unpack_sqlstate;
@@ -133,7 +133,7 @@ pub(crate) fn fail_holding<G>(enter: impl FnOnce() -> G) {
     let mut event = Event::new(&caller, "test", None, None);
     let result = run(&mut event, Grants::Recorded, |_| {
         let _guard = enter();
-        crate::identity::select_one::<i32>("SELECT 1 / 0", &[])?;
+        crate::pg::select_one::<i32>("SELECT 1 / 0", &[])?;
         Ok(())
     });
     assert!(

@@ -2,7 +2,7 @@
 //! settings pinned while text forms are made, so that a row hashes the same in every session.
 //! The rules are specified in docs/audit-format.md section 2.
 
-use crate::identity::TemporarySetting;
+use crate::pg::TemporarySetting;
 use pgrx::prelude::*;
 use std::ffi::CStr;
 use vsql_vault_core::canonical::Value;
@@ -148,7 +148,7 @@ impl PinnedOutput {
 #[pg_schema]
 mod tests {
     use super::{PinnedOutput, PINNED_OUTPUT_SETTINGS};
-    use crate::identity::select_one;
+    use crate::pg::select_one;
     use pgrx::prelude::*;
 
     /// The current values of the pinned settings.

@@ -2,7 +2,7 @@
 //! the data directory. The private key never leaves this module: not in SQL, a log line or an
 //! error message; `SigningKey` zeroizes itself when dropped.
 
-use crate::identity::AsOwner;
+use crate::security::AsOwner;
 use crate::settings;
 use ed25519_dalek::SigningKey;
 use pgrx::prelude::*;
@@ -100,7 +100,7 @@ pub fn register(key: &SigningKey) -> Result<String, pgrx::spi::Error> {
     let _owner = AsOwner::enter();
     // Only write when the key is new, so signing also works in read-only transactions (a
     // compliance report on a standby or under default_transaction_read_only).
-    let known = crate::identity::select_one::<bool>(
+    let known = crate::pg::select_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM vault.signing_keys WHERE key_id = $1)",
         &[id.as_str().into()],
     )?

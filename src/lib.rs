@@ -13,9 +13,9 @@ mod chain;
 mod column_values;
 mod decoding;
 mod errors;
-mod identity;
+
 mod keys;
-mod plans;
+mod pg;
 mod policy;
 mod report;
 mod retention;
@@ -49,8 +49,8 @@ pgrx::extension_sql_file!(
     name = "replication",
     requires = [
         "retention",
-        decoding::api::sync_scope_impl,
-        decoding::api::scope_report_impl
+        api::replication::sync_scope_impl,
+        api::replication::scope_report_impl
     ]
 );
 pgrx::extension_sql_file!("../sql/compliance.sql", name = "compliance", finalize);

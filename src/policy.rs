@@ -3,7 +3,8 @@
 
 use crate::audited_call::audited_call;
 use crate::errors::VaultError;
-use crate::identity::{require, select_one, AsOwner, Caller};
+use crate::pg::select_one;
+use crate::security::{require, AsOwner, Caller};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::{self, required, ROLE_TOKENS};

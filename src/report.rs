@@ -7,7 +7,8 @@
 
 use crate::audited_call::{audited_call, refusals_recorded};
 use crate::errors::{status, VaultError};
-use crate::identity::{has_role, require, select_one, AsOwner};
+use crate::pg::select_one;
+use crate::security::{has_role, require, AsOwner};
 
 /// Who may read the evidence.
 pub const AUDITORS: &[&str] = &["vault_auditor", "vault_admin"];

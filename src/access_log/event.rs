@@ -2,7 +2,8 @@
 
 use super::queue::{self, Outcome, RawRecord};
 use crate::errors::VaultError;
-use crate::identity::{self, Caller};
+use crate::pg;
+use crate::security::Caller;
 use pgrx::prelude::*;
 use vsql_vault_core::rules::{escape_for_log, summarize_details};
 
@@ -38,7 +39,7 @@ impl<'a> Event<'a> {
     /// The record, and its details when they are too long for the record's own field.
     fn raw(&self, granted: bool, error: Option<&VaultError>) -> (RawRecord, Option<String>) {
         let mut r = queue::empty_record();
-        r.logged_at = identity::now_micros();
+        r.logged_at = pg::now_micros();
         r.backend_pid = self.caller.backend_pid;
         r.granted = granted;
         if let Some(id) = self.entry_id {
@@ -50,7 +51,7 @@ impl<'a> Event<'a> {
         } else {
             0
         };
-        if let Some(xid) = identity::current_xid() {
+        if let Some(xid) = pg::current_xid() {
             r.has_xid = true;
             r.caller_xid = xid;
         }
@@ -141,7 +142,7 @@ impl Event<'_> {
     pub fn granted_in_transaction(&self) -> Result<(), VaultError> {
         let (r, large) = self.raw(true, None);
         let details = large.or_else(|| r.details.get());
-        let _owner = crate::identity::AsOwner::enter();
+        let _owner = crate::security::AsOwner::enter();
         let _writing = crate::chain::VaultWriting::enter();
         Spi::connect_mut(|c| {
             c.update(
@@ -174,7 +175,7 @@ impl Event<'_> {
 mod tests {
     use super::Event;
     use crate::errors::VaultError;
-    use crate::identity::Caller;
+    use crate::security::Caller;
     use pgrx::prelude::*;
 
     #[pg_test]

@@ -4,7 +4,7 @@
 //! sequencer: it also enforces `max_retrievals`, because only it sees every granted get in order.
 
 use super::queue::{self, Outcome, Taken};
-use crate::plans::{self, types::*};
+use crate::pg::plans::{self, types::*};
 use crate::settings;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::datum::DatumWithOid;
@@ -138,7 +138,7 @@ fn when_installed(table: &str, work: impl FnOnce() -> Result<(), String>) -> Res
     let work = std::panic::AssertUnwindSafe(std::cell::Cell::new(Some(work)));
     PgTryBuilder::new(|| {
         BackgroundWorker::transaction(|| {
-            let present = crate::identity::select_one::<bool>(
+            let present = crate::pg::select_one::<bool>(
                 "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
                 &[table.into()],
             )

@@ -9,7 +9,8 @@ use crate::access_log::Event;
 use crate::audited_call::audited_call;
 use crate::chain;
 use crate::errors::{status, VaultError};
-use crate::identity::{has_role, require, select_one, AsOwner, Caller};
+use crate::pg::select_one;
+use crate::security::{has_role, require, AsOwner, Caller};
 use pgrx::prelude::*;
 
 fn is_superuser(caller: &Caller) -> bool {

@@ -3,9 +3,9 @@
 
 use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
-use crate::identity::{has_role, AsOwner, Caller};
 use crate::retention::destroy;
 use crate::retention::worker::request_vacuum;
+use crate::security::{has_role, AsOwner, Caller};
 use crate::storage::{refusal_error, Subject};
 use pgrx::prelude::*;
 use vsql_vault_core::decide::{decide_delete, DeleteFacts};
@@ -123,7 +123,7 @@ fn purge_sweep_impl(
         let batch = crate::settings::SWEEP_BATCH_SIZE.get().max(1) as i64;
         let run_id = {
             let _owner = AsOwner::enter();
-            crate::identity::write_one::<i64>(
+            crate::pg::write_one::<i64>(
                 "INSERT INTO vault.sweep_runs (started_by) VALUES ($1) RETURNING id",
                 &[caller.role_name.as_str().into()],
             )?

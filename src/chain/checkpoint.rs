@@ -95,7 +95,7 @@ pub fn checkpoint() -> Result<i64, VaultError> {
     let key_id = keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
     let _owner = AsOwner::enter();
     let heads = moved_heads()?;
-    let signed_at = crate::identity::now_micros();
+    let signed_at = crate::pg::now_micros();
     let mut lines = Vec::new();
     for MovedHead {
         table,

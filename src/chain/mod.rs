@@ -14,8 +14,8 @@
 
 use crate::column_values::{datum_value, pins_output, PinnedOutput};
 use crate::errors::VaultError;
-use crate::identity::{AsOwner, AsTableOwner};
-use crate::plans::{self, types::*};
+use crate::pg::plans::{self, types::*};
+use crate::security::{AsOwner, AsTableOwner};
 use crate::{keys, settings};
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -54,7 +54,7 @@ pub use verify::*;
 /// descriptor does not say which columns are generated, and the chain trigger (which runs before
 /// they are computed) hashes without them: an export or a check must read without them too.
 fn stored_columns(relid: pg_sys::Oid) -> Result<String, VaultError> {
-    crate::identity::select_one::<String>(
+    crate::pg::select_one::<String>(
         "SELECT pg_catalog.string_agg(pg_catalog.quote_ident(attname), ', ' ORDER BY attnum)
            FROM pg_catalog.pg_attribute
           WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",

@@ -24,7 +24,7 @@ pub fn protecting_object(object: &str) -> bool {
     }
     let quoted = {
         let _owner = AsOwner::enter();
-        crate::identity::select_one::<String>(
+        crate::pg::select_one::<String>(
             "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
                FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
               WHERE c.oid OPERATOR(pg_catalog.=) $1",

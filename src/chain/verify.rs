@@ -241,7 +241,7 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
 /// The rows of one protected table as JSON lines. Reading them takes SELECT on the table: an
 /// auditor's role alone does not open a team's table.
 pub fn export(
-    caller: &crate::identity::Caller,
+    caller: &crate::security::Caller,
     table_oid: pg_sys::Oid,
     from_seq: i64,
 ) -> Result<Vec<String>, VaultError> {
@@ -251,7 +251,7 @@ pub fn export(
         .ok_or_else(|| VaultError::NotProtected(format!("relation {}", table_oid.to_u32())))?;
     let may_read = {
         let _owner = AsOwner::enter();
-        crate::identity::select_one::<bool>(
+        crate::pg::select_one::<bool>(
             "SELECT pg_catalog.has_table_privilege($1, $2, 'SELECT')",
             &[caller.role_oid.into(), table_oid.into()],
         )

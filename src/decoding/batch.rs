@@ -63,7 +63,7 @@ pub(super) unsafe fn flush(
     {
         let key = crate::keys::current()
             .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()));
-        let (sealer, header) = Sealer::start(&st.slot, &st.kek, key, crate::identity::now_micros())
+        let (sealer, header) = Sealer::start(&st.slot, &st.kek, key, crate::pg::now_micros())
             .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));
         st.sealer = Some(sealer);
         // SAFETY: the caller's guarantee: a callback that may write; write_line does not touch

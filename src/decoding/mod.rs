@@ -1,5 +1,5 @@
-//! Encrypted replication: the `vsql_vault` output plugin and its SQL side (`api`: which columns
-//! never leave the server, and the signed scope report).
+//! Encrypted replication: the `vsql_vault` output plugin. Its SQL side (which columns never leave
+//! the server, and the signed scope report) is `src/api/replication.rs`.
 //!
 //! The plugin is split by concern so each part can be read on its own: `plugin` (the callbacks
 //! PostgreSQL calls, and the session's state), `options` (what a consumer may ask for), `kek`
@@ -8,7 +8,6 @@
 
 use pgrx::PgSqlErrorCode;
 
-pub mod api;
 mod batch;
 mod exclusions;
 mod kek;

@@ -274,7 +274,7 @@ unsafe extern "C-unwind" fn message(
         push(ctx, lsn, xid, record);
         if !transactional {
             // A non-transactional message is not part of any commit: it is its own batch.
-            flush(ctx, lsn, xid, crate::identity::now_micros(), true);
+            flush(ctx, lsn, xid, crate::pg::now_micros(), true);
         }
     }
 }

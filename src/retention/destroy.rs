@@ -3,8 +3,8 @@
 //! proof without a purge, never a purge without a proof.
 
 use crate::errors::VaultError;
-use crate::identity::AsOwner;
 use crate::keys;
+use crate::security::AsOwner;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use vsql_vault_core::purge::{prove_batch, EntrySnapshot, ProvedLeaf, PurgeProof, PurgeStatement};
@@ -71,11 +71,10 @@ fn destroy(
     }
     let key = keys::current()?;
     keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
-    let now = crate::identity::now_micros();
-    let batch_id =
-        crate::identity::write_one::<i64>("SELECT nextval('vault.purge_batch_seq')", &[])
-            .map_err(|e| VaultError::Internal(e.to_string()))?
-            .unwrap_or(0);
+    let now = crate::pg::now_micros();
+    let batch_id = crate::pg::write_one::<i64>("SELECT nextval('vault.purge_batch_seq')", &[])
+        .map_err(|e| VaultError::Internal(e.to_string()))?
+        .unwrap_or(0);
     let statements: Vec<PurgeStatement> = doomed
         .iter()
         .map(|d| statement(d, reason, purged_by, now))

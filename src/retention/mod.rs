@@ -5,7 +5,7 @@
 //! - `worker`: the background worker that sweeps on schedule and vacuums destroyed values away.
 //!
 //! Dependencies run one way: `worker` uses `destroy`. The SQL entry points (`vault_delete`,
-//! `vault_purge_sweep`, proof verification and export) are in `crate::api::retention`.
+//! `vault_purge_sweep`, proof verification and export) are in `src/api/retention.rs`.
 
 pub(crate) mod destroy;
 pub mod worker;

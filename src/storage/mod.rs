@@ -7,7 +7,7 @@
 //! only reads the facts they take and maps a refusal to the error the API documents.
 
 use crate::errors::VaultError;
-use crate::identity::Caller;
+use crate::security::Caller;
 use vsql_vault_core::decide::Refusal;
 
 /// Whether role `$1` may use the storage API at all.

@@ -4,8 +4,8 @@ use super::{refusal_error, Subject};
 use crate::access_log::Event;
 use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
-use crate::identity::{AsOwner, Caller};
-use crate::plans::{self, types::*};
+use crate::pg::plans::{self, types::*};
+use crate::security::{AsOwner, Caller};
 use crate::settings;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -272,7 +272,7 @@ fn upsert(
     // subtransaction, rolled back on the refusal, restores lock_timeout.)
     let _owner = AsOwner::enter();
     PgTryBuilder::new(|| {
-        let _lock_timeout = crate::identity::TemporarySetting::set(
+        let _lock_timeout = crate::pg::TemporarySetting::set(
             c"lock_timeout",
             &format!("{}ms", settings::PUT_LOCK_TIMEOUT_MS.get().max(1)),
         );

@@ -2,7 +2,8 @@
 
 use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
-use crate::identity::{require, select_one, AsOwner};
+use crate::pg::select_one;
+use crate::security::{require, AsOwner};
 use pgrx::prelude::*;
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
