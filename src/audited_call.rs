@@ -25,6 +25,7 @@ pub fn audited_call<T>(
     external_id: Option<&str>,
     body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
+    refuse_where_nothing_can_be_recorded();
     let caller = Caller::current();
     let mut event = Event::new(&caller, operation, purpose, external_id);
     refuse_direct_call(&event, operation);
@@ -37,10 +38,48 @@ pub fn refusals_recorded<T>(
     operation: &'static str,
     body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
+    refuse_where_nothing_can_be_recorded();
     let caller = Caller::current();
     let mut event = Event::new(&caller, operation, None, None);
     refuse_direct_call(&event, operation);
     run(&mut event, Grants::NotRecorded, body)
+}
+
+/// A call that no access record could be made for is refused before it reads anything: on a hot
+/// standby (read-only: 25006, at once rather than after vsql_vault.audit_timeout), and in a
+/// database the vault does not serve (its writer is connected to another one: 55000, which
+/// before answered some calls from that database's tables and recorded them in the served
+/// database's log). Neither refusal can be recorded.
+fn refuse_where_nothing_can_be_recorded() {
+    // SAFETY: a read of shared recovery state, allowed in any backend at any time.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            "this server is a hot standby: audited vsql_vault calls go to the primary, where their access records can be made durable"
+        );
+    }
+    let served = crate::settings::database();
+    if current_database().as_deref() != Some(served.as_str()) {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            VaultError::WrongDatabase(served).to_string()
+        );
+    }
+}
+
+fn current_database() -> Option<String> {
+    // SAFETY: inside a transaction (an SQL call); get_database_name returns a palloc'd copy or
+    // NULL, copied here before anything else runs.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        (!name.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
 }
 
 /// An internal `*_impl` function called other than from the extension's own SQL function is

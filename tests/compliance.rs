@@ -66,7 +66,8 @@ fn the_compliance_report_verifies_offline_and_an_altered_copy_does_not() {
     unsigned.as_object_mut().unwrap().remove("signature");
     std::fs::write(&path, unsigned.to_string()).unwrap();
     assert_ne!(verify_report(&mut su, &path), 0);
-    // It can be taken in a read-only transaction (as on a standby).
+    // It can be taken in a read-only transaction (not on a standby, where no record of the call
+    // can be made: boundaries.rs).
     let mut ro = s.connect("it_auditor");
     ro.batch_execute("BEGIN READ ONLY").unwrap();
     let again: String = ro

@@ -1,0 +1,184 @@
+//! Calls that no access record could be made for are refused before they read anything: in a
+//! database the vault does not serve, and on a hot standby (issue 15, item 9).
+
+mod common;
+
+use common::{log_count, put, server, setup, sqlstate, Server};
+use postgres::{Config, NoTls};
+use std::process::Command;
+
+/// Runs a PostgreSQL program as the postgres user (initdb and its data directories are theirs).
+fn as_postgres(program: &str, args: &[&str]) -> bool {
+    let path = format!("/usr/lib/postgresql/15/bin/{program}");
+    Command::new("runuser")
+        .env_remove("RUST_BACKTRACE")
+        .args(["-u", "postgres", "--", &path])
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+        .success()
+}
+
+#[test]
+fn every_call_in_a_database_the_vault_does_not_serve_is_refused_before_it_reads() {
+    let s = server();
+    let mut su = setup(&s);
+    su.batch_execute("DROP DATABASE IF EXISTS vault_unserved")
+        .unwrap();
+    su.batch_execute("CREATE DATABASE vault_unserved").unwrap();
+    let mut other_su = s.connect_to("vault_unserved", "postgres", "unserved");
+    // An entry a superuser wrote into that database's tables directly, owned by it_a.
+    other_su
+        .batch_execute(
+            "CREATE EXTENSION vsql_vault;
+             INSERT INTO vault.retention_policies (purpose, max_retention_days, default_ttl_days,
+                                                   purge_method, updated_by)
+             VALUES ('it.card', 30, 7, 'physical-delete', 'postgres');
+             INSERT INTO vault.entries (purpose, external_id, encrypted_value, access_policy, owner,
+                                        created_at, updated_at, expires_at)
+             VALUES ('it.card', 'unserved-1', '\\x01', 'owner-only', 'it_a', now(), now(),
+                     now() + interval '1 day');",
+        )
+        .unwrap();
+    let mut a = s.connect_to("vault_unserved", "it_a", "unserved");
+    // Before: the entry came back to its owner, an unknown id answered P0002 and a purpose
+    // without policy VV428, each revealing something about a database nobody audits.
+    for sql in [
+        "SELECT * FROM vault_get('it.card', 'unserved-1')",
+        "SELECT * FROM vault_get('it.card', 'unserved-none')",
+        "SELECT * FROM vault_head('it.card', 'unserved-1')",
+        "SELECT * FROM vault_list('it.card')",
+        "SELECT vault_put('it.nopolicy', 'unserved-2', '\\x02')",
+        "SELECT vault_put('it.card', 'unserved-1', '\\x03')",
+        "SELECT vault_delete('it.card', 'unserved-1')",
+    ] {
+        let e = a.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&e), "55000", "{sql}: {e:?}");
+        let message = e.as_db_error().map(|d| d.message().to_owned());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m.contains("vsql_vault.database")),
+            "{sql}: {message:?}"
+        );
+    }
+    let value: Vec<u8> = other_su
+        .query_one(
+            "SELECT encrypted_value FROM vault.entries WHERE external_id = 'unserved-1'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(value, vec![1u8], "nothing was changed");
+    // Nothing from that database reached the served database's log.
+    for id in ["unserved-1", "unserved-none"] {
+        for granted in [true, false] {
+            assert_eq!(log_count(&mut su, "get", id, granted), 0);
+        }
+    }
+    drop(a);
+    drop(other_su);
+    su.batch_execute("DROP DATABASE vault_unserved").unwrap();
+}
+
+/// A streaming standby of the test cluster, stopped and removed when dropped.
+struct Standby {
+    dir: String,
+    port: u16,
+}
+
+impl Standby {
+    fn start(s: &Server) -> Standby {
+        let dir = format!("{}/standby", s.dir);
+        let port = s.port + 7;
+        let _ = std::fs::remove_dir_all(&dir);
+        let made = Command::new("install")
+            .args(["-d", "-o", "postgres", "-m", "700", &dir])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "install -d {dir}");
+        let data = format!("{dir}/data");
+        let port_text = s.port.to_string();
+        assert!(as_postgres(
+            "pg_basebackup",
+            &[
+                "-h", &s.dir, "-p", &port_text, "-U", "postgres", "-D", &data, "-R", "-X",
+                "stream",
+            ],
+        ));
+        // Later lines of postgresql.auto.conf win over the copied configuration. The audit
+        // timeout is the longest allowed: a call that waited for a record would meet the
+        // statement timeout of the test instead of failing at once.
+        let extra = format!(
+            "port = {port}\nunix_socket_directories = '{dir}'\nvsql_vault.audit_timeout = 600000\n"
+        );
+        let auto = format!("{data}/postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&auto).unwrap();
+        conf.push_str(&extra);
+        std::fs::write(&auto, conf).unwrap();
+        let log = format!("{dir}/server.log");
+        assert!(as_postgres(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-w", "-t", "60", "start"],
+        ));
+        Standby { dir, port }
+    }
+
+    fn connect(&self, db: &str, user: &str) -> postgres::Client {
+        Config::new()
+            .host_path(&self.dir)
+            .port(self.port)
+            .dbname(db)
+            .user(user)
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("connect to the standby: {e}"))
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let data = format!("{}/data", self.dir);
+        let _ = as_postgres("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn audited_calls_on_a_hot_standby_fail_at_once_and_the_views_still_read() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    put(&mut a, "standby-1", b"v").unwrap();
+    let standby = Standby::start(&s);
+    let mut a_standby = standby.connect(&s.db, "it_a");
+    a_standby
+        .batch_execute("SET statement_timeout = '30s'")
+        .unwrap();
+    // Before: each waited for vsql_vault.audit_timeout and then failed with VV503.
+    for sql in [
+        "SELECT * FROM vault_get('it.card', 'standby-1')",
+        "SELECT * FROM vault_head('it.card', 'standby-1')",
+        "SELECT * FROM vault_list('it.card')",
+    ] {
+        let e = a_standby.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&e), "25006", "{sql}: {e:?}");
+    }
+    let mut su_standby = standby.connect(&s.db, "postgres");
+    su_standby
+        .batch_execute("SET statement_timeout = '30s'")
+        .unwrap();
+    let e = su_standby
+        .batch_execute("SELECT vault_compliance_report()")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "25006", "{e:?}");
+    // What needs no record keeps working: the evidence views read on the standby.
+    let logged: i64 = su_standby
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE external_id = 'standby-1'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(logged >= 1, "the primary's record of the put replicated");
+    su.batch_execute("SELECT 1").unwrap();
+}
