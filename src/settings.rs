@@ -29,6 +29,8 @@ pub static BREAK_GLASS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// Seconds between retention sweeps.
 pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// A daily time (`HH:MM`, UTC) for scheduled sweeps, instead of the interval; empty for none.
+pub static SWEEP_AT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Entries destroyed per committed batch (one signed Merkle root each).
 pub static SWEEP_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
@@ -157,6 +159,14 @@ fn define_chains() {
 
 /// The retention worker.
 fn define_retention() {
+    GucRegistry::define_string_guc(
+        c"vsql_vault.sweep_at",
+        c"Daily time (HH:MM, UTC) of the retention worker's scheduled sweep, instead of vsql_vault.sweep_interval.",
+        c"Empty: sweeps every sweep_interval. Either way the schedule counts from the last finished run in vault.sweep_runs, and an overdue sweep runs at once. An invalid value is reported in the server log and the interval is used.",
+        &SWEEP_AT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"vsql_vault.sweep_interval",
         c"Seconds between retention sweeps of the retention worker.",

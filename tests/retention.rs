@@ -325,3 +325,75 @@ fn the_retention_clock_starts_at_first_storage_and_a_re_put_cannot_extend_it() {
     let e = put(&mut a, &id, b"\x03").unwrap_err();
     assert_eq!(sqlstate(&e), "VV422", "{e}");
 }
+
+/// Stops the retention worker and waits for the postmaster's replacement.
+fn restart_worker(su: &mut Client) {
+    wait_until("the retention worker", 30, || worker_pid(su).is_some());
+    let pid = worker_pid(su).unwrap();
+    su.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    wait_until("a new retention worker", 30, || {
+        worker_pid(su).is_some_and(|p| p != pid)
+    });
+}
+
+fn finished_runs(su: &mut Client) -> i64 {
+    su.query_one(
+        "SELECT count(*) FROM vault.sweep_runs WHERE finished_at IS NOT NULL",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn a_worker_restarted_more_often_than_its_interval_still_sweeps() {
+    let s = server();
+    let mut su = setup(&s);
+    // A run finishes now, so the next is due 30 s after it.
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", Some("1"));
+    let runs = finished_runs(&mut su);
+    wait_until("a scheduled run", 30, || finished_runs(&mut su) > runs);
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", Some("30"));
+    thread::sleep(Duration::from_secs(2));
+    expired_entries(&mut su, "it.restarts", "physical-delete", 3);
+    // Restarted every 8 s, a worker that counted its interval from its own start never swept
+    // (the entries stayed); the schedule now counts from the last finished run.
+    let mut swept = false;
+    for _ in 0..8 {
+        restart_worker(&mut su);
+        thread::sleep(Duration::from_secs(8));
+        if live(&mut su, "it.restarts") == 0 {
+            swept = true;
+            break;
+        }
+    }
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", None);
+    assert!(swept, "no sweep while the worker kept restarting");
+}
+
+#[test]
+fn sweep_at_runs_the_scheduled_sweep_at_its_time_of_day() {
+    let s = server();
+    let mut su = setup(&s);
+    // An hour's interval would not sweep during this test; the next minute (UTC) will.
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", Some("3600"));
+    let next_minute: String = su
+        .query_one(
+            "SELECT to_char((now() AT TIME ZONE 'UTC') + interval '1 minute', 'HH24:MI')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    thread::sleep(Duration::from_secs(2));
+    expired_entries(&mut su, "it.sweep-at", "physical-delete", 2);
+    set_and_reload(&mut su, "vsql_vault.sweep_at", Some(&next_minute));
+    wait_until("the sweep at its time of day", 90, || {
+        live(&mut su, "it.sweep-at") == 0
+    });
+    // An invalid time is reported and the interval used: nothing breaks.
+    set_and_reload(&mut su, "vsql_vault.sweep_at", Some("25:00"));
+    set_and_reload(&mut su, "vsql_vault.sweep_at", None);
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", None);
+    wait_until("the retention worker", 30, || worker_pid(&mut su).is_some());
+}

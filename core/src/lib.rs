@@ -11,6 +11,7 @@ pub mod keys;
 pub mod merkle;
 pub mod purge;
 pub mod rules;
+pub mod schedule;
 pub mod stream;
 
 pub use rules::{InputError, Limits};

@@ -7,7 +7,8 @@ use crate::settings;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
+use vsql_vault_core::schedule::{next_sweep_due, parse_time_of_day};
 
 pub const WORKER_NAME: &str = "vsql_vault retention worker";
 
@@ -101,10 +102,19 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
     SHARED.exclusive().worker_latch = unsafe { pg_sys::MyLatch as usize };
     log!("{WORKER_NAME} started for database \"{database}\"");
 
-    let mut last_sweep = Instant::now();
+    let started = unix_now();
+    // The end of the last finished run: read once the extension is there, then after each sweep.
+    let mut last_run: Option<i64> = None;
+    let mut runs_read = false;
+    let mut daily_at = sweep_at();
     loop {
-        let interval = Duration::from_secs(settings::SWEEP_INTERVAL_S.get().max(1) as u64);
-        let until_sweep = interval.saturating_sub(last_sweep.elapsed());
+        if !runs_read && extension_present() {
+            last_run = last_finished_run().or(last_run);
+            runs_read = true;
+        }
+        let interval = i64::from(settings::SWEEP_INTERVAL_S.get().max(1));
+        let due = next_sweep_due(last_run.unwrap_or(started), interval, daily_at);
+        let until_sweep = Duration::from_secs(due.saturating_sub(unix_now()).max(0) as u64);
         // Wake at least every second so SIGTERM and SIGHUP are handled promptly.
         if !BackgroundWorker::wait_latch(Some(
             until_sweep
@@ -124,13 +134,17 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
                 // proc_exit never returns, so no Rust code runs after it.
                 unsafe { pg_sys::proc_exit(1) };
             }
+            daily_at = sweep_at();
             continue;
         }
-        if last_sweep.elapsed() >= interval {
-            last_sweep = Instant::now();
+        if unix_now() >= due {
             if extension_present() {
                 scheduled_sweep();
+                last_run = last_finished_run();
+                runs_read = true;
             }
+            // No run recorded (no extension yet, or no record could be made): wait an interval.
+            last_run = last_run.filter(|&t| t >= due).or(Some(unix_now()));
         }
         let vacuum = std::mem::take(&mut SHARED.exclusive().vacuum_requested);
         if vacuum && extension_present() {
@@ -142,6 +156,43 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
     // a new worker (code 0 would retire it for good and silently stop retention).
     // SAFETY: as above: between transactions, no LWLock held, and nothing runs after it.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `vsql_vault.sweep_at` as seconds after midnight UTC; an invalid value is reported and the
+/// interval used instead.
+fn sweep_at() -> Option<i64> {
+    let text = settings::SWEEP_AT
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parse_time_of_day(&text).unwrap_or_else(|e| {
+        warning!("{WORKER_NAME}: {e}; sweeping every vsql_vault.sweep_interval instead");
+        None
+    })
+}
+
+/// When the last finished sweep run ended (Unix seconds), scheduled or called.
+fn last_finished_run() -> Option<i64> {
+    BackgroundWorker::transaction(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT floor(extract(epoch FROM max(finished_at)))::int8 AS last FROM vault.sweep_runs",
+                None,
+                &[],
+            )?
+            .first()
+            .get_by_name::<i64, _>("last")
+        })
+        .ok()
+        .flatten()
+    })
 }
 
 /// One run: batches until nothing is expired, SIGTERM, or an error (recorded in the run's row).
