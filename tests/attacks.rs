@@ -659,7 +659,7 @@ fn restart_with_env(s: &Server, env: &[&str]) {
     s.pg_ctl(&["stop", "-m", "fast"]);
     let data = format!("{}/data", s.dir);
     let log = format!("{}/server.log", s.dir);
-    let pg_ctl = "/usr/lib/postgresql/15/bin/pg_ctl";
+    let pg_ctl = &common::pg_program("pg_ctl");
     let mut args = vec!["-u", "postgres", "--", "env"];
     args.extend_from_slice(env);
     args.extend_from_slice(&[pg_ctl, "-D", &data, "-w", "-t", "60", "-l", &log, "start"]);

@@ -9,7 +9,7 @@ use std::process::Command;
 
 /// Runs a PostgreSQL program as the postgres user (initdb and its data directories are theirs).
 fn as_postgres(program: &str, args: &[&str]) -> bool {
-    let path = format!("/usr/lib/postgresql/15/bin/{program}");
+    let path = common::pg_program(program);
     Command::new("runuser")
         .env_remove("RUST_BACKTRACE")
         .args(["-u", "postgres", "--", &path])

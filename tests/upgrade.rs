@@ -24,7 +24,7 @@ fn repo() -> std::path::PathBuf {
 
 /// Installs the frozen 0.1.0 install script next to the current version's files.
 fn install_old_script() {
-    let out = Command::new("/usr/lib/postgresql/15/bin/pg_config")
+    let out = Command::new(common::pg_program("pg_config"))
         .arg("--sharedir")
         .output()
         .unwrap();

@@ -12,6 +12,13 @@ pub struct Server {
     pub db: String,
 }
 
+/// The path of a PostgreSQL program: `$PGBIN/program` (default the system PostgreSQL 15), so a
+/// run can use a private copy of PostgreSQL with its own installed extension.
+pub fn pg_program(program: &str) -> String {
+    let bin = std::env::var("PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_owned());
+    format!("{bin}/{program}")
+}
+
 pub fn server() -> Server {
     let dir = std::env::var("VSQL_VAULT_TEST_DIR")
         .expect("run through tests/run.sh (VSQL_VAULT_TEST_DIR)");
@@ -47,7 +54,7 @@ impl Server {
                 "-u",
                 "postgres",
                 "--",
-                "/usr/lib/postgresql/15/bin/pg_ctl",
+                &pg_program("pg_ctl"),
                 "-D",
                 &data,
                 "-w",
