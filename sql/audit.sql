@@ -65,8 +65,11 @@ REVOKE ALL ON FUNCTION vault.protect_builtin(oid, int) FROM PUBLIC;
 -- The issue-2 append-only triggers of the access log give way to the uniform protection.
 DROP TRIGGER access_log_append_only ON vault.access_log;
 DROP TRIGGER access_log_no_truncate ON vault.access_log;
--- One chain each: a single writer (the audit writer, the checkpointer) appends to these.
-SELECT vault.protect_builtin('vault.access_log'::regclass::oid, 1);
+-- The audit writer appends to the access log's chain 0 alone; chain 1 takes the records written
+-- in a caller's own transaction (break-glass commands, the extension's update), so an open
+-- transaction holding one never blocks the writer (src/chain/head.rs, ChainUse). The
+-- checkpointer alone appends to the checkpoints.
+SELECT vault.protect_builtin('vault.access_log'::regclass::oid, 2);
 SELECT vault.protect_builtin('vault.audit_checkpoints'::regclass::oid, 1);
 UPDATE vault.protected_tables SET builtin = true;
 

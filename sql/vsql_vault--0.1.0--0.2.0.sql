@@ -476,3 +476,13 @@ BEGIN
     END LOOP;
 END
 $owner$;
+
+-- The access log gets a second chain for the records written in callers' own transactions
+-- (break-glass commands, this update's own record once the chain exists), so that such an open
+-- transaction never blocks the audit writer on chain 0 (issue 15, item 9). A new, empty chain:
+-- every existing row keeps its chain and link.
+UPDATE vault.protected_tables SET chains = 2
+ WHERE relid = 'vault.access_log'::regclass AND chains < 2;
+INSERT INTO vault.chain_heads (identity, chain_id)
+SELECT identity, 1 FROM vault.protected_tables WHERE relid = 'vault.access_log'::regclass
+ON CONFLICT (identity, chain_id) DO NOTHING;

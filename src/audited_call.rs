@@ -49,7 +49,10 @@ pub fn refusals_recorded<T>(
 /// standby (read-only: 25006, at once rather than after vsql_vault.audit_timeout), and in a
 /// database the vault does not serve (its writer is connected to another one: 55000, which
 /// before answered some calls from that database's tables and recorded them in the served
-/// database's log). Neither refusal can be recorded.
+/// database's log), and in a transaction holding a lock that keeps the audit writer from
+/// appending (the transaction of CREATE EXTENSION or of a break-glass command on the log:
+/// 55P03, at once rather than VV503 after vsql_vault.audit_timeout). None of these refusals can
+/// be recorded.
 fn refuse_where_nothing_can_be_recorded() {
     // SAFETY: a read of shared recovery state, allowed in any backend at any time.
     if unsafe { pg_sys::RecoveryInProgress() } {
@@ -65,6 +68,13 @@ fn refuse_where_nothing_can_be_recorded() {
             ERROR,
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             VaultError::WrongDatabase(served).to_string()
+        );
+    }
+    if let Some(table) = crate::access_log::writer::blocked_by_this_transaction() {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            VaultError::WriterBlockedByThisTransaction(table.to_owned()).to_string()
         );
     }
 }

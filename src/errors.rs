@@ -48,6 +48,8 @@ pub enum VaultError {
     WrongDatabase(String),
     #[error("vsql_vault must be loaded through shared_preload_libraries")]
     NotPreloaded,
+    #[error("this transaction holds a lock on {0} (it created or updated the extension, or ran a command on that table), so the audit writer cannot record a call until it ends: make audited calls after COMMIT")]
+    WriterBlockedByThisTransaction(String),
     #[error(transparent)]
     Key(#[from] vsql_vault_core::keys::KeyError),
     #[error("the signing key is managed through vsql_vault.signing_key_file: replace that file to rotate")]
@@ -106,7 +108,9 @@ impl VaultError {
             VaultError::ProtectedDdl(_) => "VV403",
             VaultError::NotATable => "42809",
             VaultError::CannotProtect(_) | VaultError::CannotForget(_) => "55000",
-            VaultError::Locked(_) | VaultError::Busy(_) => "55P03",
+            VaultError::Locked(_)
+            | VaultError::Busy(_)
+            | VaultError::WriterBlockedByThisTransaction(_) => "55P03",
             VaultError::RecordTooLarge(_) => "54000",
             VaultError::NoSuchProof(_) => "P0002",
             VaultError::UnknownColumn(_) => "42703",

@@ -73,6 +73,7 @@ pub extern "C-unwind" fn _PG_init() {
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     settings::define();
     security::api_entry::install();
+    chain::on_conflict::install();
     // A walsender or a plain backend may load the library too; shared memory and workers can only
     // be requested while the postmaster preloads it.
     // SAFETY: a plain read of a process-global bool that PostgreSQL sets around the loading of

@@ -1116,3 +1116,126 @@ fn a_generated_column_is_left_out_of_hash_export_and_check_alike() {
     let (code, out) = offline_verdict(&s, &mut su, "it_generated", "generated");
     assert_eq!(code, 0, "{out}");
 }
+
+/// A break-glass command is recorded in its own transaction (so the record commits exactly when
+/// the command does); audited calls later in that transaction must not wait for the audit writer
+/// behind that record (they timed out with VV503), and everything chains on afterwards.
+#[test]
+fn audited_calls_work_in_the_transaction_of_a_break_glass_command() {
+    let s = server();
+    let mut su = setup(&s);
+    protected_table(&mut su, "it_glass_same_txn", 3, 1);
+    let mut a = s.connect("it_a");
+    put(&mut a, "glass-1", b"one").unwrap();
+    let mut tx = su.transaction().unwrap();
+    tx.batch_execute(
+        "SET LOCAL vsql_vault.break_glass = on;
+         ALTER TABLE it_glass_same_txn ADD COLUMN note text;
+         SET LOCAL vsql_vault.audit_timeout = '3s';",
+    )
+    .unwrap();
+    // The superuser stores and reads in the same transaction.
+    tx.execute(
+        "SELECT vault_put('it.card', 'glass-2', '\\x0102'::bytea)",
+        &[],
+    )
+    .unwrap();
+    let got: Vec<u8> = tx
+        .query_one(
+            "SELECT encrypted_value FROM vault_get('it.card', 'glass-2')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(got, vec![1, 2]);
+    tx.commit().unwrap();
+    // The break-glass record and both calls' records are in the log, and every chain verifies.
+    let n: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'break_glass'
+               AND details->>'object' LIKE '%it_glass_same_txn%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(n >= 1, "the break-glass command is recorded");
+    assert_eq!(log_count(&mut su, "put", "glass-2", true), 1);
+    assert_eq!(log_count(&mut su, "get", "glass-2", true), 1);
+    // Other sessions' calls go on being recorded while a break-glass transaction is open.
+    let mut tx = su.transaction().unwrap();
+    tx.batch_execute(
+        "SET LOCAL vsql_vault.break_glass = on;
+         ALTER TABLE it_glass_same_txn ADD COLUMN note2 text;",
+    )
+    .unwrap();
+    assert_eq!(get(&mut a, "glass-1").unwrap(), b"one".to_vec());
+    tx.commit().unwrap();
+    // A transaction that locks the log itself against the writer is refused at once (55P03).
+    let mut tx = su.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE vault.access_log IN SHARE MODE")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = tx
+        .query_one(
+            "SELECT encrypted_value FROM vault_get('it.card', 'glass-2')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "55P03", "{e:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+    drop(tx);
+    su.execute("SELECT vault_checkpoint()", &[]).unwrap();
+    assert_chains_verify(&mut su, Some("vault.access_log"));
+}
+
+/// A row skipped by ON CONFLICT DO NOTHING had already been given its place in the chain by the
+/// chain trigger, leaving a gap that verification reported as tampering. Such statements are
+/// refused before any row is chained (0A000); plain inserts, and ON CONFLICT on tables that are
+/// not protected, work as before.
+#[test]
+fn on_conflict_that_can_skip_rows_is_refused_on_a_protected_table_and_leaves_no_gap() {
+    let s = server();
+    let mut su = setup(&s);
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on;
+         DROP TABLE IF EXISTS it_upsert;
+         RESET vsql_vault.break_glass;
+         DROP TABLE IF EXISTS it_upsert_plain;
+         CREATE TABLE it_upsert (id bigserial PRIMARY KEY, k text UNIQUE NOT NULL, v text);
+         CREATE TABLE it_upsert_plain (k text PRIMARY KEY);
+         SELECT vault_protect_table('it_upsert', 1);
+         INSERT INTO it_upsert (k, v) VALUES ('a', 'first');",
+    )
+    .unwrap();
+    for sql in [
+        "INSERT INTO it_upsert (k, v) VALUES ('a', 'again'), ('b', 'new') ON CONFLICT DO NOTHING",
+        "INSERT INTO it_upsert (k, v) VALUES ('a', 'again') ON CONFLICT (k) DO UPDATE SET v = 'x' WHERE false",
+        "WITH ins AS (INSERT INTO it_upsert (k, v) VALUES ('a', 'cte') ON CONFLICT DO NOTHING RETURNING id)
+         SELECT count(*) FROM ins",
+        "DO $$ BEGIN INSERT INTO it_upsert (k) VALUES ('a') ON CONFLICT DO NOTHING; END $$",
+    ] {
+        let e = su.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+        assert!(message.contains("public.it_upsert"), "{message}");
+    }
+    // What an application does instead: insert only the new rows.
+    su.batch_execute(
+        "INSERT INTO it_upsert (k, v) SELECT k, 'new' FROM (VALUES ('a'), ('b')) n(k)
+          WHERE NOT EXISTS (SELECT 1 FROM it_upsert u WHERE u.k = n.k)",
+    )
+    .unwrap();
+    let rows: i64 = su
+        .query_one("SELECT count(*) FROM it_upsert", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
+    assert_chains_verify(&mut su, Some("it_upsert"));
+    // Unprotected tables keep their ON CONFLICT, and EXPLAIN of a refused statement still works.
+    su.batch_execute(
+        "INSERT INTO it_upsert_plain VALUES ('a') ON CONFLICT DO NOTHING;
+         INSERT INTO it_upsert_plain VALUES ('a') ON CONFLICT DO NOTHING;
+         EXPLAIN INSERT INTO it_upsert (k) VALUES ('a') ON CONFLICT DO NOTHING;",
+    )
+    .unwrap();
+}

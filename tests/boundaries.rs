@@ -182,3 +182,69 @@ fn audited_calls_on_a_hot_standby_fail_at_once_and_the_views_still_read() {
     assert!(logged >= 1, "the primary's record of the put replicated");
     su.batch_execute("SELECT 1").unwrap();
 }
+
+/// The transaction that runs CREATE EXTENSION holds the new access log until it commits, so no
+/// call made inside it can be recorded: it is refused at once with 55P03 and a message saying to
+/// commit first (it waited for vsql_vault.audit_timeout and failed with VV503), and after COMMIT
+/// the vault works.
+#[test]
+fn calls_in_the_create_extension_transaction_are_refused_at_once_and_work_after_commit() {
+    let s = server();
+    let mut su = setup(&s);
+    su.batch_execute("DROP DATABASE IF EXISTS vault_fresh")
+        .unwrap();
+    su.batch_execute("CREATE DATABASE vault_fresh").unwrap();
+    su.batch_execute("ALTER SYSTEM SET vsql_vault.database = 'vault_fresh'")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.wait_for_writer("vault_fresh");
+    let outcome = std::panic::catch_unwind(|| {
+        let mut fresh = s.connect_to("vault_fresh", "postgres", "fresh");
+        let mut tx = fresh.transaction().unwrap();
+        tx.batch_execute("CREATE EXTENSION vsql_vault; SET LOCAL vsql_vault.audit_timeout = '20s'")
+            .unwrap();
+        let started = std::time::Instant::now();
+        let e = tx
+            .batch_execute("SELECT vault_set_retention_policy('it.fresh', 30, 7)")
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "55P03", "{e:?}");
+        let message = e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        assert!(message.contains("after COMMIT"), "{message}");
+        // Not after the 20 s audit timeout: refused before waiting for the writer.
+        assert!(started.elapsed() < std::time::Duration::from_secs(15));
+        drop(tx);
+        fresh.batch_execute("CREATE EXTENSION vsql_vault").unwrap();
+        fresh
+            .batch_execute(
+                "SELECT vault_set_retention_policy('it.fresh', 30, 7);
+                 SELECT vault_put('it.fresh', 'fresh-1', '\\x0a0b');",
+            )
+            .unwrap();
+        let got: Vec<u8> = fresh
+            .query_one(
+                "SELECT encrypted_value FROM vault_get('it.fresh', 'fresh-1')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(got, vec![0x0a, 0x0b]);
+        let recorded: i64 = fresh
+            .query_one(
+                "SELECT count(*) FROM vault.access_log WHERE purpose = 'it.fresh' AND granted",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(recorded, 3, "policy, put and get recorded");
+    });
+    su.batch_execute("ALTER SYSTEM RESET vsql_vault.database")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.wait_for_writer(&s.db);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -393,3 +393,34 @@ impl Columns {
         ]
     }
 }
+
+/// The first of the tables the writer appends to (the access log, the chain heads) on which this
+/// backend's transaction holds a lock that conflicts with the writer's row-exclusive lock: the
+/// transaction that created or updated the extension (a new relation is held access-exclusive
+/// until commit), or one that ran a break-glass command on them. A call made there would wait
+/// for its record until vsql_vault.audit_timeout; it is refused at once instead.
+pub fn blocked_by_this_transaction() -> Option<&'static str> {
+    ["vault.access_log", "vault.chain_heads"]
+        .into_iter()
+        .find(|table| crate::chain::vault_relation(table).is_some_and(holds_conflicting_lock))
+}
+
+fn holds_conflicting_lock(relid: pg_sys::Oid) -> bool {
+    // SAFETY: a plain read of a process-global set once the backend has connected to its
+    // database, on the backend's only thread.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let tag = pg_sys::LOCKTAG {
+        locktag_field1: database.to_u32(),
+        locktag_field2: relid.to_u32(),
+        locktag_field3: 0,
+        locktag_field4: 0,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_RELATION as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    };
+    // Every mode from ShareLock up conflicts with RowExclusiveLock.
+    (pg_sys::ShareLock..=pg_sys::AccessExclusiveLock).any(|mode| {
+        // SAFETY: looks the tag up in this backend's local lock table only; `tag` outlives the
+        // call and the mode is a valid lock mode of the default lock method.
+        unsafe { pg_sys::LockHeldByMe(&tag, mode as pg_sys::LOCKMODE) }
+    })
+}

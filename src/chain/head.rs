@@ -25,6 +25,7 @@ macro_rules! chain_query {
                                                        WHERE ",
             $registered,
             " OPERATOR(pg_catalog.=) $1)
+               AND h.chain_id OPERATOR(pg_catalog.>=) $4 AND h.chain_id OPERATOR(pg_catalog.<=) $5
              ORDER BY h.chain_id OPERATOR(pg_catalog.=) $3 DESC, h.chain_id OPERATOR(pg_catalog.#) $2
              LIMIT 1 FOR UPDATE OF h",
             $lock
@@ -53,8 +54,38 @@ pub struct Head {
     pub(crate) hash: Vec<u8>,
 }
 
-/// Locks a chain of relation `table` for this transaction (a free one if any) and returns its head.
-pub(crate) fn take_chain(table: u32) -> Result<Head, VaultError> {
+/// Which chains of a table a transaction may take.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ChainUse {
+    /// The single batch writer of one of the extension's own tables (the audit writer, a purge
+    /// batch, the checkpointer): chain 0 only, so that it never waits behind a caller's
+    /// transaction.
+    Writer,
+    /// A row inserted in a caller's own transaction: any chain of a user table; for the access
+    /// log (a break-glass record), its chains other than 0, so that an open transaction holding
+    /// its record never blocks the audit writer, and the caller's own audited calls later in
+    /// that transaction do not wait for the writer behind themselves. Chain 0 only where a table
+    /// has no other (the access log of a 0.1.0 schema before ALTER EXTENSION UPDATE).
+    Caller,
+}
+
+/// The range of chain numbers `usage` takes in `table`, then the range to fall back to when the
+/// table has no chain in the first.
+pub(crate) fn chain_ranges(table: u32, usage: ChainUse) -> [(i32, i32); 2] {
+    match usage {
+        ChainUse::Writer => [(0, 0), (0, 0)],
+        ChainUse::Caller
+            if Some(table) == vault_relation("vault.access_log").map(|o| o.to_u32()) =>
+        {
+            [(1, i32::MAX), (0, 0)]
+        }
+        ChainUse::Caller => [(0, i32::MAX), (0, i32::MAX)],
+    }
+}
+
+/// Locks a chain of relation `table` for this transaction (a free one if any, among those `usage`
+/// may take) and returns its head.
+pub(crate) fn take_chain(table: u32, usage: ChainUse) -> Result<Head, VaultError> {
     // SAFETY: called by chain_row / ChainBatch::begin, inside a transaction that is about to insert
     // rows (assigning its xid now is harmless); an ERROR becomes a Rust panic.
     let xid = unsafe { pg_sys::GetTopTransactionId() };
@@ -70,15 +101,25 @@ pub(crate) fn take_chain(table: u32) -> Result<Head, VaultError> {
     // only thread.
     let pid = unsafe { pg_sys::MyProcPid };
     let _owner = AsOwner::enter();
+    let ranges = chain_ranges(table, usage);
     let found = Spi::connect_mut(|c| {
-        let args = [pg_sys::Oid::from(table).into(), pid.into(), held.into()];
         let queries = if registry_by_oid() {
             TAKE_CHAIN
         } else {
             TAKE_CHAIN_BY_NAME
         };
-        for query in queries {
-            let stmt = plans::plan(c, query, &[OID, INT4, INT4], true)?;
+        for ((low, high), query) in ranges
+            .into_iter()
+            .flat_map(|range| queries.into_iter().map(move |q| (range, q)))
+        {
+            let args = [
+                pg_sys::Oid::from(table).into(),
+                pid.into(),
+                held.into(),
+                low.into(),
+                high.into(),
+            ];
+            let stmt = plans::plan(c, query, &[OID, INT4, INT4, INT4, INT4], true)?;
             let rows = c.update(&*stmt, None, &args)?;
             if let Some(row) = rows.into_iter().next() {
                 return Ok(Some(Head {
@@ -119,7 +160,7 @@ impl ChainBatch {
         let relid = vault_relation(table)
             .ok_or_else(|| VaultError::NotProtected(table.to_owned()))?
             .to_u32();
-        let head = take_chain(relid)?;
+        let head = take_chain(relid, ChainUse::Writer)?;
         CURSOR.with(|c| *c.borrow_mut() = Some(Cursor { relid, head }));
         Ok(ChainBatch { finished: false })
     }

@@ -40,6 +40,7 @@ macro_rules! oid_by_recorded_name {
 
 mod checkpoint;
 mod head;
+pub mod on_conflict;
 mod protect;
 mod trigger;
 mod verify;
@@ -81,7 +82,7 @@ fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::
 }
 
 /// The OID of `vault.<name>` (given as `vault.<name>`), if it exists.
-fn vault_relation(qualified: &str) -> Option<pg_sys::Oid> {
+pub(crate) fn vault_relation(qualified: &str) -> Option<pg_sys::Oid> {
     let name = std::ffi::CString::new(qualified.strip_prefix("vault.")?).ok()?;
     // SAFETY: syscache lookups, made inside a transaction (SQL functions, triggers, and the
     // workers' `BackgroundWorker::transaction` bodies). Both names are NUL-terminated and outlive

@@ -156,7 +156,7 @@ pub fn chain_row<'a>(
             let held = STATEMENTS.with(|s| s.borrow_mut().remove(&key));
             let mut head = match held {
                 Some(head) => head,
-                None => take_chain(relid)?,
+                None => take_chain(relid, ChainUse::Caller)?,
             };
             let seq = head.seq + 1;
             let prev = std::mem::take(&mut head.hash);
