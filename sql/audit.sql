@@ -81,7 +81,9 @@ SELECT pg_catalog.pg_extension_config_dump('vault.chain_heads',
     'WHERE identity NOT IN (SELECT identity FROM vault.protected_tables WHERE builtin)');
 SELECT pg_catalog.pg_extension_config_dump('vault.protected_tables_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.signing_keys', '');
-SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints', '');
+-- Dumped in chain order, the order in which a restore's rows link to their chains
+-- (src/chain/restore.rs); pg_dump places the condition after FROM.
+SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints', 'ORDER BY chain_id, chain_seq');
 SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints_id_seq', '');
 
 CREATE FUNCTION vault_protect_table(tbl regclass, chains int DEFAULT 16) RETURNS void
@@ -223,6 +225,16 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'extension_update_recorded_wrapper';
 
+-- Asked by the guard before it refuses a command on a protected table: whether the command only
+-- rebuilds the table's protection, as pg_restore does after restoring its rows (the vault's own
+-- triggers as vault_protect_table defines them, enabling them ALWAYS, and constraints while some
+-- of them are missing). Its argument is the command the event trigger reports.
+CREATE FUNCTION vault.protection_restored(command pg_ddl_command, rel oid) RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'protection_restored_wrapper';
+
 CREATE FUNCTION vault.guard_alter() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE c record; target oid;
@@ -230,6 +242,7 @@ BEGIN
     FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         target := vault.protected_target(c.classid, c.objid);
         IF target IS NOT NULL
+           AND NOT vault.protection_restored(c.command, target)
            AND NOT vault.ddl_guard_allows_relation(c.command_tag, c.object_identity, target) THEN
             RAISE EXCEPTION USING ERRCODE = 'VV403',
                 MESSAGE = CASE WHEN c.classid = 'pg_class'::regclass

@@ -62,7 +62,9 @@ UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.purge_log'
 
 SELECT pg_catalog.pg_extension_config_dump('vault.sweep_runs', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.sweep_runs_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('vault.purge_log', '');
+-- Dumped in chain order, the order in which a restore's rows link to their chains
+-- (src/chain/restore.rs); pg_dump places the condition after FROM.
+SELECT pg_catalog.pg_extension_config_dump('vault.purge_log', 'ORDER BY chain_id, chain_seq');
 SELECT pg_catalog.pg_extension_config_dump('vault.purge_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.purge_batch_seq', '');
 

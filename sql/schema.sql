@@ -204,7 +204,9 @@ SELECT pg_catalog.pg_extension_config_dump('vault.access_policies', 'WHERE NOT b
 SELECT pg_catalog.pg_extension_config_dump('vault.purpose_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.entries', '');
 SELECT pg_catalog.pg_extension_config_dump('vault.entries_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('vault.access_log', '');
+-- Dumped in chain order, the order in which a restore's rows link to their chains
+-- (src/chain/restore.rs); pg_dump places the condition after FROM.
+SELECT pg_catalog.pg_extension_config_dump('vault.access_log', 'ORDER BY chain_id, chain_seq');
 SELECT pg_catalog.pg_extension_config_dump('vault.access_log_id_seq', '');
 
 -- True when `caller` may act under a policy role list for an entry of `purpose` owned by `owner`.

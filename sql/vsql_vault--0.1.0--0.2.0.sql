@@ -62,6 +62,16 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'extension_update_recorded_wrapper';
 
+-- Asked by the guard before it refuses a command on a protected table: whether the command only
+-- rebuilds the table's protection, as pg_restore does after restoring its rows (the vault's own
+-- triggers as vault_protect_table defines them, enabling them ALWAYS, and constraints while some
+-- of them are missing). Its argument is the command the event trigger reports.
+CREATE FUNCTION vault.protection_restored(command pg_ddl_command, rel oid) RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'protection_restored_wrapper';
+
 CREATE OR REPLACE FUNCTION vault.guard_alter() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE c record; target oid;
@@ -69,6 +79,7 @@ BEGIN
     FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         target := vault.protected_target(c.classid, c.objid);
         IF target IS NOT NULL
+           AND NOT vault.protection_restored(c.command, target)
            AND NOT vault.ddl_guard_allows_relation(c.command_tag, c.object_identity, target) THEN
             RAISE EXCEPTION USING ERRCODE = 'VV403',
                 MESSAGE = CASE WHEN c.classid = 'pg_class'::regclass
@@ -486,3 +497,10 @@ UPDATE vault.protected_tables SET chains = 2
 INSERT INTO vault.chain_heads (identity, chain_id)
 SELECT identity, 1 FROM vault.protected_tables WHERE relid = 'vault.access_log'::regclass
 ON CONFLICT (identity, chain_id) DO NOTHING;
+
+-- A plain pg_dump / pg_restore works without vsql_vault.restore_mode (issue 15, item 8): the
+-- evidence tables are dumped in chain order, so that their rows arrive in the order in which
+-- they link to their chains (src/chain/restore.rs).
+SELECT pg_catalog.pg_extension_config_dump('vault.access_log', 'ORDER BY chain_id, chain_seq');
+SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints', 'ORDER BY chain_id, chain_seq');
+SELECT pg_catalog.pg_extension_config_dump('vault.purge_log', 'ORDER BY chain_id, chain_seq');

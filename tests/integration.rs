@@ -469,3 +469,138 @@ fn zz_dump_and_restore_keep_the_vault() {
     su.batch_execute("SELECT pg_reload_conf()").unwrap();
     s.wait_for_writer(&s.db);
 }
+
+/// Runs a PostgreSQL client program against the test server, returning (success, stderr).
+fn client_program(s: &Server, program: &str, args: &[&str]) -> (bool, String) {
+    let port = s.port.to_string();
+    let out = Command::new(program)
+        .env_remove("PGOPTIONS")
+        .args(["-h", &s.dir, "-p", &port, "-U", "postgres"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Points the audit writer at `db` and waits until it serves it.
+fn serve(s: &Server, su: &mut Client, db: &str) {
+    su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.database = '{db}'"))
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.wait_for_writer(db);
+}
+
+/// A standard pg_dump / pg_restore of an intact vault database needs no setting: the evidence
+/// rows arrive in chain order and are kept because they continue their chains, and the DDL guard
+/// lets pg_restore rebuild a protected table's constraints and triggers. (Before, COPY into the
+/// evidence tables was refused and the guard refused the constraints and triggers, leaving a
+/// partly restored vault.) A row that does not continue its chain is still refused.
+#[test]
+fn a_plain_restore_of_an_intact_vault_needs_no_setting_and_everything_chains_on() {
+    let s = server();
+    let mut su = setup(&s);
+    for db in ["vault_plain_src", "vault_plain_dst"] {
+        su.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .unwrap();
+        su.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    }
+    serve(&s, &mut su, "vault_plain_src");
+    let outcome = std::panic::catch_unwind(|| {
+        let mut src = s.connect_to("vault_plain_src", "postgres", "plain");
+        // Its own statement: no audited call can be made in the transaction that creates it.
+        src.batch_execute("CREATE EXTENSION vsql_vault").unwrap();
+        src.batch_execute(
+            "CREATE TABLE team_log (id bigserial PRIMARY KEY, event text UNIQUE NOT NULL);
+             SELECT vault_protect_table('team_log', 2);
+             INSERT INTO team_log (event) SELECT 'before ' || g FROM generate_series(1, 5) g;",
+        )
+        .unwrap();
+        let mut admin = s.connect_to("vault_plain_src", "it_admin", "plain");
+        admin
+            .batch_execute("SELECT vault_set_retention_policy('it.card', 30, 7)")
+            .unwrap();
+        let mut a = s.connect_to("vault_plain_src", "it_a", "plain");
+        put(&mut a, "pr1", b"kept").unwrap();
+        put(&mut a, "pr2", b"deleted").unwrap();
+        get(&mut a, "pr1").unwrap();
+        a.batch_execute("SELECT vault_delete('it.card', 'pr2')")
+            .unwrap();
+        let mut b = s.connect_to("vault_plain_src", "it_b", "plain");
+        assert_eq!(sqlstate(&get(&mut b, "pr1").unwrap_err()), "42501");
+        // A break-glass record: a row on the access log's second chain.
+        src.batch_execute(
+            "SET vsql_vault.break_glass = on; ALTER TABLE team_log ADD COLUMN note text;
+             RESET vsql_vault.break_glass;",
+        )
+        .unwrap();
+        src.batch_execute("SELECT vault_checkpoint()").unwrap();
+        assert_chains_verify(&mut src, None);
+        drop((src, admin, a, b));
+
+        let file = format!("{}/plain.dump", s.dir);
+        let (ok, err) = client_program(&s, "pg_dump", &["-Fc", "-f", &file, "vault_plain_src"]);
+        assert!(ok, "pg_dump: {err}");
+        let (ok, err) = client_program(
+            &s,
+            "pg_restore",
+            &["--exit-on-error", "-d", "vault_plain_dst", &file],
+        );
+        assert!(ok, "a plain pg_restore: {err}");
+
+        serve(&s, &mut s.connect("postgres"), "vault_plain_dst");
+        let mut dst = s.connect_to("vault_plain_dst", "postgres", "plain");
+        assert_chains_verify(&mut dst, None);
+        let protected: i64 = dst
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'team_log'::regclass
+                   AND tgname LIKE 'vault\\_%' AND tgenabled = 'A'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(protected, 4, "the protection is rebuilt whole");
+        let mut a = s.connect_to("vault_plain_dst", "it_a", "plain");
+        assert_eq!(get(&mut a, "pr1").unwrap(), b"kept".to_vec());
+        assert_eq!(sqlstate(&get(&mut a, "pr2").unwrap_err()), "VV410");
+        let mut b = s.connect_to("vault_plain_dst", "it_b", "plain");
+        assert_eq!(sqlstate(&get(&mut b, "pr1").unwrap_err()), "42501");
+        // New writes chain on from the restored heads, and everything still verifies.
+        put(&mut a, "pr3", b"after").unwrap();
+        dst.batch_execute("INSERT INTO team_log (event) VALUES ('after 1'), ('after 2')")
+            .unwrap();
+        assert_eq!(
+            sqlstate(&dst.batch_execute("DELETE FROM team_log").unwrap_err()),
+            "VV403"
+        );
+        dst.batch_execute("SELECT vault_checkpoint()").unwrap();
+        assert_chains_verify(&mut dst, None);
+        // A row that does not continue its chain is refused, whoever inserts it.
+        let e = dst
+            .batch_execute(
+                "INSERT INTO vault.access_log (logged_at, role_name, session_user_name, backend_pid,
+                    operation, granted, chain_id, chain_seq, prev_hash, row_hash)
+                 SELECT now(), 'x', 'x', 1, 'get', true, chain_id, chain_seq, prev_hash, row_hash
+                   FROM vault.access_log ORDER BY chain_seq DESC LIMIT 1",
+            )
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "42501", "{e:?}");
+        // Without break-glass the rebuilt protection holds like any other.
+        assert_eq!(
+            sqlstate(
+                &dst.batch_execute("ALTER TABLE team_log ADD CONSTRAINT c CHECK (id > 0)")
+                    .unwrap_err()
+            ),
+            "VV403"
+        );
+    });
+    serve(&s, &mut su, &s.db);
+    su.batch_execute("ALTER SYSTEM RESET vsql_vault.database")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

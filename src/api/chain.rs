@@ -393,6 +393,21 @@ fn extension_update_recorded(command: pgrx::datum::Internal) -> bool {
     }
 }
 
+/// Asked by the DDL guard before it refuses a command on protected table `rel`: whether the
+/// command only rebuilds the table's protection, as pg_restore does (`chain::protection_restored`).
+/// Declared by hand in sql/audit.sql: its first argument is a `pg_ddl_command`.
+#[pg_extern(volatile, parallel_unsafe, schema = "vault", sql = false)]
+fn protection_restored(command: pgrx::datum::Internal, rel: pg_sys::Oid) -> bool {
+    // SAFETY: the SQL declaration takes a pg_ddl_command, which pg_event_trigger_ddl_commands()
+    // produces as a pointer to the CollectedCommand of the command being reported, live for the
+    // event trigger's run.
+    unsafe {
+        command
+            .get::<pg_sys::CollectedCommand>()
+            .is_some_and(|c| chain::protection_restored(c, rel))
+    }
+}
+
 /// Asked by the DDL event triggers before a command touches protected table `rel` (by OID):
 /// vault_protect_table's own commands on the one table it is protecting pass; anything else is
 /// decided by `ddl_guard_allows`.

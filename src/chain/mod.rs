@@ -42,12 +42,14 @@ mod checkpoint;
 mod head;
 pub mod on_conflict;
 mod protect;
+mod restore;
 mod trigger;
 mod verify;
 
 pub use checkpoint::*;
 pub use head::*;
 pub use protect::*;
+pub(crate) use restore::protection_restored;
 pub use trigger::*;
 pub use verify::*;
 

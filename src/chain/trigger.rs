@@ -23,9 +23,9 @@ fn trigger_relid(trigger: &PgTrigger) -> u32 {
 /// The (transaction, subtransaction) a statement runs in. Not the command id: the chain's own
 /// queries advance it between rows. A statement's entry ends with its AFTER STATEMENT trigger, or
 /// with its (sub)transaction when it fails.
-type StatementKey = (pg_sys::TransactionId, pg_sys::SubTransactionId);
+pub(crate) type StatementKey = (pg_sys::TransactionId, pg_sys::SubTransactionId);
 
-fn statement_key() -> StatementKey {
+pub(crate) fn statement_key() -> StatementKey {
     // SAFETY: called from the chain triggers (chain_row, flush_statement), so inside a transaction
     // on the backend's thread. Both functions only read the transaction state (the first may
     // assign the top-level xid, which an INSERT's transaction needs anyway); a refusal, e.g. in a
@@ -53,7 +53,8 @@ pub fn flush_statement(trigger: &PgTrigger) -> Result<(), VaultError> {
             .collect();
         keys.into_iter().filter_map(|k| s.remove(&k)).collect()
     });
-    for head in done {
+    let linked = super::restore::linked_heads(table, (xid, subxid));
+    for head in done.into_iter().chain(linked) {
         advance_chain(&head.identity, head.chain, head.seq, &head.hash)?;
     }
     Ok(())
@@ -104,10 +105,15 @@ pub fn chain_row<'a>(
 ) -> Result<PgHeapTuple<'a, AllocatedByRust>, VaultError> {
     let table = qualified_name(trigger)?;
     let relid = trigger_relid(trigger);
-    if EVIDENCE_TABLES.contains(&table.as_str())
-        && !VAULT_WRITING.with(|w| w.get())
-        && !settings::RESTORE_MODE.get()
-    {
+    let evidence = EVIDENCE_TABLES.contains(&table.as_str());
+    let vault_writing = VAULT_WRITING.with(|w| w.get());
+    // A row that carries all its chain fields (a restored dump's COPY) may be kept as it is.
+    let carried = if vault_writing {
+        None
+    } else {
+        super::restore::carried_chain_fields(trigger)?
+    };
+    if evidence && !vault_writing && carried.is_none() && !settings::RESTORE_MODE.get() {
         pgrx::ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -124,6 +130,26 @@ pub fn chain_row<'a>(
         let values = deform(td.tg_trigtuple, tupdesc);
         columns_of(&values, &hashed_attributes(tupdesc))
     };
+    if let Some(fields) = carried.as_ref().filter(|_| !settings::RESTORE_MODE.get()) {
+        if super::restore::links_to_head(relid, fields, &columns)? {
+            return Ok(trigger
+                .new()
+                .ok_or_else(|| VaultError::Internal("no new row".into()))?
+                .into_owned());
+        }
+        // A user table's row that does not continue its chain is chained anew, as before; an
+        // evidence row comes from the vault or from a dump of an intact chain, nothing else.
+        if evidence {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "rows of {table} are written by vsql_vault only: a row with chain fields is accepted only when it continues its chain (row {} of chain {}), as the rows of a dump of an intact chain do, in chain order",
+                    fields.seq, fields.chain
+                )
+            );
+        }
+    }
     if settings::RESTORE_MODE.get() {
         if let Some(kept) = restored_row(trigger, relid)? {
             return Ok(kept);
