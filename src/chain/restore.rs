@@ -25,7 +25,7 @@ pub(crate) struct CarriedFields {
     pub(crate) chain: i32,
     pub(crate) seq: i64,
     prev: Vec<u8>,
-    hash: Vec<u8>,
+    pub(crate) hash: Vec<u8>,
 }
 
 /// The chain fields a new row carries, when it carries all four.

@@ -212,23 +212,10 @@ fn restored_row<'a>(
     trigger: &'a PgTrigger<'a>,
     relid: u32,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, VaultError> {
-    let new = trigger
-        .new()
-        .ok_or_else(|| VaultError::Internal("no new row".into()))?;
-    let get = |e: pgrx::datum::TryFromDatumError| VaultError::Internal(e.to_string());
-    let chain_id = new.get_by_name::<i32>("chain_id").map_err(get)?;
-    let seq = new.get_by_name::<i64>("chain_seq").map_err(get)?;
-    let prev = new
-        .get_by_name::<&[u8]>("prev_hash")
-        .map_err(get)?
-        .map(<[u8]>::to_vec);
-    let hash = new
-        .get_by_name::<&[u8]>("row_hash")
-        .map_err(get)?
-        .map(<[u8]>::to_vec);
-    let (Some(chain_id), Some(seq), Some(_), Some(hash)) = (chain_id, seq, prev, hash) else {
+    let Some(fields) = super::restore::carried_chain_fields(trigger)? else {
         return Ok(None);
     };
+    let (chain_id, seq, hash) = (fields.chain, fields.seq, fields.hash);
     let _owner = AsOwner::enter();
     Spi::connect_mut(|c| {
         c.update(
@@ -243,5 +230,8 @@ fn restored_row<'a>(
         .map(|_| ())
     })
     .map_err(|e| VaultError::Internal(e.to_string()))?;
+    let new = trigger
+        .new()
+        .ok_or_else(|| VaultError::Internal("no new row".into()))?;
     Ok(Some(new.into_owned()))
 }
