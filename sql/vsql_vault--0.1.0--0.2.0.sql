@@ -476,3 +476,26 @@ BEGIN
     END LOOP;
 END
 $owner$;
+
+-- Issue 15, item 6 (keys fail loudly): vault_health().
+CREATE  FUNCTION vault."health_impl"() RETURNS TABLE (
+	"sqlstate" TEXT,  /* Option < String > */
+	"message" TEXT,  /* Option < String > */
+	"component" TEXT,  /* Option < String > */
+	"status" TEXT,  /* Option < String > */
+	"detail" TEXT  /* Option < String > */
+)
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'health_impl_wrapper';
+
+-- One row per component with a status (ok, warning, failing) and a detail; for auditors, admins
+-- and pg_monitor, like vault_metrics() (which exports the same rows as vsql_vault_health_status).
+CREATE FUNCTION vault_health() RETURNS TABLE (component text, status text, detail text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.component, r.status, r.detail FROM vault.health_impl() r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;

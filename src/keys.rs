@@ -29,15 +29,64 @@ fn configured_path() -> Option<String> {
 }
 
 fn read_key(path: &str) -> Result<SigningKey, KeyError> {
-    let io = |e: std::io::Error| KeyError::Io {
-        path: path.into(),
-        why: e.kind().to_string(),
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => KeyError::Missing { path: path.into() },
+        kind => KeyError::Io {
+            path: path.into(),
+            why: kind.to_string(),
+        },
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     // SAFETY: libc_geteuid has no precondition (see its Safety section).
     keys::check_permissions(path, &meta, unsafe { libc_geteuid() })?;
     let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(io)?);
     keys::decode_file(path, &bytes)
+}
+
+/// The file the current key is read from: the configured one, else the data-directory key.
+pub fn path() -> String {
+    configured_path().unwrap_or_else(generated_path)
+}
+
+/// Where the current key comes from, as `vault.signing_keys.source` records it.
+pub fn source() -> &'static str {
+    if configured_path().is_some() {
+        "signing_key_file"
+    } else {
+        "generated"
+    }
+}
+
+/// The current key as it is on disk; never creates one (decoding sessions, vault_health).
+pub fn existing() -> Result<SigningKey, KeyError> {
+    read_key(&path())
+}
+
+/// Whether a generated key was ever registered in this database. Outside a transaction, or when
+/// the question cannot be answered, the answer is yes: a key is then never generated (fail closed).
+pub fn generated_key_registered() -> bool {
+    // SAFETY: a read of the backend's transaction state, allowed at any time on its thread.
+    if !unsafe { pg_sys::IsTransactionState() } {
+        return true;
+    }
+    let installed = crate::pg::select_one::<bool>(
+        "SELECT pg_catalog.to_regclass('vault.signing_keys') IS NOT NULL
+            AND pg_catalog.to_regclass('vault.entries') IS NOT NULL",
+        &[],
+    );
+    match installed {
+        Ok(Some(false)) => false,
+        Ok(Some(true)) => {
+            let _owner = AsOwner::enter();
+            crate::pg::select_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM vault.signing_keys WHERE source OPERATOR(pg_catalog.=) 'generated')",
+            &[],
+        )
+            .map(|b| b.unwrap_or(true))
+            .unwrap_or(true)
+        }
+        _ => true,
+    }
 }
 
 /// The process's effective user id.
@@ -70,14 +119,18 @@ fn write_new(path: &str, key: &SigningKey) -> Result<(), KeyError> {
     f.sync_all().map_err(io)
 }
 
-/// The current signing key, generating the data-directory key on first use.
+/// The current signing key. The data-directory key is generated only on a fresh install (no
+/// generated key registered yet): after that a missing file is an error (58P01), never a new key,
+/// which would break the continuity of the evidence quietly. Only vault_rotate_signing_key()
+/// makes a new one.
 pub fn current() -> Result<SigningKey, KeyError> {
     if let Some(path) = configured_path() {
         return read_key(&path);
     }
     let path = generated_path();
-    if std::path::Path::new(&path).exists() {
-        return read_key(&path);
+    match read_key(&path) {
+        Err(KeyError::Missing { .. }) if !generated_key_registered() => {}
+        other => return other,
     }
     let key = keys::generate()?;
     match write_new(&path, &key) {
@@ -92,11 +145,7 @@ pub fn current() -> Result<SigningKey, KeyError> {
 pub fn register(key: &SigningKey) -> Result<String, pgrx::spi::Error> {
     let public = key.verifying_key();
     let id = keys::key_id(&public);
-    let source = if configured_path().is_some() {
-        "signing_key_file"
-    } else {
-        "generated"
-    };
+    let source = source();
     let _owner = AsOwner::enter();
     // Only write when the key is new, so signing also works in read-only transactions (a
     // compliance report on a standby or under default_transaction_read_only).

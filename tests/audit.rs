@@ -410,7 +410,7 @@ fn a_key_file_readable_by_others_is_refused_and_an_owner_only_one_signs() {
     };
     configure(&mut su, Some(&path));
     let e = su.query_one("SELECT vault_checkpoint()", &[]).unwrap_err();
-    assert_eq!(sqlstate(&e), "58000", "{e}");
+    assert_eq!(sqlstate(&e), "F0000", "{e}");
     let msg = e
         .as_db_error()
         .map(|d| d.message().to_owned())
