@@ -485,7 +485,7 @@ CREATE  FUNCTION vault."health_impl"() RETURNS TABLE (
 	"status" TEXT,  /* Option < String > */
 	"detail" TEXT  /* Option < String > */
 )
-VOLATILE PARALLEL UNSAFE 
+STRICT VOLATILE PARALLEL UNSAFE 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'health_impl_wrapper';
