@@ -181,3 +181,9 @@ BEGIN
     END LOOP;
 END
 $owner$;
+
+-- vault.signing_keys (sql/audit.sql) is append-only and chained like the other evidence tables
+-- (issue 15, item 7). Protected here, after every other built-in table, so their identities stay
+-- what they were in 0.1.0.
+SELECT vault.protect_builtin('vault.signing_keys'::regclass::oid, 1);
+UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.signing_keys'::regclass;

@@ -499,3 +499,11 @@ BEGIN
                   WHERE vault.raise_reported(r.sqlstate, r.message);
 END
 $fn$;
+
+-- Issue 15, item 7: vault.signing_keys is append-only and chained, and every key after the first
+-- carries a rotation statement signed by the previous key. The keys of 0.1.0 carry none: chained
+-- here first, they are the trust roots.
+ALTER TABLE vault.signing_keys ADD COLUMN previous_key_id text,
+    ADD COLUMN signed_at_us bigint, ADD COLUMN rotation_signature bytea;
+SELECT vault.protect_builtin('vault.signing_keys'::regclass::oid, 1);
+UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.signing_keys'::regclass;

@@ -142,9 +142,24 @@ fn only_a_superusers_recorded_rotation_replaces_a_lost_key() {
         .unwrap()
         .get(0);
     assert_eq!(recorded, 1);
-    su.query_one("SELECT vault_checkpoint()", &[]).unwrap();
     assert_eq!(health(&mut su, "signing_key").0, "ok");
-    std::fs::remove_file(&aside).unwrap();
+    // With the previous key lost, nothing vouches for the new one: in-database verification
+    // says so (the offline verifier takes the new public key from the auditor).
+    let trust: String = su
+        .query_one(
+            "SELECT detail FROM vault_verify_audit() WHERE table_name = 'vault.signing_keys (trust)'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        trust.contains(&format!(
+            "key {new} is not trusted: registered without a rotation statement"
+        )),
+        "{trust}"
+    );
+    // The old key comes back, so the tests after this one sign with a trusted key again.
+    as_postgres(&["mv", &aside, &path]);
 }
 
 #[test]
@@ -205,4 +220,159 @@ fn a_dead_retention_worker_shows_as_failing_until_it_is_back() {
         error_of(&mut app, "SELECT * FROM vault_health()").0,
         "42501"
     );
+}
+
+/// Runs `sql` on `tables` with their triggers off (a superuser under break-glass), then turns
+/// the triggers back on as they were (ENABLE ALWAYS).
+fn behind_the_triggers(su: &mut Client, tables: &[&str], sql: &str) {
+    let mut batch = String::from("SET vsql_vault.break_glass = on;");
+    for t in tables {
+        batch.push_str(&format!("ALTER TABLE {t} DISABLE TRIGGER USER;"));
+    }
+    batch.push_str(sql);
+    for t in tables {
+        batch.push_str(&format!(
+            "DO $$ DECLARE g record; BEGIN
+               FOR g IN SELECT tgname FROM pg_trigger WHERE tgrelid = '{t}'::regclass AND NOT tgisinternal LOOP
+                 EXECUTE format('ALTER TABLE {t} ENABLE ALWAYS TRIGGER %I', g.tgname);
+               END LOOP; END $$;"
+        ));
+    }
+    batch.push_str("RESET vsql_vault.break_glass;");
+    su.batch_execute(&batch).unwrap();
+}
+
+#[test]
+fn a_key_inserted_behind_the_triggers_back_is_rejected_by_both_verifiers() {
+    use vsql_vault_core::canonical::Value;
+    use vsql_vault_core::chain::{row_hash, Checkpoint, ExportRow, GENESIS};
+    let s = server();
+    let mut su = setup(&s);
+    su.batch_execute(
+        "SET vsql_vault.break_glass = on; DROP TABLE IF EXISTS it_forge; RESET vsql_vault.break_glass;
+         CREATE TABLE it_forge (id bigserial PRIMARY KEY, event text);
+         SELECT vault_protect_table('it_forge', 1);
+         INSERT INTO it_forge (event) VALUES ('one'), ('two'), ('three');",
+    )
+    .unwrap();
+    su.query_one("SELECT vault_checkpoint()", &[]).unwrap();
+    // What the auditor keeps: the public keys as they are before the attack.
+    let auditor_keys: Vec<String> = su
+        .query("SELECT public_key FROM vault.signing_keys", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let identity = identity_of(&mut su, "it_forge");
+
+    // The superuser edits row 2, re-chains the table, adds a key of their own behind the
+    // triggers' back and re-signs the table's checkpoint with it.
+    let rogue = vsql_vault_core::keys::generate().unwrap();
+    let rogue_public = hex::encode(rogue.verifying_key().as_bytes());
+    let rogue_id = vsql_vault_core::keys::key_id(&rogue.verifying_key());
+    let mut rows: Vec<ExportRow> = su
+        .query("SELECT vault_export_audit('it_forge')", &[])
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect();
+    let mut prev = GENESIS;
+    let mut sql = String::from("UPDATE it_forge SET event = 'forged' WHERE chain_seq = 2;");
+    for row in rows.iter_mut() {
+        if row.seq == 2 {
+            for (name, value) in row.columns.iter_mut() {
+                if name == "event" {
+                    *value = Value::Text("forged".into());
+                }
+            }
+        }
+        row.prev_hash = prev;
+        row.row_hash = row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns);
+        prev = row.row_hash;
+        sql.push_str(&format!(
+            "UPDATE it_forge SET prev_hash = '\\x{}', row_hash = '\\x{}' WHERE chain_seq = {};",
+            hex::encode(row.prev_hash),
+            hex::encode(row.row_hash),
+            row.seq
+        ));
+    }
+    let last = rows.last().unwrap();
+    let cp = su
+        .query_one(
+            "SELECT id, signed_at_us FROM vault.audit_checkpoints WHERE table_identity = $1 ORDER BY id DESC LIMIT 1",
+            &[&identity],
+        )
+        .unwrap();
+    let (cp_id, signed_at): (i64, i64) = (cp.get(0), cp.get(1));
+    let msg = Checkpoint::message(&identity, 0, last.seq, &last.row_hash, signed_at, &rogue_id);
+    let sig = hex::encode(vsql_vault_core::keys::sign(&rogue, &msg));
+    sql.push_str(&format!(
+        "INSERT INTO vault.signing_keys (key_id, public_key, source) VALUES ('{rogue_id}', '{rogue_public}', 'generated');
+         UPDATE vault.audit_checkpoints SET key_id = '{rogue_id}', head_hash = '\\x{}', signature = '\\x{sig}'
+          WHERE id = {cp_id};",
+        hex::encode(last.row_hash)
+    ));
+    behind_the_triggers(
+        &mut su,
+        &["it_forge", "vault.signing_keys", "vault.audit_checkpoints"],
+        &sql,
+    );
+
+    // In the database: the forged checkpoint does not verify, and the key is named untrusted.
+    let bad: Vec<String> = su
+        .query(
+            "SELECT detail FROM vault_verify_audit('it_forge') WHERE NOT ok",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!bad.is_empty(), "the forged table verifies");
+    let trust: (bool, String) = su
+        .query_one(
+            "SELECT ok, detail FROM vault_verify_audit() WHERE table_name = 'vault.signing_keys (trust)'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert!(!trust.0, "{trust:?}");
+    assert!(
+        trust.1.starts_with("trust root: ")
+            && trust.1.contains(&format!("key {rogue_id} is not trusted")),
+        "{trust:?}"
+    );
+    // Offline, with the auditor's keys: rejected too, by both offline verifiers.
+    let export = format!("{}/forge.export.jsonl", s.dir);
+    let checkpoints = format!("{}/forge.checkpoints.jsonl", s.dir);
+    for (file, sql) in [
+        (&export, "SELECT vault_export_audit('it_forge')"),
+        (&checkpoints, "SELECT vault_export_checkpoints()"),
+    ] {
+        let lines: Vec<String> = su
+            .query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        std::fs::write(file, lines.join("\n") + "\n").unwrap();
+    }
+    let mut args: Vec<String> = [
+        "verify",
+        "--export",
+        &export,
+        "--checkpoints",
+        &checkpoints,
+        "--table",
+        &identity,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    for k in &auditor_keys {
+        args.push("--public-key".into());
+        args.push(k.clone());
+    }
+    let (code, out) = offline_tools(&args);
+    assert_eq!(code, 1, "{out}");
 }

@@ -42,12 +42,14 @@ mod checkpoint;
 mod head;
 mod protect;
 mod trigger;
+mod trust;
 mod verify;
 
 pub use checkpoint::*;
 pub use head::*;
 pub use protect::*;
 pub use trigger::*;
+pub use trust::*;
 pub use verify::*;
 
 /// The table's columns other than generated ones, quoted, for a select list. A query result's
