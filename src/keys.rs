@@ -195,6 +195,20 @@ pub fn register_with(
     if known {
         return Ok(id);
     }
+    // Two sessions registering the same new key: the second waits here and finds it (a plain
+    // INSERT, since ON CONFLICT is refused on a protected table).
+    crate::pg::select_one::<bool>(
+        "SELECT true FROM (SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('vsql_vault.signing_keys'))) l",
+        &[],
+    )?;
+    if crate::pg::select_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM vault.signing_keys WHERE key_id = $1)",
+        &[id.as_str().into()],
+    )?
+    .unwrap_or(false)
+    {
+        return Ok(id);
+    }
     let first =
         !crate::pg::select_one::<bool>("SELECT EXISTS (SELECT 1 FROM vault.signing_keys)", &[])?
             .unwrap_or(false);
@@ -256,8 +270,7 @@ fn insert_key(
     if !statements_kept {
         return Spi::connect_mut(|c| {
             c.update(
-                "INSERT INTO vault.signing_keys (key_id, public_key, source) VALUES ($1, $2, $3)
-                 ON CONFLICT (key_id) DO NOTHING",
+                "INSERT INTO vault.signing_keys (key_id, public_key, source) VALUES ($1, $2, $3)",
                 None,
                 &[
                     id.into(),
@@ -272,8 +285,7 @@ fn insert_key(
         c.update(
             "INSERT INTO vault.signing_keys
                 (key_id, public_key, source, previous_key_id, signed_at_us, rotation_signature)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (key_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6)",
             None,
             &[
                 id.into(),
