@@ -29,12 +29,19 @@ CREATE TABLE vault.chain_heads (
 );
 
 -- Public halves of the Ed25519 keys that signed checkpoints; private keys never enter SQL.
+-- Append-only and chained (below). Every key after the first carries a rotation statement:
+-- `rotation_signature` by key `previous_key_id` over docs/audit-format.md's
+-- `vsql_vault.key_rotation` message, so in-database verification trusts only keys on that chain.
+-- `retired_at` is kept from 0.1.0 (it set it at rotation); the current key is the newest row.
 CREATE TABLE vault.signing_keys (
     key_id     text PRIMARY KEY,
     public_key text NOT NULL,
     source     text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    retired_at timestamptz
+    retired_at timestamptz,
+    previous_key_id    text,
+    signed_at_us       bigint,
+    rotation_signature bytea
 );
 
 -- Signed chain heads. Itself append-only and chained.
@@ -80,7 +87,8 @@ SELECT pg_catalog.pg_extension_config_dump('vault.protected_tables', 'WHERE NOT 
 SELECT pg_catalog.pg_extension_config_dump('vault.chain_heads',
     'WHERE identity NOT IN (SELECT identity FROM vault.protected_tables WHERE builtin)');
 SELECT pg_catalog.pg_extension_config_dump('vault.protected_tables_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('vault.signing_keys', '');
+-- Chained at the end of the install (sql/compliance.sql): dumped in chain order.
+SELECT pg_catalog.pg_extension_config_dump('vault.signing_keys', 'ORDER BY chain_id, chain_seq');
 -- Dumped in chain order, the order in which a restore's rows link to their chains
 -- (src/chain/restore.rs); pg_dump places the condition after FROM.
 SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints', 'ORDER BY chain_id, chain_seq');

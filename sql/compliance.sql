@@ -18,6 +18,16 @@ BEGIN
 END
 $fn$;
 
+-- One row per component with a status (ok, warning, failing) and a detail; for auditors, admins
+-- and pg_monitor, like vault_metrics() (which exports the same rows as vsql_vault_health_status).
+CREATE FUNCTION vault_health() RETURNS TABLE (component text, status text, detail text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.component, r.status, r.detail FROM vault.health_impl() r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
 -- Functions in a view run with the privileges of whoever queries it: the key inventory's
 -- readers may list KEK identifiers (never key material).
 REVOKE ALL ON FUNCTION vault.replication_kek_ids() FROM PUBLIC;
@@ -171,3 +181,9 @@ BEGIN
     END LOOP;
 END
 $owner$;
+
+-- vault.signing_keys (sql/audit.sql) is append-only and chained like the other evidence tables
+-- (issue 15, item 7). Protected here, after every other built-in table, so their identities stay
+-- what they were in 0.1.0.
+SELECT vault.protect_builtin('vault.signing_keys'::regclass::oid, 1);
+UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.signing_keys'::regclass;

@@ -504,3 +504,36 @@ ON CONFLICT (identity, chain_id) DO NOTHING;
 SELECT pg_catalog.pg_extension_config_dump('vault.access_log', 'ORDER BY chain_id, chain_seq');
 SELECT pg_catalog.pg_extension_config_dump('vault.audit_checkpoints', 'ORDER BY chain_id, chain_seq');
 SELECT pg_catalog.pg_extension_config_dump('vault.purge_log', 'ORDER BY chain_id, chain_seq');
+
+-- Issue 15, item 6 (keys fail loudly): vault_health().
+CREATE  FUNCTION vault."health_impl"() RETURNS TABLE (
+	"sqlstate" TEXT,  /* Option < String > */
+	"message" TEXT,  /* Option < String > */
+	"component" TEXT,  /* Option < String > */
+	"status" TEXT,  /* Option < String > */
+	"detail" TEXT  /* Option < String > */
+)
+STRICT VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'health_impl_wrapper';
+
+-- One row per component with a status (ok, warning, failing) and a detail; for auditors, admins
+-- and pg_monitor, like vault_metrics() (which exports the same rows as vsql_vault_health_status).
+CREATE FUNCTION vault_health() RETURNS TABLE (component text, status text, detail text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.component, r.status, r.detail FROM vault.health_impl() r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
+
+-- Issue 15, item 7: vault.signing_keys is append-only and chained, and every key after the first
+-- carries a rotation statement signed by the previous key. The keys of 0.1.0 carry none: chained
+-- here first, they are the trust roots.
+ALTER TABLE vault.signing_keys ADD COLUMN previous_key_id text,
+    ADD COLUMN signed_at_us bigint, ADD COLUMN rotation_signature bytea;
+SELECT vault.protect_builtin('vault.signing_keys'::regclass::oid, 1);
+UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.signing_keys'::regclass;
+-- Dumped in chain order like the other evidence tables (a plain restore, src/chain/restore.rs).
+SELECT pg_catalog.pg_extension_config_dump('vault.signing_keys', 'ORDER BY chain_id, chain_seq');

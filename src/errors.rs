@@ -102,7 +102,7 @@ impl VaultError {
             VaultError::NotFound { .. } => "P0002",
             VaultError::AuditUnavailable(_) => "VV503",
             VaultError::WrongDatabase(_) | VaultError::NotPreloaded => "55000",
-            VaultError::Key(_) => "58000",
+            VaultError::Key(e) => e.sqlstate(),
             VaultError::KeyManagedExternally | VaultError::NotProtected(_) => "55000",
             VaultError::ChainCount(_) => "22023",
             VaultError::ProtectedDdl(_) => "VV403",

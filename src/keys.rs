@@ -29,15 +29,64 @@ fn configured_path() -> Option<String> {
 }
 
 fn read_key(path: &str) -> Result<SigningKey, KeyError> {
-    let io = |e: std::io::Error| KeyError::Io {
-        path: path.into(),
-        why: e.kind().to_string(),
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => KeyError::Missing { path: path.into() },
+        kind => KeyError::Io {
+            path: path.into(),
+            why: kind.to_string(),
+        },
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     // SAFETY: libc_geteuid has no precondition (see its Safety section).
     keys::check_permissions(path, &meta, unsafe { libc_geteuid() })?;
     let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(io)?);
     keys::decode_file(path, &bytes)
+}
+
+/// The file the current key is read from: the configured one, else the data-directory key.
+pub fn path() -> String {
+    configured_path().unwrap_or_else(generated_path)
+}
+
+/// Where the current key comes from, as `vault.signing_keys.source` records it.
+pub fn source() -> &'static str {
+    if configured_path().is_some() {
+        "signing_key_file"
+    } else {
+        "generated"
+    }
+}
+
+/// The current key as it is on disk; never creates one (decoding sessions, vault_health).
+pub fn existing() -> Result<SigningKey, KeyError> {
+    read_key(&path())
+}
+
+/// Whether a generated key was ever registered in this database. Outside a transaction, or when
+/// the question cannot be answered, the answer is yes: a key is then never generated (fail closed).
+pub fn generated_key_registered() -> bool {
+    // SAFETY: a read of the backend's transaction state, allowed at any time on its thread.
+    if !unsafe { pg_sys::IsTransactionState() } {
+        return true;
+    }
+    let installed = crate::pg::select_one::<bool>(
+        "SELECT pg_catalog.to_regclass('vault.signing_keys') IS NOT NULL
+            AND pg_catalog.to_regclass('vault.entries') IS NOT NULL",
+        &[],
+    );
+    match installed {
+        Ok(Some(false)) => false,
+        Ok(Some(true)) => {
+            let _owner = AsOwner::enter();
+            crate::pg::select_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM vault.signing_keys WHERE source OPERATOR(pg_catalog.=) 'generated')",
+            &[],
+        )
+            .map(|b| b.unwrap_or(true))
+            .unwrap_or(true)
+        }
+        _ => true,
+    }
 }
 
 /// The process's effective user id.
@@ -70,14 +119,18 @@ fn write_new(path: &str, key: &SigningKey) -> Result<(), KeyError> {
     f.sync_all().map_err(io)
 }
 
-/// The current signing key, generating the data-directory key on first use.
+/// The current signing key. The data-directory key is generated only on a fresh install (no
+/// generated key registered yet): after that a missing file is an error (58P01), never a new key,
+/// which would break the continuity of the evidence quietly. Only vault_rotate_signing_key()
+/// makes a new one.
 pub fn current() -> Result<SigningKey, KeyError> {
     if let Some(path) = configured_path() {
         return read_key(&path);
     }
     let path = generated_path();
-    if std::path::Path::new(&path).exists() {
-        return read_key(&path);
+    match read_key(&path) {
+        Err(KeyError::Missing { .. }) if !generated_key_registered() => {}
+        other => return other,
     }
     let key = keys::generate()?;
     match write_new(&path, &key) {
@@ -88,15 +141,49 @@ pub fn current() -> Result<SigningKey, KeyError> {
     }
 }
 
-/// Records the key's public half in `vault.signing_keys` (once).
+/// Records the key's public half in `vault.signing_keys` (once), vouched for by a key already
+/// registered whose private half the vault holds (see `register_with`).
 pub fn register(key: &SigningKey) -> Result<String, pgrx::spi::Error> {
+    register_with(key, None)
+}
+
+/// A registered key other than `new_id` whose file the vault can read: the one that vouches for
+/// a new key. The most recently registered wins.
+fn held_previous(new_id: &str) -> Result<Option<SigningKey>, pgrx::spi::Error> {
+    let mut held: Vec<SigningKey> = [Some(generated_path()), configured_path()]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| read_key(&p).ok())
+        .filter(|k| keys::key_id(&k.verifying_key()) != new_id)
+        .collect();
+    let ids: Vec<String> = held
+        .iter()
+        .map(|k| keys::key_id(&k.verifying_key()))
+        .collect();
+    let latest = crate::pg::select_one::<String>(
+        "SELECT key_id FROM vault.signing_keys WHERE key_id OPERATOR(pg_catalog.=) ANY ($1)
+          ORDER BY created_at DESC LIMIT 1",
+        &[ids.clone().into()],
+    )?;
+    Ok(latest.and_then(|id| {
+        ids.iter()
+            .position(|i| *i == id)
+            .map(|n| held.swap_remove(n))
+    }))
+}
+
+/// As `register`; `previous`, when given, is the key that vouches for the new one (a rotation,
+/// which replaces the previous key's file afterwards). Each key after the first carries a rotation
+/// statement signed by the previous key (docs/audit-format.md section 4); with no previous key
+/// at hand (it was lost), the key is registered without one, and in-database verification will
+/// not trust it (a WARNING says so).
+pub fn register_with(
+    key: &SigningKey,
+    previous: Option<&SigningKey>,
+) -> Result<String, pgrx::spi::Error> {
     let public = key.verifying_key();
     let id = keys::key_id(&public);
-    let source = if configured_path().is_some() {
-        "signing_key_file"
-    } else {
-        "generated"
-    };
+    let source = source();
     let _owner = AsOwner::enter();
     // Only write when the key is new, so signing also works in read-only transactions (a
     // compliance report on a standby or under default_transaction_read_only).
@@ -108,50 +195,131 @@ pub fn register(key: &SigningKey) -> Result<String, pgrx::spi::Error> {
     if known {
         return Ok(id);
     }
-    Spi::connect_mut(|c| {
-        c.update(
-            "INSERT INTO vault.signing_keys (key_id, public_key, source) VALUES ($1, $2, $3)
-             ON CONFLICT (key_id) DO NOTHING",
-            None,
-            &[
-                id.as_str().into(),
-                hex::encode(public.as_bytes()).into(),
-                source.into(),
-            ],
-        )
-        .map(|_| ())
-    })?;
+    // Two sessions registering the same new key: the second waits here and finds it (a plain
+    // INSERT, since ON CONFLICT is refused on a protected table).
+    crate::pg::select_one::<bool>(
+        "SELECT true FROM (SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('vsql_vault.signing_keys'))) l",
+        &[],
+    )?;
+    if crate::pg::select_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM vault.signing_keys WHERE key_id = $1)",
+        &[id.as_str().into()],
+    )?
+    .unwrap_or(false)
+    {
+        return Ok(id);
+    }
+    let first =
+        !crate::pg::select_one::<bool>("SELECT EXISTS (SELECT 1 FROM vault.signing_keys)", &[])?
+            .unwrap_or(false);
+    let held;
+    let previous = match previous {
+        Some(p) => Some(p),
+        None => {
+            held = held_previous(&id)?;
+            held.as_ref()
+        }
+    };
+    let signed_at = crate::pg::now_micros();
+    let statement = previous.map(|p| {
+        let previous_id = keys::key_id(&p.verifying_key());
+        let msg = vsql_vault_core::trust::rotation_message(
+            &previous_id,
+            &id,
+            public.as_bytes(),
+            source,
+            signed_at,
+        );
+        (previous_id, keys::sign(p, &msg).to_vec())
+    });
+    // A 0.1.0 schema (library updated, ALTER EXTENSION UPDATE not run yet) has no statement
+    // columns; its keys become the trust roots at the update.
+    let statements_kept = crate::pg::select_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+          WHERE attrelid OPERATOR(pg_catalog.=) 'vault.signing_keys'::pg_catalog.regclass
+            AND attname OPERATOR(pg_catalog.=) 'rotation_signature' AND NOT attisdropped)",
+        &[],
+    )?
+    .unwrap_or(false);
+    let statement = statement.filter(|_| statements_kept);
+    if statements_kept && statement.is_none() && !first {
+        warning!("vsql_vault: signing key {id} is registered without a rotation statement (no earlier key is at hand): in-database verification will not trust it");
+    }
+    insert_key(
+        &id,
+        &public,
+        source,
+        statement.as_ref(),
+        signed_at,
+        statements_kept,
+    )?;
     Ok(id)
 }
 
-/// Replaces the generated key with a new one; old public keys stay for verification.
+/// Inserts a key's row (as the vault, past the evidence tables' guard), with its rotation
+/// statement when there is one.
+fn insert_key(
+    id: &str,
+    public: &ed25519_dalek::VerifyingKey,
+    source: &str,
+    statement: Option<&(String, Vec<u8>)>,
+    signed_at: i64,
+    statements_kept: bool,
+) -> Result<(), pgrx::spi::Error> {
+    let _writing = crate::chain::VaultWriting::enter();
+    if !statements_kept {
+        return Spi::connect_mut(|c| {
+            c.update(
+                "INSERT INTO vault.signing_keys (key_id, public_key, source) VALUES ($1, $2, $3)",
+                None,
+                &[
+                    id.into(),
+                    hex::encode(public.as_bytes()).into(),
+                    source.into(),
+                ],
+            )
+            .map(|_| ())
+        });
+    }
+    Spi::connect_mut(|c| {
+        c.update(
+            "INSERT INTO vault.signing_keys
+                (key_id, public_key, source, previous_key_id, signed_at_us, rotation_signature)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            None,
+            &[
+                id.into(),
+                hex::encode(public.as_bytes()).into(),
+                source.into(),
+                statement.as_ref().map(|(p, _)| p.as_str()).into(),
+                statement.as_ref().map(|_| signed_at).into(),
+                statement.as_ref().map(|(_, sig)| sig.as_slice()).into(),
+            ],
+        )
+        .map(|_| ())
+    })
+}
+
+/// Replaces the generated key with a new one, vouched for by the old one when its file is still
+/// there; old public keys stay for verification. The new key is registered before its file
+/// replaces the old one, so a failure leaves the old key in place.
 pub fn rotate() -> Result<String, crate::errors::VaultError> {
     use crate::errors::VaultError;
     if configured_path().is_some() {
         return Err(VaultError::KeyManagedExternally);
     }
     let path = generated_path();
+    let old = read_key(&path).ok();
     let key = keys::generate().map_err(VaultError::Key)?;
     let tmp = format!("{path}.new");
     let _ = std::fs::remove_file(&tmp);
     write_new(&tmp, &key).map_err(VaultError::Key)?;
+    let id = register_with(&key, old.as_ref()).map_err(|e| VaultError::Internal(e.to_string()))?;
     std::fs::rename(&tmp, &path).map_err(|e| {
         VaultError::Key(KeyError::Io {
             path: path.clone(),
             why: e.kind().to_string(),
         })
     })?;
-    {
-        let _owner = AsOwner::enter();
-        Spi::connect_mut(|c| {
-            c.update(
-                "UPDATE vault.signing_keys SET retired_at = now() WHERE retired_at IS NULL",
-                None,
-                &[],
-            )
-            .map(|_| ())
-        })
-        .unwrap_or_else(|e| pgrx::error!("vsql_vault: retiring the old key failed: {e}"));
-    }
-    register(&key).map_err(|e| VaultError::Internal(e.to_string()))
+    Ok(id)
 }

@@ -13,6 +13,7 @@ mod chain;
 mod column_values;
 mod decoding;
 mod errors;
+mod health;
 
 mod keys;
 mod pg;

@@ -405,7 +405,22 @@ fn metrics() -> Result<String, VaultError> {
     for row in &read_metric_rows()? {
         families.add(row);
     }
-    Ok(families.render())
+    let mut health = Family::new(
+        "vsql_vault_health_status",
+        "gauge",
+        "vault_health() per component: 0 ok, 1 warning, 2 failing.",
+    );
+    for c in crate::health::components()? {
+        let level = match c.status {
+            "ok" => 0.0,
+            "warning" => 1.0,
+            _ => 2.0,
+        };
+        health.add(&[("component", c.name)], level);
+    }
+    let mut out = families.render();
+    health.write(&mut out);
+    Ok(out)
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]

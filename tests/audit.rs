@@ -410,7 +410,7 @@ fn a_key_file_readable_by_others_is_refused_and_an_owner_only_one_signs() {
     };
     configure(&mut su, Some(&path));
     let e = su.query_one("SELECT vault_checkpoint()", &[]).unwrap_err();
-    assert_eq!(sqlstate(&e), "58000", "{e}");
+    assert_eq!(sqlstate(&e), "F0000", "{e}");
     let msg = e
         .as_db_error()
         .map(|d| d.message().to_owned())
@@ -469,7 +469,10 @@ fn rotation_keeps_old_checkpoints_verifiable() {
     protected_table(&mut su, "it_rotate", 3, 1);
     su.execute("SELECT vault_checkpoint()", &[]).unwrap();
     let old: String = su
-        .query_one("SELECT key_id FROM vault.signing_keys WHERE retired_at IS NULL AND source = 'generated'", &[])
+        .query_one(
+            "SELECT key_id FROM vault.audit_checkpoints ORDER BY id DESC LIMIT 1",
+            &[],
+        )
         .unwrap()
         .get(0);
     let new: String = su
@@ -477,14 +480,18 @@ fn rotation_keeps_old_checkpoints_verifiable() {
         .unwrap()
         .get(0);
     assert_ne!(old, new);
-    let retired: bool = su
+    // The new key's registration is vouched for by the old key (a rotation statement).
+    let (previous, signature_len): (Option<String>, Option<i32>) = su
         .query_one(
-            "SELECT retired_at IS NOT NULL FROM vault.signing_keys WHERE key_id = $1",
-            &[&old],
+            "SELECT previous_key_id, length(rotation_signature) FROM vault.signing_keys WHERE key_id = $1",
+            &[&new],
         )
-        .unwrap()
-        .get(0);
-    assert!(retired);
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        (previous.as_deref(), signature_len),
+        (Some(old.as_str()), Some(64))
+    );
     su.execute(
         "INSERT INTO it_rotate (tenant, event) VALUES ('acme', 'after rotation')",
         &[],

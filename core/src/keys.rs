@@ -13,12 +13,31 @@ pub enum KeyError {
     Owner { path: String },
     #[error("signing key file {path}: {why}")]
     Io { path: String, why: String },
+    /// The key file is gone after a key was registered: it is never quietly regenerated, since a
+    /// new key would break the continuity of the evidence it signs.
+    #[error("signing key file {path} is missing, and signing keys are already registered: restore the file, or have a superuser call vault_rotate_signing_key()")]
+    Missing { path: String },
     #[error("signing key file {path} does not hold a 32-byte Ed25519 seed in hex")]
     Format { path: String },
     #[error("no randomness available to generate a key: {0}")]
     Random(String),
     #[error("invalid public key: {0}")]
     PublicKey(String),
+}
+
+impl KeyError {
+    /// The SQLSTATE a signing operation fails with: 58P01 (undefined_file) for a missing key file,
+    /// F0000 (config_file_error) for one that is unreadable, exposed or malformed.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            KeyError::Missing { .. } => "58P01",
+            KeyError::Permissions { .. }
+            | KeyError::Owner { .. }
+            | KeyError::Io { .. }
+            | KeyError::Format { .. } => "F0000",
+            KeyError::Random(_) | KeyError::PublicKey(_) => "58000",
+        }
+    }
 }
 
 /// A short, stable name for a key: the first 8 bytes of SHA-256 over its public key, in hex.

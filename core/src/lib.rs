@@ -13,5 +13,6 @@ pub mod purge;
 pub mod rules;
 pub mod schedule;
 pub mod stream;
+pub mod trust;
 
 pub use rules::{InputError, Limits};

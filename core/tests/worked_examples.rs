@@ -9,6 +9,7 @@ use vsql_vault_core::chain::{row_hash, Checkpoint, ROW_DOMAIN};
 use vsql_vault_core::keys;
 use vsql_vault_core::merkle;
 use vsql_vault_core::purge::{root_message, EntrySnapshot, PurgeStatement};
+use vsql_vault_core::trust;
 
 /// Hex in lines of 64 characters, as the document prints long values.
 fn wrapped(bytes: &[u8]) -> String {
@@ -129,6 +130,40 @@ fn examples() -> Vec<(&'static str, String)> {
     let root_msg = root_message(&root, 3, 9, 849_086_401_000_000, &key_id);
     out.push(("root message", wrapped(&root_msg)));
     out.push(("root signature", wrapped(&keys::sign(&key, &root_msg))));
+
+    // A rotation statement: the example key vouches for the key of seed 0808...08.
+    let next = SigningKey::from_bytes(&[8u8; 32]).verifying_key();
+    let next_id = keys::key_id(&next);
+    let rotation = trust::rotation_message(
+        &key_id,
+        &next_id,
+        next.as_bytes(),
+        "generated",
+        850_000_001_000_000,
+    );
+    let signature = keys::sign(&key, &rotation);
+    let record = trust::KeyRecord {
+        key_id: next_id.clone(),
+        public_key: hex::encode(next.as_bytes()),
+        source: "generated".into(),
+        chained: true,
+        previous_key_id: Some(key_id.clone()),
+        signed_at: Some(850_000_001_000_000),
+        signature: Some(hex::encode(signature)),
+    };
+    let root_record = trust::KeyRecord {
+        key_id: key_id.clone(),
+        public_key: hex::encode(public.as_bytes()),
+        source: "generated".into(),
+        chained: true,
+        ..trust::KeyRecord::default()
+    };
+    let verdict = trust::establish(&[root_record, record]);
+    assert!(verdict.trusted.contains_key(&next_id) && verdict.untrusted.is_empty());
+    out.push(("rotated public key", hex::encode(next.as_bytes())));
+    out.push(("rotated key id", next_id));
+    out.push(("rotation message", wrapped(&rotation)));
+    out.push(("rotation signature", wrapped(&signature)));
     out
 }
 

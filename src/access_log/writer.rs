@@ -63,26 +63,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
     .unwrap_or_else(|e| pgrx::error!("vsql_vault audit writer could not configure its session: {e}"));
     queue::writer_attach();
     log!("vsql_vault audit writer started for database \"{database}\"");
-    // The data-directory signing key is made on first start, so checkpoints can always be signed.
-    match crate::keys::current() {
-        Ok(key) => {
-            log!(
-                "vsql_vault signing key {}",
-                vsql_vault_core::keys::key_id(&key.verifying_key())
-            );
-            // Publish the public key at once: consumers of the replication stream need it before
-            // the first checkpoint.
-            let registered = when_installed("vault.signing_keys", || {
-                crate::keys::register(&key)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            });
-            if let Err(e) = registered {
-                warning!("vsql_vault could not publish its signing key: {e}");
-            }
-        }
-        Err(e) => warning!("vsql_vault cannot load its signing key: {e}"),
-    }
+    load_signing_key();
     let mut last_checkpoint = Instant::now();
 
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
@@ -117,6 +98,32 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
     // retire it for good, and every audited call would fail until the server restarts).
     // SAFETY: as above: outside any transaction, no LWLock held, and nothing runs after it.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Loads (on a fresh install: generates) the signing key and publishes its public half. Inside a
+/// transaction, so a key already registered is never regenerated (see `keys::current`); a key
+/// that cannot be loaded is a WARNING naming its file, repeated by every scheduled checkpoint.
+fn load_signing_key() {
+    let loaded = BackgroundWorker::transaction(crate::keys::current);
+    match loaded {
+        Ok(key) => {
+            log!(
+                "vsql_vault signing key {}",
+                vsql_vault_core::keys::key_id(&key.verifying_key())
+            );
+            // Publish the public key at once: consumers of the replication stream need it before
+            // the first checkpoint.
+            let registered = when_installed("vault.signing_keys", || {
+                crate::keys::register(&key)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = registered {
+                warning!("vsql_vault could not publish its signing key: {e}");
+            }
+        }
+        Err(e) => warning!("vsql_vault cannot load its signing key: {e}"),
+    }
 }
 
 /// Signs the chain heads if the extension is installed; a failure is reported and retried at the

@@ -164,20 +164,25 @@ fn rotate_signing_key_impl() -> TableIterator<
         name!(key_id, Option<String>),
     ),
 > {
-    let result = logged(
-        "rotate_signing_key",
-        serde_json::json!({}),
-        |c| {
-            if is_superuser(c) {
-                Ok(())
-            } else {
-                Err(VaultError::Denied(
-                    "only a superuser rotates the signing key".into(),
-                ))
-            }
-        },
-        |_| crate::keys::rotate(),
-    );
+    // The only way a new key is made once one is registered; its record names both keys (and
+    // why the old one could not be loaded, if it could not).
+    let result = audited_call("rotate_signing_key", None, None, |event| {
+        event.details = Some(serde_json::json!({}));
+        if !is_superuser(event.caller) {
+            return Err(VaultError::Denied(
+                "only a superuser rotates the signing key".into(),
+            ));
+        }
+        let old =
+            crate::keys::existing().map(|k| vsql_vault_core::keys::key_id(&k.verifying_key()));
+        let new = crate::keys::rotate()?;
+        event.details = Some(serde_json::json!({
+            "old_key_id": old.as_ref().ok(),
+            "old_key_error": old.as_ref().err().map(|e| e.to_string()),
+            "new_key_id": new,
+        }));
+        Ok(new)
+    });
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }

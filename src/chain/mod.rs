@@ -44,6 +44,7 @@ pub mod on_conflict;
 mod protect;
 mod restore;
 mod trigger;
+mod trust;
 mod verify;
 
 pub use checkpoint::*;
@@ -51,6 +52,7 @@ pub use head::*;
 pub use protect::*;
 pub(crate) use restore::protection_restored;
 pub use trigger::*;
+pub use trust::*;
 pub use verify::*;
 
 /// The table's columns other than generated ones, quoted, for a select list. A query result's

@@ -75,10 +75,11 @@ thread_local! {
 }
 
 /// The extension's own tables of evidence: rows come from vsql_vault's code paths only.
-const EVIDENCE_TABLES: [&str; 3] = [
+const EVIDENCE_TABLES: [&str; 4] = [
     "vault.access_log",
     "vault.audit_checkpoints",
     "vault.purge_log",
+    "vault.signing_keys",
 ];
 
 /// Held while vsql_vault itself inserts into an evidence table; any other insert (by the owner

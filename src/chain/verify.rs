@@ -189,11 +189,21 @@ pub fn verify(only: Option<pg_sys::Oid>) -> Result<Vec<chain::ChainReport>, Vaul
             only.map(|o| o.to_u32()).unwrap_or(0)
         )));
     }
-    let keys = {
-        let _owner = AsOwner::enter();
-        public_keys()?
-    };
+    // Only keys on the chain of trust of vault.signing_keys: a key added behind the triggers'
+    // back signs nothing verification accepts.
+    let trust = trusted_keys()?;
+    let keys: Vec<ed25519_dalek::VerifyingKey> = trust.trusted.values().copied().collect();
     let mut reports = Vec::new();
+    if only.is_none() {
+        reports.push(chain::ChainReport {
+            table: "vault.signing_keys (trust)".into(),
+            chain: None,
+            rows_checked: (trust.trusted.len() + trust.untrusted.len()) as i64,
+            first_bad_seq: None,
+            ok: trust.untrusted.is_empty(),
+            detail: trust.summary(),
+        });
+    }
     for table in tables {
         let checkpoints = {
             let _owner = AsOwner::enter();

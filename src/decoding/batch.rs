@@ -61,7 +61,8 @@ pub(super) unsafe fn flush(
         .as_ref()
         .is_none_or(|s| s.sealed() >= BATCHES_PER_DEK)
     {
-        let key = crate::keys::current()
+        // Never generates: the audit writer made the key when the server first started.
+        let key = crate::keys::existing()
             .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()));
         let (sealer, header) = Sealer::start(&st.slot, &st.kek, key, crate::pg::now_micros())
             .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));

@@ -66,3 +66,35 @@ fn load_ring() -> KekRing {
     KekRing::parse(&path, &text)
         .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()))
 }
+
+/// vault_health's KEK row: (status, detail), naming ids and paths only, never key material.
+pub(crate) fn health() -> (&'static str, String) {
+    if wrap_command().is_some() {
+        return (
+            "ok",
+            "data keys are wrapped by vsql_vault.kek_wrap_command".into(),
+        );
+    }
+    let Some(path) = text_setting(&settings::KEK_FILE) else {
+        return (
+            "warning",
+            "no KEK is configured (vsql_vault.kek_file): replication decoding refuses to start"
+                .into(),
+        );
+    };
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(&path) {
+        Err(e) => ("failing", format!("KEK file {path}: {}", e.kind())),
+        Ok(meta) if meta.mode() & 0o077 != 0 => (
+            "failing",
+            format!("KEK file {path} is readable or writable by others; it must be owner-only (chmod 600)"),
+        ),
+        Ok(_) => {
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).unwrap_or_default());
+            match KekRing::parse(&path, &text) {
+                Ok(ring) => ("ok", format!("KEK file {path} holds versions {}", ring.ids().join(", "))),
+                Err(e) => ("failing", e.to_string()),
+            }
+        }
+    }
+}

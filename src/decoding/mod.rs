@@ -17,7 +17,7 @@ mod record;
 mod relation_cache;
 
 pub(crate) use batch::{batches_sealed, init_shmem};
-pub(crate) use kek::kek_ids;
+pub(crate) use kek::{health as kek_health, kek_ids};
 
 /// Raises an ERROR with a specific SQLSTATE (decoding errors end the walsender's session).
 fn fail(code: PgSqlErrorCode, message: String) -> ! {

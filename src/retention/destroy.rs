@@ -376,7 +376,11 @@ pub fn load_proofs(filter: &str, args: &[DatumWithOid]) -> Result<Vec<PurgeProof
 
 pub fn verify_proof(proof: &PurgeProof) -> Result<Result<(), String>, VaultError> {
     let _owner = AsOwner::enter();
-    let keys = crate::chain::public_keys()?;
+    // Only keys on the chain of trust of vault.signing_keys (issue 15, item 7).
+    let keys: Vec<_> = crate::chain::trusted_keys()?
+        .trusted
+        .into_values()
+        .collect();
     let by_id = |id: &str| {
         keys.iter()
             .find(|k| vsql_vault_core::keys::key_id(k) == id)

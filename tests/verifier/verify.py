@@ -233,6 +233,14 @@ def checkpoint_message(table, chain, seq, head_hash, signed_at, key_id):
         ("head_hash", byts(head_hash)), ("signed_at", ts(signed_at)), ("key_id", text(key_id))])
 
 
+def rotation_message(previous_key_id, key_id, public_key, source, signed_at):
+    """The bytes an earlier key signs to vouch for a new one (audit-format.md section 4). The
+    offline verifiers take keys from the auditor only; this is checked by the self-test."""
+    return encode("vsql_vault.key_rotation", [
+        ("previous_key_id", text(previous_key_id)), ("key_id", text(key_id)),
+        ("public_key", byts(public_key)), ("source", text(source)), ("signed_at", ts(signed_at))])
+
+
 STATEMENT_FIELDS = [
     ("purpose", T_TEXT), ("external_id", T_TEXT), ("owner", T_TEXT), ("entry_id", T_INT),
     ("created_at", T_TS), ("expires_at", T_TS), ("max_retention_days", T_INT),
@@ -929,6 +937,23 @@ a4fade71b89f882c502efdab81c52d302a0f5537dab28ec075850d51572ada06""")
              "path": path0, "root": want_root, "signed_at": 849086401000000, "key_id": kid,
              "signature": rsig}
     check("proof of d1 verifies as verify-purge would", proof_problem(proof, {kid: pub}) is None)
+    next_pub = _h("1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca")
+    check("key id of the rotated key", key_id_of(next_pub) == "5c29b78f10a35a49")
+    kmsg = rotation_message(kid, "5c29b78f10a35a49", next_pub, "generated", 850000001000000)
+    check("rotation message", kmsg == _h("""
+5653514c5601000000177673716c5f7661756c742e6b65795f726f746174696f
+6e0000000f70726576696f75735f6b65795f6964010000001066653831326331
+326633616234636536000000066b65795f696401000000103563323962373866
+31306133356134390000000a7075626c69635f6b657902000000201398f62c6d
+1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca0000000673
+6f75726365010000000967656e657261746564000000097369676e65645f6174
+05000305120c1e6240"""))
+    ksig = _h("""201bc28ebf1194a187e5ba539970ba8a661282d2c77ae7fb250b7cd6a2091973
+61f9520f63f714fc700416f46309985aaab21db0f4d65b0b5041a9b08ea2e30c""")
+    check("rotation signature verifies", ed25519_verify(pub, kmsg, ksig))
+    check("rotation signature fails for another source",
+          not ed25519_verify(pub, rotation_message(kid, "5c29b78f10a35a49", next_pub,
+                                                   "signing_key_file", 850000001000000), ksig))
     n_ok = sum(results)
     print(f"{n_ok}/{len(results)} checks passed")
     return 0 if all(results) else 1
