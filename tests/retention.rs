@@ -397,3 +397,138 @@ fn sweep_at_runs_the_scheduled_sweep_at_its_time_of_day() {
     set_and_reload(&mut su, "vsql_vault.sweep_interval", None);
     wait_until("the retention worker", 30, || worker_pid(&mut su).is_some());
 }
+
+/// A fresh entry of it.card destroyed by vault_delete; returns its proof's id.
+fn deleted_entry(s: &Server, tag: &str) -> i64 {
+    let mut a = s.connect("it_a");
+    let id = format!("{tag}-{}", std::process::id());
+    put(&mut a, &id, b"\x0a\x0b").unwrap();
+    a.query_one("SELECT vault_delete('it.card', $1)", &[&id])
+        .unwrap()
+        .get(0)
+}
+
+/// Runs `sql` on vault.purge_log with its append-only trigger disabled, as a superuser can.
+fn edit_purge_log(su: &mut Client, sql: &str) {
+    su.batch_execute(&format!(
+        "SET vsql_vault.break_glass = on;
+         ALTER TABLE vault.purge_log DISABLE TRIGGER vault_append_only;
+         {sql};
+         ALTER TABLE vault.purge_log ENABLE ALWAYS TRIGGER vault_append_only;
+         RESET vsql_vault.break_glass;"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn every_column_an_auditor_reads_of_a_proof_is_checked_in_sql_and_offline() {
+    let s = server();
+    let mut su = setup(&s);
+    let first: i64 = su
+        .query_one("SELECT COALESCE(max(id), 0) + 1 FROM vault.purge_log", &[])
+        .unwrap()
+        .get(0);
+    // Each edit as a superuser could make it behind the triggers; the timestamptz columns and
+    // sweep_id are not part of the signed statement, the others are.
+    let edits = [
+        ("purged_at", "purged_at - interval '1 day'"),
+        ("created_at", "created_at - interval '400 days'"),
+        ("expires_at", "expires_at + interval '1 day'"),
+        ("sweep_id", "-7"),
+        ("purpose", "'it.other'"),
+        ("external_id", "external_id || '-x'"),
+        ("owner", "'it_b'"),
+        ("entry_id", "entry_id + 1000"),
+        ("max_retention_days", "max_retention_days + 1"),
+        ("default_ttl_days", "default_ttl_days + 1"),
+        ("purge_method", "'crypto-shred'"),
+        ("access_policy", "'open-retrieve'"),
+        ("reason", "'expired'"),
+        ("purged_by", "'vsql_vault retention worker'"),
+        ("entry_hash", "sha256(entry_hash)"),
+    ];
+    let mut edited = Vec::new();
+    for (column, value) in edits {
+        let id = deleted_entry(&s, &format!("shown-{column}"));
+        let ok: bool = su
+            .query_one("SELECT vault_verify_purge_proof($1)", &[&id])
+            .unwrap()
+            .get(0);
+        assert!(ok, "proof {id} verifies before the edit of {column}");
+        edit_purge_log(
+            &mut su,
+            &format!("UPDATE vault.purge_log SET {column} = {value} WHERE id = {id}"),
+        );
+        edited.push((column, id));
+    }
+    // The evidence view shows the signed times, whatever the timestamptz columns now say.
+    let (shown, signed): (String, String) = su
+        .query_one(
+            "SELECT e.created_at::text, ('2000-01-01 00:00:00+00'::timestamptz
+                                         + g.created_at_us * interval '1 microsecond')::text
+               FROM vault.purge_evidence e JOIN vault.purge_log g ON g.id = e.proof_id
+              WHERE e.proof_id = $1",
+            &[&edited[1].1],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(shown, signed);
+    let (code, out) = offline_purge_check(&s, &mut su, "shown", first);
+    assert_eq!(code, 1, "{out}");
+    for (column, id) in edited {
+        let ok: bool = su
+            .query_one("SELECT vault_verify_purge_proof($1)", &[&id])
+            .unwrap()
+            .get(0);
+        assert!(
+            !ok,
+            "a proof whose {column} was edited still verifies in SQL"
+        );
+        // sweep_id is not in the export: the offline check of it is the purge log's chain.
+        if column != "sweep_id" {
+            assert!(
+                out.contains(&format!("FAILED  purge proof {id} (")),
+                "an edit of {column} (proof {id}) passes offline: {out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_policy_cannot_turn_purge_proofs_off() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut admin = s.connect("it_admin");
+    let e = admin
+        .execute(
+            "SELECT vault_set_retention_policy('it.noproof', 30, 7, 'physical-delete', false)",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    let stored: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.retention_policies WHERE purpose = 'it.noproof'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+    let refused: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'set_retention_policy'
+                AND purpose = 'it.noproof' AND NOT granted AND sqlstate = '22023'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(refused >= 1);
+    // Not even a superuser stores false behind the API.
+    let e = su
+        .execute(
+            "UPDATE vault.retention_policies SET require_purge_proof = false WHERE purpose = 'it.card'",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514", "{e}");
+}
