@@ -6,8 +6,8 @@
 //! - `record`: the access record of each batch the worker destroys;
 //! - `worker`: the background worker that sweeps on schedule and vacuums destroyed values away.
 //!
-//! Dependencies run one way: `worker` uses `destroy` and `record`; `record` uses `destroy`'s
-//! batch and `worker`'s name only. The SQL entry points (`vault_delete`,
+//! Dependencies run one way: `worker` uses `destroy` and `record`, `record` uses `destroy`'s
+//! batch, and `proofs` stands alone. The SQL entry points (`vault_delete`,
 //! `vault_purge_sweep`, proof verification and export) are in `src/api/retention.rs`.
 
 pub(crate) mod destroy;

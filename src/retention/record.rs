@@ -9,7 +9,6 @@
 //! while it waits for the writer; its own access record names the sweep and its batches instead.
 
 use super::destroy::SweptBatch;
-use super::worker::WORKER_NAME;
 use crate::errors::VaultError;
 use crate::security::{AsOwner, Caller};
 use pgrx::prelude::*;
@@ -29,8 +28,12 @@ pub fn batch_details(batch: &SweptBatch, sweep_id: i64) -> serde_json::Value {
 }
 
 /// Records a batch the worker destroyed, in the batch's transaction (granted, operation
-/// `retention_sweep`, the worker's role and `application_name` = the worker's name).
-pub fn record_worker_batch(batch: &SweptBatch, sweep_id: i64) -> Result<(), VaultError> {
+/// `retention_sweep`, the worker's role and `application_name` = `worker`, its name).
+pub fn record_worker_batch(
+    batch: &SweptBatch,
+    sweep_id: i64,
+    worker: &str,
+) -> Result<(), VaultError> {
     let caller = Caller::current();
     // One purpose in the column when the batch has one; all of them are in the details.
     let purpose = (batch.purposes.len() == 1)
@@ -50,7 +53,7 @@ pub fn record_worker_batch(batch: &SweptBatch, sweep_id: i64) -> Result<(), Vaul
             &[
                 caller.role_name.as_str().into(),
                 caller.session_user.as_str().into(),
-                WORKER_NAME.into(),
+                worker.into(),
                 caller.backend_pid.into(),
                 purpose.into(),
                 details.as_str().into(),

@@ -281,7 +281,7 @@ fn scheduled_sweep() {
 fn sweep_one_batch(batch: i64, run_id: i64) -> Result<i64, crate::errors::VaultError> {
     let swept = super::destroy::sweep_batch(batch, WORKER_NAME, Some(run_id))?;
     if swept.len() > 0 {
-        super::record::record_worker_batch(&swept, run_id)?;
+        super::record::record_worker_batch(&swept, run_id, WORKER_NAME)?;
     }
     Ok(swept.len())
 }
