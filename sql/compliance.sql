@@ -76,9 +76,15 @@ COMMENT ON VIEW vault.access_denials IS
 
 -- What was destroyed, when, by whom, under which policy, and where is the proof?
 -- vault_verify_purge_proof(proof_id) checks one; vault_export_purge_proofs() exports them all.
+-- The times shown are computed from the signed *_us values, not read from the log's timestamptz
+-- columns: one source of truth (vault_verify_purge_proof also fails a proof whose columns differ).
 CREATE VIEW vault.purge_evidence AS
-SELECT g.id AS proof_id, g.purged_at, g.purpose, g.external_id, g.owner, g.entry_id, g.created_at,
-       g.expires_at, g.purge_method, g.max_retention_days, g.default_ttl_days, g.reason,
+SELECT g.id AS proof_id,
+       '2000-01-01 00:00:00+00'::timestamptz + g.purged_at_us * interval '1 microsecond' AS purged_at,
+       g.purpose, g.external_id, g.owner, g.entry_id,
+       '2000-01-01 00:00:00+00'::timestamptz + g.created_at_us * interval '1 microsecond' AS created_at,
+       '2000-01-01 00:00:00+00'::timestamptz + g.expires_at_us * interval '1 microsecond' AS expires_at,
+       g.purge_method, g.max_retention_days, g.default_ttl_days, g.reason,
        g.purged_by, g.sweep_id, g.batch_id, g.tree_size, g.key_id,
        encode(g.merkle_root, 'hex') AS merkle_root, encode(g.entry_hash, 'hex') AS entry_hash
   FROM vault.purge_log g;

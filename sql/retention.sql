@@ -53,6 +53,8 @@ CREATE TABLE vault.purge_log (
 CREATE INDEX purge_log_entry ON vault.purge_log (purpose, external_id);
 CREATE INDEX purge_log_purged_at ON vault.purge_log (purged_at);
 CREATE INDEX purge_log_sweep ON vault.purge_log (sweep_id) WHERE sweep_id IS NOT NULL;
+-- vault_verify_purge_proof checks each proof's batch as a whole (its unsigned sweep_id).
+CREATE INDEX purge_log_batch ON vault.purge_log (batch_id);
 
 REVOKE ALL ON vault.sweep_runs, vault.purge_log FROM PUBLIC;
 GRANT SELECT ON vault.sweep_runs, vault.purge_log TO vault_auditor, vault_admin;

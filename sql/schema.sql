@@ -39,7 +39,10 @@ CREATE TABLE vault.retention_policies (
     default_ttl_days    int NOT NULL CHECK (default_ttl_days > 0),
     purge_method        text NOT NULL
         CHECK (purge_method IN ('physical-delete', 'crypto-shred', 'retention-expire')),
-    require_purge_proof bool NOT NULL DEFAULT true,
+    -- Every destruction writes a signed purge proof; false was never honoured and is refused
+    -- (vault_set_retention_policy: 22023), so the column cannot say otherwise.
+    require_purge_proof bool NOT NULL DEFAULT true
+        CONSTRAINT retention_policies_require_purge_proof CHECK (require_purge_proof),
     description         text,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),

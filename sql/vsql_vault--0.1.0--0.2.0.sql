@@ -537,3 +537,25 @@ SELECT vault.protect_builtin('vault.signing_keys'::regclass::oid, 1);
 UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.signing_keys'::regclass;
 -- Dumped in chain order like the other evidence tables (a plain restore, src/chain/restore.rs).
 SELECT pg_catalog.pg_extension_config_dump('vault.signing_keys', 'ORDER BY chain_id, chain_seq');
+
+-- Retention and purge evidence (issue 15, items 1-4; the block of the `retention` branch).
+-- require_purge_proof: every destruction writes a signed proof whatever the column said, so a
+-- policy of 0.1.0 that stored false never had what false promised. It is set to what always
+-- applied, and false is refused from now on (docs/compliance.md, 2.1).
+UPDATE vault.retention_policies SET require_purge_proof = true WHERE NOT require_purge_proof;
+ALTER TABLE vault.retention_policies
+    ADD CONSTRAINT retention_policies_require_purge_proof CHECK (require_purge_proof);
+-- A purge proof's displayed times: vault.purge_evidence computes them from the signed *_us
+-- values, and vault_verify_purge_proof fails a proof whose timestamptz columns differ from them
+-- or whose batch is inconsistent (its unsigned sweep_id); the index serves that batch check.
+CREATE INDEX purge_log_batch ON vault.purge_log (batch_id);
+CREATE OR REPLACE VIEW vault.purge_evidence AS
+SELECT g.id AS proof_id,
+       '2000-01-01 00:00:00+00'::timestamptz + g.purged_at_us * interval '1 microsecond' AS purged_at,
+       g.purpose, g.external_id, g.owner, g.entry_id,
+       '2000-01-01 00:00:00+00'::timestamptz + g.created_at_us * interval '1 microsecond' AS created_at,
+       '2000-01-01 00:00:00+00'::timestamptz + g.expires_at_us * interval '1 microsecond' AS expires_at,
+       g.purge_method, g.max_retention_days, g.default_ttl_days, g.reason,
+       g.purged_by, g.sweep_id, g.batch_id, g.tree_size, g.key_id,
+       encode(g.merkle_root, 'hex') AS merkle_root, encode(g.entry_hash, 'hex') AS entry_hash
+  FROM vault.purge_log g;

@@ -84,8 +84,9 @@ fn set_retention_policy_impl(
         let max = required(max_retention_days, "max_retention_days")?;
         let ttl = required(default_ttl_days, "default_ttl_days")?;
         let m = required(purge_method, "purge_method")?;
-        required(require_purge_proof, "require_purge_proof")?;
+        let proof = required(require_purge_proof, "require_purge_proof")?;
         rules::purpose(p)?;
+        rules::require_purge_proof(proof)?;
         rules::retention_days(max, ttl)?;
         rules::purge_method(m)?;
         rules::description(description)?;

@@ -397,3 +397,311 @@ fn sweep_at_runs_the_scheduled_sweep_at_its_time_of_day() {
     set_and_reload(&mut su, "vsql_vault.sweep_interval", None);
     wait_until("the retention worker", 30, || worker_pid(&mut su).is_some());
 }
+
+/// A fresh entry of it.card destroyed by vault_delete; returns its proof's id.
+fn deleted_entry(s: &Server, tag: &str) -> i64 {
+    let mut a = s.connect("it_a");
+    let id = format!("{tag}-{}", std::process::id());
+    put(&mut a, &id, b"\x0a\x0b").unwrap();
+    a.query_one("SELECT vault_delete('it.card', $1)", &[&id])
+        .unwrap()
+        .get(0)
+}
+
+/// Runs `sql` on vault.purge_log with its append-only trigger disabled, as a superuser can.
+fn edit_purge_log(su: &mut Client, sql: &str) {
+    su.batch_execute(&format!(
+        "SET vsql_vault.break_glass = on;
+         ALTER TABLE vault.purge_log DISABLE TRIGGER vault_append_only;
+         {sql};
+         ALTER TABLE vault.purge_log ENABLE ALWAYS TRIGGER vault_append_only;
+         RESET vsql_vault.break_glass;"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn every_column_an_auditor_reads_of_a_proof_is_checked_in_sql_and_offline() {
+    let s = server();
+    let mut su = setup(&s);
+    let first: i64 = su
+        .query_one("SELECT COALESCE(max(id), 0) + 1 FROM vault.purge_log", &[])
+        .unwrap()
+        .get(0);
+    // Each edit as a superuser could make it behind the triggers; the timestamptz columns and
+    // sweep_id are not part of the signed statement, the others are.
+    let edits = [
+        ("purged_at", "purged_at - interval '1 day'"),
+        ("created_at", "created_at - interval '400 days'"),
+        ("expires_at", "expires_at + interval '1 day'"),
+        ("sweep_id", "-7"),
+        ("purpose", "'it.other'"),
+        ("external_id", "external_id || '-x'"),
+        ("owner", "'it_b'"),
+        ("entry_id", "entry_id + 1000"),
+        ("max_retention_days", "max_retention_days + 1"),
+        ("default_ttl_days", "default_ttl_days + 1"),
+        ("purge_method", "'crypto-shred'"),
+        ("access_policy", "'open-retrieve'"),
+        ("reason", "'expired'"),
+        ("purged_by", "'vsql_vault retention worker'"),
+        ("entry_hash", "sha256(entry_hash)"),
+    ];
+    let mut edited = Vec::new();
+    for (column, value) in edits {
+        let id = deleted_entry(&s, &format!("shown-{column}"));
+        let ok: bool = su
+            .query_one("SELECT vault_verify_purge_proof($1)", &[&id])
+            .unwrap()
+            .get(0);
+        assert!(ok, "proof {id} verifies before the edit of {column}");
+        edit_purge_log(
+            &mut su,
+            &format!("UPDATE vault.purge_log SET {column} = {value} WHERE id = {id}"),
+        );
+        edited.push((column, id));
+    }
+    // The evidence view shows the signed times, whatever the timestamptz columns now say.
+    let (shown, signed): (String, String) = su
+        .query_one(
+            "SELECT e.created_at::text, ('2000-01-01 00:00:00+00'::timestamptz
+                                         + g.created_at_us * interval '1 microsecond')::text
+               FROM vault.purge_evidence e JOIN vault.purge_log g ON g.id = e.proof_id
+              WHERE e.proof_id = $1",
+            &[&edited[1].1],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(shown, signed);
+    let (code, out) = offline_purge_check(&s, &mut su, "shown", first);
+    assert_eq!(code, 1, "{out}");
+    for (column, id) in edited {
+        let ok: bool = su
+            .query_one("SELECT vault_verify_purge_proof($1)", &[&id])
+            .unwrap()
+            .get(0);
+        assert!(
+            !ok,
+            "a proof whose {column} was edited still verifies in SQL"
+        );
+        // sweep_id is not in the export: the offline check of it is the purge log's chain.
+        if column != "sweep_id" {
+            assert!(
+                out.contains(&format!("FAILED  purge proof {id} (")),
+                "an edit of {column} (proof {id}) passes offline: {out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_policy_cannot_turn_purge_proofs_off() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut admin = s.connect("it_admin");
+    let e = admin
+        .execute(
+            "SELECT vault_set_retention_policy('it.noproof', 30, 7, 'physical-delete', false)",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    let stored: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.retention_policies WHERE purpose = 'it.noproof'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+    let refused: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'set_retention_policy'
+                AND purpose = 'it.noproof' AND NOT granted AND sqlstate = '22023'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(refused >= 1);
+    // Not even a superuser stores false behind the API.
+    let e = su
+        .execute(
+            "UPDATE vault.retention_policies SET require_purge_proof = false WHERE purpose = 'it.card'",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514", "{e}");
+}
+
+/// Points the vault at `path` as its signing key file (None: back to the generated key), from
+/// the configuration file, and waits until sessions see it.
+fn signing_key_file(su: &mut Client, path: Option<&str>) {
+    set_and_reload(su, "vsql_vault.signing_key_file", path);
+    let want = path.unwrap_or("").to_owned();
+    poll("the key file setting to reach the session", 100, || {
+        su.query_one("SHOW vsql_vault.signing_key_file", &[])
+            .is_ok_and(|r| r.get::<_, String>(0) == want)
+    });
+}
+
+#[test]
+fn a_re_put_leaves_a_signed_superseded_proof_and_fails_closed_without_a_key() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    let id = format!(
+        "sup-{}",
+        su.query_one("SELECT txid_current()", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+    );
+    let proofs_of = |su: &mut Client| -> Vec<(i64, i64, String, String)> {
+        su.query(
+            "SELECT id, entry_id, reason, purged_by FROM vault.purge_log
+              WHERE purpose = 'it.card' AND external_id = $1 ORDER BY id",
+            &[&id],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+    };
+    put(&mut a, &id, b"\x01").unwrap();
+    assert_eq!(proofs_of(&mut su), vec![], "a first put destroys nothing");
+    let old: i64 = su
+        .query_one(
+            "SELECT id FROM vault.entries WHERE purpose = 'it.card' AND external_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    put(&mut a, &id, b"\x02").unwrap();
+    let proofs = proofs_of(&mut su);
+    assert_eq!(proofs.len(), 1, "{proofs:?}");
+    let (proof, entry, reason, by) = proofs[0].clone();
+    assert_eq!(
+        (entry, reason.as_str(), by.as_str()),
+        (old, "superseded", "it_a")
+    );
+    let ok: bool = su
+        .query_one("SELECT vault_verify_purge_proof($1)", &[&proof])
+        .unwrap()
+        .get(0);
+    assert!(ok);
+    let (code, out) = offline_purge_check(&s, &mut su, "superseded", proof);
+    assert_eq!(code, 0, "{out}");
+    // The put's record names the proof of the version it replaced.
+    let named: Option<i64> = su
+        .query_one(
+            "SELECT (details->'superseded'->>'proof_id')::int8 FROM vault.access_log
+              WHERE operation = 'put' AND external_id = $1 AND granted ORDER BY id DESC LIMIT 1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(named, Some(proof));
+    assert_eq!(get(&mut a, &id).unwrap(), b"\x02");
+
+    // No signing key: the re-put fails and nothing is half-stored.
+    let path = format!("{}/unsafe.key", s.dir);
+    std::fs::write(&path, format!("{}\n", "5a".repeat(32))).unwrap();
+    std::process::Command::new("chown")
+        .args(["postgres", &path])
+        .status()
+        .unwrap();
+    std::process::Command::new("chmod")
+        .args(["644", &path])
+        .status()
+        .unwrap();
+    signing_key_file(&mut su, Some(&path));
+    let mut a2 = s.connect("it_a");
+    let refused = put(&mut a2, &id, b"\x03").map_err(|e| sqlstate(&e));
+    signing_key_file(&mut su, None);
+    assert_eq!(refused, Err("58000".to_owned()));
+    assert_eq!(get(&mut a, &id).unwrap(), b"\x02");
+    assert_eq!(proofs_of(&mut su).len(), 1);
+    assert!(log_count(&mut su, "put", &id, false) >= 1);
+}
+
+#[test]
+fn every_batch_the_worker_destroys_is_in_the_access_log() {
+    let s = server();
+    let mut su = setup(&s);
+    let since: i64 = su
+        .query_one("SELECT COALESCE(max(id), 0) FROM vault.access_log", &[])
+        .unwrap()
+        .get(0);
+    expired_entries(&mut su, "it.logged", "physical-delete", 7);
+    set_and_reload(&mut su, "vsql_vault.sweep_batch_size", Some("3"));
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", Some("1"));
+    wait_until("the scheduled sweep", 30, || {
+        live(&mut su, "it.logged") == 0
+    });
+    set_and_reload(&mut su, "vsql_vault.sweep_interval", None);
+    set_and_reload(&mut su, "vsql_vault.sweep_batch_size", None);
+    // Each batch with an entry of it.logged has its record: who (the worker), what (entries,
+    // count, the signed batch, its proofs) and the batch's transaction.
+    let records: Vec<(String, bool, bool, serde_json::Value)> = su
+        .query(
+            "SELECT application_name, granted, caller_xid IS NOT NULL, details::text
+               FROM vault.access_log
+              WHERE id > $1 AND operation = 'retention_sweep' AND details->'purposes' ? 'it.logged'
+              ORDER BY id",
+            &[&since],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let details: String = r.get(3);
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                serde_json::from_str(&details).unwrap(),
+            )
+        })
+        .collect();
+    assert!(records.len() >= 3, "7 entries in batches of 3: {records:?}");
+    let mut recorded_entries = 0;
+    for (app, granted, xid, d) in &records {
+        assert_eq!(app, "vsql_vault retention worker");
+        assert!(*granted && *xid, "{d}");
+        let batch = d["batch_id"].as_i64().unwrap();
+        let (first, last) = (
+            d["first_proof_id"].as_i64().unwrap(),
+            d["last_proof_id"].as_i64().unwrap(),
+        );
+        // The proofs the record names are exactly its batch's, and their entries its entries.
+        let (proofs, entries, same_batch, sweep): (i64, Vec<i64>, bool, Option<i64>) = su
+            .query_one(
+                "SELECT count(*), array_agg(entry_id ORDER BY id), bool_and(batch_id = $3), min(sweep_id)
+                   FROM vault.purge_log WHERE id BETWEEN $1 AND $2",
+                &[&first, &last, &batch],
+            )
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .unwrap();
+        assert!(same_batch, "{d}");
+        assert_eq!(proofs, d["purged"].as_i64().unwrap(), "{d}");
+        assert_eq!(sweep, d["sweep_id"].as_i64(), "{d}");
+        let named: Vec<i64> = d["entry_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert_eq!(entries, named, "{d}");
+        recorded_entries += d["purposes"]["it.logged"].as_i64().unwrap();
+    }
+    assert_eq!(recorded_entries, 7);
+    // The records are chained like every access record, and the auditor's summary counts them.
+    assert_chains_verify(&mut su, Some("vault.access_log"));
+    let summarized: i64 = su
+        .query_one(
+            "SELECT COALESCE(sum(granted), 0)::int8 FROM vault.access_summary
+              WHERE operation = 'retention_sweep' AND role_name = current_user",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(summarized >= records.len() as i64, "{summarized}");
+}

@@ -142,6 +142,35 @@ pub struct PurgeProof {
     pub signed_at: i64,
     pub key_id: String,
     pub signature: String,
+    /// The times the purge log shows people beside the signed ones (its `timestamptz` columns,
+    /// in microseconds since 2000-01-01 UTC). Not signed: `check` requires them to equal the
+    /// statement's. Exports of 0.1.0 do not carry them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub displayed: Option<DisplayedTimes>,
+}
+
+/// The purge log's `purged_at`, `created_at` and `expires_at` columns as exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplayedTimes {
+    pub purged_at: i64,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+impl DisplayedTimes {
+    /// Why the displayed times differ from the signed ones, if they do.
+    pub fn disagreement(&self, st: &PurgeStatement) -> Option<String> {
+        [
+            ("purged_at", self.purged_at, st.purged_at),
+            ("created_at", self.created_at, st.created_at),
+            ("expires_at", self.expires_at, st.expires_at),
+        ]
+        .into_iter()
+        .find(|(_, shown, signed)| shown != signed)
+        .map(|(name, shown, signed)| {
+            format!("the displayed {name} ({shown} us) is not the signed one ({signed} us)")
+        })
+    }
 }
 
 impl PurgeProof {
@@ -178,7 +207,11 @@ impl PurgeProof {
         if !keys::verify(&public, &msg, &sig) {
             return Err("the root's signature does not verify".into());
         }
-        Ok(())
+        // A person reads the displayed times: they must be the signed ones.
+        match self.displayed.and_then(|d| d.disagreement(&self.statement)) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 }
 
@@ -265,6 +298,11 @@ mod tests {
                 signed_at: 5,
                 key_id: l.key_id,
                 signature: hex::encode(l.signature),
+                displayed: Some(DisplayedTimes {
+                    purged_at: 3,
+                    created_at: 1,
+                    expires_at: 2,
+                }),
             })
             .collect();
         (key, out)
@@ -304,6 +342,25 @@ mod tests {
         let other = keys::generate().unwrap().verifying_key();
         assert!(ps[0].check(&|_| Some(other)).is_err());
         assert!(ps[0].check(&|_| None).is_err());
+    }
+
+    #[test]
+    fn a_displayed_time_that_is_not_the_signed_one_fails() {
+        let (key, ps) = proofs(3);
+        let public = key.verifying_key();
+        for field in 0..3 {
+            let mut p = ps[1].clone();
+            let d = p.displayed.as_mut().unwrap();
+            *[&mut d.purged_at, &mut d.created_at, &mut d.expires_at][field] += 1;
+            let why = p.check(&|_| Some(public)).unwrap_err();
+            assert!(why.contains("is not the signed one"), "{why}");
+        }
+        // An export without displayed times (0.1.0) is checked on its signed values alone.
+        let mut p = ps[1].clone();
+        p.displayed = None;
+        let line = serde_json::to_string(&p).unwrap();
+        assert!(!line.contains("displayed"));
+        assert_eq!(p.check(&|_| Some(public)), Ok(()));
     }
 
     #[test]

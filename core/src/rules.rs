@@ -45,6 +45,10 @@ pub enum InputError {
     Description,
     #[error("{name} must be positive, got {value}")]
     NotPositive { name: &'static str, value: i64 },
+    #[error(
+        "require_purge_proof = false is not supported: every destruction writes a signed purge proof, and a purge that cannot be proven does not happen"
+    )]
+    PurgeProofOptional,
 }
 
 impl InputError {
@@ -147,6 +151,16 @@ pub fn purge_method(m: &str) -> Result<(), InputError> {
         Ok(())
     } else {
         Err(InputError::PurgeMethod(m.to_owned()))
+    }
+}
+
+/// A retention policy always requires proofs: the vault has no way to destroy without evidence
+/// (the column and the parameter stay so that 0.1.0 callers keep working with `true`).
+pub fn require_purge_proof(required: bool) -> Result<(), InputError> {
+    if required {
+        Ok(())
+    } else {
+        Err(InputError::PurgeProofOptional)
     }
 }
 
@@ -371,6 +385,8 @@ mod tests {
         ));
         assert!(purge_method("crypto-shred").is_ok());
         assert!(purge_method("shred").is_err());
+        assert!(require_purge_proof(true).is_ok());
+        assert_eq!(require_purge_proof(false).unwrap_err().sqlstate(), "22023");
         assert!(max_retrievals(None).is_ok());
         assert!(max_retrievals(Some(0)).is_err());
         assert_eq!(

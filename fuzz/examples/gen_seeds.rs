@@ -266,6 +266,7 @@ fn purge(dir: &Path) {
                 signed_at: 5,
                 key_id: l.key_id,
                 signature: hex::encode(l.signature),
+                displayed: None,
             };
             assert_eq!(
                 p.check(&|_| Some(verifying_key())),
@@ -287,6 +288,7 @@ fn purge(dir: &Path) {
         signed_at: 5,
         key_id: key_id(),
         signature: String::new(),
+        displayed: None,
     };
     write(dir, t, "template", serde_json::to_string(&tpl).unwrap());
 }

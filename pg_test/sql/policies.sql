@@ -4,9 +4,12 @@
 SET ROLE admin1;
 SELECT vault_set_retention_policy('card', 365, 90);
 SELECT vault_set_retention_policy('health.record', 3650, 365, 'crypto-shred', true, 'Patient records');
-SELECT vault_set_retention_policy('session', 1, 1, 'retention-expire', false);
+SELECT vault_set_retention_policy('session', 1, 1, 'retention-expire', true);
 -- Changing a policy replaces it.
-SELECT vault_set_retention_policy('session', 2, 1, 'retention-expire', false);
+SELECT vault_set_retention_policy('session', 2, 1, 'retention-expire');
+-- Purge proofs cannot be turned off: false is refused, and the policy stays as it was.
+SELECT vault_set_retention_policy('session', 3, 1, 'retention-expire', false);
+\echo :SQLSTATE
 -- Invalid input: each refused with its SQLSTATE, nothing stored.
 SELECT vault_set_retention_policy('card2', 0, 1);
 \echo :SQLSTATE

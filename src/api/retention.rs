@@ -3,8 +3,8 @@
 
 use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
-use crate::retention::destroy;
 use crate::retention::worker::request_vacuum;
+use crate::retention::{destroy, proofs};
 use crate::security::{has_role, AsOwner, Caller};
 use crate::storage::{refusal_error, Subject};
 use pgrx::prelude::*;
@@ -130,11 +130,16 @@ fn purge_sweep_impl(
         };
         let mut left = max_entries.map(i64::from).unwrap_or(i64::MAX);
         let (mut total, mut batches) = (0i64, 0i32);
+        // The call's own record names the sweep and its signed batches (the worker records each
+        // batch in its transaction instead: retention::record).
+        let mut batch_ids = Vec::new();
         while left > 0 {
-            let n = destroy::sweep_batch(batch.min(left), &caller.role_name, run_id)?;
+            let swept = destroy::sweep_batch(batch.min(left), &caller.role_name, run_id)?;
+            let n = swept.len();
             if n == 0 {
                 break;
             }
+            batch_ids.push(swept.proved.batch_id);
             total += n;
             left -= n;
             batches += 1;
@@ -149,7 +154,9 @@ fn purge_sweep_impl(
             )
             .map(|_| ())
         })?;
-        event.details = Some(serde_json::json!({ "max_entries": max_entries, "purged": total }));
+        event.details = Some(serde_json::json!({
+            "max_entries": max_entries, "purged": total, "sweep_id": run_id, "batch_ids": batch_ids,
+        }));
         if total > 0 {
             request_vacuum();
         }
@@ -186,10 +193,10 @@ fn verify_purge_proof_impl(
         event.details = Some(serde_json::json!({ "id": id }));
         let id = required(id, "id")?;
         require_reader(event.caller)?;
-        let proof = destroy::load_proof(id)?.ok_or(VaultError::NoSuchProof(id))?;
+        let proof = proofs::load_proof(id)?.ok_or(VaultError::NoSuchProof(id))?;
         event.purpose = Some(proof.statement.purpose.clone());
         event.external_id = Some(proof.statement.external_id.clone());
-        let verdict = destroy::verify_proof(&proof)?;
+        let verdict = proofs::verify_proof(&proof)?;
         event.details = Some(
             serde_json::json!({ "id": id, "ok": verdict.is_ok(), "why": verdict.as_ref().err() }),
         );
@@ -214,7 +221,7 @@ fn export_purge_proofs_impl(
     let result = audited_call("export_purge_proofs", None, None, |event| {
         event.details = Some(serde_json::json!({ "from_id": from_id }));
         require_reader(event.caller)?;
-        let proofs = destroy::load_proofs("WHERE id >= $1", &[from_id.unwrap_or(0).into()])?;
+        let proofs = proofs::load_proofs("WHERE id >= $1", &[from_id.unwrap_or(0).into()])?;
         Ok(proofs
             .iter()
             .map(|p| serde_json::to_string(p).unwrap_or_default())

@@ -7,7 +7,7 @@ use crate::keys;
 use crate::security::AsOwner;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use vsql_vault_core::purge::{prove_batch, EntrySnapshot, ProvedLeaf, PurgeProof, PurgeStatement};
+use vsql_vault_core::purge::{prove_batch, EntrySnapshot, ProvedLeaf, PurgeStatement};
 
 /// One entry chosen for destruction, with its retention policy as it stands now.
 struct Doomed {
@@ -66,8 +66,29 @@ fn destroy(
     purged_by: &str,
     sweep_id: Option<i64>,
 ) -> Result<Vec<i64>, VaultError> {
+    Ok(prove(doomed, reason, purged_by, sweep_id, true)?.proof_ids)
+}
+
+/// One batch of proofs as written: its signed batch and the purge_log ids, in leaf order.
+pub struct ProvedBatch {
+    pub batch_id: i64,
+    pub proof_ids: Vec<i64>,
+}
+
+/// Writes the proofs of `doomed` and, with `remove`, destroys them; a put replaces the entry it
+/// proves superseded itself.
+fn prove(
+    doomed: Vec<Doomed>,
+    reason: Option<&str>,
+    purged_by: &str,
+    sweep_id: Option<i64>,
+    remove: bool,
+) -> Result<ProvedBatch, VaultError> {
     if doomed.is_empty() {
-        return Ok(Vec::new());
+        return Ok(ProvedBatch {
+            batch_id: 0,
+            proof_ids: Vec::new(),
+        });
     }
     let key = keys::current()?;
     keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
@@ -91,12 +112,17 @@ fn destroy(
     let chain = crate::chain::ChainBatch::begin("vault.purge_log")?;
     let ids = Spi::connect_mut(|c| {
         let ids = insert_proofs(c, &proved, &batch)?;
-        remove_entries(c, &doomed)?;
+        if remove {
+            remove_entries(c, &doomed)?;
+        }
         Ok::<_, pgrx::spi::Error>(ids)
     })
     .map_err(|e| VaultError::Internal(format!("purging failed: {e}")))?;
     chain.finish()?;
-    Ok(ids)
+    Ok(ProvedBatch {
+        batch_id,
+        proof_ids: ids,
+    })
 }
 
 /// What every proof of one batch shares, besides its signed root.
@@ -260,8 +286,26 @@ fn remove_entries(
     Ok(())
 }
 
-/// Purges up to `limit` expired entries in the current transaction; returns how many.
-pub fn sweep_batch(limit: i64, purged_by: &str, sweep_id: Option<i64>) -> Result<i64, VaultError> {
+/// What one sweep batch destroyed.
+pub struct SweptBatch {
+    pub entry_ids: Vec<i64>,
+    /// Entries destroyed per purpose.
+    pub purposes: std::collections::BTreeMap<String, i64>,
+    pub proved: ProvedBatch,
+}
+
+impl SweptBatch {
+    pub fn len(&self) -> i64 {
+        self.entry_ids.len() as i64
+    }
+}
+
+/// Purges up to `limit` expired entries in the current transaction; returns what it destroyed.
+pub fn sweep_batch(
+    limit: i64,
+    purged_by: &str,
+    sweep_id: Option<i64>,
+) -> Result<SweptBatch, VaultError> {
     let _owner = AsOwner::enter();
     let doomed = read_doomed(
         &format!(
@@ -271,9 +315,17 @@ pub fn sweep_batch(limit: i64, purged_by: &str, sweep_id: Option<i64>) -> Result
         ),
         &[limit.into()],
     )?;
-    let n = doomed.len() as i64;
-    destroy(doomed, None, purged_by, sweep_id)?;
-    Ok(n)
+    let entry_ids = doomed.iter().map(|d| d.snapshot.id).collect();
+    let mut purposes = std::collections::BTreeMap::new();
+    for d in &doomed {
+        *purposes.entry(d.snapshot.purpose.clone()).or_insert(0) += 1;
+    }
+    let proved = prove(doomed, None, purged_by, sweep_id, true)?;
+    Ok(SweptBatch {
+        entry_ids,
+        purposes,
+        proved,
+    })
 }
 
 /// Purges one entry now (vault_delete), returning its proof's id.
@@ -304,87 +356,49 @@ pub fn delete_one(
         .ok_or_else(|| VaultError::Internal("no proof written".into()))
 }
 
-pub fn load_proof(id: i64) -> Result<Option<PurgeProof>, VaultError> {
-    Ok(load_proofs("WHERE id = $1", &[id.into()])?
-        .into_iter()
-        .next())
+/// The live version of an entry a put is about to replace, locked until the put commits.
+pub struct Replaced(Doomed);
+
+impl Replaced {
+    pub fn entry_id(&self) -> i64 {
+        self.0.snapshot.id
+    }
 }
 
-pub fn load_proofs(filter: &str, args: &[DatumWithOid]) -> Result<Vec<PurgeProof>, VaultError> {
+/// Locks the caller's live entry `(purpose, external_id)` for replacement; None when there is
+/// none (new, purged, or another role's: the put's own statement tells those apart). Waits for
+/// the row lock as long as the caller's lock_timeout allows.
+pub fn lock_for_replacement(
+    purpose: &str,
+    external_id: &str,
+    owner: &str,
+) -> Result<Option<Replaced>, VaultError> {
     let _owner = AsOwner::enter();
-    Spi::connect(|c| {
-        let mut out = Vec::new();
-        for row in c.select(
-            &format!(
-                "SELECT id, purpose, external_id, owner::text AS owner, entry_id, created_at_us, expires_at_us,
-                        max_retention_days, default_ttl_days, purge_method, access_policy, reason, purged_by,
-                        purged_at_us, entry_hash, batch_id, leaf_index, tree_size,
-                        (SELECT string_agg(encode(p, 'hex'), ',' ORDER BY n)
-                           FROM unnest(inclusion_path) WITH ORDINALITY AS x(p, n)) AS path,
-                        merkle_root, signed_at_us, key_id, signature
-                 FROM vault.purge_log {filter} ORDER BY id"
-            ),
-            None,
-            args,
-        )? {
-            let hash32 = |v: Option<Vec<u8>>| {
-                let mut h = [0u8; 32];
-                if let Some(v) = v.filter(|v| v.len() == 32) {
-                    h.copy_from_slice(&v);
-                }
-                h
-            };
-            let text = |name: &str| row.get_by_name::<String, _>(name).map(Option::unwrap_or_default);
-            let int = |name: &str| row.get_by_name::<i64, _>(name).map(|v| v.unwrap_or(0));
-            let days = |name: &str| row.get_by_name::<i32, _>(name).map(|v| v.unwrap_or(0));
-            let bytes = |name: &str| row.get_by_name::<Vec<u8>, _>(name);
-            out.push(PurgeProof {
-                id: int("id")?,
-                statement: PurgeStatement {
-                    purpose: text("purpose")?,
-                    external_id: text("external_id")?,
-                    owner: text("owner")?,
-                    entry_id: int("entry_id")?,
-                    created_at: int("created_at_us")?,
-                    expires_at: int("expires_at_us")?,
-                    max_retention_days: days("max_retention_days")?,
-                    default_ttl_days: days("default_ttl_days")?,
-                    purge_method: text("purge_method")?,
-                    access_policy: text("access_policy")?,
-                    reason: text("reason")?,
-                    purged_by: text("purged_by")?,
-                    purged_at: int("purged_at_us")?,
-                    entry_hash: hash32(bytes("entry_hash")?),
-                },
-                batch_id: int("batch_id")?,
-                leaf_index: int("leaf_index")?,
-                tree_size: int("tree_size")?,
-                path: row
-                    .get_by_name::<String, _>("path")?
-                    .map(|p| p.split(',').map(str::to_owned).collect())
-                    .unwrap_or_default(),
-                root: hash32(bytes("merkle_root")?),
-                signed_at: int("signed_at_us")?,
-                key_id: text("key_id")?,
-                signature: hex::encode(bytes("signature")?.unwrap_or_default()),
-            });
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .map_err(|e| VaultError::Internal(e.to_string()))
+    let mut found = read_doomed(
+        &format!(
+            "SELECT {SELECT_COLUMNS} FROM vault.entries e JOIN vault.retention_policies rp ON rp.purpose = e.purpose
+             WHERE e.purpose = $1 AND e.external_id = $2 AND e.owner = $3 AND e.purged_at IS NULL
+             FOR UPDATE OF e"
+        ),
+        &[purpose.into(), external_id.into(), owner.into()],
+    )?;
+    Ok(found.pop().map(Replaced))
 }
 
-pub fn verify_proof(proof: &PurgeProof) -> Result<Result<(), String>, VaultError> {
+/// Writes the signed proof (reason `superseded`) of a version a put replaces, in the put's
+/// transaction: what existed and when it was destroyed stays complete. Fails when no proof can
+/// be made (no signing key), and then the put fails with it.
+pub fn prove_superseded(replaced: Replaced, replaced_by: &str) -> Result<i64, VaultError> {
     let _owner = AsOwner::enter();
-    // Only keys on the chain of trust of vault.signing_keys (issue 15, item 7).
-    let keys: Vec<_> = crate::chain::trusted_keys()?
-        .trusted
-        .into_values()
-        .collect();
-    let by_id = |id: &str| {
-        keys.iter()
-            .find(|k| vsql_vault_core::keys::key_id(k) == id)
-            .copied()
-    };
-    Ok(proof.check(&by_id))
+    prove(
+        vec![replaced.0],
+        Some("superseded"),
+        replaced_by,
+        None,
+        false,
+    )?
+    .proof_ids
+    .first()
+    .copied()
+    .ok_or_else(|| VaultError::Internal("no proof written".into()))
 }

@@ -222,8 +222,7 @@ fn scheduled_sweep() {
         // without its purge or a purge without its proof.
         let result = PgTryBuilder::new(|| {
             Ok(BackgroundWorker::transaction(|| {
-                super::destroy::sweep_batch(batch, WORKER_NAME, Some(run_id))
-                    .unwrap_or_else(|e| pgrx::error!("{e}"))
+                sweep_one_batch(batch, run_id).unwrap_or_else(|e| pgrx::error!("{e}"))
             }))
         })
         .catch_others(|e| {
@@ -275,6 +274,16 @@ fn scheduled_sweep() {
     if purged > 0 {
         vacuum_entries();
     }
+}
+
+/// One batch of a scheduled run, in the caller's transaction: its removals, its proofs and its
+/// access record (every destruction reaches the access log) commit together. Returns how many.
+fn sweep_one_batch(batch: i64, run_id: i64) -> Result<i64, crate::errors::VaultError> {
+    let swept = super::destroy::sweep_batch(batch, WORKER_NAME, Some(run_id))?;
+    if swept.len() > 0 {
+        super::record::record_worker_batch(&swept, run_id, WORKER_NAME)?;
+    }
+    Ok(swept.len())
 }
 
 /// VACUUM vault.entries, which only works outside a transaction block: the worker runs it the

@@ -5,6 +5,7 @@ use crate::access_log::Event;
 use crate::audited_call::audited_call;
 use crate::errors::{status, VaultError};
 use crate::pg::plans::{self, types::*};
+use crate::retention::destroy;
 use crate::security::{AsOwner, Caller};
 use crate::settings;
 use pgrx::datum::DatumWithOid;
@@ -57,7 +58,9 @@ const UPSERT: &str = "INSERT INTO vault.entries AS e
         expires_at = EXCLUDED.expires_at,
         created_at = CASE WHEN e.purged_at IS NULL THEN e.created_at ELSE now() END,
         purged_at = NULL
-     WHERE e.owner = EXCLUDED.owner
+     -- A live version is replaced only when it is the one this put locked and proved superseded
+     -- ($10): one committed by another transaction since then is left alone, and the put retries.
+     WHERE e.owner = EXCLUDED.owner AND (e.purged_at IS NOT NULL OR e.id = $10)
      RETURNING id";
 
 #[allow(clippy::too_many_arguments)]
@@ -236,57 +239,132 @@ fn put(event: &mut Event, input: &PutInput) -> Result<TimestampWithTimeZone, Vau
     let effective = plan
         .effective_expiry
         .ok_or_else(|| VaultError::Internal("no effective expiry computed".into()))?;
-    let id = upsert(&checked, input, caller, effective)?;
+    let stored = upsert(&checked, input, caller, effective)?;
     // No row: the conflicting entry belongs to another role (it changed since the decision).
-    let id = id.ok_or_else(|| refusal_error(Refusal::OwnedByAnother, &subject))?;
+    let (id, proof) = stored.ok_or_else(|| refusal_error(Refusal::OwnedByAnother, &subject))?;
     event.entry_id = Some(id);
+    if let Some((replaced, proof)) = proof {
+        // The record names the proof of the version this put replaced; its value must not stay
+        // readable in a dead tuple.
+        event.details = Some(serde_json::json!({
+            "access_policy": access_policy, "bytes": checked.value.len(),
+            "superseded": {"entry_id": replaced, "proof_id": proof},
+        }));
+        crate::retention::worker::request_vacuum();
+    }
     Ok(effective)
 }
 
-/// Stores the entry, or replaces the caller's own; `None` when the entry belongs to another role.
+/// What a put stored: the entry's id, and the replaced version's entry id and proof id.
+type Stored = (i64, Option<(i64, i64)>);
+
+/// Stores the entry, or replaces the caller's own after proving the replaced version
+/// superseded; returns the entry's id and the replaced version's id and proof id, or `None`
+/// when the entry belongs to another role.
 fn upsert(
     checked: &Checked,
     input: &PutInput,
     caller: &Caller,
     expires_at: TimestampWithTimeZone,
-) -> Result<Option<i64>, VaultError> {
+) -> Result<Option<Stored>, VaultError> {
     let Checked {
         purpose,
         external_id,
         ..
     } = *checked;
-    let args: Vec<DatumWithOid> = vec![
-        purpose.into(),
-        external_id.into(),
-        checked.value.into(),
-        input.algorithm_hint.into(),
-        input.key_ref.into(),
-        checked.metadata.into(),
-        checked.access_policy.into(),
-        caller.role_name.as_str().into(),
-        expires_at.into(),
-    ];
-    // Another transaction's uncommitted write of the same (purpose, external_id), maybe another
-    // tenant's, must not hold this put forever, unrecorded: wait at most
-    // vsql_vault.put_lock_timeout, then refuse with 55P03 and a record. (The executor's
-    // subtransaction, rolled back on the refusal, restores lock_timeout.)
     let _owner = AsOwner::enter();
-    PgTryBuilder::new(|| {
+    // A version committed by another transaction of the same owner after this put's lock was
+    // taken is not replaced unproven: the statement skips it, and the put takes it the next time.
+    for _ in 0..3 {
+        let replaced = with_lock_timeout(purpose, external_id, || {
+            destroy::lock_for_replacement(purpose, external_id, &caller.role_name)
+        })?;
+        let replaced_id = replaced.as_ref().map(destroy::Replaced::entry_id);
+        let proof = match replaced {
+            Some(r) => Some((
+                r.entry_id(),
+                destroy::prove_superseded(r, &caller.role_name)?,
+            )),
+            None => None,
+        };
+        let args: Vec<DatumWithOid> = vec![
+            purpose.into(),
+            external_id.into(),
+            checked.value.into(),
+            input.algorithm_hint.into(),
+            input.key_ref.into(),
+            checked.metadata.into(),
+            checked.access_policy.into(),
+            caller.role_name.as_str().into(),
+            expires_at.into(),
+            replaced_id.into(),
+        ];
+        let stored = with_lock_timeout(purpose, external_id, || {
+            Spi::connect_mut(|client| {
+                let stmt = plans::plan(
+                    client,
+                    UPSERT,
+                    &[
+                        TEXT,
+                        TEXT,
+                        BYTEA,
+                        TEXT,
+                        TEXT,
+                        TEXT,
+                        TEXT,
+                        TEXT,
+                        TIMESTAMPTZ,
+                        INT8,
+                    ],
+                    true,
+                )?;
+                // No row: the conflicting version was not replaced (another role's, or committed
+                // after this put's lock was taken).
+                let rows = client.update(&*stmt, None, &args)?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                rows.first().get_one::<i64>()
+            })
+            .map_err(VaultError::from)
+        })?;
+        if stored.is_some()
+            || replaced_id.is_some()
+            || owned_by_another(purpose, external_id, &caller.role_name)?
+        {
+            return Ok(stored.map(|id| (id, proof)));
+        }
+    }
+    Err(VaultError::Busy(format!(
+        "entry \"{external_id}\" of purpose \"{purpose}\" keeps being replaced by other transactions"
+    )))
+}
+
+/// Whether the entry exists and belongs to a role other than `role` (read as the owner).
+fn owned_by_another(purpose: &str, external_id: &str, role: &str) -> Result<bool, VaultError> {
+    Ok(crate::pg::select_one::<bool>(
+        "SELECT owner <> $3 FROM vault.entries WHERE purpose = $1 AND external_id = $2",
+        &[purpose.into(), external_id.into(), role.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// Runs `f` waiting at most vsql_vault.put_lock_timeout for a row lock: another transaction's
+/// uncommitted write of the same (purpose, external_id), maybe another tenant's, must not hold
+/// this put forever, unrecorded. Past it, the put is refused with 55P03 and a record. (The
+/// executor's subtransaction, rolled back on the refusal, restores lock_timeout.)
+fn with_lock_timeout<T>(
+    purpose: &str,
+    external_id: &str,
+    f: impl FnOnce() -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
         let _lock_timeout = crate::pg::TemporarySetting::set(
             c"lock_timeout",
             &format!("{}ms", settings::PUT_LOCK_TIMEOUT_MS.get().max(1)),
         );
-        Spi::connect_mut(|client| {
-            let stmt = plans::plan(
-                client,
-                UPSERT,
-                &[TEXT, TEXT, BYTEA, TEXT, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ],
-                true,
-            )?;
-            client.update(&*stmt, None, &args)?.first().get_one::<i64>()
-        })
-        .map_err(VaultError::from)
-    })
+        f()
+    }))
     .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
         Err(VaultError::Busy(format!(
             "entry \"{external_id}\" of purpose \"{purpose}\" is being written by another transaction"

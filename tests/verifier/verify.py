@@ -734,8 +734,21 @@ def read_proofs(path):
             "signed_at": _int(o.get("signed_at"), f"{where}: signed_at"),
             "key_id": _str(o.get("key_id"), f"{where}: key_id"),
             "signature": _sig(o, where),
+            "displayed": _displayed(o, where),
         })
     return proofs
+
+
+def _displayed(o, where):
+    # The purge log's timestamptz columns as exported (absent from 0.1.0 exports): not signed,
+    # they must equal the statement's signed times.
+    d = o.get("displayed")
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise Unreadable(f"{where}: displayed is not an object")
+    return {n: _int(d.get(n), f"{where}: displayed.{n}")
+            for n in ("purged_at", "created_at", "expires_at")}
 
 
 def proof_problem(p, keys):
@@ -751,6 +764,9 @@ def proof_problem(p, keys):
     msg = root_message(p["root"], p["tree_size"], p["batch_id"], p["signed_at"], p["key_id"])
     if not ed25519_verify(keys[p["key_id"]], msg, p["signature"]):
         return "the root's signature does not verify"
+    for name, shown in (p["displayed"] or {}).items():
+        if shown != p["statement"][name]:
+            return f"the displayed {name} is not the signed one"
     return None
 
 
@@ -935,7 +951,7 @@ a4fade71b89f882c502efdab81c52d302a0f5537dab28ec075850d51572ada06""")
     # the same proof through the verify-purge path
     proof = {"id": 1, "statement": stmts[0], "batch_id": 9, "leaf_index": 0, "tree_size": 3,
              "path": path0, "root": want_root, "signed_at": 849086401000000, "key_id": kid,
-             "signature": rsig}
+             "signature": rsig, "displayed": None}
     check("proof of d1 verifies as verify-purge would", proof_problem(proof, {kid: pub}) is None)
     next_pub = _h("1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca")
     check("key id of the rotated key", key_id_of(next_pub) == "5c29b78f10a35a49")
@@ -954,6 +970,12 @@ a4fade71b89f882c502efdab81c52d302a0f5537dab28ec075850d51572ada06""")
     check("rotation signature fails for another source",
           not ed25519_verify(pub, rotation_message(kid, "5c29b78f10a35a49", next_pub,
                                                    "signing_key_file", 850000001000000), ksig))
+    shown = {n: stmts[0][n] for n in ("purged_at", "created_at", "expires_at")}
+    check("proof of d1 with its displayed times verifies",
+          proof_problem(dict(proof, displayed=shown), {kid: pub}) is None)
+    check("proof of d1 with a displayed time that is not the signed one fails",
+          proof_problem(dict(proof, displayed=dict(shown, created_at=shown["created_at"] + 1)),
+                        {kid: pub}) is not None)
     n_ok = sum(results)
     print(f"{n_ok}/{len(results)} checks passed")
     return 0 if all(results) else 1
