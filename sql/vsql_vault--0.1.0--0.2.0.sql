@@ -420,6 +420,38 @@ $fn$;
 CREATE INDEX access_log_entry_not_returned ON vault.access_log (entry_id)
     WHERE operation = 'get_not_returned';
 
+-- Caller identity behind connection pools (vsql_vault.on_behalf_of). NULL in old rows: the row
+-- hash leaves NULL columns out, so every old hash stays valid (docs/audit-format.md, section 3).
+ALTER TABLE vault.access_log ADD COLUMN on_behalf_of text;
+-- Of each day's counted calls, those made with an identity (0 for the days before).
+ALTER TABLE vault.access_daily ADD COLUMN identified bigint NOT NULL DEFAULT 0;
+CREATE OR REPLACE FUNCTION vault.count_access() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, calls,
+                                         identified)
+    SELECT (n.logged_at AT TIME ZONE 'UTC')::date, n.role_name, coalesce(n.purpose, ''),
+           n.operation, n.granted, count(*), count(n.on_behalf_of)
+      FROM new_rows n
+     GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT (day, role_name, purpose, operation, granted)
+    DO UPDATE SET calls = d.calls + EXCLUDED.calls, identified = d.identified + EXCLUDED.identified;
+    RETURN NULL;
+END
+$fn$;
+CREATE OR REPLACE VIEW vault.access_summary AS
+SELECT d.day, d.role_name, nullif(d.purpose, '') AS purpose, d.operation,
+       coalesce(sum(d.calls) FILTER (WHERE d.granted), 0)::bigint AS granted,
+       coalesce(sum(d.calls) FILTER (WHERE NOT d.granted), 0)::bigint AS denied,
+       coalesce(sum(d.identified), 0)::bigint AS identified
+  FROM vault.access_daily d
+ GROUP BY d.day, d.role_name, d.purpose, d.operation;
+CREATE OR REPLACE VIEW vault.access_denials AS
+SELECT l.id AS log_id, l.logged_at, l.role_name, l.session_user_name, l.application_name,
+       l.client_addr, l.operation, l.purpose, l.external_id, l.sqlstate, l.reason, l.on_behalf_of
+  FROM vault.access_log l
+ WHERE NOT l.granted;
+
 -- Name-based helpers of 0.1.0, replaced by the OID-based ones above.
 DROP FUNCTION vault.protected_gone();
 DROP FUNCTION vault.is_protected_name(text);

@@ -170,6 +170,13 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
     }
     app.query_one("SELECT vault_delete('up.card', 'old-0')", &[])
         .unwrap();
+    // The library is already the new one, the log not yet: a stated identity has no column to go
+    // to, and the call still works and is recorded.
+    app.batch_execute("SET vsql_vault.on_behalf_of = 'user:before-update'")
+        .unwrap();
+    app.query("SELECT * FROM vault_get('up.card', 'old-2')", &[])
+        .unwrap();
+    app.batch_execute("RESET vsql_vault.on_behalf_of").unwrap();
     su.batch_execute(
         "CREATE TABLE team_ledger (id int, what text);
          INSERT INTO team_ledger VALUES (1, 'before protection');
@@ -214,8 +221,26 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
         .query_one("SELECT vault_verify_purge_proof($1)", &[&old_proof])
         .unwrap()
         .get::<_, bool>(0));
-    app.execute("SELECT vault_put('up.card', 'new-1', '\\x03')", &[])
-        .unwrap();
+    // New rows carry the identity in the new column (NULL, and so outside the hash, in old ones).
+    app.batch_execute(
+        "BEGIN; SET LOCAL vsql_vault.on_behalf_of = 'user:after-update';
+         SELECT vault_put('up.card', 'new-1', '\\x03'); COMMIT;",
+    )
+    .unwrap();
+    let stated: Vec<Option<String>> = su
+        .query(
+            "SELECT on_behalf_of FROM vault.access_log WHERE external_id IN ('old-2', 'new-1')
+              AND operation IN ('get', 'put') ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        stated,
+        vec![None, None, None, Some("user:after-update".into())]
+    );
     app.query_one("SELECT vault_delete('up.card', 'old-1')", &[])
         .unwrap();
     su.batch_execute(
