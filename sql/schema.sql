@@ -57,7 +57,10 @@ CREATE TABLE vault.access_policies (
     builtin        bool NOT NULL DEFAULT false,
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now(),
-    updated_by     name NOT NULL
+    updated_by     name NOT NULL,
+    -- Calls under this policy must state the end user or service they act for
+    -- (vsql_vault.on_behalf_of), or are refused with 28000. Last, as 0.2.0's ALTER TABLE put it.
+    require_identity bool NOT NULL DEFAULT false
 );
 
 -- '@owner' is the entry's owner, '@purpose' any role granted the entry's purpose.

@@ -208,18 +208,6 @@ BEGIN
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION vault_list(purpose text)
-RETURNS TABLE (external_id text, owner name, algorithm_hint text, key_ref text, metadata jsonb,
-               access_policy text, created_at timestamptz, expires_at timestamptz)
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    RETURN QUERY SELECT r.external_id, r.owner::name, r.algorithm_hint, r.key_ref,
-                        r.metadata::jsonb, r.access_policy, r.created_at, r.expires_at
-                   FROM vault.list_impl($1) r
-                  WHERE vault.raise_reported(r.sqlstate, r.message);
-END
-$fn$;
-
 CREATE OR REPLACE FUNCTION vault_set_retention_policy(
     purpose text,
     max_retention_days int,
@@ -232,21 +220,6 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     PERFORM vault.raise_reported(r.sqlstate, r.message)
        FROM vault.set_retention_policy_impl($1, $2, $3, $4, $5, $6) r;
-END
-$fn$;
-
-CREATE OR REPLACE FUNCTION vault_set_access_policy(
-    name text,
-    store_roles name[],
-    retrieve_roles name[],
-    purge_roles name[],
-    max_retrievals int DEFAULT NULL,
-    description text DEFAULT NULL
-) RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    PERFORM vault.raise_reported(r.sqlstate, r.message)
-       FROM vault.set_access_policy_impl($1, $2::text[], $3::text[], $4::text[], $5, $6) r;
 END
 $fn$;
 
@@ -451,6 +424,79 @@ SELECT l.id AS log_id, l.logged_at, l.role_name, l.session_user_name, l.applicat
        l.client_addr, l.operation, l.purpose, l.external_id, l.sqlstate, l.reason, l.on_behalf_of
   FROM vault.access_log l
  WHERE NOT l.granted;
+
+-- An access policy can require the end user or service a call is made for (require_identity):
+-- a column of its own (false for existing policies), and a parameter of vault_set_access_policy.
+ALTER TABLE vault.access_policies ADD COLUMN require_identity bool NOT NULL DEFAULT false;
+DROP FUNCTION vault_set_access_policy(text, name[], name[], name[], int, text);
+DROP FUNCTION vault.set_access_policy_impl(text, text[], text[], text[], int, text);
+CREATE  FUNCTION vault."set_access_policy_impl"(
+	"name" TEXT, /* Option < & str > */
+	"store_roles" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"retrieve_roles" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"purge_roles" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"max_retrievals" INT, /* Option < i32 > */
+	"description" TEXT, /* Option < & str > */
+	"require_identity" bool /* Option < bool > */
+) RETURNS TABLE (
+	"sqlstate" TEXT,  /* Option < String > */
+	"message" TEXT  /* Option < String > */
+)
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'set_access_policy_impl_wrapper';
+CREATE FUNCTION vault_set_access_policy(
+    name text,
+    store_roles name[],
+    retrieve_roles name[],
+    purge_roles name[],
+    max_retrievals int DEFAULT NULL,
+    description text DEFAULT NULL,
+    require_identity bool DEFAULT false
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.set_access_policy_impl($1, $2::text[], $3::text[], $4::text[], $5, $6, $7) r;
+END
+$fn$;
+
+-- vault_list pages (keyset: after, max_rows); vault_list(purpose) still works, as its first page.
+DROP FUNCTION vault_list(text);
+DROP FUNCTION vault.list_impl(text);
+CREATE  FUNCTION vault."list_impl"(
+	"purpose" TEXT, /* Option < & str > */
+	"after" TEXT, /* Option < & str > */
+	"max_rows" INT /* Option < i32 > */
+) RETURNS TABLE (
+	"sqlstate" TEXT,  /* Option < String > */
+	"message" TEXT,  /* Option < String > */
+	"external_id" TEXT,  /* Option < String > */
+	"owner" TEXT,  /* Option < String > */
+	"algorithm_hint" TEXT,  /* Option < String > */
+	"key_ref" TEXT,  /* Option < String > */
+	"metadata" TEXT,  /* Option < String > */
+	"access_policy" TEXT,  /* Option < String > */
+	"created_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"expires_at" timestamp with time zone  /* Option < TimestampWithTimeZone > */
+)
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'list_impl_wrapper';
+-- One keyset page: at most max_rows entries with external_id > after, ordered by external_id.
+CREATE FUNCTION vault_list(purpose text, after text DEFAULT NULL, max_rows int DEFAULT 1000)
+RETURNS TABLE (external_id text, owner name, algorithm_hint text, key_ref text, metadata jsonb,
+               access_policy text, created_at timestamptz, expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.external_id, r.owner::name, r.algorithm_hint, r.key_ref,
+                        r.metadata::jsonb, r.access_policy, r.created_at, r.expires_at
+                   FROM vault.list_impl($1, $2, $3) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
 
 -- Name-based helpers of 0.1.0, replaced by the OID-based ones above.
 DROP FUNCTION vault.protected_gone();

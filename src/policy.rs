@@ -134,6 +134,7 @@ fn set_access_policy_impl(
     purge_roles: Option<Vec<Option<String>>>,
     max_retrievals: Option<i32>,
     description: Option<&str>,
+    require_identity: Option<bool>,
 ) -> TableIterator<
     'static,
     (
@@ -144,6 +145,7 @@ fn set_access_policy_impl(
     let details = serde_json::json!({
         "name": name, "store_roles": store_roles, "retrieve_roles": retrieve_roles,
         "purge_roles": purge_roles, "max_retrievals": max_retrievals, "description": description,
+        "require_identity": require_identity,
     });
     let lists = [
         ("store_roles", &store_roles),
@@ -164,18 +166,21 @@ fn set_access_policy_impl(
         }
         rules::max_retrievals(max_retrievals)?;
         rules::description(description)?;
+        required(require_identity, "require_identity")?;
         Ok(())
     };
     let change = |caller: &Caller| {
         let n = name.unwrap_or_default();
         let changed = spi_update(
             "INSERT INTO vault.access_policies AS p
-                (name, store_roles, retrieve_roles, purge_roles, max_retrievals, description, updated_by)
-             VALUES ($1, $2::name[], $3::name[], $4::name[], $5, $6, $7)
+                (name, store_roles, retrieve_roles, purge_roles, max_retrievals, description, updated_by,
+                 require_identity)
+             VALUES ($1, $2::name[], $3::name[], $4::name[], $5, $6, $7, $8)
              ON CONFLICT (name) DO UPDATE SET
                 store_roles = EXCLUDED.store_roles, retrieve_roles = EXCLUDED.retrieve_roles,
                 purge_roles = EXCLUDED.purge_roles, max_retrievals = EXCLUDED.max_retrievals,
-                description = EXCLUDED.description, updated_at = now(), updated_by = EXCLUDED.updated_by
+                description = EXCLUDED.description, updated_at = now(), updated_by = EXCLUDED.updated_by,
+                require_identity = EXCLUDED.require_identity
              WHERE NOT p.builtin
              RETURNING 1",
             &[
@@ -186,6 +191,7 @@ fn set_access_policy_impl(
                 max_retrievals.into(),
                 description.into(),
                 caller.role_name.as_str().into(),
+                require_identity.into(),
             ],
         )?;
         if changed == 0 {

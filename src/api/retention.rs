@@ -48,7 +48,10 @@ fn delete_impl(
                                 OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE') AS may_purge,
                                 pg_catalog.pg_has_role($1, 'vault_app', 'USAGE')
                                 OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
-                                OR pg_catalog.pg_has_role($1, 'vault_auditor', 'USAGE') AS is_member
+                                OR pg_catalog.pg_has_role($1, 'vault_auditor', 'USAGE') AS is_member,
+                                -- As storage's requires_identity!: a 0.1.0 schema has no column.
+                                coalesce((pg_catalog.to_jsonb(p) ->> 'require_identity')::bool, false)
+                                    AS identity_required
                          FROM (SELECT 1) one
                          LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
                          LEFT JOIN vault.access_policies p ON p.name = e.access_policy",
@@ -66,6 +69,10 @@ fn delete_impl(
                         exists: id.is_some(),
                         purged: flag("purged")?,
                         may_purge: flag("may_purge")?,
+                        identity: vsql_vault_core::decide::IdentityFacts {
+                            required: flag("identity_required")?,
+                            stated: caller.on_behalf_of.is_some(),
+                        },
                     },
                 ))
             })?
