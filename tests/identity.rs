@@ -49,6 +49,14 @@ fn on_behalf_of_is_recorded_for_its_transaction_only_and_shown_in_views_and_repo
         .unwrap()
         .get(0);
     assert_eq!(now, "");
+    // And with a COMMIT.
+    app.batch_execute("BEGIN; SET LOCAL vsql_vault.on_behalf_of = 'user:carol'; COMMIT")
+        .unwrap();
+    let now: String = app
+        .query_one("SELECT current_setting('vsql_vault.on_behalf_of')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(now, "");
     put(&mut app, "obo-2", b"\x02").unwrap();
 
     let alice = Some("user:alice@tenant-7".to_string());
