@@ -59,7 +59,7 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     RETURN QUERY SELECT r.external_id, r.owner::name, r.algorithm_hint, r.key_ref,
                         r.metadata::jsonb, r.access_policy, r.created_at, r.expires_at
-                   FROM vault.list_impl($1, $2, $3) r
+                   FROM vault.list_page_impl($1, $2, $3) r
                   WHERE vault.raise_reported(r.sqlstate, r.message);
 END
 $fn$;

@@ -465,7 +465,7 @@ $fn$;
 -- vault_list pages (keyset: after, max_rows); vault_list(purpose) still works, as its first page.
 DROP FUNCTION vault_list(text);
 DROP FUNCTION vault.list_impl(text);
-CREATE  FUNCTION vault."list_impl"(
+CREATE  FUNCTION vault."list_page_impl"(
 	"purpose" TEXT, /* Option < & str > */
 	"after" TEXT, /* Option < & str > */
 	"max_rows" INT /* Option < i32 > */
@@ -484,7 +484,7 @@ CREATE  FUNCTION vault."list_impl"(
 VOLATILE PARALLEL UNSAFE 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'list_impl_wrapper';
+AS 'MODULE_PATHNAME', 'list_page_impl_wrapper';
 -- One keyset page: at most max_rows entries with external_id > after, ordered by external_id.
 CREATE FUNCTION vault_list(purpose text, after text DEFAULT NULL, max_rows int DEFAULT 1000)
 RETURNS TABLE (external_id text, owner name, algorithm_hint text, key_ref text, metadata jsonb,
@@ -493,7 +493,7 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     RETURN QUERY SELECT r.external_id, r.owner::name, r.algorithm_hint, r.key_ref,
                         r.metadata::jsonb, r.access_policy, r.created_at, r.expires_at
-                   FROM vault.list_impl($1, $2, $3) r
+                   FROM vault.list_page_impl($1, $2, $3) r
                   WHERE vault.raise_reported(r.sqlstate, r.message);
 END
 $fn$;

@@ -273,7 +273,7 @@ fn vault_list_pages_return_every_entry_once_in_order_with_bounded_pages() {
     loop {
         let page: Vec<String> = app
             .query(
-                "SELECT external_id FROM vault_list('it.pages', $1, 700)",
+                "SELECT external_id FROM vault_list('it.pages', after => $1, max_rows => 700)",
                 &[&after],
             )
             .unwrap()

@@ -177,6 +177,12 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
     app.query("SELECT * FROM vault_get('up.card', 'old-2')", &[])
         .unwrap();
     app.batch_execute("RESET vsql_vault.on_behalf_of").unwrap();
+    // 0.1.0's vault_list(purpose) keeps working on the new library (its first page).
+    let listed: i64 = app
+        .query_one("SELECT count(*) FROM vault_list('up.card')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(listed, 4);
     su.batch_execute(
         "CREATE TABLE team_ledger (id int, what text);
          INSERT INTO team_ledger VALUES (1, 'before protection');

@@ -120,7 +120,7 @@ fn list(event: &mut Event, purpose: Option<&str>, page: Page) -> Result<Vec<List
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
-fn list_impl(
+fn list_page_impl(
     purpose: Option<&str>,
     after: Option<&str>,
     max_rows: Option<i32>,
@@ -163,4 +163,29 @@ fn list_impl(
         Err(_) => vec![(s, m, None, None, None, None, None, None, None, None)],
     };
     TableIterator::new(rows)
+}
+
+/// `vault.list_impl(text)` of 0.1.0, which its `vault_list(purpose)` calls between a library update
+/// and ALTER EXTENSION UPDATE (which drops it): the first page, as `vault_list(purpose)` gives
+/// now. Declared by no SQL of this version.
+#[pg_extern(volatile, parallel_unsafe, schema = "vault", sql = false)]
+#[search_path(pg_catalog, pg_temp)]
+fn list_impl(
+    purpose: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(external_id, Option<String>),
+        name!(owner, Option<String>),
+        name!(algorithm_hint, Option<String>),
+        name!(key_ref, Option<String>),
+        name!(metadata, Option<String>),
+        name!(access_policy, Option<String>),
+        name!(created_at, Option<TimestampWithTimeZone>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    list_page_impl(purpose, None, Some(1000))
 }
