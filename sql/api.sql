@@ -91,7 +91,7 @@ CREATE FUNCTION vault_set_access_policy(
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     PERFORM vault.raise_reported(r.sqlstate, r.message)
-       FROM vault.set_access_policy_impl($1, $2::text[], $3::text[], $4::text[], $5, $6, $7) r;
+       FROM vault.set_access_policy_v2_impl($1, $2::text[], $3::text[], $4::text[], $5, $6, $7) r;
 END
 $fn$;
 

@@ -430,7 +430,7 @@ SELECT l.id AS log_id, l.logged_at, l.role_name, l.session_user_name, l.applicat
 ALTER TABLE vault.access_policies ADD COLUMN require_identity bool NOT NULL DEFAULT false;
 DROP FUNCTION vault_set_access_policy(text, name[], name[], name[], int, text);
 DROP FUNCTION vault.set_access_policy_impl(text, text[], text[], text[], int, text);
-CREATE  FUNCTION vault."set_access_policy_impl"(
+CREATE  FUNCTION vault."set_access_policy_v2_impl"(
 	"name" TEXT, /* Option < & str > */
 	"store_roles" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
 	"retrieve_roles" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
@@ -445,7 +445,7 @@ CREATE  FUNCTION vault."set_access_policy_impl"(
 VOLATILE PARALLEL UNSAFE 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'set_access_policy_impl_wrapper';
+AS 'MODULE_PATHNAME', 'set_access_policy_v2_impl_wrapper';
 CREATE FUNCTION vault_set_access_policy(
     name text,
     store_roles name[],
@@ -458,7 +458,7 @@ CREATE FUNCTION vault_set_access_policy(
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     PERFORM vault.raise_reported(r.sqlstate, r.message)
-       FROM vault.set_access_policy_impl($1, $2::text[], $3::text[], $4::text[], $5, $6, $7) r;
+       FROM vault.set_access_policy_v2_impl($1, $2::text[], $3::text[], $4::text[], $5, $6, $7) r;
 END
 $fn$;
 

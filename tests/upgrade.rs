@@ -177,6 +177,12 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
     app.query("SELECT * FROM vault_get('up.card', 'old-2')", &[])
         .unwrap();
     app.batch_execute("RESET vsql_vault.on_behalf_of").unwrap();
+    // So does 0.1.0's vault_set_access_policy (without require_identity, which it cannot set).
+    admin
+        .batch_execute(
+            "SELECT vault_set_access_policy('up-custom', '{vault_app}', '{@owner}', '{@owner}', 3)",
+        )
+        .unwrap();
     // 0.1.0's vault_list(purpose) keeps working on the new library (its first page).
     let listed: i64 = app
         .query_one("SELECT count(*) FROM vault_list('up.card')", &[])
@@ -247,6 +253,14 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
         stated,
         vec![None, None, None, Some("user:after-update".into())]
     );
+    let kept: (Option<i32>, bool) = su
+        .query_one(
+            "SELECT max_retrievals, require_identity FROM vault.access_policies WHERE name = 'up-custom'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(kept, (Some(3), false));
     app.query_one("SELECT vault_delete('up.card', 'old-1')", &[])
         .unwrap();
     su.batch_execute(
