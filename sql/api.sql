@@ -51,14 +51,15 @@ BEGIN
 END
 $fn$;
 
-CREATE FUNCTION vault_list(purpose text)
+-- One keyset page: at most max_rows entries with external_id > after, ordered by external_id.
+CREATE FUNCTION vault_list(purpose text, after text DEFAULT NULL, max_rows int DEFAULT 1000)
 RETURNS TABLE (external_id text, owner name, algorithm_hint text, key_ref text, metadata jsonb,
                access_policy text, created_at timestamptz, expires_at timestamptz)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     RETURN QUERY SELECT r.external_id, r.owner::name, r.algorithm_hint, r.key_ref,
                         r.metadata::jsonb, r.access_policy, r.created_at, r.expires_at
-                   FROM vault.list_impl($1) r
+                   FROM vault.list_page_impl($1, $2, $3) r
                   WHERE vault.raise_reported(r.sqlstate, r.message);
 END
 $fn$;
@@ -84,12 +85,13 @@ CREATE FUNCTION vault_set_access_policy(
     retrieve_roles name[],
     purge_roles name[],
     max_retrievals int DEFAULT NULL,
-    description text DEFAULT NULL
+    description text DEFAULT NULL,
+    require_identity bool DEFAULT false
 ) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     PERFORM vault.raise_reported(r.sqlstate, r.message)
-       FROM vault.set_access_policy_impl($1, $2::text[], $3::text[], $4::text[], $5, $6) r;
+       FROM vault.set_access_policy_v2_impl($1, $2::text[], $3::text[], $4::text[], $5, $6, $7) r;
 END
 $fn$;
 

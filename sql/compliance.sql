@@ -55,20 +55,23 @@ COMMENT ON VIEW vault.retention_compliance IS
     'Is anything kept longer than its policy allows? (entries past expiry not purged; entries whose expiry exceeds the policy maximum: must be none)';
 
 -- Who used the vault, for what, and how often was it refused? Per UTC day, role, purpose and
--- operation, from counters the access log keeps as it grows.
+-- operation, from counters the access log keeps as it grows. identified: how many of the calls
+-- (granted or denied) stated an end user or service (vsql_vault.on_behalf_of).
 CREATE VIEW vault.access_summary AS
 SELECT d.day, d.role_name, nullif(d.purpose, '') AS purpose, d.operation,
        coalesce(sum(d.calls) FILTER (WHERE d.granted), 0)::bigint AS granted,
-       coalesce(sum(d.calls) FILTER (WHERE NOT d.granted), 0)::bigint AS denied
+       coalesce(sum(d.calls) FILTER (WHERE NOT d.granted), 0)::bigint AS denied,
+       coalesce(sum(d.identified), 0)::bigint AS identified
   FROM vault.access_daily d
  GROUP BY d.day, d.role_name, d.purpose, d.operation;
 COMMENT ON VIEW vault.access_summary IS
     'Who used the vault, for which purpose and operation, per UTC day, and how often was it refused?';
 
--- Who was refused what, when, from where, and why?
+-- Who was refused what, when, from where, and why? on_behalf_of: the end user or service the
+-- application said it acted for.
 CREATE VIEW vault.access_denials AS
 SELECT l.id AS log_id, l.logged_at, l.role_name, l.session_user_name, l.application_name,
-       l.client_addr, l.operation, l.purpose, l.external_id, l.sqlstate, l.reason
+       l.client_addr, l.operation, l.purpose, l.external_id, l.sqlstate, l.reason, l.on_behalf_of
   FROM vault.access_log l
  WHERE NOT l.granted;
 COMMENT ON VIEW vault.access_denials IS

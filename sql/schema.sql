@@ -60,7 +60,10 @@ CREATE TABLE vault.access_policies (
     builtin        bool NOT NULL DEFAULT false,
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now(),
-    updated_by     name NOT NULL
+    updated_by     name NOT NULL,
+    -- Calls under this policy must state the end user or service they act for
+    -- (vsql_vault.on_behalf_of), or are refused with 28000. Last, as 0.2.0's ALTER TABLE put it.
+    require_identity bool NOT NULL DEFAULT false
 );
 
 -- '@owner' is the entry's owner, '@purpose' any role granted the entry's purpose.
@@ -127,7 +130,10 @@ CREATE TABLE vault.access_log (
     chain_id          int,
     chain_seq         bigint,
     prev_hash         bytea,
-    row_hash          bytea
+    row_hash          bytea,
+    -- vsql_vault.on_behalf_of: the end user or service the application said it acted for (not
+    -- authenticated; NULL when unset). Last, as ALTER TABLE ADD COLUMN put it in 0.1.0 databases.
+    on_behalf_of      text
 );
 CREATE INDEX access_log_logged_at ON vault.access_log (logged_at);
 CREATE INDEX access_log_entry_gets ON vault.access_log (entry_id) WHERE operation = 'get' AND granted;
@@ -150,6 +156,8 @@ CREATE TABLE vault.access_daily (
     operation text NOT NULL,
     granted   bool NOT NULL,
     calls     bigint NOT NULL,
+    -- Of these, calls made with vsql_vault.on_behalf_of set.
+    identified bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (day, role_name, purpose, operation, granted)
 );
 REVOKE ALL ON vault.access_daily FROM PUBLIC;
@@ -157,13 +165,14 @@ REVOKE ALL ON vault.access_daily FROM PUBLIC;
 CREATE FUNCTION vault.count_access() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
-    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, calls)
+    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, calls,
+                                         identified)
     SELECT (n.logged_at AT TIME ZONE 'UTC')::date, n.role_name, coalesce(n.purpose, ''),
-           n.operation, n.granted, count(*)
+           n.operation, n.granted, count(*), count(n.on_behalf_of)
       FROM new_rows n
      GROUP BY 1, 2, 3, 4, 5
     ON CONFLICT (day, role_name, purpose, operation, granted)
-    DO UPDATE SET calls = d.calls + EXCLUDED.calls;
+    DO UPDATE SET calls = d.calls + EXCLUDED.calls, identified = d.identified + EXCLUDED.identified;
     RETURN NULL;
 END
 $fn$;

@@ -219,18 +219,6 @@ BEGIN
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION vault_list(purpose text)
-RETURNS TABLE (external_id text, owner name, algorithm_hint text, key_ref text, metadata jsonb,
-               access_policy text, created_at timestamptz, expires_at timestamptz)
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    RETURN QUERY SELECT r.external_id, r.owner::name, r.algorithm_hint, r.key_ref,
-                        r.metadata::jsonb, r.access_policy, r.created_at, r.expires_at
-                   FROM vault.list_impl($1) r
-                  WHERE vault.raise_reported(r.sqlstate, r.message);
-END
-$fn$;
-
 CREATE OR REPLACE FUNCTION vault_set_retention_policy(
     purpose text,
     max_retention_days int,
@@ -243,21 +231,6 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     PERFORM vault.raise_reported(r.sqlstate, r.message)
        FROM vault.set_retention_policy_impl($1, $2, $3, $4, $5, $6) r;
-END
-$fn$;
-
-CREATE OR REPLACE FUNCTION vault_set_access_policy(
-    name text,
-    store_roles name[],
-    retrieve_roles name[],
-    purge_roles name[],
-    max_retrievals int DEFAULT NULL,
-    description text DEFAULT NULL
-) RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    PERFORM vault.raise_reported(r.sqlstate, r.message)
-       FROM vault.set_access_policy_impl($1, $2::text[], $3::text[], $4::text[], $5, $6) r;
 END
 $fn$;
 
@@ -430,6 +403,111 @@ $fn$;
 -- and is taken off the entry's max_retrievals count.
 CREATE INDEX access_log_entry_not_returned ON vault.access_log (entry_id)
     WHERE operation = 'get_not_returned';
+
+-- Caller identity behind connection pools (vsql_vault.on_behalf_of). NULL in old rows: the row
+-- hash leaves NULL columns out, so every old hash stays valid (docs/audit-format.md, section 3).
+ALTER TABLE vault.access_log ADD COLUMN on_behalf_of text;
+-- Of each day's counted calls, those made with an identity (0 for the days before).
+ALTER TABLE vault.access_daily ADD COLUMN identified bigint NOT NULL DEFAULT 0;
+CREATE OR REPLACE FUNCTION vault.count_access() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, calls,
+                                         identified)
+    SELECT (n.logged_at AT TIME ZONE 'UTC')::date, n.role_name, coalesce(n.purpose, ''),
+           n.operation, n.granted, count(*), count(n.on_behalf_of)
+      FROM new_rows n
+     GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT (day, role_name, purpose, operation, granted)
+    DO UPDATE SET calls = d.calls + EXCLUDED.calls, identified = d.identified + EXCLUDED.identified;
+    RETURN NULL;
+END
+$fn$;
+CREATE OR REPLACE VIEW vault.access_summary AS
+SELECT d.day, d.role_name, nullif(d.purpose, '') AS purpose, d.operation,
+       coalesce(sum(d.calls) FILTER (WHERE d.granted), 0)::bigint AS granted,
+       coalesce(sum(d.calls) FILTER (WHERE NOT d.granted), 0)::bigint AS denied,
+       coalesce(sum(d.identified), 0)::bigint AS identified
+  FROM vault.access_daily d
+ GROUP BY d.day, d.role_name, d.purpose, d.operation;
+CREATE OR REPLACE VIEW vault.access_denials AS
+SELECT l.id AS log_id, l.logged_at, l.role_name, l.session_user_name, l.application_name,
+       l.client_addr, l.operation, l.purpose, l.external_id, l.sqlstate, l.reason, l.on_behalf_of
+  FROM vault.access_log l
+ WHERE NOT l.granted;
+
+-- An access policy can require the end user or service a call is made for (require_identity):
+-- a column of its own (false for existing policies), and a parameter of vault_set_access_policy.
+ALTER TABLE vault.access_policies ADD COLUMN require_identity bool NOT NULL DEFAULT false;
+DROP FUNCTION vault_set_access_policy(text, name[], name[], name[], int, text);
+DROP FUNCTION vault.set_access_policy_impl(text, text[], text[], text[], int, text);
+CREATE  FUNCTION vault."set_access_policy_v2_impl"(
+	"name" TEXT, /* Option < & str > */
+	"store_roles" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"retrieve_roles" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"purge_roles" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"max_retrievals" INT, /* Option < i32 > */
+	"description" TEXT, /* Option < & str > */
+	"require_identity" bool /* Option < bool > */
+) RETURNS TABLE (
+	"sqlstate" TEXT,  /* Option < String > */
+	"message" TEXT  /* Option < String > */
+)
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'set_access_policy_v2_impl_wrapper';
+CREATE FUNCTION vault_set_access_policy(
+    name text,
+    store_roles name[],
+    retrieve_roles name[],
+    purge_roles name[],
+    max_retrievals int DEFAULT NULL,
+    description text DEFAULT NULL,
+    require_identity bool DEFAULT false
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.set_access_policy_v2_impl($1, $2::text[], $3::text[], $4::text[], $5, $6, $7) r;
+END
+$fn$;
+
+-- vault_list pages (keyset: after, max_rows); vault_list(purpose) still works, as its first page.
+DROP FUNCTION vault_list(text);
+DROP FUNCTION vault.list_impl(text);
+CREATE  FUNCTION vault."list_page_impl"(
+	"purpose" TEXT, /* Option < & str > */
+	"after" TEXT, /* Option < & str > */
+	"max_rows" INT /* Option < i32 > */
+) RETURNS TABLE (
+	"sqlstate" TEXT,  /* Option < String > */
+	"message" TEXT,  /* Option < String > */
+	"external_id" TEXT,  /* Option < String > */
+	"owner" TEXT,  /* Option < String > */
+	"algorithm_hint" TEXT,  /* Option < String > */
+	"key_ref" TEXT,  /* Option < String > */
+	"metadata" TEXT,  /* Option < String > */
+	"access_policy" TEXT,  /* Option < String > */
+	"created_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"expires_at" timestamp with time zone  /* Option < TimestampWithTimeZone > */
+)
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'list_page_impl_wrapper';
+-- One keyset page: at most max_rows entries with external_id > after, ordered by external_id.
+CREATE FUNCTION vault_list(purpose text, after text DEFAULT NULL, max_rows int DEFAULT 1000)
+RETURNS TABLE (external_id text, owner name, algorithm_hint text, key_ref text, metadata jsonb,
+               access_policy text, created_at timestamptz, expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.external_id, r.owner::name, r.algorithm_hint, r.key_ref,
+                        r.metadata::jsonb, r.access_policy, r.created_at, r.expires_at
+                   FROM vault.list_page_impl($1, $2, $3) r
+                  WHERE vault.raise_reported(r.sqlstate, r.message);
+END
+$fn$;
 
 -- Name-based helpers of 0.1.0, replaced by the OID-based ones above.
 DROP FUNCTION vault.protected_gone();

@@ -85,6 +85,8 @@ pub enum VaultError {
     Database { sqlstate: String, message: String },
     #[error("the internal function of operation \"{0}\" answers only vsql_vault's own SQL functions: call the vault_* function")]
     NotThroughApi(String),
+    #[error("this entry's access policy requires the end user or service the call is made for: SET LOCAL vsql_vault.on_behalf_of = '...' in the calling transaction")]
+    IdentityRequired,
     #[error("{0}")]
     Internal(String),
 }
@@ -117,6 +119,7 @@ impl VaultError {
             VaultError::Database { sqlstate, .. } => sqlstate,
             VaultError::Raised(_) => "XX000",
             VaultError::NotThroughApi(_) => "42501",
+            VaultError::IdentityRequired => "28000",
             VaultError::Internal(_) => "XX000",
         }
     }

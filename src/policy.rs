@@ -126,7 +126,74 @@ fn set_retention_policy_impl(
     ))
 }
 
+/// The policy upsert; `$col`/`$val`/`$set` add `require_identity`, which a 0.1.0 schema does not
+/// have (its `vault_set_access_policy` calls `vault.set_access_policy_impl` without it).
+macro_rules! upsert_policy {
+    ($col:literal, $val:literal, $set:literal) => {
+        concat!(
+            "INSERT INTO vault.access_policies AS p
+                (name, store_roles, retrieve_roles, purge_roles, max_retrievals, description, updated_by",
+            $col,
+            ")
+             VALUES ($1, $2::name[], $3::name[], $4::name[], $5, $6, $7",
+            $val,
+            ")
+             ON CONFLICT (name) DO UPDATE SET
+                store_roles = EXCLUDED.store_roles, retrieve_roles = EXCLUDED.retrieve_roles,
+                purge_roles = EXCLUDED.purge_roles, max_retrievals = EXCLUDED.max_retrievals,
+                description = EXCLUDED.description, updated_at = now(), updated_by = EXCLUDED.updated_by",
+            $set,
+            "
+             WHERE NOT p.builtin
+             RETURNING 1"
+        )
+    };
+}
+
+/// An access policy as `vault_set_access_policy` gives it. `require_identity`: None from 0.1.0's
+/// declaration (no such parameter, no such column); Some(None) is a NULL, refused.
+struct PolicyInput<'a> {
+    name: Option<&'a str>,
+    store_roles: Option<Vec<Option<String>>>,
+    retrieve_roles: Option<Vec<Option<String>>>,
+    purge_roles: Option<Vec<Option<String>>>,
+    max_retrievals: Option<i32>,
+    description: Option<&'a str>,
+    require_identity: Option<Option<bool>>,
+}
+
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
+#[search_path(pg_catalog, pg_temp)]
+fn set_access_policy_v2_impl(
+    name: Option<&str>,
+    store_roles: Option<Vec<Option<String>>>,
+    retrieve_roles: Option<Vec<Option<String>>>,
+    purge_roles: Option<Vec<Option<String>>>,
+    max_retrievals: Option<i32>,
+    description: Option<&str>,
+    require_identity: Option<bool>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
+    set_access_policy(PolicyInput {
+        name,
+        store_roles,
+        retrieve_roles,
+        purge_roles,
+        max_retrievals,
+        description,
+        require_identity: Some(require_identity),
+    })
+}
+
+/// `vault.set_access_policy_impl` of 0.1.0, which its `vault_set_access_policy` calls between a
+/// library update and ALTER EXTENSION UPDATE (which replaces both). Declared by no SQL of this
+/// version.
+#[pg_extern(volatile, parallel_unsafe, schema = "vault", sql = false)]
 #[search_path(pg_catalog, pg_temp)]
 fn set_access_policy_impl(
     name: Option<&str>,
@@ -142,17 +209,38 @@ fn set_access_policy_impl(
         name!(message, Option<String>),
     ),
 > {
+    set_access_policy(PolicyInput {
+        name,
+        store_roles,
+        retrieve_roles,
+        purge_roles,
+        max_retrievals,
+        description,
+        require_identity: None,
+    })
+}
+
+fn set_access_policy(
+    p: PolicyInput,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+    ),
+> {
     let details = serde_json::json!({
-        "name": name, "store_roles": store_roles, "retrieve_roles": retrieve_roles,
-        "purge_roles": purge_roles, "max_retrievals": max_retrievals, "description": description,
+        "name": p.name, "store_roles": p.store_roles, "retrieve_roles": p.retrieve_roles,
+        "purge_roles": p.purge_roles, "max_retrievals": p.max_retrievals,
+        "description": p.description, "require_identity": p.require_identity.flatten(),
     });
     let lists = [
-        ("store_roles", &store_roles),
-        ("retrieve_roles", &retrieve_roles),
-        ("purge_roles", &purge_roles),
+        ("store_roles", &p.store_roles),
+        ("retrieve_roles", &p.retrieve_roles),
+        ("purge_roles", &p.purge_roles),
     ];
     let validate = || {
-        let n = required(name, "name")?;
+        let n = required(p.name, "name")?;
         rules::policy_name(n)?;
         for (label, list) in lists {
             let list = required(list.as_ref(), label)?;
@@ -163,33 +251,36 @@ fn set_access_policy_impl(
                 }
             }
         }
-        rules::max_retrievals(max_retrievals)?;
-        rules::description(description)?;
+        rules::max_retrievals(p.max_retrievals)?;
+        rules::description(p.description)?;
+        if let Some(r) = p.require_identity {
+            required(r, "require_identity")?;
+        }
         Ok(())
     };
     let change = |caller: &Caller| {
-        let n = name.unwrap_or_default();
-        let changed = spi_update(
-            "INSERT INTO vault.access_policies AS p
-                (name, store_roles, retrieve_roles, purge_roles, max_retrievals, description, updated_by)
-             VALUES ($1, $2::name[], $3::name[], $4::name[], $5, $6, $7)
-             ON CONFLICT (name) DO UPDATE SET
-                store_roles = EXCLUDED.store_roles, retrieve_roles = EXCLUDED.retrieve_roles,
-                purge_roles = EXCLUDED.purge_roles, max_retrievals = EXCLUDED.max_retrievals,
-                description = EXCLUDED.description, updated_at = now(), updated_by = EXCLUDED.updated_by
-             WHERE NOT p.builtin
-             RETURNING 1",
-            &[
-                n.into(),
-                store_roles.clone().into(),
-                retrieve_roles.clone().into(),
-                purge_roles.clone().into(),
-                max_retrievals.into(),
-                description.into(),
-                caller.role_name.as_str().into(),
-            ],
-        )?;
-        if changed == 0 {
+        let n = p.name.unwrap_or_default();
+        let mut args: Vec<DatumWithOid> = vec![
+            n.into(),
+            p.store_roles.clone().into(),
+            p.retrieve_roles.clone().into(),
+            p.purge_roles.clone().into(),
+            p.max_retrievals.into(),
+            p.description.into(),
+            caller.role_name.as_str().into(),
+        ];
+        let upsert = match p.require_identity {
+            Some(r) => {
+                args.push(r.into());
+                upsert_policy!(
+                    ", require_identity",
+                    ", $8",
+                    ", require_identity = EXCLUDED.require_identity"
+                )
+            }
+            None => upsert_policy!("", "", ""),
+        };
+        if spi_update(upsert, &args)? == 0 {
             return Err(VaultError::BuiltinPolicy(n.to_owned()));
         }
         Ok(())

@@ -61,7 +61,8 @@ last_checkpoint AS (
 ),
 access AS (
     SELECT coalesce(sum(d.calls), 0) AS total,
-           coalesce(sum(d.calls) FILTER (WHERE NOT d.granted), 0) AS denied
+           coalesce(sum(d.calls) FILTER (WHERE NOT d.granted), 0) AS denied,
+           coalesce(sum(d.identified), 0) AS identified
       FROM vault.access_daily d
      WHERE d.day > (now() AT TIME ZONE 'UTC')::date - 30
 )
@@ -102,6 +103,7 @@ SELECT jsonb_build_object(
   'access_summary', jsonb_build_object(
       'total_accesses_last_30_days', (SELECT total FROM access),
       'denied_accesses_last_30_days', (SELECT denied FROM access),
+      'identified_accesses_last_30_days', (SELECT identified FROM access),
       'window', 'the last 30 UTC days, today included'),
   'audit_integrity', jsonb_build_object(
       'protected_tables', (SELECT count(*) FROM vault.protected_tables),

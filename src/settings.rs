@@ -47,6 +47,10 @@ pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 /// A command that wraps data keys through a KMS instead of the KEK file.
 pub static KEK_WRAP_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// The end user or service the calling application acts for: settable by any role (a pooled
+/// application sets it with SET LOCAL inside its transaction), recorded in every access record.
+pub static ON_BEHALF_OF: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub fn define() {
     define_storage();
     define_chains();
@@ -99,6 +103,67 @@ fn define_storage() {
         GucContext::Suset,
         GucFlags::UNIT_MS,
     );
+    // SAFETY: the check hook is a #[pg_guard] function that only reads the proposed value.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"vsql_vault.on_behalf_of",
+            c"The end user or service the application acts for; recorded in every access record.",
+            c"Set by the application, typically with SET LOCAL inside its transaction behind a connection pool. A statement of the application, not an authentication: the record keeps the database role beside it. At most 128 bytes, no control characters; empty means none.",
+            &ON_BEHALF_OF,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_on_behalf_of),
+            None,
+            None,
+        );
+    }
+}
+
+/// Refuses a bad `vsql_vault.on_behalf_of` when it is set (22023, with the reason), so a call
+/// never finds one it cannot record.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_on_behalf_of(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value, NULL or a NUL-terminated
+    // string it owns for the duration of the call.
+    let value = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return true;
+        }
+        std::ffi::CStr::from_ptr(*newval)
+    };
+    let problem = match value.to_str() {
+        Ok(text) => vsql_vault_core::rules::on_behalf_of(text)
+            .err()
+            .map(|e| e.to_string()),
+        Err(_) => Some("invalid vsql_vault.on_behalf_of: not valid UTF-8".to_owned()),
+    };
+    match problem {
+        None => true,
+        Some(message) => {
+            let message = CString::new(message).unwrap_or_default();
+            // SAFETY: GUC_check_errdetail_string takes a palloc'd string, as pstrdup makes; the
+            // error PostgreSQL raises when this hook returns false reports it.
+            unsafe {
+                pgrx::pg_sys::GUC_check_errcode(
+                    pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32,
+                );
+                pgrx::pg_sys::GUC_check_errdetail_string = pgrx::pg_sys::pstrdup(message.as_ptr());
+            }
+            false
+        }
+    }
+}
+
+/// `vsql_vault.on_behalf_of`, or None when unset or empty (checked when it was set).
+pub fn on_behalf_of() -> Option<String> {
+    ON_BEHALF_OF
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
 }
 
 /// Hash chains, their protection and signed checkpoints.

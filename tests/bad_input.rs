@@ -106,6 +106,11 @@ fn cases() -> Vec<Case> {
         ("head purpose 300 chars", "bi_app", format!("SELECT * FROM vault_head({long300}, 'x')"), "22023"),
         ("list NULL purpose", "bi_app", "SELECT * FROM vault_list(NULL)".into(), "22004"),
         ("list purpose with space", "bi_app", "SELECT * FROM vault_list('b p')".into(), "22023"),
+        ("list max_rows 0", "bi_app", "SELECT * FROM vault_list('bi.p', NULL, 0)".into(), "22023"),
+        ("list max_rows negative", "bi_app", "SELECT * FROM vault_list('bi.p', max_rows => -1)".into(), "22023"),
+        ("list max_rows above 10000", "bi_app", "SELECT * FROM vault_list('bi.p', NULL, 10001)".into(), "22023"),
+        ("list max_rows NULL", "bi_app", "SELECT * FROM vault_list('bi.p', NULL, NULL)".into(), "22004"),
+        ("access policy NULL require_identity", "bi_admin", "SELECT vault_set_access_policy('bi-q', '{vault_app}', '{@owner}', '{@owner}', NULL, NULL, NULL)".into(), "22004"),
         // vault_delete
         ("delete NULL purpose", "bi_app", "SELECT vault_delete(NULL, 'existing')".into(), "22004"),
         ("delete NULL external_id", "bi_app", "SELECT vault_delete('bi.p', NULL)".into(), "22004"),

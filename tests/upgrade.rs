@@ -170,6 +170,25 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
     }
     app.query_one("SELECT vault_delete('up.card', 'old-0')", &[])
         .unwrap();
+    // The library is already the new one, the log not yet: a stated identity has no column to go
+    // to, and the call still works and is recorded.
+    app.batch_execute("SET vsql_vault.on_behalf_of = 'user:before-update'")
+        .unwrap();
+    app.query("SELECT * FROM vault_get('up.card', 'old-2')", &[])
+        .unwrap();
+    app.batch_execute("RESET vsql_vault.on_behalf_of").unwrap();
+    // So does 0.1.0's vault_set_access_policy (without require_identity, which it cannot set).
+    admin
+        .batch_execute(
+            "SELECT vault_set_access_policy('up-custom', '{vault_app}', '{@owner}', '{@owner}', 3)",
+        )
+        .unwrap();
+    // 0.1.0's vault_list(purpose) keeps working on the new library (its first page).
+    let listed: i64 = app
+        .query_one("SELECT count(*) FROM vault_list('up.card')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(listed, 4);
     su.batch_execute(
         "CREATE TABLE team_ledger (id int, what text);
          INSERT INTO team_ledger VALUES (1, 'before protection');
@@ -214,8 +233,34 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
         .query_one("SELECT vault_verify_purge_proof($1)", &[&old_proof])
         .unwrap()
         .get::<_, bool>(0));
-    app.execute("SELECT vault_put('up.card', 'new-1', '\\x03')", &[])
+    // New rows carry the identity in the new column (NULL, and so outside the hash, in old ones).
+    app.batch_execute(
+        "BEGIN; SET LOCAL vsql_vault.on_behalf_of = 'user:after-update';
+         SELECT vault_put('up.card', 'new-1', '\\x03'); COMMIT;",
+    )
+    .unwrap();
+    let stated: Vec<Option<String>> = su
+        .query(
+            "SELECT on_behalf_of FROM vault.access_log WHERE external_id IN ('old-2', 'new-1')
+              AND operation IN ('get', 'put') ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        stated,
+        vec![None, None, None, Some("user:after-update".into())]
+    );
+    let kept: (Option<i32>, bool) = su
+        .query_one(
+            "SELECT max_retrievals, require_identity FROM vault.access_policies WHERE name = 'up-custom'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
         .unwrap();
+    assert_eq!(kept, (Some(3), false));
     app.query_one("SELECT vault_delete('up.card', 'old-1')", &[])
         .unwrap();
     su.batch_execute(

@@ -28,6 +28,29 @@ pub enum Refusal {
     PolicyForbidsRetrieve,
     /// `42501`: the role may not purge this entry.
     PolicyForbidsPurge,
+    /// `28000`: the access policy has `require_identity` and the call states no end user or
+    /// service (`vsql_vault.on_behalf_of`).
+    IdentityRequired,
+}
+
+/// Who a call says it acts for, against what the access policies involved ask: part of every
+/// decision's facts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdentityFacts {
+    /// An access policy the call is decided under has `require_identity`.
+    pub required: bool,
+    /// The call states an end user or service (`vsql_vault.on_behalf_of` is set).
+    pub stated: bool,
+}
+
+impl IdentityFacts {
+    fn check(self) -> Result<(), Refusal> {
+        if self.required && !self.stated {
+            Err(Refusal::IdentityRequired)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// What a put knows before it decides. Times are compared in SQL, where the clock is.
@@ -43,8 +66,13 @@ pub struct PutFacts {
     pub existing_policy_lets_store: bool,
     pub beyond_retention: bool,
     pub expiry_in_past: bool,
+    /// `required`: the policy asked for or the existing entry's policy has `require_identity`.
+    pub identity: IdentityFacts,
 }
 
+/// The refusals of a put, in order: membership, retention policy, access policy's existence,
+/// identity (asked of the caller before anything about what it asks for), expiry, the policy's
+/// store roles, the existing entry.
 pub fn decide_put(role: &str, f: &PutFacts) -> Result<(), Refusal> {
     if !f.is_member {
         return Err(Refusal::NotMember {
@@ -57,6 +85,7 @@ pub fn decide_put(role: &str, f: &PutFacts) -> Result<(), Refusal> {
     if !f.policy_exists {
         return Err(Refusal::UnknownPolicy);
     }
+    f.identity.check()?;
     if f.beyond_retention {
         return Err(Refusal::BeyondRetention);
     }
@@ -84,8 +113,12 @@ pub struct EntryFacts {
     pub policy_lets_retrieve: bool,
     pub purged: bool,
     pub expired: bool,
+    /// `required`: the entry's access policy has `require_identity`.
+    pub identity: IdentityFacts,
 }
 
+/// The refusals of a get, in order: membership, existence, the policy's retrieve roles (a role
+/// kept out learns nothing more), identity, the entry's state.
 pub fn decide_get(f: &EntryFacts) -> Result<(), Refusal> {
     if !f.is_member {
         return Err(Refusal::NotMember {
@@ -102,6 +135,7 @@ pub fn decide_get(f: &EntryFacts) -> Result<(), Refusal> {
     if !f.policy_lets_retrieve {
         return Err(Refusal::PolicyForbidsRetrieve);
     }
+    f.identity.check()?;
     if f.purged {
         return Err(Refusal::Gone { why: "purged" });
     }
@@ -121,6 +155,9 @@ pub fn decide_head(f: &EntryFacts) -> Result<(), Refusal> {
     if f.exists && !f.policy_lets_retrieve {
         return Err(Refusal::PolicyForbidsRetrieve);
     }
+    if f.exists {
+        f.identity.check()?;
+    }
     Ok(())
 }
 
@@ -134,6 +171,8 @@ pub struct DeleteFacts {
     pub purged: bool,
     /// The owner, a role in the entry's purge roles, or an admin.
     pub may_purge: bool,
+    /// `required`: the entry's access policy has `require_identity`.
+    pub identity: IdentityFacts,
 }
 
 pub fn decide_delete(f: &DeleteFacts) -> Result<(), Refusal> {
@@ -153,6 +192,7 @@ pub fn decide_delete(f: &DeleteFacts) -> Result<(), Refusal> {
     if !f.may_purge {
         return Err(Refusal::PolicyForbidsPurge);
     }
+    f.identity.check()?;
     if f.purged {
         return Err(Refusal::Gone { why: "purged" });
     }
@@ -173,6 +213,10 @@ mod tests {
             existing_policy_lets_store: false,
             beyond_retention: false,
             expiry_in_past: false,
+            identity: IdentityFacts {
+                required: true,
+                stated: true,
+            },
         }
     }
 
@@ -180,7 +224,7 @@ mod tests {
     fn put_refusals_come_in_order() {
         assert_eq!(decide_put("a", &storable()), Ok(()));
         type Fault = fn(&mut PutFacts);
-        let cases: [(Fault, Refusal); 6] = [
+        let cases: [(Fault, Refusal); 7] = [
             (
                 |f| f.is_member = false,
                 Refusal::NotMember {
@@ -192,6 +236,7 @@ mod tests {
                 Refusal::NoRetentionPolicy,
             ),
             (|f| f.policy_exists = false, Refusal::UnknownPolicy),
+            (|f| f.identity.stated = false, Refusal::IdentityRequired),
             (|f| f.beyond_retention = true, Refusal::BeyondRetention),
             (|f| f.expiry_in_past = true, Refusal::ExpiryInPast),
             (|f| f.policy_lets_store = false, Refusal::PolicyForbidsStore),
@@ -231,6 +276,7 @@ mod tests {
             policy_lets_retrieve: true,
             purged: false,
             expired: false,
+            identity: IdentityFacts::default(),
         }
     }
 
@@ -320,6 +366,7 @@ mod tests {
             exists: true,
             purged: false,
             may_purge: true,
+            identity: IdentityFacts::default(),
         };
         assert_eq!(decide_delete(&ok), Ok(()));
         let with = |change: fn(&mut DeleteFacts)| {
@@ -359,5 +406,53 @@ mod tests {
             with(|f| f.purged = true),
             Err(Refusal::Gone { why: "purged" })
         );
+    }
+
+    #[test]
+    fn identity_is_asked_only_where_a_policy_requires_it() {
+        let unstated = IdentityFacts {
+            required: true,
+            stated: false,
+        };
+        // Not required: nobody needs to state one; stated: whatever the policy says.
+        let mut f = storable();
+        f.identity = IdentityFacts::default();
+        assert_eq!(decide_put("a", &f), Ok(()));
+        f.identity.required = true;
+        f.identity.stated = true;
+        assert_eq!(decide_put("a", &f), Ok(()));
+        f.identity = unstated;
+        assert_eq!(decide_put("a", &f), Err(Refusal::IdentityRequired));
+
+        let mut e = readable();
+        e.identity = unstated;
+        assert_eq!(decide_get(&e), Err(Refusal::IdentityRequired));
+        assert_eq!(decide_head(&e), Err(Refusal::IdentityRequired));
+        // A role the policy keeps out learns no more than before; missing and destroyed entries
+        // are answered as before (no policy to ask it).
+        e.policy_lets_retrieve = false;
+        assert_eq!(decide_get(&e), Err(Refusal::PolicyForbidsRetrieve));
+        assert_eq!(decide_head(&e), Err(Refusal::PolicyForbidsRetrieve));
+        let mut e = readable();
+        e.identity = unstated;
+        e.expired = true;
+        assert_eq!(decide_get(&e), Err(Refusal::IdentityRequired));
+        e.exists = false;
+        assert_eq!(decide_get(&e), Err(Refusal::NotFound));
+        assert_eq!(decide_head(&e), Ok(()));
+
+        let d = DeleteFacts {
+            is_member: true,
+            exists: true,
+            purged: false,
+            may_purge: true,
+            identity: unstated,
+        };
+        assert_eq!(decide_delete(&d), Err(Refusal::IdentityRequired));
+        let kept_out = DeleteFacts {
+            may_purge: false,
+            ..d.clone()
+        };
+        assert_eq!(decide_delete(&kept_out), Err(Refusal::PolicyForbidsPurge));
     }
 }

@@ -11,6 +11,11 @@ pub const EXTERNAL_ID_MAX_BYTES: usize = 256;
 pub const METADATA_MAX_BYTES: usize = 64 * 1024;
 /// Longest policy description.
 pub const DESCRIPTION_MAX_CHARS: usize = 1000;
+/// Longest `vsql_vault.on_behalf_of`, in bytes: the access record keeps it whole.
+pub const ON_BEHALF_OF_MAX_BYTES: usize = 128;
+/// Largest page `vault_list` returns (`max_rows`): a page is held in memory until its access
+/// record is durable.
+pub const LIST_MAX_ROWS: i32 = 10_000;
 
 /// Why an input was refused. Each variant maps to one documented SQLSTATE.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -49,6 +54,10 @@ pub enum InputError {
         "require_purge_proof = false is not supported: every destruction writes a signed purge proof, and a purge that cannot be proven does not happen"
     )]
     PurgeProofOptional,
+    #[error("invalid vsql_vault.on_behalf_of: {0}")]
+    OnBehalfOf(&'static str),
+    #[error("max_rows must be between 1 and {LIST_MAX_ROWS}, got {0}")]
+    MaxRows(i32),
 }
 
 impl InputError {
@@ -124,6 +133,32 @@ pub fn encrypted_value(value: &[u8], limits: Limits) -> Result<(), InputError> {
         });
     }
     Ok(())
+}
+
+/// The end user or service a pooled application states it acts for (`vsql_vault.on_behalf_of`).
+/// Empty means none. Printable text only: it is shown to auditors as it is.
+pub fn on_behalf_of(s: &str) -> Result<(), InputError> {
+    if s.len() > ON_BEHALF_OF_MAX_BYTES {
+        return Err(InputError::OnBehalfOf("longer than 128 bytes"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(InputError::OnBehalfOf("contains control characters"));
+    }
+    if s.trim() != s {
+        return Err(InputError::OnBehalfOf(
+            "has leading or trailing white space",
+        ));
+    }
+    Ok(())
+}
+
+/// The page size of `vault_list`.
+pub fn max_rows(n: i32) -> Result<(), InputError> {
+    if (1..=LIST_MAX_ROWS).contains(&n) {
+        Ok(())
+    } else {
+        Err(InputError::MaxRows(n))
+    }
 }
 
 /// `json` is the metadata's text as PostgreSQL prints it.
@@ -275,6 +310,38 @@ pub fn unpack_sqlstate(mut packed: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_behalf_of_is_short_printable_text() {
+        assert_eq!(on_behalf_of(""), Ok(()));
+        assert_eq!(on_behalf_of("user:42@tenant-7"), Ok(()));
+        assert_eq!(on_behalf_of(&"é".repeat(64)), Ok(()));
+        assert_eq!(
+            on_behalf_of(&"x".repeat(129)),
+            Err(InputError::OnBehalfOf("longer than 128 bytes"))
+        );
+        assert_eq!(
+            on_behalf_of("alice\nbob"),
+            Err(InputError::OnBehalfOf("contains control characters"))
+        );
+        assert_eq!(
+            on_behalf_of(" alice"),
+            Err(InputError::OnBehalfOf(
+                "has leading or trailing white space"
+            ))
+        );
+        assert_eq!(InputError::OnBehalfOf("x").sqlstate(), "22023");
+    }
+
+    #[test]
+    fn max_rows_is_a_bounded_page() {
+        assert_eq!(max_rows(1), Ok(()));
+        assert_eq!(max_rows(LIST_MAX_ROWS), Ok(()));
+        for bad in [0, -1, LIST_MAX_ROWS + 1, i32::MIN] {
+            assert_eq!(max_rows(bad), Err(InputError::MaxRows(bad)));
+            assert_eq!(InputError::MaxRows(bad).sqlstate(), "22023");
+        }
+    }
 
     #[test]
     fn packed_sqlstates_unpack() {

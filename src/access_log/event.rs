@@ -64,6 +64,8 @@ impl<'a> Event<'a> {
         r.application_name
             .set(clean(self.caller.application_name.as_deref()).as_deref());
         r.client_addr.set(self.caller.client_addr.as_deref());
+        r.on_behalf_of
+            .set(clean(self.caller.on_behalf_of.as_deref()).as_deref());
         r.operation.set(Some(self.operation));
         r.purpose.set(clean(self.purpose.as_deref()).as_deref());
         r.external_id
@@ -144,29 +146,45 @@ impl Event<'_> {
         let details = large.or_else(|| r.details.get());
         let _owner = crate::security::AsOwner::enter();
         let _writing = crate::chain::VaultWriting::enter();
-        Spi::connect_mut(|c| {
-            c.update(
-                "INSERT INTO vault.access_log
-                    (logged_at, role_name, session_user_name, application_name, client_addr, backend_pid,
-                     operation, purpose, external_id, entry_id, granted, details, caller_xid)
-                 VALUES (pg_catalog.now(), $1, $2, $3, $4::pg_catalog.inet, $5, $6, $7, $8, NULL, true,
-                         $9::pg_catalog.jsonb, NULL)",
-                None,
-                &[
-                    r.role_name.get().unwrap_or_default().into(),
-                    r.session_user.get().unwrap_or_default().into(),
-                    r.application_name.get().into(),
-                    r.client_addr.get().into(),
-                    r.backend_pid.into(),
-                    r.operation.get().unwrap_or_default().into(),
-                    r.purpose.get().into(),
-                    r.external_id.get().into(),
-                    details.into(),
-                ],
-            )
-            .map(|_| ())
+        // A 0.1.0 log (library updated, ALTER EXTENSION UPDATE not yet run) has no on_behalf_of.
+        let has_on_behalf_of = crate::pg::select_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                 WHERE attrelid = pg_catalog.to_regclass('vault.access_log')
+                   AND attname = 'on_behalf_of' AND NOT attisdropped)",
+            &[],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        let (column, value) = if has_on_behalf_of {
+            (", on_behalf_of", ", $10")
+        } else {
+            ("", "")
+        };
+        let insert = format!(
+            "INSERT INTO vault.access_log
+                (logged_at, role_name, session_user_name, application_name, client_addr, backend_pid,
+                 operation, purpose, external_id, entry_id, granted, details, caller_xid{column})
+             VALUES (pg_catalog.now(), $1, $2, $3, $4::pg_catalog.inet, $5, $6, $7, $8, NULL, true,
+                     $9::pg_catalog.jsonb, NULL{value})"
+        );
+        let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
+            r.role_name.get().unwrap_or_default().into(),
+            r.session_user.get().unwrap_or_default().into(),
+            r.application_name.get().into(),
+            r.client_addr.get().into(),
+            r.backend_pid.into(),
+            r.operation.get().unwrap_or_default().into(),
+            r.purpose.get().into(),
+            r.external_id.get().into(),
+            details.into(),
+        ];
+        if has_on_behalf_of {
+            args.push(r.on_behalf_of.get().into());
+        }
+        Spi::connect_mut(|c| c.update(insert.as_str(), None, &args).map(|_| ())).map_err(|e| {
+            VaultError::Internal(format!("recording the break-glass command failed: {e}"))
         })
-        .map_err(|e| VaultError::Internal(format!("recording the break-glass command failed: {e}")))
     }
 }
 

@@ -71,6 +71,8 @@ pub struct RawRecord {
     pub sqlstate: FixedStr<5>,
     pub reason: FixedStr<320>,
     pub details: FixedStr<1536>,
+    /// `vsql_vault.on_behalf_of`, whole: the setting refuses longer values.
+    pub on_behalf_of: FixedStr<128>,
 }
 
 #[derive(Copy, Clone)]

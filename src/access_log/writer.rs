@@ -24,21 +24,39 @@ pub fn register() {
         .load();
 }
 
-const INSERT: &str = "
+/// The writer's INSERT; `$col`/`$val` add the `on_behalf_of` column, which a 0.1.0 log (library
+/// updated, ALTER EXTENSION UPDATE not yet run) does not have.
+macro_rules! insert_log {
+    ($col:literal, $val:literal) => {
+        concat!(
+            "
 INSERT INTO vault.access_log
     (logged_at, role_name, session_user_name, application_name, client_addr, backend_pid,
-     operation, purpose, external_id, entry_id, granted, sqlstate, reason, details, caller_xid)
+     operation, purpose, external_id, entry_id, granted, sqlstate, reason, details, caller_xid",
+            $col,
+            ")
 SELECT '2000-01-01 00:00:00+00'::timestamptz + r.us * interval '1 microsecond',
        r.role_name, r.session_user_name, r.application_name, r.client_addr::inet, r.pid,
        r.operation, r.purpose, r.external_id, r.entry_id, r.granted, r.sqlstate, r.reason,
-       r.details::jsonb, r.xid::xid8
+       r.details::jsonb, r.xid::xid8",
+            $val,
+            "
 FROM unnest($1::int8[], $2::name[], $3::name[], $4::text[], $5::text[], $6::int4[],
             $7::text[], $8::text[], $9::text[], $10::int8[], $11::bool[], $12::text[],
-            $13::text[], $14::text[], $15::text[])
+            $13::text[], $14::text[], $15::text[], $16::text[])
      AS r(us, role_name, session_user_name, application_name, client_addr, pid, operation,
-          purpose, external_id, entry_id, granted, sqlstate, reason, details, xid)";
+          purpose, external_id, entry_id, granted, sqlstate, reason, details, xid, on_behalf_of)"
+        )
+    };
+}
+const INSERT: &str = insert_log!(", on_behalf_of", ", r.on_behalf_of");
+const INSERT_WITHOUT_ON_BEHALF_OF: &str = insert_log!("", "");
 
-const LOG_PRESENT: &str = "SELECT pg_catalog.to_regclass('vault.access_log') IS NOT NULL";
+const LOG_PRESENT: &str =
+    "SELECT pg_catalog.to_regclass('vault.access_log') IS NOT NULL AS present,
+    EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+             WHERE attrelid = pg_catalog.to_regclass('vault.access_log')
+               AND attname = 'on_behalf_of' AND NOT attisdropped) AS has_on_behalf_of";
 
 /// Retrievals that count against `max_retrievals`: granted gets that returned their data.
 const RETRIEVALS: &str = "SELECT
@@ -243,29 +261,42 @@ struct Columns {
     reason: Vec<Option<String>>,
     details: Vec<Option<String>>,
     caller_xid: Vec<Option<String>>,
+    on_behalf_of: Vec<Option<String>>,
 }
 
 fn insert_batch(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, String> {
     let _writing = crate::chain::VaultWriting::enter();
-    let present = Spi::connect(|c| {
-        c.select(&*plans::plan(c, LOG_PRESENT, &[], false)?, None, &[])?
-            .first()
-            .get_one::<bool>()
+    let (present, has_on_behalf_of) = Spi::connect(|c| {
+        let row = c
+            .select(&*plans::plan(c, LOG_PRESENT, &[], false)?, None, &[])?
+            .first();
+        Ok::<_, pgrx::spi::Error>((
+            row.get_by_name::<bool, _>("present")?.unwrap_or(false),
+            row.get_by_name::<bool, _>("has_on_behalf_of")?
+                .unwrap_or(false),
+        ))
     })
-    .map_err(|e| e.to_string())?
-    .unwrap_or(false);
+    .map_err(|e| e.to_string())?;
     if !present {
         return Ok(batch.iter().map(|t| (t.index, Outcome::Failed)).collect());
     }
     // The writer is the access log's only inserter: it holds the chain for the whole batch and
     // the chain trigger links the rows in memory; the head is written back once.
     let chain = crate::chain::ChainBatch::begin("vault.access_log").map_err(|e| e.to_string())?;
-    let outcomes = insert_rows(batch).map_err(|e| e.to_string())?;
+    let insert = if has_on_behalf_of {
+        INSERT
+    } else {
+        INSERT_WITHOUT_ON_BEHALF_OF
+    };
+    let outcomes = insert_rows(batch, insert).map_err(|e| e.to_string())?;
     chain.finish().map_err(|e| e.to_string())?;
     Ok(outcomes)
 }
 
-fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, pgrx::spi::Error> {
+fn insert_rows(
+    batch: &[Taken],
+    insert: &'static str,
+) -> Result<Vec<(usize, Outcome)>, pgrx::spi::Error> {
     Spi::connect_mut(|client| {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut retrievals: HashMap<i64, i64> = HashMap::new();
@@ -304,11 +335,11 @@ fn insert_rows(batch: &[Taken]) -> Result<Vec<(usize, Outcome)>, pgrx::spi::Erro
         }
         let stmt = plans::plan(
             client,
-            INSERT,
+            insert,
             &[
                 INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY, TEXT_ARRAY,
                 TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, BOOL_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY,
-                TEXT_ARRAY,
+                TEXT_ARRAY, TEXT_ARRAY,
             ],
             true,
         )?;
@@ -377,6 +408,7 @@ impl Columns {
         self.details.push(row.details);
         self.caller_xid
             .push(r.has_xid.then(|| r.caller_xid.to_string()));
+        self.on_behalf_of.push(r.on_behalf_of.get());
     }
 
     /// The arguments of INSERT, in its parameter order.
@@ -397,6 +429,7 @@ impl Columns {
             self.reason.into(),
             self.details.into(),
             self.caller_xid.into(),
+            self.on_behalf_of.into(),
         ]
     }
 }

@@ -11,6 +11,24 @@ use pgrx::prelude::*;
 use vsql_vault_core::decide::{decide_delete, DeleteFacts};
 use vsql_vault_core::rules::{self, required};
 
+/// What a delete decides on: the entry, whether it is gone, whether the caller may purge it, and
+/// whether its policy requires an identity.
+const DELETE_FACTS: &str = "SELECT e.id,
+                e.purged_at IS NOT NULL OR (e.id IS NULL AND EXISTS (
+                    SELECT 1 FROM vault.purge_log pl WHERE pl.purpose = $2 AND pl.external_id = $3)) AS purged,
+                (SELECT rolname FROM pg_catalog.pg_roles WHERE oid = $1) = e.owner
+                OR vault.role_allowed(p.purge_roles, $1, e.owner, e.purpose)
+                OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE') AS may_purge,
+                pg_catalog.pg_has_role($1, 'vault_app', 'USAGE')
+                OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
+                OR pg_catalog.pg_has_role($1, 'vault_auditor', 'USAGE') AS is_member,
+                -- As storage's requires_identity!: a 0.1.0 schema has no column.
+                coalesce((pg_catalog.to_jsonb(p) ->> 'require_identity')::bool, false)
+                    AS identity_required
+         FROM (SELECT 1) one
+         LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
+         LEFT JOIN vault.access_policies p ON p.name = e.access_policy";
+
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
 fn delete_impl(
@@ -40,18 +58,7 @@ fn delete_impl(
             Spi::connect(|c| {
                 let row = c
                     .select(
-                        "SELECT e.id,
-                                e.purged_at IS NOT NULL OR (e.id IS NULL AND EXISTS (
-                                    SELECT 1 FROM vault.purge_log pl WHERE pl.purpose = $2 AND pl.external_id = $3)) AS purged,
-                                (SELECT rolname FROM pg_catalog.pg_roles WHERE oid = $1) = e.owner
-                                OR vault.role_allowed(p.purge_roles, $1, e.owner, e.purpose)
-                                OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE') AS may_purge,
-                                pg_catalog.pg_has_role($1, 'vault_app', 'USAGE')
-                                OR pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
-                                OR pg_catalog.pg_has_role($1, 'vault_auditor', 'USAGE') AS is_member
-                         FROM (SELECT 1) one
-                         LEFT JOIN vault.entries e ON e.purpose = $2 AND e.external_id = $3
-                         LEFT JOIN vault.access_policies p ON p.name = e.access_policy",
+                        DELETE_FACTS,
                         None,
                         &[caller.role_oid.into(), p.into(), x.into()],
                     )?
@@ -66,6 +73,10 @@ fn delete_impl(
                         exists: id.is_some(),
                         purged: flag("purged")?,
                         may_purge: flag("may_purge")?,
+                        identity: vsql_vault_core::decide::IdentityFacts {
+                            required: flag("identity_required")?,
+                            stated: caller.on_behalf_of.is_some(),
+                        },
                     },
                 ))
             })?

@@ -19,6 +19,8 @@ pub struct Caller {
     pub application_name: Option<String>,
     pub client_addr: Option<String>,
     pub backend_pid: i32,
+    /// `vsql_vault.on_behalf_of`: whom the application says it acts for (not authenticated).
+    pub on_behalf_of: Option<String>,
 }
 
 thread_local! {
@@ -72,6 +74,7 @@ impl Caller {
             client_addr,
             // SAFETY: a plain read of a process global set at process start.
             backend_pid: unsafe { pg_sys::MyProcPid },
+            on_behalf_of: crate::settings::on_behalf_of(),
         }
     }
 }

@@ -1,4 +1,8 @@
-//! vault_list: the live entries of a purpose that the caller may retrieve.
+//! vault_list: the live entries of a purpose that the caller may retrieve, one keyset page at a
+//! time: at most `max_rows` entries with `external_id` after `after`, in the order of
+//! `vault.entries`' unique index on (purpose, external_id) (the database's collation). Only a
+//! page is held in memory, never the whole purpose; the next page starts after the last id of
+//! this one.
 
 // pgrx reads a function's result columns from the signature itself, so they cannot be behind a type alias.
 #![allow(clippy::type_complexity)]
@@ -16,13 +20,25 @@ use vsql_vault_core::rules::{self, required};
 
 const IS_MEMBER: &str = concat!("SELECT ", member!(), " AS is_member");
 
-const LIST: &str = "SELECT e.external_id, e.owner::text AS owner, e.algorithm_hint, e.key_ref,
+// Entries under a policy with require_identity are listed only to a call that states an identity
+// ($5), as they would be retrieved. The LIMIT applies after the policy filter: a page has
+// max_rows entries the caller may see whenever that many remain after `after`.
+const LIST: &str = concat!(
+    "SELECT e.external_id, e.owner::text AS owner, e.algorithm_hint, e.key_ref,
         e.metadata::text AS metadata, e.access_policy, e.created_at, e.expires_at
      FROM vault.entries e JOIN vault.access_policies p ON p.name = e.access_policy
      WHERE e.purpose = $2 AND e.purged_at IS NULL
+       -- '' sorts before every id (ids are not empty; ties under the collation fall back to
+       -- byte order): one index range, also in a generic plan.
+       AND e.external_id > coalesce($3, '')
        AND (pg_catalog.pg_has_role($1, 'vault_admin', 'USAGE')
             OR vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose))
-     ORDER BY e.external_id";
+       AND ($5 OR NOT ",
+    requires_identity!("p"),
+    ")
+     ORDER BY e.external_id
+     LIMIT $4"
+);
 
 /// One entry of a listing.
 struct Listed {
@@ -36,10 +52,19 @@ struct Listed {
     expires_at: Option<TimestampWithTimeZone>,
 }
 
-fn list(event: &mut Event, purpose: Option<&str>) -> Result<Vec<Listed>, VaultError> {
+/// Where a page starts and how long it is.
+#[derive(Clone, Copy)]
+struct Page<'a> {
+    after: Option<&'a str>,
+    max_rows: Option<i32>,
+}
+
+fn list(event: &mut Event, purpose: Option<&str>, page: Page) -> Result<Vec<Listed>, VaultError> {
     let caller = event.caller;
     let purpose = required(purpose, "purpose")?;
     rules::purpose(purpose)?;
+    let max_rows = required(page.max_rows, "max_rows")?;
+    rules::max_rows(max_rows)?;
     let _owner = AsOwner::enter();
     let rows = Spi::connect(|client| {
         let stmt = plans::plan(client, IS_MEMBER, &[OID], false)?;
@@ -51,9 +76,15 @@ fn list(event: &mut Event, purpose: Option<&str>) -> Result<Vec<Listed>, VaultEr
         if !member {
             return Ok(None);
         }
-        let args: Vec<DatumWithOid> = vec![caller.role_oid.into(), purpose.into()];
-        let mut out = Vec::new();
-        let stmt = plans::plan(client, LIST, &[OID, TEXT], false)?;
+        let args: Vec<DatumWithOid> = vec![
+            caller.role_oid.into(),
+            purpose.into(),
+            page.after.into(),
+            max_rows.into(),
+            caller.on_behalf_of.is_some().into(),
+        ];
+        let mut out = Vec::with_capacity(max_rows.min(1000) as usize);
+        let stmt = plans::plan(client, LIST, &[OID, TEXT, TEXT, INT4, BOOL], false)?;
         for row in client.select(&*stmt, None, &args)? {
             out.push(Listed {
                 external_id: row.get_by_name("external_id")?,
@@ -81,14 +112,18 @@ fn list(event: &mut Event, purpose: Option<&str>) -> Result<Vec<Listed>, VaultEr
             },
         )
     })?;
-    event.details = Some(serde_json::json!({"entries": rows.len()}));
+    event.details = Some(serde_json::json!({
+        "entries": rows.len(), "after": page.after, "max_rows": max_rows,
+    }));
     Ok(rows)
 }
 
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
-fn list_impl(
+fn list_page_impl(
     purpose: Option<&str>,
+    after: Option<&str>,
+    max_rows: Option<i32>,
 ) -> TableIterator<
     'static,
     (
@@ -104,7 +139,8 @@ fn list_impl(
         name!(expires_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let result = audited_call("list", purpose, None, |event| list(event, purpose));
+    let page = Page { after, max_rows };
+    let result = audited_call("list", purpose, None, |event| list(event, purpose, page));
     let (s, m) = status(&result);
     let rows: Vec<_> = match result {
         Ok(rows) => rows
@@ -127,4 +163,29 @@ fn list_impl(
         Err(_) => vec![(s, m, None, None, None, None, None, None, None, None)],
     };
     TableIterator::new(rows)
+}
+
+/// `vault.list_impl(text)` of 0.1.0, which its `vault_list(purpose)` calls between a library update
+/// and ALTER EXTENSION UPDATE (which drops it): the first page, as `vault_list(purpose)` gives
+/// now. Declared by no SQL of this version.
+#[pg_extern(volatile, parallel_unsafe, schema = "vault", sql = false)]
+#[search_path(pg_catalog, pg_temp)]
+fn list_impl(
+    purpose: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(sqlstate, Option<String>),
+        name!(message, Option<String>),
+        name!(external_id, Option<String>),
+        name!(owner, Option<String>),
+        name!(algorithm_hint, Option<String>),
+        name!(key_ref, Option<String>),
+        name!(metadata, Option<String>),
+        name!(access_policy, Option<String>),
+        name!(created_at, Option<TimestampWithTimeZone>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    list_page_impl(purpose, None, Some(1000))
 }

@@ -17,6 +17,19 @@ macro_rules! member {
     };
 }
 
+/// Whether access policy row `$p` has `require_identity`. Read through to_jsonb: between a
+/// library update and ALTER EXTENSION UPDATE the 0.1.0 schema has no such column, and no policy
+/// requires an identity.
+macro_rules! requires_identity {
+    ($p:literal) => {
+        concat!(
+            "coalesce((pg_catalog.to_jsonb(",
+            $p,
+            ") ->> 'require_identity')::bool, false)"
+        )
+    };
+}
+
 mod list;
 mod put;
 mod read;
@@ -70,5 +83,7 @@ pub fn refusal_error(r: Refusal, s: &Subject) -> VaultError {
             "role \"{}\" may not purge this entry",
             s.caller.role_name
         )),
+        // Without the policy's name, as above; the record keeps it.
+        Refusal::IdentityRequired => VaultError::IdentityRequired,
     }
 }

@@ -25,6 +25,7 @@ const PUT_DECISION: &str = concat!(
         e.id AS existing_id,
         e.owner::text AS existing_owner,
         vault.role_allowed(eap.store_roles, $1, e.owner, $2) AS existing_policy_lets_store,
+        ", requires_identity!("ap"), " OR ", requires_identity!("eap"), " AS identity_required,
         COALESCE($6, LEAST(now() + pg_catalog.make_interval(days => rp.default_ttl_days), lim.until)) AS effective_expiry,
         COALESCE($6, now()) > lim.until OR lim.until <= now() AS beyond_retention,
         $6 <= now() AS expiry_in_past,
@@ -155,6 +156,10 @@ fn read_put_plan(
                 existing_policy_lets_store: flag("existing_policy_lets_store")?,
                 beyond_retention: flag("beyond_retention")?,
                 expiry_in_past: flag("expiry_in_past")?,
+                identity: decide::IdentityFacts {
+                    required: flag("identity_required")?,
+                    stated: caller.on_behalf_of.is_some(),
+                },
             },
             existing_id: row.get_by_name::<i64, _>("existing_id")?,
             max_retention_days: row
@@ -234,6 +239,10 @@ fn put(event: &mut Event, input: &PutInput) -> Result<TimestampWithTimeZone, Vau
             limit: plan.retention_limit.clone(),
         },
         Refusal::ExpiryInPast => VaultError::ExpiryInPast(plan.requested_expiry.clone()),
+        Refusal::IdentityRequired => {
+            event.details = Some(serde_json::json!({ "access_policy": access_policy }));
+            VaultError::IdentityRequired
+        }
         other => refusal_error(other, &subject),
     })?;
     let effective = plan

@@ -25,6 +25,9 @@ macro_rules! find_query {
                 e.owner::text AS owner, e.created_at, e.expires_at, e.access_policy,
                 e.purged_at IS NOT NULL AS purged, e.expires_at <= now() AS expired, p.max_retrievals,
                 vault.role_allowed(p.retrieve_roles, $1, e.owner, e.purpose) AS policy_lets_retrieve,
+                ",
+            requires_identity!("p"),
+            " AS identity_required,
                 e.id IS NULL AND EXISTS (SELECT 1 FROM vault.purge_log pl
                                          WHERE pl.purpose = $2 AND pl.external_id = $3) AS destroyed
              FROM (SELECT 1) AS one
@@ -78,6 +81,10 @@ fn find(
                 policy_lets_retrieve: flag("policy_lets_retrieve")?,
                 purged: flag("purged")?,
                 expired: flag("expired")?,
+                identity: decide::IdentityFacts {
+                    required: flag("identity_required")?,
+                    stated: caller.on_behalf_of.is_some(),
+                },
             },
             id,
             value: row.get_by_name::<Vec<u8>, _>("encrypted_value")?,
@@ -122,7 +129,10 @@ fn find_and_decide(
         event.max_retrievals = found.max_retrievals;
     }
     if let Err(refusal) = decide(&found.facts) {
-        if refusal == Refusal::PolicyForbidsRetrieve {
+        if matches!(
+            refusal,
+            Refusal::PolicyForbidsRetrieve | Refusal::IdentityRequired
+        ) {
             event.details = Some(serde_json::json!({ "access_policy": found.access_policy }));
         }
         return Err(refusal_error(
