@@ -602,7 +602,7 @@ fn a_re_put_leaves_a_signed_superseded_proof_and_fails_closed_without_a_key() {
     assert_eq!(named, Some(proof));
     assert_eq!(get(&mut a, &id).unwrap(), b"\x02");
 
-    // No signing key: the re-put fails and nothing is half-stored.
+    // An unusable signing key (readable by others: F0000): the re-put fails and nothing is half-stored.
     let path = format!("{}/unsafe.key", s.dir);
     std::fs::write(&path, format!("{}\n", "5a".repeat(32))).unwrap();
     std::process::Command::new("chown")
@@ -617,7 +617,7 @@ fn a_re_put_leaves_a_signed_superseded_proof_and_fails_closed_without_a_key() {
     let mut a2 = s.connect("it_a");
     let refused = put(&mut a2, &id, b"\x03").map_err(|e| sqlstate(&e));
     signing_key_file(&mut su, None);
-    assert_eq!(refused, Err("58000".to_owned()));
+    assert_eq!(refused, Err("F0000".to_owned()));
     assert_eq!(get(&mut a, &id).unwrap(), b"\x02");
     assert_eq!(proofs_of(&mut su).len(), 1);
     assert!(log_count(&mut su, "put", &id, false) >= 1);
