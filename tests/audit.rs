@@ -1181,7 +1181,7 @@ fn audited_calls_work_in_the_transaction_of_a_break_glass_command() {
     let mut tx = su.transaction().unwrap();
     tx.batch_execute("LOCK TABLE vault.access_log IN SHARE MODE")
         .unwrap();
-    let started = std::time::Instant::now();
+    // 55P03, not VV503: refused before waiting for the writer (the wait ends in VV503).
     let e = tx
         .query_one(
             "SELECT encrypted_value FROM vault_get('it.card', 'glass-2')",
@@ -1189,7 +1189,6 @@ fn audited_calls_work_in_the_transaction_of_a_break_glass_command() {
         )
         .unwrap_err();
     assert_eq!(sqlstate(&e), "55P03", "{e:?}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(4));
     drop(tx);
     su.execute("SELECT vault_checkpoint()", &[]).unwrap();
     assert_chains_verify(&mut su, Some("vault.access_log"));

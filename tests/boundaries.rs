@@ -203,7 +203,7 @@ fn calls_in_the_create_extension_transaction_are_refused_at_once_and_work_after_
         let mut tx = fresh.transaction().unwrap();
         tx.batch_execute("CREATE EXTENSION vsql_vault; SET LOCAL vsql_vault.audit_timeout = '20s'")
             .unwrap();
-        let started = std::time::Instant::now();
+        // 55P03, not VV503: refused before waiting for the writer (the wait ends in VV503).
         let e = tx
             .batch_execute("SELECT vault_set_retention_policy('it.fresh', 30, 7)")
             .unwrap_err();
@@ -213,8 +213,6 @@ fn calls_in_the_create_extension_transaction_are_refused_at_once_and_work_after_
             .map(|d| d.message().to_owned())
             .unwrap_or_default();
         assert!(message.contains("after COMMIT"), "{message}");
-        // Not after the 20 s audit timeout: refused before waiting for the writer.
-        assert!(started.elapsed() < std::time::Duration::from_secs(15));
         drop(tx);
         fresh.batch_execute("CREATE EXTENSION vsql_vault").unwrap();
         fresh
