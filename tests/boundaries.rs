@@ -3,21 +3,8 @@
 
 mod common;
 
-use common::{log_count, put, server, setup, sqlstate, Server};
-use postgres::{Config, NoTls};
-use std::process::Command;
-
-/// Runs a PostgreSQL program as the postgres user (initdb and its data directories are theirs).
-fn as_postgres(program: &str, args: &[&str]) -> bool {
-    let path = common::pg_program(program);
-    Command::new("runuser")
-        .env_remove("RUST_BACKTRACE")
-        .args(["-u", "postgres", "--", &path])
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("{program}: {e}"))
-        .success()
-}
+use common::cluster::Standby;
+use common::{log_count, put, server, setup, sqlstate};
 
 #[test]
 fn every_call_in_a_database_the_vault_does_not_serve_is_refused_before_it_reads() {
@@ -81,75 +68,20 @@ fn every_call_in_a_database_the_vault_does_not_serve_is_refused_before_it_reads(
     su.batch_execute("DROP DATABASE vault_unserved").unwrap();
 }
 
-/// A streaming standby of the test cluster, stopped and removed when dropped.
-struct Standby {
-    dir: String,
-    port: u16,
-}
-
-impl Standby {
-    fn start(s: &Server) -> Standby {
-        let dir = format!("{}/standby", s.dir);
-        let port = s.port + 7;
-        let _ = std::fs::remove_dir_all(&dir);
-        let made = Command::new("install")
-            .args(["-d", "-o", "postgres", "-m", "700", &dir])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(made, "install -d {dir}");
-        let data = format!("{dir}/data");
-        let port_text = s.port.to_string();
-        assert!(as_postgres(
-            "pg_basebackup",
-            &[
-                "-h", &s.dir, "-p", &port_text, "-U", "postgres", "-D", &data, "-R", "-X",
-                "stream",
-            ],
-        ));
-        // Later lines of postgresql.auto.conf win over the copied configuration. The audit
-        // timeout is the longest allowed: a call that waited for a record would meet the
-        // statement timeout of the test instead of failing at once.
-        let extra = format!(
-            "port = {port}\nunix_socket_directories = '{dir}'\nvsql_vault.audit_timeout = 600000\n"
-        );
-        let auto = format!("{data}/postgresql.auto.conf");
-        let mut conf = std::fs::read_to_string(&auto).unwrap();
-        conf.push_str(&extra);
-        std::fs::write(&auto, conf).unwrap();
-        let log = format!("{dir}/server.log");
-        assert!(as_postgres(
-            "pg_ctl",
-            &["-D", &data, "-l", &log, "-w", "-t", "60", "start"],
-        ));
-        Standby { dir, port }
-    }
-
-    fn connect(&self, db: &str, user: &str) -> postgres::Client {
-        Config::new()
-            .host_path(&self.dir)
-            .port(self.port)
-            .dbname(db)
-            .user(user)
-            .connect(NoTls)
-            .unwrap_or_else(|e| panic!("connect to the standby: {e}"))
-    }
-}
-
-impl Drop for Standby {
-    fn drop(&mut self) {
-        let data = format!("{}/data", self.dir);
-        let _ = as_postgres("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn audited_calls_on_a_hot_standby_fail_at_once_and_the_views_still_read() {
     let s = server();
     let mut su = setup(&s);
     let mut a = s.connect("it_a");
     put(&mut a, "standby-1", b"v").unwrap();
-    let standby = Standby::start(&s);
+    // The audit timeout is the longest allowed: a call that waited for a record would meet the
+    // statement timeout of the test instead of failing at once.
+    let standby = Standby::start(
+        &s,
+        &format!("{}/standby", s.dir),
+        s.port + 7,
+        "vsql_vault.audit_timeout = 600000",
+    );
     let mut a_standby = standby.connect(&s.db, "it_a");
     a_standby
         .batch_execute("SET statement_timeout = '30s'")

@@ -1,6 +1,8 @@
 //! Shared by the integration test files: the running server and the roles the tests use.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use postgres::{Client, Config, NoTls};
 use std::process::Command;
 use std::thread;
