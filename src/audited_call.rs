@@ -46,10 +46,8 @@ pub fn refusals_recorded<T>(
 }
 
 /// A call that no access record could be made for is refused before it reads anything: on a hot
-/// standby (read-only: 25006, at once rather than after vsql_vault.audit_timeout), and in a
-/// database the vault does not serve (its writer is connected to another one: 55000, which
-/// before answered some calls from that database's tables and recorded them in the served
-/// database's log), and in a transaction holding a lock that keeps the audit writer from
+/// standby (read-only: 25006, at once rather than after vsql_vault.audit_timeout), in a
+/// database `vsql_vault.database` excludes (55000), and in a transaction holding a lock that keeps the audit writer from
 /// appending (the transaction of CREATE EXTENSION or of a break-glass command on the log:
 /// 55P03, at once rather than VV503 after vsql_vault.audit_timeout). None of these refusals can
 /// be recorded.
@@ -62,14 +60,16 @@ fn refuse_where_nothing_can_be_recorded() {
             "this server is a hot standby: audited vsql_vault calls go to the primary, where their access records can be made durable"
         );
     }
-    let served = crate::settings::database();
-    if current_database().as_deref() != Some(served.as_str()) {
-        pgrx::ereport!(
-            ERROR,
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            VaultError::WrongDatabase(served).to_string()
-        );
+    if let Some(served) = crate::settings::database_restriction() {
+        if current_database().as_deref() != Some(served.as_str()) {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                VaultError::WrongDatabase(served).to_string()
+            );
+        }
     }
+
     if let Some(table) = crate::access_log::writer::blocked_by_this_transaction() {
         pgrx::ereport!(
             ERROR,

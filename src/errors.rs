@@ -46,6 +46,8 @@ pub enum VaultError {
     AuditUnavailable(String),
     #[error("vsql_vault serves database \"{0}\" only (vsql_vault.database)")]
     WrongDatabase(String),
+    #[error("vsql_vault already serves vsql_vault.max_databases ({0}) other databases: raise the setting (and max_worker_processes) or drop the extension where it is not needed")]
+    TooManyDatabases(i32),
     #[error("vsql_vault must be loaded through shared_preload_libraries")]
     NotPreloaded,
     #[error("this transaction holds a lock on {0} (it created or updated the extension, or ran a command on that table), so the audit writer cannot record a call until it ends: make audited calls after COMMIT")]
@@ -104,6 +106,7 @@ impl VaultError {
             VaultError::NotFound { .. } => "P0002",
             VaultError::AuditUnavailable(_) => "VV503",
             VaultError::WrongDatabase(_) | VaultError::NotPreloaded => "55000",
+            VaultError::TooManyDatabases(_) => "53400",
             VaultError::Key(e) => e.sqlstate(),
             VaultError::KeyManagedExternally | VaultError::NotProtected(_) => "55000",
             VaultError::ChainCount(_) => "22023",

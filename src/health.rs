@@ -58,7 +58,7 @@ fn worker(worker_type: &str) -> Result<(&'static str, String), VaultError> {
         Some(pid) => ("ok", format!("running (pid {pid})")),
         None => (
             "failing",
-            format!("no {worker_type} is running for this database (is vsql_vault in shared_preload_libraries, and vsql_vault.database this database?)"),
+            format!("no {worker_type} is running for this database (is vsql_vault in shared_preload_libraries, max_worker_processes high enough, and vsql_vault.database unset or this database?)"),
         ),
     })
 }

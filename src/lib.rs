@@ -16,6 +16,7 @@ mod errors;
 mod health;
 
 mod keys;
+mod launcher;
 mod pg;
 mod policy;
 mod report;
@@ -75,6 +76,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::define();
     security::api_entry::install();
     chain::on_conflict::install();
+    launcher::install_catalog_hooks();
     // A walsender or a plain backend may load the library too; shared memory and workers can only
     // be requested while the postmaster preloads it.
     // SAFETY: a plain read of a process-global bool that PostgreSQL sets around the loading of
@@ -82,10 +84,9 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
         access_log::queue::init_shmem();
-        retention::worker::init_shmem();
+        launcher::init_shmem();
         decoding::init_shmem();
-        access_log::writer::register();
-        retention::worker::register();
+        launcher::register();
     }
 }
 

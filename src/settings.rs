@@ -4,9 +4,10 @@
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
-/// Database the audit writer connects to; the storage API works in that database only.
-pub static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Unset: every database with the extension is served. Set: only this one.
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// How many databases at most get an audit writer and a retention worker.
+pub static MAX_DATABASES: GucSetting<i32> = GucSetting::<i32>::new(8);
 /// Largest accepted `encrypted_value`, in bytes.
 pub static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 /// How long a call waits for its access record to become durable before it fails closed.
@@ -67,10 +68,20 @@ pub fn define() {
 fn define_storage() {
     GucRegistry::define_string_guc(
         c"vsql_vault.database",
-        c"Database served by the vsql_vault audit writer.",
-        c"The storage API records every access through a background worker connected to this database; calls in other databases are refused.",
+        c"Serve only this database (unset: every database where the extension is created).",
+        c"Each served database has its own audit writer and retention worker; audited calls in other databases are refused.",
         &DATABASE,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.max_databases",
+        c"How many databases at most the vault serves (two background workers each).",
+        c"",
+        &MAX_DATABASES,
+        1,
+        crate::launcher::MAX_DATABASES as i32,
+        GucContext::Postmaster,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -274,9 +285,10 @@ fn define_replication() {
     );
 }
 
-pub fn database() -> String {
+/// `vsql_vault.database` when set (and not empty): the one database the vault serves.
+pub fn database_restriction() -> Option<String> {
     DATABASE
         .get()
         .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "postgres".to_owned())
+        .filter(|s| !s.is_empty())
 }

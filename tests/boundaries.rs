@@ -6,10 +6,30 @@ mod common;
 use common::cluster::Standby;
 use common::{log_count, put, server, setup, sqlstate};
 
+/// `vsql_vault.database` set: the vault serves that database only.
+fn restrict_to(su: &mut postgres::Client, db: Option<&str>) {
+    match db {
+        Some(db) => su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.database = '{db}'")),
+        None => su.batch_execute("ALTER SYSTEM RESET vsql_vault.database"),
+    }
+    .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
 #[test]
 fn every_call_in_a_database_the_vault_does_not_serve_is_refused_before_it_reads() {
     let s = server();
     let mut su = setup(&s);
+    restrict_to(&mut su, Some(&s.db));
+    let outcome = std::panic::catch_unwind(|| refused_outside_the_served_database(&s));
+    restrict_to(&mut su, None);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn refused_outside_the_served_database(s: &common::Server) {
+    let mut su = s.connect("postgres");
     su.batch_execute("DROP DATABASE IF EXISTS vault_unserved")
         .unwrap();
     su.batch_execute("CREATE DATABASE vault_unserved").unwrap();
@@ -126,10 +146,6 @@ fn calls_in_the_create_extension_transaction_are_refused_at_once_and_work_after_
     su.batch_execute("DROP DATABASE IF EXISTS vault_fresh")
         .unwrap();
     su.batch_execute("CREATE DATABASE vault_fresh").unwrap();
-    su.batch_execute("ALTER SYSTEM SET vsql_vault.database = 'vault_fresh'")
-        .unwrap();
-    su.batch_execute("SELECT pg_reload_conf()").unwrap();
-    s.wait_for_writer("vault_fresh");
     let outcome = std::panic::catch_unwind(|| {
         let mut fresh = s.connect_to("vault_fresh", "postgres", "fresh");
         let mut tx = fresh.transaction().unwrap();
@@ -170,11 +186,8 @@ fn calls_in_the_create_extension_transaction_are_refused_at_once_and_work_after_
             .get(0);
         assert_eq!(recorded, 3, "policy, put and get recorded");
     });
-    su.batch_execute("ALTER SYSTEM RESET vsql_vault.database")
-        .unwrap();
-    su.batch_execute("SELECT pg_reload_conf()").unwrap();
-    s.wait_for_writer(&s.db);
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
+    su.batch_execute("DROP DATABASE vault_fresh").unwrap();
 }

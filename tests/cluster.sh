@@ -31,7 +31,8 @@ wal_level = logical
 max_replication_slots = 10
 max_wal_senders = 10
 max_connections = 100
-vsql_vault.database = '$db'
+# Two background workers per database with the extension, and the launcher.
+max_worker_processes = 32
 log_min_messages = warning
 $plugins
 ${VSQL_VAULT_EXTRA_CONF:-}
@@ -49,10 +50,10 @@ CONF
         "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
         psql -X -q -h "$dir" -p "$port" -U postgres -d postgres -c "CREATE DATABASE \"$db\""
     fi
-    # The audit writer connects to DB once it exists; wait for it so the first call is served.
+    # The launcher starts an audit writer in each database once the extension is created there.
     for _ in $(seq 1 100); do
         psql -X -q -h "$dir" -p "$port" -U postgres -d postgres -tAc \
-            "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'vsql_vault audit writer' AND datname = '$db'" |
+            "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'vsql_vault launcher'" |
             grep -q 1 && break
         sleep 0.2
     done

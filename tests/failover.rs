@@ -10,41 +10,9 @@
 mod common;
 
 use common::cluster::{OwnCluster, Standby};
-use common::{assert_chains_verify, offline_verdict, poll, put, server, setup, sqlstate, Server};
+use common::evidence::{both_verifiers_accept_everything, checkpoint_key, write_evidence};
+use common::{poll, server, setup};
 use postgres::Client;
-
-/// Evidence of every kind: granted and denied accesses, a protected table's rows, purge proofs of
-/// a sweep, and a signed checkpoint.
-fn write_evidence(s: &Server, su: &mut Client, tag: &str) {
-    let mut a = s.connect("it_a");
-    let mut b = s.connect("it_b");
-    for i in 0..5 {
-        let id = format!("{tag}-{i}");
-        put(&mut a, &id, id.as_bytes()).unwrap();
-        common::get(&mut a, &id).unwrap();
-        let denied = common::get(&mut b, &id).unwrap_err();
-        assert_eq!(sqlstate(&denied), "42501", "{denied:?}");
-    }
-    su.batch_execute(&format!(
-        "INSERT INTO fo_ledger (note) SELECT '{tag} ' || g FROM generate_series(1, 20) g;
-         INSERT INTO vault.entries (purpose, external_id, encrypted_value, access_policy, owner,
-                                    created_at, updated_at, expires_at)
-         SELECT 'it.card', '{tag}-expired-' || g, '\\xdeadbeef', 'owner-only', 'it_a',
-                now() - interval '2 days', now() - interval '2 days', now() - interval '1 second'
-           FROM generate_series(1, 3) g;"
-    ))
-    .unwrap();
-}
-
-fn checkpoint_key(su: &mut Client) -> String {
-    su.query_one("SELECT vault_checkpoint()", &[]).unwrap();
-    su.query_one(
-        "SELECT key_id FROM vault.audit_checkpoints ORDER BY id DESC LIMIT 1",
-        &[],
-    )
-    .unwrap()
-    .get(0)
-}
 
 fn workers(su: &mut Client) -> Vec<String> {
     su.query(
@@ -58,30 +26,6 @@ fn workers(su: &mut Client) -> Vec<String> {
     .collect()
 }
 
-fn both_verifiers_accept_everything(s: &Server, su: &mut Client, tag: &str) {
-    assert_chains_verify(su, None);
-    for table in ["vault.access_log", "fo_ledger", "vault.purge_log"] {
-        let (code, out) = offline_verdict(s, su, table, &format!("{tag}-{table}"));
-        assert_eq!(code, 0, "{table}: {out}");
-    }
-    let proofs = format!("{}/{tag}.proofs.jsonl", s.dir);
-    let lines: Vec<String> = su
-        .query("SELECT vault_export_purge_proofs()", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert!(!lines.is_empty(), "the sweep left proofs");
-    std::fs::write(&proofs, lines.join("\n") + "\n").unwrap();
-    let mut args = vec!["verify-purge".to_string(), "--proofs".into(), proofs];
-    for k in common::public_keys(su) {
-        args.push("--public-key".into());
-        args.push(k);
-    }
-    let (code, out) = common::offline_tools(&args);
-    assert_eq!(code, 0, "{out}");
-}
-
 #[test]
 fn a_promoted_standby_continues_every_chain_with_the_same_key_and_schedule() {
     let shared = server();
@@ -89,6 +33,7 @@ fn a_promoted_standby_continues_every_chain_with_the_same_key_and_schedule() {
         &format!("{}/fo-primary", shared.dir),
         shared.port + 21,
         "vault_fo",
+        "",
     );
     let p = &primary.server;
     let mut su = setup(p);

@@ -189,7 +189,7 @@ fn a_dead_retention_worker_shows_as_failing_until_it_is_back() {
     let pid = || -> Option<i32> {
         let mut c = server().connect("postgres");
         c.query_opt(
-            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'vsql_vault retention worker'",
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'vsql_vault retention worker' AND datname = current_database()",
             &[],
         )
         .unwrap()
@@ -201,7 +201,7 @@ fn a_dead_retention_worker_shows_as_failing_until_it_is_back() {
     let old = pid().unwrap();
     su.execute("SELECT pg_terminate_backend($1)", &[&old])
         .unwrap();
-    // The postmaster restarts it after 5 seconds; until then it is reported failing.
+    // The launcher restarts it after 5 seconds; until then it is reported failing.
     poll("the dead worker to be reported", 20, || {
         health(&mut monitor, "retention_worker").0 == "failing"
     });

@@ -56,7 +56,7 @@ fn expired_entries(su: &mut Client, purpose: &str, method: &str, n: i32) {
 
 fn worker_pid(su: &mut Client) -> Option<i32> {
     su.query_opt(
-        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'vsql_vault retention worker'",
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'vsql_vault retention worker' AND datname = current_database()",
         &[],
     )
     .unwrap()
@@ -155,7 +155,7 @@ fn sighup_changes_the_interval() {
 }
 
 #[test]
-fn sigterm_stops_the_worker_and_the_postmaster_starts_a_new_one() {
+fn sigterm_stops_the_worker_and_the_launcher_starts_a_new_one() {
     let s = server();
     let mut su = setup(&s);
     wait_until("the retention worker", 30, || worker_pid(&mut su).is_some());

@@ -8,6 +8,7 @@
 
 pub use super::fixed_str::FixedStr;
 use crate::errors::VaultError;
+use crate::launcher::{self, MAX_DATABASES};
 use crate::settings;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
@@ -83,7 +84,18 @@ struct Slot {
     /// The caller gave up waiting: the writer frees the slot itself once it is written.
     abandoned: bool,
     latch: usize,
+    /// The database of the caller: only that database's writer takes the record.
+    db: u32,
     record: RawRecord,
+}
+
+/// The audit writer of one database.
+#[derive(Copy, Clone)]
+#[repr(C)]
+struct WriterRef {
+    db: u32,
+    latch: usize,
+    pid: i32,
 }
 
 #[derive(Copy, Clone)]
@@ -91,9 +103,7 @@ struct Slot {
 pub struct AuditQueue {
     slots: [Slot; SLOTS],
     next: usize,
-    writer_latch: usize,
-    writer_pid: i32,
-    writer_db: u32,
+    writers: [WriterRef; MAX_DATABASES],
 }
 
 // SAFETY: AuditQueue is `repr(C)` and `Copy` plain data (integers, bools and fixed byte arrays):
@@ -282,10 +292,6 @@ fn claim_free_slot(
     let claim = loop {
         {
             let mut q = QUEUE.exclusive();
-            if q.writer_db != 0 && q.writer_db != my_db {
-                drop(q);
-                return Err(VaultError::WrongDatabase(settings::database()));
-            }
             let start = q.next;
             let found = (0..SLOTS)
                 .map(|i| (start + i) % SLOTS)
@@ -297,11 +303,27 @@ fn claim_free_slot(
                 slot.outcome = Outcome::Written;
                 slot.abandoned = false;
                 slot.latch = latch;
+                slot.db = my_db;
                 slot.record = *record;
                 q.next = (i + 1) % SLOTS;
-                let writer = q.writer_latch;
+                let writer = q.writers.iter().find(|w| w.db == my_db).map(|w| w.latch);
                 drop(q);
-                set_latch(writer);
+                match writer {
+                    Some(latch) => set_latch(latch),
+                    // The record waits in its slot for the writer the launcher starts.
+                    None => {
+                        if !launcher::want_workers() {
+                            let mut q = QUEUE.exclusive();
+                            q.slots[i] = Slot {
+                                state: SlotState::Free,
+                                ..q.slots[i]
+                            };
+                            return Err(VaultError::TooManyDatabases(
+                                settings::MAX_DATABASES.get(),
+                            ));
+                        }
+                    }
+                }
                 break SlotClaim {
                     index: i,
                     settled: false,
@@ -343,6 +365,21 @@ fn wait_for(
                 };
             }
             // A writer that died mid-batch leaves SlotState::Writing slots; its successor fails them.
+            // No writer, and the launcher cannot start one: say why now rather than at the
+            // timeout.
+            let my_db = slot.db;
+            if slot.state == SlotState::Pending
+                && !q.writers.iter().any(|w| w.db == my_db)
+                && launcher::over_capacity()
+            {
+                let slot = &mut q.slots[claim.index];
+                let large = std::mem::take(&mut slot.record.large);
+                slot.state = SlotState::Free;
+                claim.settled = true;
+                drop(q);
+                release_large(large);
+                return Err(VaultError::TooManyDatabases(settings::MAX_DATABASES.get()));
+            }
         }
         let now = Instant::now();
         if now >= deadline {
@@ -374,31 +411,57 @@ fn wait_my_latch(d: Duration) {
 
 // ---- the writer's side ----
 
-/// Called once by the writer after it connected: later callers find it here.
-pub fn writer_attach() {
+/// Called once by the writer after it connected: its database's callers find it here. False if
+/// another writer serves this database already (this one then leaves).
+pub fn writer_attach() -> bool {
+    let my_db = launcher::my_database();
+    // SAFETY: a plain read of a process global set when the writer started, on its only thread.
+    let me = unsafe { pg_sys::MyProcPid };
     let mut q = QUEUE.exclusive();
-    q.writer_latch = my_latch();
-    // SAFETY: plain reads of process globals, set when the writer started and connected, on its
-    // only thread.
-    q.writer_pid = unsafe { pg_sys::MyProcPid };
-    // SAFETY: as above.
-    q.writer_db = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    // A previous writer that died mid-batch never committed these: their callers must fail.
+    if q.writers
+        .iter()
+        .any(|w| w.db == my_db && w.pid != 0 && w.pid != me)
+    {
+        return false;
+    }
+    let Some(index) = q
+        .writers
+        .iter()
+        .position(|w| w.db == my_db)
+        .or_else(|| q.writers.iter().position(|w| w.db == 0))
+    else {
+        return false;
+    };
+    q.writers[index] = WriterRef {
+        db: my_db,
+        latch: my_latch(),
+        pid: me,
+    };
+    // A previous writer of this database that died mid-batch never committed these: their
+    // callers must fail.
     let mut wake = Vec::new();
-    for slot in q.slots.iter_mut().filter(|s| s.state == SlotState::Writing) {
+    for slot in q
+        .slots
+        .iter_mut()
+        .filter(|s| s.state == SlotState::Writing && s.db == my_db)
+    {
         finish_slot(slot, Outcome::Failed, &mut wake);
     }
     drop(q);
     wake.into_iter().for_each(set_latch);
+    true
 }
 
 pub fn writer_detach() {
     let mut q = QUEUE.exclusive();
     // SAFETY: a plain read of a process global set at process start, on the process's only thread.
-    if q.writer_pid == unsafe { pg_sys::MyProcPid } {
-        q.writer_latch = 0;
-        q.writer_pid = 0;
-        q.writer_db = 0;
+    let me = unsafe { pg_sys::MyProcPid };
+    for w in q.writers.iter_mut().filter(|w| w.pid == me) {
+        *w = WriterRef {
+            db: 0,
+            latch: 0,
+            pid: 0,
+        };
     }
 }
 
@@ -411,12 +474,13 @@ pub struct Taken {
 
 /// Takes every pending record, oldest claim order first.
 pub fn take_pending() -> Vec<Taken> {
+    let my_db = launcher::my_database();
     let mut q = QUEUE.exclusive();
     let start = q.next;
     let mut out = Vec::new();
     for i in (0..SLOTS).map(|k| (start + k) % SLOTS) {
         let slot = &mut q.slots[i];
-        if slot.state == SlotState::Pending {
+        if slot.state == SlotState::Pending && slot.db == my_db {
             slot.state = SlotState::Writing;
             out.push(Taken {
                 index: i,

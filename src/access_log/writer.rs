@@ -6,23 +6,11 @@
 use super::queue::{self, Outcome, Taken};
 use crate::pg::plans::{self, types::*};
 use crate::settings;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-pub fn register() {
-    BackgroundWorkerBuilder::new("vsql_vault audit writer")
-        .set_type("vsql_vault audit writer")
-        .set_function("vsql_vault_audit_writer_main")
-        .set_library("vsql_vault")
-        .enable_spi_access()
-        // An ERROR ends the worker; callers waiting on its batch fail closed, and the postmaster
-        // starts a fresh writer a second later.
-        .set_restart_time(Some(Duration::from_secs(1)))
-        .load();
-}
 
 /// The writer's INSERT; `$col`/`$val` add the `on_behalf_of` column, which a 0.1.0 log (library
 /// updated, ALTER EXTENSION UPDATE not yet run) does not have.
@@ -69,33 +57,42 @@ const NOT_RETURNED: &str = "caller stopped waiting for this record; no data was 
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn vsql_vault_audit_writer_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = settings::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // The launcher starts one writer per database, named by its OID.
+    let database = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    if !extension_installed() {
+        crate::launcher::no_extension_here();
+        leave(0);
+    }
     // A writer stuck behind someone's table lock would hold every caller until its timeout; with a
     // lock timeout the batch fails, its callers fail closed, and the next writer tries again.
     BackgroundWorker::transaction(|| {
         Spi::run("SET lock_timeout = '2s'; SET synchronous_commit = on; SET application_name = 'vsql_vault audit writer'")
     })
     .unwrap_or_else(|e| pgrx::error!("vsql_vault audit writer could not configure its session: {e}"));
-    queue::writer_attach();
-    log!("vsql_vault audit writer started for database \"{database}\"");
+    if !queue::writer_attach() {
+        leave(0);
+    }
+    on_exit_detach();
+    log!(
+        "vsql_vault audit writer started for database {}",
+        database.to_u32()
+    );
     load_signing_key();
     let mut last_checkpoint = Instant::now();
 
-    while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+    // Records may be waiting already: the calls that asked the launcher for this writer.
+    let mut woken = true;
+    while woken {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the reload a background worker makes in its main loop (as PostgreSQL's own
             // workers do): on the worker's thread, between transactions, no LWLock held.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            if settings::database() != database {
-                log!("vsql_vault.database changed: audit writer restarts to follow it");
-                queue::writer_detach();
-                // SAFETY: outside any transaction, with no LWLock held (writer_detach's guard is
-                // dropped); proc_exit runs PostgreSQL's exit callbacks and never returns, so no
-                // Rust code runs after it (the frames' owned memory goes with the process).
-                unsafe { pg_sys::proc_exit(1) };
+            if !BackgroundWorker::transaction(crate::launcher::serves_this_database) {
+                log!("vsql_vault.database names another database: audit writer leaves");
+                leave(0);
             }
         }
         loop {
@@ -105,17 +102,54 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(_arg: pg_sys::Datum) {
             }
             write_batch(batch);
         }
+        if !extension_installed() {
+            // DROP EXTENSION: nothing is left to write to; CREATE EXTENSION asks for a new writer.
+            log!("vsql_vault audit writer: the extension was dropped from this database");
+            crate::launcher::no_extension_here();
+            leave(0);
+        }
         let interval = Duration::from_secs(settings::CHECKPOINT_INTERVAL_S.get().max(1) as u64);
         if last_checkpoint.elapsed() >= interval {
             last_checkpoint = Instant::now();
             scheduled_checkpoint();
         }
+        woken = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
     }
-    queue::writer_detach();
-    // Exit code 1: after pg_terminate_backend the postmaster starts a new writer (code 0 would
-    // retire it for good, and every audited call would fail until the server restarts).
-    // SAFETY: as above: outside any transaction, no LWLock held, and nothing runs after it.
-    unsafe { pg_sys::proc_exit(1) };
+    leave(0);
+}
+
+/// Whether the extension's access log exists in this database (committed).
+fn extension_installed() -> bool {
+    BackgroundWorker::transaction(|| {
+        crate::pg::select_one::<bool>(
+            "SELECT pg_catalog.to_regclass('vault.access_log') IS NOT NULL",
+            &[],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
+
+/// However the writer ends (a return, an ERROR, SIGTERM), its callers stop finding it and the
+/// launcher sees it gone.
+fn on_exit_detach() {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn detach(_code: i32, _arg: pg_sys::Datum) {
+        queue::writer_detach();
+        crate::launcher::worker_started(false, 0, 0);
+    }
+    // SAFETY: registers a callback PostgreSQL runs once at process exit, on this thread.
+    unsafe { pg_sys::before_shmem_exit(Some(detach), pg_sys::Datum::from(0)) };
+    // SAFETY: a plain read of a process global, on the worker's only thread.
+    crate::launcher::worker_started(false, unsafe { pg_sys::MyProcPid }, 0);
+}
+
+/// Ends the worker. The launcher, not the postmaster, decides whether a new one starts.
+fn leave(code: i32) -> ! {
+    // SAFETY: outside any transaction, with no LWLock held; proc_exit runs PostgreSQL's exit
+    // callbacks and never returns, so no Rust code runs after it.
+    unsafe { pg_sys::proc_exit(code) }
 }
 
 /// Loads (on a fresh install: generates) the signing key and publishes its public half. Inside a

@@ -4,64 +4,16 @@
 //! readable in dead tuples.
 
 use crate::settings;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 use std::time::{Duration, SystemTime};
 use vsql_vault_core::schedule::{next_sweep_due, parse_time_of_day};
 
 pub const WORKER_NAME: &str = "vsql_vault retention worker";
 
-#[derive(Copy, Clone, Default)]
-#[repr(C)]
-pub struct RetentionShared {
-    worker_latch: usize,
-    vacuum_requested: bool,
-}
-
-// SAFETY: `repr(C)`, `Copy` plain data (an integer and a bool) that owns nothing and refers to no
-// process-local memory: `worker_latch` is the address of the worker's PGPROC latch, in shared
-// memory, only ever handed to SetLatch. Every access goes through SHARED's LWLock.
-unsafe impl PGRXSharedMemory for RetentionShared {}
-
-// SAFETY: a shared-memory name of its own: this library's four names (here, the audit queue's
-// two and decoding's batch counter) are distinct and all start with "vsql_vault_".
-static SHARED: PgLwLock<RetentionShared> = unsafe { PgLwLock::new(c"vsql_vault_retention") };
-
-pub fn init_shmem() {
-    pg_shmem_init!(SHARED);
-}
-
-pub fn register() {
-    BackgroundWorkerBuilder::new(WORKER_NAME)
-        .set_type(WORKER_NAME)
-        .set_function("vsql_vault_retention_worker_main")
-        .set_library("vsql_vault")
-        .enable_spi_access()
-        // An ERROR ends the worker; every sweep batch is its own transaction, so the next worker
-        // simply continues where the last committed batch left off.
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
-}
-
-/// Called by any backend that destroyed entries: the worker vacuums soon after.
+/// Called by any backend that destroyed entries: its database's worker vacuums soon after.
 pub fn request_vacuum() {
-    if !crate::preloaded() {
-        return;
-    }
-    let latch = {
-        let mut s = SHARED.exclusive();
-        s.vacuum_requested = true;
-        s.worker_latch
-    };
-    if latch != 0 {
-        // SAFETY: a non-zero `latch` is the MyLatch the worker published after it connected: its
-        // PGPROC latch, in shared memory mapped at the same address in every process and never
-        // freed. If the worker has exited meanwhile (a proc_exit on a database change leaves the
-        // address behind), SetLatch only sets the flag or signals the latch's current owner, a
-        // spurious wake-up latch users tolerate.
-        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
-    }
+    crate::launcher::request_vacuum();
 }
 
 /// SIGTERM arrived (pgrx's flag for it is cleared when read; this one is not).
@@ -92,15 +44,18 @@ fn extension_present() -> bool {
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn vsql_vault_retention_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = settings::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    // SAFETY: a plain read of a process global on the worker's thread. After the worker's
-    // InitProcess, MyLatch is its PGPROC latch in shared memory, so the address means the same in
-    // the backends that SetLatch it (request_vacuum).
-    SHARED.exclusive().worker_latch = unsafe { pg_sys::MyLatch as usize };
-    log!("{WORKER_NAME} started for database \"{database}\"");
+    // The launcher starts one worker per database, named by its OID.
+    let database = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    if !extension_present() {
+        crate::launcher::no_extension_here();
+        // SAFETY: outside any transaction, no LWLock held; proc_exit never returns.
+        unsafe { pg_sys::proc_exit(0) };
+    }
+    on_exit_detach();
+    log!("{WORKER_NAME} started for database {}", database.to_u32());
 
     let started = unix_now();
     // The end of the last finished run: read once the extension is there, then after each sweep.
@@ -128,11 +83,8 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
             // SAFETY: the reload a background worker makes in its main loop (as PostgreSQL's own
             // workers do): on the worker's thread, between transactions, no LWLock held.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            if settings::database() != database {
-                log!("vsql_vault.database changed: {WORKER_NAME} restarts to follow it");
-                // SAFETY: between transactions, no LWLock held (SHARED's guards are temporaries);
-                // proc_exit never returns, so no Rust code runs after it.
-                unsafe { pg_sys::proc_exit(1) };
+            if !BackgroundWorker::transaction(crate::launcher::serves_this_database) {
+                break;
             }
             daily_at = sweep_at();
             continue;
@@ -146,16 +98,33 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(_arg: pg_sys::Datum) {
             // No run recorded (no extension yet, or no record could be made): wait an interval.
             last_run = last_run.filter(|&t| t >= due).or(Some(unix_now()));
         }
-        let vacuum = std::mem::take(&mut SHARED.exclusive().vacuum_requested);
-        if vacuum && extension_present() {
+        if !extension_present() {
+            // DROP EXTENSION: CREATE EXTENSION asks the launcher for new workers.
+            crate::launcher::no_extension_here();
+            break;
+        }
+        if crate::launcher::take_vacuum_request() {
             vacuum_entries();
         }
     }
-    SHARED.exclusive().worker_latch = 0;
-    // Exit code 1: if this was pg_terminate_backend rather than a shutdown, the postmaster starts
-    // a new worker (code 0 would retire it for good and silently stop retention).
+    // The launcher, not the postmaster, decides whether a new worker starts.
     // SAFETY: as above: between transactions, no LWLock held, and nothing runs after it.
-    unsafe { pg_sys::proc_exit(1) };
+    unsafe { pg_sys::proc_exit(0) };
+}
+
+/// However the worker ends, the launcher sees it gone and backends stop waking it.
+fn on_exit_detach() {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn detach(_code: i32, _arg: pg_sys::Datum) {
+        crate::launcher::worker_started(true, 0, 0);
+    }
+    // SAFETY: registers a callback PostgreSQL runs once at process exit, on this thread.
+    unsafe { pg_sys::before_shmem_exit(Some(detach), pg_sys::Datum::from(0)) };
+    // SAFETY: plain reads of process globals on the worker's thread. After InitProcess, MyLatch
+    // is its PGPROC latch in shared memory, so the address means the same in the backends that
+    // SetLatch it (request_vacuum).
+    let (pid, latch) = unsafe { (pg_sys::MyProcPid, pg_sys::MyLatch as usize) };
+    crate::launcher::worker_started(true, pid, latch);
 }
 
 fn unix_now() -> i64 {

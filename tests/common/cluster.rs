@@ -24,10 +24,12 @@ pub struct OwnCluster {
 }
 
 impl OwnCluster {
-    pub fn start(dir: &str, port: u16, db: &str) -> OwnCluster {
+    /// `extra_conf`: more lines for its configuration file.
+    pub fn start(dir: &str, port: u16, db: &str, extra_conf: &str) -> OwnCluster {
         stop_and_remove(dir);
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.sh");
         let started = Command::new("bash")
+            .env("VSQL_VAULT_EXTRA_CONF", extra_conf)
             .args([script, "start", dir, &port.to_string(), db])
             .status()
             .is_ok_and(|s| s.success());

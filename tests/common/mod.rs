@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod evidence;
 
 use postgres::{Client, Config, NoTls};
 use std::process::Command;
