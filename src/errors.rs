@@ -54,7 +54,7 @@ pub enum VaultError {
     WriterBlockedByThisTransaction(String),
     #[error(transparent)]
     Key(#[from] vsql_vault_core::keys::KeyError),
-    #[error("the signing key is managed through vsql_vault.signing_key_file: replace that file to rotate")]
+    #[error("the signing key is managed through vsql_vault.signing_key_file or vsql_vault.signing_command: rotate it there")]
     KeyManagedExternally,
     #[error("{0} is not protected by vsql_vault")]
     NotProtected(String),

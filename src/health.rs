@@ -101,7 +101,8 @@ fn signing_key() -> (&'static str, String) {
     let path = crate::keys::path();
     match crate::keys::existing() {
         Ok(key) => {
-            let id = vsql_vault_core::keys::key_id(&key.verifying_key());
+            let id =
+                vsql_vault_core::keys::key_id(&vsql_vault_core::keys::SignEvidence::public(&key));
             let registered = one::<bool>(
                 "SELECT EXISTS (SELECT 1 FROM vault.signing_keys WHERE key_id OPERATOR(pg_catalog.=) $1)",
                 &[id.as_str().into()],

@@ -1,6 +1,7 @@
-//! The Ed25519 signing key: loaded from `vsql_vault.signing_key_file`, or generated once inside
-//! the data directory. The private key never leaves this module: not in SQL, a log line or an
-//! error message; `SigningKey` zeroizes itself when dropped.
+//! The Ed25519 evidence signer: an external `vsql_vault.signing_command` (the private key stays
+//! in a KMS or HSM), else a key loaded from `vsql_vault.signing_key_file`, else one generated once
+//! inside the data directory. The private key never leaves this module: not in SQL, a log line or
+//! an error message; `SigningKey` zeroizes itself when dropped.
 
 use crate::security::AsOwner;
 use crate::settings;
@@ -9,7 +10,7 @@ use pgrx::prelude::*;
 use std::ffi::CStr;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use vsql_vault_core::keys::{self, KeyError};
+use vsql_vault_core::keys::{self, EvidenceSigner, KeyError, SignEvidence};
 
 /// Where the generated key lives when no key file is configured.
 fn generated_path() -> String {
@@ -19,6 +20,13 @@ fn generated_path() -> String {
         .to_string_lossy()
         .into_owned();
     format!("{dir}/vsql_vault_signing.key")
+}
+
+fn signing_command() -> Option<String> {
+    settings::SIGNING_COMMAND
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
 }
 
 fn configured_path() -> Option<String> {
@@ -43,23 +51,32 @@ fn read_key(path: &str) -> Result<SigningKey, KeyError> {
     keys::decode_file(path, &bytes)
 }
 
-/// The file the current key is read from: the configured one, else the data-directory key.
+/// Where the current key is: the signing command (never shown: it may hold credentials), the
+/// configured file, else the data-directory key.
 pub fn path() -> String {
+    if signing_command().is_some() {
+        return "vsql_vault.signing_command".into();
+    }
     configured_path().unwrap_or_else(generated_path)
 }
 
 /// Where the current key comes from, as `vault.signing_keys.source` records it.
 pub fn source() -> &'static str {
-    if configured_path().is_some() {
+    if signing_command().is_some() {
+        "signing_command"
+    } else if configured_path().is_some() {
         "signing_key_file"
     } else {
         "generated"
     }
 }
 
-/// The current key as it is on disk; never creates one (decoding sessions, vault_health).
-pub fn existing() -> Result<SigningKey, KeyError> {
-    read_key(&path())
+/// The current signer as configured; never creates a key (decoding sessions, vault_health).
+pub fn existing() -> Result<EvidenceSigner, KeyError> {
+    if let Some(command) = signing_command() {
+        return EvidenceSigner::from_command(&command);
+    }
+    read_key(&path()).map(EvidenceSigner::from)
 }
 
 /// Whether a generated key was ever registered in this database. Outside a transaction, or when
@@ -119,11 +136,18 @@ fn write_new(path: &str, key: &SigningKey) -> Result<(), KeyError> {
     f.sync_all().map_err(io)
 }
 
-/// The current signing key. The data-directory key is generated only on a fresh install (no
+/// The current signer. The data-directory key is generated only on a fresh install (no
 /// generated key registered yet): after that a missing file is an error (58P01), never a new key,
 /// which would break the continuity of the evidence quietly. Only vault_rotate_signing_key()
 /// makes a new one.
-pub fn current() -> Result<SigningKey, KeyError> {
+pub fn current() -> Result<EvidenceSigner, KeyError> {
+    match signing_command() {
+        Some(command) => EvidenceSigner::from_command(&command),
+        None => current_key_file().map(EvidenceSigner::from),
+    }
+}
+
+fn current_key_file() -> Result<SigningKey, KeyError> {
     if let Some(path) = configured_path() {
         return read_key(&path);
     }
@@ -143,7 +167,7 @@ pub fn current() -> Result<SigningKey, KeyError> {
 
 /// Records the key's public half in `vault.signing_keys` (once), vouched for by a key already
 /// registered whose private half the vault holds (see `register_with`).
-pub fn register(key: &SigningKey) -> Result<String, pgrx::spi::Error> {
+pub fn register(key: &EvidenceSigner) -> Result<String, pgrx::spi::Error> {
     register_with(key, None)
 }
 
@@ -178,10 +202,10 @@ fn held_previous(new_id: &str) -> Result<Option<SigningKey>, pgrx::spi::Error> {
 /// at hand (it was lost), the key is registered without one, and in-database verification will
 /// not trust it (a WARNING says so).
 pub fn register_with(
-    key: &SigningKey,
+    key: &impl SignEvidence,
     previous: Option<&SigningKey>,
 ) -> Result<String, pgrx::spi::Error> {
-    let public = key.verifying_key();
+    let public = key.public();
     let id = keys::key_id(&public);
     let source = source();
     let _owner = AsOwner::enter();
@@ -305,7 +329,7 @@ fn insert_key(
 /// replaces the old one, so a failure leaves the old key in place.
 pub fn rotate() -> Result<String, crate::errors::VaultError> {
     use crate::errors::VaultError;
-    if configured_path().is_some() {
+    if configured_path().is_some() || signing_command().is_some() {
         return Err(VaultError::KeyManagedExternally);
     }
     let path = generated_path();

@@ -22,7 +22,8 @@ pub fn sign(report: &mut serde_json::Value) -> Result<(), VaultError> {
     let key = crate::keys::current()?;
     let key_id = crate::keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
     report["signing_key_id"] = serde_json::json!(key_id);
-    let signature = vsql_vault_core::keys::sign(&key, &report_message(report));
+    let signature =
+        vsql_vault_core::keys::SignEvidence::sign_evidence(&key, &report_message(report))?;
     report["signature"] = serde_json::json!(hex::encode(signature));
     Ok(())
 }

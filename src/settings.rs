@@ -15,6 +15,9 @@ pub static AUDIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// An Ed25519 key file (64 hex characters), owner-only; unset: a key generated in the data directory.
 pub static SIGNING_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// An external command that signs evidence (a KMS or HSM client): the private key need never sit
+/// on the database host. Takes precedence over `signing_key_file`.
+pub static SIGNING_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Seconds between signed checkpoints of every chain head.
 pub static CHECKPOINT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// A file each checkpoint is also appended to as one JSON line.
@@ -210,6 +213,14 @@ fn define_chains() {
         c"Ed25519 signing key file for audit checkpoints (owner-only permissions).",
         c"Unset: a key is generated on first use inside the data directory.",
         &SIGNING_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"vsql_vault.signing_command",
+        c"Command that signs evidence with a key held elsewhere (a KMS or HSM), instead of a key file.",
+        c"Run with VSQL_VAULT_OP=public-key (prints the Ed25519 public key in hex) or VSQL_VAULT_OP=sign (reads the message in hex on stdin, prints the signature in hex).",
+        &SIGNING_COMMAND,
         GucContext::Sighup,
         GucFlags::default(),
     );

@@ -485,14 +485,6 @@ fn client_program(s: &Server, program: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
-/// Points the audit writer at `db` and waits until it serves it.
-fn serve(s: &Server, su: &mut Client, db: &str) {
-    su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.database = '{db}'"))
-        .unwrap();
-    su.batch_execute("SELECT pg_reload_conf()").unwrap();
-    s.wait_for_writer(db);
-}
-
 /// A standard pg_dump / pg_restore of an intact vault database needs no setting: the evidence
 /// rows arrive in chain order and are kept because they continue their chains, and the DDL guard
 /// lets pg_restore rebuild a protected table's constraints and triggers. (Before, COPY into the
@@ -507,11 +499,12 @@ fn a_plain_restore_of_an_intact_vault_needs_no_setting_and_everything_chains_on(
             .unwrap();
         su.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
     }
-    serve(&s, &mut su, "vault_plain_src");
     let outcome = std::panic::catch_unwind(|| {
         let mut src = s.connect_to("vault_plain_src", "postgres", "plain");
         // Its own statement: no audited call can be made in the transaction that creates it.
         src.batch_execute("CREATE EXTENSION vsql_vault").unwrap();
+        // Every database with the extension gets its own writer (the launcher starts it).
+        s.wait_for_writer("vault_plain_src");
         src.batch_execute(
             "CREATE TABLE team_log (id bigserial PRIMARY KEY, event text UNIQUE NOT NULL);
              SELECT vault_protect_table('team_log', 2);
@@ -550,7 +543,7 @@ fn a_plain_restore_of_an_intact_vault_needs_no_setting_and_everything_chains_on(
         );
         assert!(ok, "a plain pg_restore: {err}");
 
-        serve(&s, &mut s.connect("postgres"), "vault_plain_dst");
+        s.wait_for_writer("vault_plain_dst");
         let mut dst = s.connect_to("vault_plain_dst", "postgres", "plain");
         assert_chains_verify(&mut dst, None);
         let protected: i64 = dst
@@ -596,10 +589,10 @@ fn a_plain_restore_of_an_intact_vault_needs_no_setting_and_everything_chains_on(
             "VV403"
         );
     });
-    serve(&s, &mut su, &s.db);
-    su.batch_execute("ALTER SYSTEM RESET vsql_vault.database")
-        .unwrap();
-    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    for db in ["vault_plain_src", "vault_plain_dst"] {
+        su.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .unwrap();
+    }
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }

@@ -29,6 +29,29 @@ fn run_as_postgres_in(dir: &str, program: &str, args: &[&str]) -> (bool, String)
     )
 }
 
+/// The tails of pg_upgrade's own logs, which it removes only on success.
+fn upgrade_logs(new_data: &str) -> String {
+    let mut out = String::new();
+    let Ok(runs) = std::fs::read_dir(format!("{new_data}/pg_upgrade_output.d")) else {
+        return out;
+    };
+    for run in runs.flatten() {
+        let Ok(logs) = std::fs::read_dir(run.path().join("log")) else {
+            continue;
+        };
+        for log in logs.flatten() {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("--- {}\n", log.path().display()));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn pg_upgrade_keeps_every_chain_entry_and_key() {
     let shared = server();
@@ -107,7 +130,7 @@ fn pg_upgrade_keeps_every_chain_entry_and_key() {
             &new_dir,
         ],
     );
-    assert!(ok, "pg_upgrade failed:\n{out}");
+    assert!(ok, "pg_upgrade failed:\n{out}\n{}", upgrade_logs(&new_data));
     // The generated signing key is a file of the data directory, not a relation.
     let key = "vsql_vault_signing.key";
     assert!(Command::new("install")

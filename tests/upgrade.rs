@@ -131,7 +131,6 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
     install_old_script();
     let cl = cluster();
     let s = &cl.0;
-    s.wait_for_writer(&s.db);
     let mut su = s.connect("postgres");
     su.batch_execute(&format!(
         "SET vsql_vault.break_glass = on;

@@ -6,6 +6,7 @@
 
 mod decrypt;
 mod input;
+mod sign_evidence;
 mod verify;
 mod verify_purge;
 mod verify_report;
@@ -30,6 +31,8 @@ enum Command {
     VerifyReport(verify_report::Args),
     /// Decrypts a vsql_vault replication stream, checking every signature, tag and link.
     Decrypt(decrypt::Args),
+    /// Signs evidence for a server whose vsql_vault.signing_command calls it (on another host).
+    SignEvidence(sign_evidence::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::VerifyPurge(a) => verify_purge::run(&a),
         Command::VerifyReport(a) => verify_report::run(&a),
         Command::Decrypt(a) => decrypt::run(&a),
+        Command::SignEvidence(a) => sign_evidence::run(&a),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -23,11 +23,16 @@ pub enum KeyError {
     Random(String),
     #[error("invalid public key: {0}")]
     PublicKey(String),
+    /// The external signing command (vsql_vault.signing_command) failed or printed something
+    /// that is not a valid signature of the message under its public key.
+    #[error("vsql_vault.signing_command: {0}")]
+    Command(String),
 }
 
 impl KeyError {
     /// The SQLSTATE a signing operation fails with: 58P01 (undefined_file) for a missing key file,
-    /// F0000 (config_file_error) for one that is unreadable, exposed or malformed.
+    /// F0000 (config_file_error) for one that is unreadable, exposed or malformed, 38000
+    /// (external_routine_exception) for a signing command that fails.
     pub fn sqlstate(&self) -> &'static str {
         match self {
             KeyError::Missing { .. } => "58P01",
@@ -36,6 +41,7 @@ impl KeyError {
             | KeyError::Io { .. }
             | KeyError::Format { .. } => "F0000",
             KeyError::Random(_) | KeyError::PublicKey(_) => "58000",
+            KeyError::Command(_) => "38000",
         }
     }
 }
@@ -105,6 +111,110 @@ pub fn parse_public(hex_text: &str) -> Result<VerifyingKey, KeyError> {
 
 pub fn sign(key: &SigningKey, message: &[u8]) -> [u8; 64] {
     key.sign(message).to_bytes()
+}
+
+/// Whatever signs evidence: a key in memory, or an external signer.
+pub trait SignEvidence {
+    fn public(&self) -> VerifyingKey;
+    fn sign_evidence(&self, message: &[u8]) -> Result<[u8; 64], KeyError>;
+}
+
+impl SignEvidence for SigningKey {
+    fn public(&self) -> VerifyingKey {
+        self.verifying_key()
+    }
+    fn sign_evidence(&self, message: &[u8]) -> Result<[u8; 64], KeyError> {
+        Ok(sign(self, message))
+    }
+}
+
+/// The evidence signer the server uses: the key file's key, or an external command (a KMS, an
+/// HSM, a signing host reached over ssh) that holds the private key, so that key never has to
+/// sit on the database host.
+///
+/// The command is run by `sh -c` with `VSQL_VAULT_OP` set. With `public-key` it prints the
+/// Ed25519 public key in hex. With `sign` it reads the message in hex on stdin and prints the
+/// 64-byte signature in hex. Every signature it returns is verified under its public key before
+/// it is used, so a faulty signer cannot produce evidence that does not verify.
+pub enum EvidenceSigner {
+    Local(SigningKey),
+    Command {
+        command: String,
+        public: VerifyingKey,
+    },
+}
+
+impl From<SigningKey> for EvidenceSigner {
+    fn from(key: SigningKey) -> Self {
+        EvidenceSigner::Local(key)
+    }
+}
+
+fn run_signing_command(command: &str, op: &str, input: &[u8]) -> Result<String, KeyError> {
+    use std::io::Write;
+    let fail = |why: String| KeyError::Command(format!("{op}: {why}"));
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", command])
+        .env("VSQL_VAULT_OP", op)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| fail(e.kind().to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input (public-key) may exit first: not an error.
+        let _ = stdin.write_all(hex::encode(input).as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fail(e.kind().to_string()))?;
+    if !out.status.success() {
+        return Err(fail(format!("exited with {}", out.status)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+impl EvidenceSigner {
+    /// A signer backed by `command`, whose public key it asks for once.
+    pub fn from_command(command: &str) -> Result<Self, KeyError> {
+        let printed = run_signing_command(command, "public-key", b"")?;
+        let public = parse_public(&printed).map_err(|_| {
+            KeyError::Command("public-key did not print a valid Ed25519 public key in hex".into())
+        })?;
+        Ok(EvidenceSigner::Command {
+            command: command.into(),
+            public,
+        })
+    }
+}
+
+impl SignEvidence for EvidenceSigner {
+    fn public(&self) -> VerifyingKey {
+        match self {
+            EvidenceSigner::Local(key) => key.verifying_key(),
+            EvidenceSigner::Command { public, .. } => *public,
+        }
+    }
+
+    fn sign_evidence(&self, message: &[u8]) -> Result<[u8; 64], KeyError> {
+        match self {
+            EvidenceSigner::Local(key) => Ok(sign(key, message)),
+            EvidenceSigner::Command { command, public } => {
+                let printed = run_signing_command(command, "sign", message)?;
+                let mut signature = [0u8; 64];
+                hex::decode_to_slice(&printed, &mut signature).map_err(|_| {
+                    KeyError::Command("sign did not print a 64-byte signature in hex".into())
+                })?;
+                if !verify(public, message, &signature) {
+                    return Err(KeyError::Command(
+                        "the signature printed does not verify under the command's public key"
+                            .into(),
+                    ));
+                }
+                Ok(signature)
+            }
+        }
+    }
 }
 
 pub fn verify(public: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
@@ -177,5 +287,42 @@ mod tests {
             Err(KeyError::Owner { .. })
         ));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A stand-in for a KMS: prints `public` for public-key and `signature` for sign.
+    fn command_printing(public: &str, signature: &str) -> String {
+        format!(
+            "if [ \"$VSQL_VAULT_OP\" = public-key ]; then echo {public}; else cat >/dev/null; echo {signature}; fi"
+        )
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_signing_command_is_used_only_for_signatures_that_verify() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let public = hex::encode(key.verifying_key().as_bytes());
+        let good = hex::encode(sign(&key, b"head"));
+        let signer = EvidenceSigner::from_command(&command_printing(&public, &good)).unwrap();
+        assert_eq!(signer.public(), key.verifying_key());
+        assert_eq!(hex::encode(signer.sign_evidence(b"head").unwrap()), good);
+        // The same signature for another message does not verify: refused, not used.
+        assert!(matches!(
+            signer.sign_evidence(b"other head"),
+            Err(KeyError::Command(_))
+        ));
+        let garbage = EvidenceSigner::from_command(&command_printing(&public, "zz")).unwrap();
+        assert!(matches!(
+            garbage.sign_evidence(b"head"),
+            Err(KeyError::Command(_))
+        ));
+        assert!(matches!(
+            EvidenceSigner::from_command("exit 3"),
+            Err(KeyError::Command(_))
+        ));
+        assert!(matches!(
+            EvidenceSigner::from_command("echo 00"),
+            Err(KeyError::Command(_))
+        ));
+        assert_eq!(KeyError::Command(String::new()).sqlstate(), "38000");
     }
 }

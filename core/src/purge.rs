@@ -232,18 +232,16 @@ pub fn prove_batch(
     statements: Vec<PurgeStatement>,
     batch_id: i64,
     signed_at: i64,
-    key: &ed25519_dalek::SigningKey,
-) -> Vec<ProvedLeaf> {
+    key: &impl keys::SignEvidence,
+) -> Result<Vec<ProvedLeaf>, keys::KeyError> {
     let leaves: Vec<[u8; 32]> = statements.iter().map(PurgeStatement::leaf).collect();
     let (root, paths) = merkle::root_and_paths(&leaves);
-    let key_id = keys::key_id(&key.verifying_key());
+    let key_id = keys::key_id(&key.public());
     let size = leaves.len() as i64;
-    let signature = keys::sign(
-        key,
-        &root_message(&root, size, batch_id, signed_at, &key_id),
-    )
-    .to_vec();
-    statements
+    let signature = key
+        .sign_evidence(&root_message(&root, size, batch_id, signed_at, &key_id))?
+        .to_vec();
+    Ok(statements
         .into_iter()
         .zip(paths)
         .enumerate()
@@ -256,7 +254,7 @@ pub fn prove_batch(
             key_id: key_id.clone(),
             signature: signature.clone(),
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]
@@ -285,6 +283,7 @@ mod tests {
     fn proofs(n: i64) -> (ed25519_dalek::SigningKey, Vec<PurgeProof>) {
         let key = keys::generate().unwrap();
         let out = prove_batch((0..n).map(statement).collect(), 9, 5, &key)
+            .unwrap()
             .into_iter()
             .enumerate()
             .map(|(i, l)| PurgeProof {

@@ -8,7 +8,7 @@ use crate::envelope::{self, BatchBinding, EnvelopeError, Kek, Key};
 use crate::keys;
 use crate::merkle;
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -88,12 +88,16 @@ impl BatchLine {
     }
 }
 
+fn signing_failed(e: keys::KeyError) -> EnvelopeError {
+    EnvelopeError::Command(e.to_string())
+}
+
 /// Builds a session's lines (used by the output plugin).
 pub struct Sealer {
     slot: String,
     session: String,
     dek: Key,
-    signing: SigningKey,
+    signing: keys::EvidenceSigner,
     key_id: String,
     seq: i64,
     prev: [u8; 32],
@@ -104,13 +108,15 @@ impl Sealer {
     pub fn start(
         slot: &str,
         kek: &Kek,
-        signing: SigningKey,
+        signing: impl Into<keys::EvidenceSigner>,
         now: i64,
     ) -> Result<(Sealer, String), EnvelopeError> {
+        use keys::SignEvidence;
+        let signing = signing.into();
         let session = hex::encode(envelope::random_bytes::<12>()?);
         let dek = envelope::random_key()?;
         let (kek_id, wrapped) = kek.wrap(&session, &dek)?;
-        let key_id = keys::key_id(&signing.verifying_key());
+        let key_id = keys::key_id(&signing.public());
         let mut line = SessionLine {
             slot: slot.into(),
             session: session.clone(),
@@ -121,7 +127,7 @@ impl Sealer {
             signature: String::new(),
         };
         let msg = line.message();
-        line.signature = hex::encode(keys::sign(&signing, &msg));
+        line.signature = hex::encode(signing.sign_evidence(&msg).map_err(signing_failed)?);
         let prev = sha256(&msg);
         let json = serde_json::to_string(&Line::Session(line)).unwrap_or_default();
         Ok((
@@ -190,7 +196,9 @@ impl Sealer {
             signature: String::new(),
         };
         let msg = line.message();
-        line.signature = hex::encode(keys::sign(&self.signing, &msg));
+        line.signature = hex::encode(
+            keys::SignEvidence::sign_evidence(&self.signing, &msg).map_err(signing_failed)?,
+        );
         self.prev = sha256(&msg);
         Ok(serde_json::to_string(&Line::Batch(line)).unwrap_or_default())
     }
@@ -400,6 +408,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::SigningKey;
 
     use crate::envelope::KekRing;
 

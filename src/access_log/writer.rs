@@ -80,7 +80,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(arg: pg_sys::Datum) {
         "vsql_vault audit writer started for database {}",
         database.to_u32()
     );
-    load_signing_key();
+    let mut key_loaded = false;
     let mut last_checkpoint = Instant::now();
 
     // Records may be waiting already: the calls that asked the launcher for this writer.
@@ -109,9 +109,16 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(arg: pg_sys::Datum) {
             leave(0);
         }
         let interval = Duration::from_secs(settings::CHECKPOINT_INTERVAL_S.get().max(1) as u64);
-        if last_checkpoint.elapsed() >= interval {
-            last_checkpoint = Instant::now();
-            scheduled_checkpoint();
+        let checkpoint_due = last_checkpoint.elapsed() >= interval;
+        if (!key_loaded || checkpoint_due) && !crate::launcher::restore_in_progress() {
+            if !key_loaded {
+                load_signing_key();
+                key_loaded = true;
+            }
+            if checkpoint_due {
+                last_checkpoint = Instant::now();
+                scheduled_checkpoint();
+            }
         }
         woken = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
     }
@@ -161,7 +168,7 @@ fn load_signing_key() {
         Ok(key) => {
             log!(
                 "vsql_vault signing key {}",
-                vsql_vault_core::keys::key_id(&key.verifying_key())
+                vsql_vault_core::keys::key_id(&vsql_vault_core::keys::SignEvidence::public(&key))
             );
             // Publish the public key at once: consumers of the replication stream need it before
             // the first checkpoint.

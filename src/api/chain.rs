@@ -173,8 +173,9 @@ fn rotate_signing_key_impl() -> TableIterator<
                 "only a superuser rotates the signing key".into(),
             ));
         }
-        let old =
-            crate::keys::existing().map(|k| vsql_vault_core::keys::key_id(&k.verifying_key()));
+        let old = crate::keys::existing().map(|k| {
+            vsql_vault_core::keys::key_id(&vsql_vault_core::keys::SignEvidence::public(&k))
+        });
         let new = crate::keys::rotate()?;
         event.details = Some(serde_json::json!({
             "old_key_id": old.as_ref().ok(),
@@ -358,6 +359,15 @@ fn running_own_script() -> bool {
     }
 }
 
+/// Whether this server runs in pg_upgrade's binary-upgrade mode. pg_upgrade's schema restore
+/// rebuilds the extension object by object (`ALTER EXTENSION ... ADD` for each member, the
+/// guarded tables' triggers and constraints), and only pg_upgrade can connect to such a server.
+/// Nothing could be recorded then anyway: the evidence tables' files are copied in afterwards.
+fn in_binary_upgrade() -> bool {
+    // SAFETY: a read of a postmaster-wide flag set at startup and never changed afterwards.
+    unsafe { pg_sys::IsBinaryUpgrade }
+}
+
 /// Asked by the DDL guard for each `ALTER EXTENSION vsql_vault`: an update to another version
 /// (`ALTER EXTENSION vsql_vault UPDATE`), run by a superuser, needs no break-glass; it is recorded
 /// in the chained log in the same transaction, so the record commits exactly when the update
@@ -365,6 +375,9 @@ fn running_own_script() -> bool {
 /// Declared by hand in sql/audit.sql: its argument is a `pg_ddl_command`.
 #[pg_extern(volatile, parallel_unsafe, schema = "vault", sql = false)]
 fn extension_update_recorded(command: pgrx::datum::Internal) -> bool {
+    if in_binary_upgrade() {
+        return true;
+    }
     // SAFETY: the SQL declaration takes a pg_ddl_command, which pg_event_trigger_ddl_commands()
     // produces as a pointer to the CollectedCommand of the command being reported, live for the
     // event trigger's run; its parse tree is a Node, whose tag is read before anything else.
@@ -427,6 +440,9 @@ fn ddl_guard_allows_relation(command: &str, object: &str, rel: pg_sys::Oid) -> b
 #[pg_extern(volatile, parallel_unsafe, schema = "vault")]
 #[search_path(pg_catalog, pg_temp)]
 fn ddl_guard_allows(command: &str, object: &str) -> bool {
+    if in_binary_upgrade() {
+        return true;
+    }
     // pg_restore recreates protected tables and their triggers; restore mode is superuser-only.
     if crate::settings::RESTORE_MODE.get() || running_own_script() {
         return true;

@@ -105,7 +105,7 @@ pub fn checkpoint() -> Result<i64, VaultError> {
     } in &heads
     {
         let msg = Checkpoint::message(table, *chain_id, *seq, head, signed_at, &key_id);
-        let sig = vsql_vault_core::keys::sign(&key, &msg);
+        let sig = vsql_vault_core::keys::SignEvidence::sign_evidence(&key, &msg)?;
         let _writing = VaultWriting::enter();
         Spi::connect_mut(|c| {
             c.update(

@@ -169,6 +169,26 @@ pub fn serves_this_database() -> bool {
     name.as_deref() == Some(served.as_str())
 }
 
+/// Whether `pg_restore` is connected to this database (its sessions name themselves so). A
+/// database's workers start as soon as a restore has created the extension, while the evidence
+/// rows are still on their way: until it is gone they publish no key, sign no checkpoint and
+/// sweep nothing, so nothing they write collides with rows the restore brings (a key row, a sweep
+/// run). Runs in its own transaction.
+pub fn restore_in_progress() -> bool {
+    pgrx::bgworkers::BackgroundWorker::transaction(|| {
+        crate::pg::select_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity
+                WHERE datid OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database
+                                                     WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+                  AND application_name OPERATOR(pg_catalog.=) 'pg_restore')",
+            &[],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
+
 /// Called by any backend that destroyed entries: its database's retention worker vacuums soon.
 pub fn request_vacuum() {
     if !crate::preloaded() {

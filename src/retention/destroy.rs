@@ -100,7 +100,7 @@ fn prove(
         .iter()
         .map(|d| statement(d, reason, purged_by, now))
         .collect();
-    let proved = prove_batch(statements, batch_id, now, &key);
+    let proved = prove_batch(statements, batch_id, now, &key)?;
     let batch = BatchFields {
         batch_id,
         purged_at: now,

@@ -89,7 +89,7 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(arg: pg_sys::Datum) {
             daily_at = sweep_at();
             continue;
         }
-        if unix_now() >= due {
+        if unix_now() >= due && !crate::launcher::restore_in_progress() {
             if extension_present() {
                 scheduled_sweep();
                 last_run = last_finished_run();
