@@ -48,6 +48,9 @@ pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 /// A command that wraps data keys through a KMS instead of the KEK file.
 pub static KEK_WRAP_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// Seconds after which the audit writer rotates the generated evidence signing key (0: never).
+pub static SIGNING_KEY_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// Public keys (hex, comma-separated) of the governance authorities whose signed directives
 /// `vault_apply_directive` accepts; superuser-only.
 pub static DIRECTIVE_PUBLIC_KEYS: GucSetting<Option<CString>> =
@@ -218,6 +221,16 @@ fn define_chains() {
         &SIGNING_KEY_FILE,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.signing_key_max_age",
+        c"Age after which the audit writer rotates the generated evidence signing key (0: never).",
+        c"The new key carries a rotation statement signed by the old one; vault_health() warns in the last tenth of the age. A key from vsql_vault.signing_key_file is not rotated: vault_health() warns when it is older.",
+        &SIGNING_KEY_MAX_AGE_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"vsql_vault.checkpoint_interval",
