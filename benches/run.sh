@@ -487,6 +487,16 @@ for v in retention_compliance access_summary key_inventory audit_integrity; do
         "$(secs3 "SELECT count(*) FROM vault.$v")" 5 "< 1 s" max:1
 done
 
+# Key governance (issue 18): the re-encryption queue of one directive over the same entries, an
+# exact key (1/250 of them) and a prefix pattern (61 of the 250 keys, about a quarter).
+exact=$(psql_su -Atc "SELECT vault_key_directive('retire-key', 'kms://bench/key-7')")
+prefix=$(psql_su -Atc "SELECT vault_key_directive('retire-key', 'kms://bench/key-2*')")
+for d in "$exact exact key_ref" "$prefix prefix pattern kms://bench/key-2*"; do
+    add_row time "overdue entries of one retire-key directive ($(cut -d' ' -f2- <<<"$d")) from vault.reencryption_queue, $(commas "$ce") entries (s, median of 3)" \
+        "$(secs3 "SELECT count(*) FROM vault.reencryption_queue WHERE directive_id = ${d%% *} AND overdue")" 5 "< 1 s" max:1
+done
+psql_su -Atc "SELECT vault_revoke_directive($exact, 'bench'), vault_revoke_directive($prefix, 'bench')" >/dev/null
+
 pgver=$(psql_su -Atc "SHOW server_version")
 bash tests/cluster.sh stop "$dir"
 

@@ -196,3 +196,8 @@ $owner$;
 -- what they were in 0.1.0.
 SELECT vault.protect_builtin('vault.signing_keys'::regclass::oid, 1);
 UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.signing_keys'::regclass;
+
+-- vault.key_directives (sql/governance.sql, issue 18): append-only and chained like the other
+-- evidence tables; protected last, so every earlier identity stays what it was.
+SELECT vault.protect_builtin('vault.key_directives'::regclass::oid, 1);
+UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.key_directives'::regclass;

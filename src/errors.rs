@@ -89,6 +89,22 @@ pub enum VaultError {
     NotThroughApi(String),
     #[error("this entry's access policy requires the end user or service the call is made for: SET LOCAL vsql_vault.on_behalf_of = '...' in the calling transaction")]
     IdentityRequired,
+    #[error("key directive {id} ({kind} {target}) refuses new data under this key or algorithm: store it encrypted under a compliant key")]
+    KeyDirective {
+        id: i64,
+        kind: &'static str,
+        target: String,
+    },
+    #[error(transparent)]
+    DirectiveDocument(#[from] vsql_vault_core::directive_doc::DocError),
+    #[error("vsql_vault.directive_public_keys: {0}")]
+    DirectiveKeys(String),
+    #[error("directive document refused: {0}")]
+    DirectiveNotFresh(String),
+    #[error("key directive {0} does not exist")]
+    NoSuchDirective(i64),
+    #[error("key directive {0} is not in force (it is revoked, or is itself a revocation)")]
+    DirectiveNotActive(i64),
     #[error("{0}")]
     Internal(String),
 }
@@ -123,6 +139,12 @@ impl VaultError {
             VaultError::Raised(_) => "XX000",
             VaultError::NotThroughApi(_) => "42501",
             VaultError::IdentityRequired => "28000",
+            VaultError::KeyDirective { .. } => "VV426",
+            VaultError::NoSuchDirective(_) => "P0002",
+            VaultError::DirectiveDocument(e) => e.sqlstate(),
+            VaultError::DirectiveKeys(_) => "F0000",
+            VaultError::DirectiveNotFresh(_) => "42501",
+            VaultError::DirectiveNotActive(_) => "22023",
             VaultError::Internal(_) => "XX000",
         }
     }

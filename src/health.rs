@@ -1,4 +1,5 @@
-//! `vault_health()`: one row per component (audit writer, retention worker, signing key, KEK,
+//! `vault_health()`: one row per component (audit writer, retention worker, signing key and its
+//! age, KEK,
 //! last sweep, last checkpoint, checkpoint export) with a status (`ok`, `warning`, `failing`) and
 //! a detail, so a failure that used to be silent (a missing key file stopping every purge, a dead
 //! worker) shows where monitoring looks. Also exported by `vault_metrics()`. Details name files,
@@ -37,6 +38,7 @@ pub fn components() -> Result<Vec<Component>, VaultError> {
             worker(crate::retention::worker::WORKER_NAME)?,
         ),
         component("signing_key", signing_key()),
+        component("signing_key_age", signing_key_age()?),
         component("kek", crate::decoding::kek_health()),
         component("last_sweep", last_sweep()?),
         component("last_checkpoint", last_checkpoint()?),
@@ -95,6 +97,40 @@ fn worker_pid(worker_type: &str) -> Option<i32> {
         }
     }
     None
+}
+
+/// The current signing key's age against `vsql_vault.signing_key_max_age`: a warning in the
+/// last tenth of it, before the audit writer rotates the key (or, for a key from
+/// `vsql_vault.signing_key_file`, which the vault does not rotate, once it is due).
+fn signing_key_age() -> Result<(&'static str, String), VaultError> {
+    use vsql_vault_core::keys::KeyAge;
+    let max = settings::SIGNING_KEY_MAX_AGE_S.get();
+    let Some((id, age, state)) = crate::keys::age()? else {
+        return Ok(("ok", "no registered signing key yet".into()));
+    };
+    let managed = crate::keys::source() == "signing_key_file";
+    Ok(match state {
+        KeyAge::Unlimited => (
+            "ok",
+            format!("key {id} is {age} s old; vsql_vault.signing_key_max_age is 0 (no scheduled rotation)"),
+        ),
+        KeyAge::Fresh => (
+            "ok",
+            format!("key {id} is {age} s old of vsql_vault.signing_key_max_age {max} s"),
+        ),
+        KeyAge::RotatingSoon if !managed => (
+            "warning",
+            format!("key {id} is {age} s old: the audit writer rotates it at vsql_vault.signing_key_max_age ({max} s)"),
+        ),
+        KeyAge::Due if !managed => (
+            "warning",
+            format!("key {id} is {age} s old, past vsql_vault.signing_key_max_age ({max} s): the audit writer rotates it at its next checkpoint"),
+        ),
+        _ => (
+            "warning",
+            format!("key {id} from vsql_vault.signing_key_file is {age} s old, near or past vsql_vault.signing_key_max_age ({max} s): replace the file (the vault does not rotate a key it does not manage)"),
+        ),
+    })
 }
 
 fn signing_key() -> (&'static str, String) {

@@ -347,3 +347,53 @@ pub fn rotate() -> Result<String, crate::errors::VaultError> {
     })?;
     Ok(id)
 }
+
+/// The current key's id and age in seconds (by the database clock, from its registration in
+/// `vault.signing_keys`), with where it stands against `vsql_vault.signing_key_max_age`; None
+/// when no current key is registered.
+pub fn age() -> Result<Option<(String, i64, keys::KeyAge)>, crate::errors::VaultError> {
+    let Ok(key) = existing() else {
+        return Ok(None);
+    };
+    let id = keys::key_id(&key.public());
+    let _owner = AsOwner::enter();
+    let age = crate::pg::select_one::<i64>(
+        "SELECT floor(extract(epoch FROM now() - created_at))::bigint FROM vault.signing_keys
+          WHERE key_id OPERATOR(pg_catalog.=) $1",
+        &[id.as_str().into()],
+    )?;
+    let max = i64::from(settings::SIGNING_KEY_MAX_AGE_S.get());
+    Ok(age.map(|a| (id, a, keys::key_age(a, max))))
+}
+
+/// Called by the audit writer with each scheduled checkpoint: rotates the generated key once it
+/// has reached `vsql_vault.signing_key_max_age` (as `vault_rotate_signing_key` does, the new key
+/// vouched for by the old one) and records nothing else; a key from `vsql_vault.signing_key_file`
+/// or `vsql_vault.signing_command` is left to whoever manages it (vault_health() warns). A failure is a WARNING, retried at
+/// the next checkpoint.
+pub fn rotate_when_due() {
+    if settings::SIGNING_KEY_MAX_AGE_S.get() <= 0
+        || configured_path().is_some()
+        || signing_command().is_some()
+    {
+        return;
+    }
+    let result = pgrx::bgworkers::BackgroundWorker::transaction(|| {
+        let installed = crate::pg::select_one::<bool>(
+            "SELECT pg_catalog.to_regclass('vault.signing_keys') IS NOT NULL",
+            &[],
+        )?
+        .unwrap_or(false);
+        match age()? {
+            Some((old, age, keys::KeyAge::Due)) if installed => {
+                let new = rotate()?;
+                log!("vsql_vault: signing key {old} reached vsql_vault.signing_key_max_age ({age} s old): rotated to {new}");
+                Ok(())
+            }
+            _ => Ok::<(), crate::errors::VaultError>(()),
+        }
+    });
+    if let Err(e) = result {
+        warning!("vsql_vault: scheduled rotation of the signing key failed: {e}");
+    }
+}

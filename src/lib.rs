@@ -13,6 +13,7 @@ mod chain;
 mod column_values;
 mod decoding;
 mod errors;
+mod governance;
 mod health;
 
 mod keys;
@@ -53,6 +54,17 @@ pgrx::extension_sql_file!(
         "retention",
         api::replication::sync_scope_impl,
         api::replication::scope_report_impl
+    ]
+);
+pgrx::extension_sql_file!(
+    "../sql/governance.sql",
+    name = "governance",
+    requires = [
+        "replication",
+        governance::key_directive_impl,
+        governance::revoke_directive_impl,
+        governance::key_status_impl,
+        governance::apply_directive_impl
     ]
 );
 pgrx::extension_sql_file!("../sql/compliance.sql", name = "compliance", finalize);

@@ -149,6 +149,9 @@ fn compliance_report_impl() -> TableIterator<
         };
         report["extension_version"] = serde_json::json!(env!("CARGO_PKG_VERSION"));
         report["replication_scope"]["kek_ids"] = serde_json::json!(crate::decoding::kek_ids());
+        if crate::governance::installed()? {
+            report["key_directives"] = crate::governance::directives()?;
+        }
         {
             let _owner = AsOwner::enter();
             sign(&mut report)?;
@@ -244,6 +247,17 @@ UNION ALL
 SELECT 'purge_proofs', NULL, NULL, count(*)::float8 FROM vault.purge_log
 "#;
 
+/// Rows of the key directives' family (a 0.1.0 schema, before ALTER EXTENSION UPDATE, has none).
+const DIRECTIVE_METRIC_ROWS: &str = r#"
+SELECT 'key_directive' AS family, d.id::text AS a, d.kind || ' ' || d.target AS b,
+       count(m.entry_id) FILTER (WHERE now() >= m.effective_at)::float8 AS v
+  FROM vault.key_directives d
+  LEFT JOIN vault.key_directive_matches m ON m.directive_id = d.id
+ WHERE d.kind <> 'revoke'
+   AND NOT EXISTS (SELECT 1 FROM vault.key_directives r WHERE r.revokes = d.id)
+ GROUP BY d.id, d.kind, d.target
+"#;
+
 /// One row of METRIC_ROWS: a family and its labels or values, by family.
 struct MetricRow {
     family: String,
@@ -253,9 +267,17 @@ struct MetricRow {
 }
 
 fn read_metric_rows() -> Result<Vec<MetricRow>, VaultError> {
+    let mut rows = read_rows(METRIC_ROWS)?;
+    if crate::governance::installed()? {
+        rows.extend(read_rows(DIRECTIVE_METRIC_ROWS)?);
+    }
+    Ok(rows)
+}
+
+fn read_rows(query: &str) -> Result<Vec<MetricRow>, VaultError> {
     let _owner = AsOwner::enter();
     Spi::connect(|c| {
-        c.select(METRIC_ROWS, None, &[])?
+        c.select(query, None, &[])?
             .map(|r| {
                 Ok(MetricRow {
                     family: r.get_by_name::<String, _>("family")?.unwrap_or_default(),
@@ -280,6 +302,7 @@ struct Families {
     verification_ok: Family,
     checkpoint_time: Family,
     proofs: Family,
+    directives: Family,
     expired: f64,
 }
 
@@ -331,6 +354,11 @@ impl Families {
             "gauge",
             "Signed purge proofs held in vault.purge_log.",
             ),
+            directives: Family::new(
+                "vsql_vault_key_directive_noncompliant_entries",
+                "gauge",
+                "Live entries under a key or algorithm a key directive in effect governs, per directive in force.",
+            ),
             expired: 0.0,
         }
     }
@@ -366,6 +394,13 @@ impl Families {
             }
             "last_checkpoint" => self.checkpoint_time.add(&[], number(&row.a)),
             "purge_proofs" => self.proofs.add(&[], v),
+            "key_directive" => {
+                let (kind, target) = b_text.split_once(' ').unwrap_or((b_text, ""));
+                self.directives.add(
+                    &[("directive", a_text), ("kind", kind), ("target", target)],
+                    v,
+                )
+            }
             _ => {}
         }
     }
@@ -395,6 +430,7 @@ impl Families {
             &self.verification_ok,
             &self.checkpoint_time,
             &self.proofs,
+            &self.directives,
             &sealed,
         ] {
             f.write(&mut out);

@@ -51,6 +51,14 @@ pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 /// A command that wraps data keys through a KMS instead of the KEK file.
 pub static KEK_WRAP_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// Seconds after which the audit writer rotates the generated evidence signing key (0: never).
+pub static SIGNING_KEY_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// Public keys (hex, comma-separated) of the governance authorities whose signed directives
+/// `vault_apply_directive` accepts; superuser-only.
+pub static DIRECTIVE_PUBLIC_KEYS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
 /// The end user or service the calling application acts for: settable by any role (a pooled
 /// application sets it with SET LOCAL inside its transaction), recorded in every access record.
 pub static ON_BEHALF_OF: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -60,6 +68,7 @@ pub fn define() {
     define_chains();
     define_retention();
     define_replication();
+    define_governance();
     // A misspelt vsql_vault.* setting is an error, not a silent placeholder that governs
     // nothing (SET vsql_vault.break_glas = on must not look like it worked).
     // SAFETY: called from _PG_init, after this library defined its settings; the prefix is a
@@ -225,6 +234,16 @@ fn define_chains() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"vsql_vault.signing_key_max_age",
+        c"Age after which the audit writer rotates the generated evidence signing key (0: never).",
+        c"The new key carries a rotation statement signed by the old one; vault_health() warns in the last tenth of the age. A key from vsql_vault.signing_key_file is not rotated: vault_health() warns when it is older.",
+        &SIGNING_KEY_MAX_AGE_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"vsql_vault.checkpoint_interval",
         c"Seconds between signed checkpoints of the audit chains.",
         c"",
@@ -292,6 +311,18 @@ fn define_replication() {
         c"Run with VSQL_VAULT_OP=wrap: reads the data key in hex on stdin, prints `<kek id> <wrapped hex>`.",
         &KEK_WRAP_COMMAND,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// Key governance (issue 18).
+fn define_governance() {
+    GucRegistry::define_string_guc(
+        c"vsql_vault.directive_public_keys",
+        c"Ed25519 public keys (64 hex characters each, comma-separated) of the governance authorities whose signed key directives vault_apply_directive accepts.",
+        c"Superuser-only: a key listed here can retire keys and deny algorithms. Empty: no signed directive is accepted.",
+        &DIRECTIVE_PUBLIC_KEYS,
+        GucContext::Suset,
         GucFlags::default(),
     );
 }

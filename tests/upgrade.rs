@@ -131,6 +131,8 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
     install_old_script();
     let cl = cluster();
     let s = &cl.0;
+    // No writer serves the database before CREATE EXTENSION (one per database with the extension,
+    // started by the launcher on the first call): nothing to wait for here.
     let mut su = s.connect("postgres");
     su.batch_execute(&format!(
         "SET vsql_vault.break_glass = on;
@@ -262,6 +264,34 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
     assert_eq!(kept, (Some(3), false));
     app.query_one("SELECT vault_delete('up.card', 'old-1')", &[])
         .unwrap();
+    // Key governance (issue 18) works on the upgraded install: a directive (chained, verified
+    // below with every chain), its refusal, its queue over the entries stored under 0.1.0.
+    let mut admin = s.connect("up_admin");
+    let directive: i64 = admin
+        .query_one(
+            "SELECT vault_key_directive('deny-algorithm', 'UP-ALG')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let e = app
+        .execute(
+            "SELECT vault_put('up.card', 'new-2', '\\x04', 'up-alg')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "VV426", "{e}");
+    let queued: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.reencryption_queue WHERE directive_id = $1",
+            &[&directive],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        queued, 0,
+        "no entry of the old install is under that algorithm"
+    );
     su.batch_execute(
         "INSERT INTO team_ledger VALUES (4, 'new'), (5, 'new'); SELECT vault_checkpoint();",
     )

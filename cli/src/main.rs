@@ -6,6 +6,7 @@
 
 mod decrypt;
 mod input;
+mod sign_directive;
 mod sign_evidence;
 mod verify;
 mod verify_purge;
@@ -15,7 +16,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "vsql-vault", version, propagate_version = true, about = "Checks vsql_vault evidence offline, with public keys only", long_about = None)]
+#[command(name = "vsql-vault", version, propagate_version = true, about = "Checks vsql_vault evidence offline, with public keys only (and signs key directives)", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,6 +30,8 @@ enum Command {
     VerifyPurge(verify_purge::Args),
     /// Verifies the signature of a signed JSON report (the replication scope report).
     VerifyReport(verify_report::Args),
+    /// Makes a key directive document signed by a governance authority (vault_apply_directive).
+    SignDirective(sign_directive::Args),
     /// Decrypts a vsql_vault replication stream, checking every signature, tag and link.
     Decrypt(decrypt::Args),
     /// Signs evidence for a server whose vsql_vault.signing_command calls it (on another host).
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::VerifyReport(a) => verify_report::run(&a),
         Command::Decrypt(a) => decrypt::run(&a),
         Command::SignEvidence(a) => sign_evidence::run(&a),
+        Command::SignDirective(a) => sign_directive::run(&a),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -226,6 +226,34 @@ pub fn verify(public: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
     public.verify_strict(message, &sig).is_ok()
 }
 
+/// Where the evidence signing key stands against `vsql_vault.signing_key_max_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAge {
+    /// No maximum age is set (0).
+    Unlimited,
+    /// Younger than the warning window.
+    Fresh,
+    /// In the last tenth of its maximum age (at least the last second): rotated soon.
+    RotatingSoon,
+    /// At or past its maximum age: rotated at the audit writer's next check.
+    Due,
+}
+
+/// `age_s` and `max_age_s` in seconds; a maximum of 0 or less means none.
+pub fn key_age(age_s: i64, max_age_s: i64) -> KeyAge {
+    if max_age_s <= 0 {
+        return KeyAge::Unlimited;
+    }
+    let window = (max_age_s / 10).max(1);
+    if age_s >= max_age_s {
+        KeyAge::Due
+    } else if age_s >= max_age_s - window {
+        KeyAge::RotatingSoon
+    } else {
+        KeyAge::Fresh
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,5 +352,18 @@ mod tests {
             Err(KeyError::Command(_))
         ));
         assert_eq!(KeyError::Command(String::new()).sqlstate(), "38000");
+    }
+
+    #[test]
+    fn key_age_warns_in_the_last_tenth_and_is_due_at_the_maximum() {
+        assert_eq!(key_age(10_000, 0), KeyAge::Unlimited);
+        assert_eq!(key_age(0, 100), KeyAge::Fresh);
+        assert_eq!(key_age(89, 100), KeyAge::Fresh);
+        assert_eq!(key_age(90, 100), KeyAge::RotatingSoon);
+        assert_eq!(key_age(99, 100), KeyAge::RotatingSoon);
+        assert_eq!(key_age(100, 100), KeyAge::Due);
+        assert_eq!(key_age(5, 5), KeyAge::Due);
+        assert_eq!(key_age(4, 5), KeyAge::RotatingSoon);
+        assert_eq!(key_age(3, 5), KeyAge::Fresh);
     }
 }

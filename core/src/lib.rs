@@ -6,7 +6,9 @@
 pub mod canonical;
 pub mod chain;
 pub mod decide;
+pub mod directive_doc;
 pub mod envelope;
+pub mod governance;
 pub mod keys;
 pub mod merkle;
 pub mod purge;

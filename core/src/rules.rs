@@ -58,6 +58,8 @@ pub enum InputError {
     OnBehalfOf(&'static str),
     #[error("max_rows must be between 1 and {LIST_MAX_ROWS}, got {0}")]
     MaxRows(i32),
+    #[error("invalid key directive: {0}")]
+    Directive(String),
 }
 
 impl InputError {

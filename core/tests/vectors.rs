@@ -36,3 +36,36 @@ fn canonical_vectors() {
         );
     }
 }
+
+/// A key directive document signed by the authority key of seed 32 × 0x07: the signed bytes and
+/// the (deterministic) Ed25519 signature are fixed (docs/key-governance.md).
+#[test]
+fn key_directive_vector() {
+    use vsql_vault_core::directive_doc;
+    use vsql_vault_core::keys;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/vectors/key_directive_v1.json"
+    );
+    let text = std::fs::read_to_string(path).expect("vector file");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("vector json");
+    let seed = hex::decode(v["authority_seed_hex"].as_str().unwrap()).unwrap();
+    let key = keys::decode_file("vector", hex::encode(&seed).as_bytes()).unwrap();
+    assert_eq!(
+        hex::encode(key.verifying_key().as_bytes()),
+        v["authority_public_key_hex"].as_str().unwrap()
+    );
+    let signed = &v["signed_document"];
+    assert_eq!(
+        hex::encode(directive_doc::message(signed)),
+        v["signed_bytes_hex"].as_str().unwrap()
+    );
+    let mut resigned = v["unsigned_document"].clone();
+    directive_doc::sign(&mut resigned, &key).unwrap();
+    assert_eq!(
+        &resigned, signed,
+        "signing the unsigned document gives the vector"
+    );
+    let d = directive_doc::verify(signed, &[key.verifying_key()]).unwrap();
+    assert_eq!(d.target, "kms://payments/*");
+}

@@ -118,6 +118,7 @@ pub extern "C-unwind" fn vsql_vault_audit_writer_main(arg: pg_sys::Datum) {
             if checkpoint_due {
                 last_checkpoint = Instant::now();
                 scheduled_checkpoint();
+                crate::keys::rotate_when_due();
             }
         }
         woken = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));

@@ -29,13 +29,16 @@ pub fn select_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
     })
 }
 
-/// One value from a statement that writes (INSERT ... RETURNING, nextval).
+/// One value from a statement that writes (INSERT ... RETURNING, nextval). Run without a row
+/// limit: an INSERT stopped after its first RETURNING row never reaches the end of its
+/// ModifyTable node, so its AFTER STATEMENT triggers (the chain's head flush on a protected
+/// table) would not fire.
 pub fn write_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
     query: &str,
     args: &[pgrx::datum::DatumWithOid],
 ) -> Result<Option<T>, pgrx::spi::Error> {
     Spi::connect_mut(|c| {
-        let rows = c.update(query, Some(1), args)?;
+        let rows = c.update(query, None, args)?;
         if rows.is_empty() {
             return Ok(None);
         }

@@ -245,6 +245,9 @@ fn put(event: &mut Event, input: &PutInput) -> Result<TimestampWithTimeZone, Vau
         }
         other => refusal_error(other, &subject),
     })?;
+    // Key governance (issue 18): after the access decision, so that a caller who may not store
+    // here learns nothing about the directives.
+    let grace = crate::governance::check_put(input.key_ref, input.algorithm_hint)?;
     let effective = plan
         .effective_expiry
         .ok_or_else(|| VaultError::Internal("no effective expiry computed".into()))?;
@@ -260,6 +263,16 @@ fn put(event: &mut Event, input: &PutInput) -> Result<TimestampWithTimeZone, Vau
             "superseded": {"entry_id": replaced, "proof_id": proof},
         }));
         crate::retention::worker::request_vacuum();
+    }
+    if !grace.is_empty() {
+        let ids: Vec<serde_json::Value> = grace
+            .iter()
+            .map(|(id, deadline)| serde_json::json!({"directive_id": id, "deadline": deadline}))
+            .collect();
+        if let Some(d) = event.details.as_mut() {
+            d["key_directive_grace"] = ids.into();
+        }
+        crate::governance::warn_grace(&grace);
     }
     Ok(effective)
 }
