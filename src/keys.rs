@@ -174,12 +174,16 @@ pub fn register(key: &EvidenceSigner) -> Result<String, pgrx::spi::Error> {
 /// A registered key other than `new_id` whose file the vault can read: the one that vouches for
 /// a new key. The most recently registered wins.
 fn held_previous(new_id: &str) -> Result<Option<SigningKey>, pgrx::spi::Error> {
-    let mut held: Vec<SigningKey> = [Some(generated_path()), configured_path()]
-        .into_iter()
-        .flatten()
-        .filter_map(|p| read_key(&p).ok())
-        .filter(|k| keys::key_id(&k.verifying_key()) != new_id)
-        .collect();
+    let mut held: Vec<SigningKey> = [
+        Some(generated_path()),
+        Some(previous_path()),
+        configured_path(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|p| read_key(&p).ok())
+    .filter(|k| keys::key_id(&k.verifying_key()) != new_id)
+    .collect();
     let ids: Vec<String> = held
         .iter()
         .map(|k| keys::key_id(&k.verifying_key()))
@@ -324,6 +328,14 @@ fn insert_key(
     })
 }
 
+/// Where a rotation leaves the key it replaced. The key file is the cluster's, the registries are
+/// each database's: the other databases register the new key later, at their next checkpoint,
+/// and need the old key then to sign its rotation statement (else the new key would be
+/// registered there without one, and not trusted). The next rotation replaces it.
+fn previous_path() -> String {
+    format!("{}.previous", generated_path())
+}
+
 /// Replaces the generated key with a new one, vouched for by the old one when its file is still
 /// there; old public keys stay for verification. The new key is registered before its file
 /// replaces the old one, so a failure leaves the old key in place.
@@ -339,6 +351,11 @@ pub fn rotate() -> Result<String, crate::errors::VaultError> {
     let _ = std::fs::remove_file(&tmp);
     write_new(&tmp, &key).map_err(VaultError::Key)?;
     let id = register_with(&key, old.as_ref()).map_err(|e| VaultError::Internal(e.to_string()))?;
+    if let Some(old) = &old {
+        let previous = previous_path();
+        let _ = std::fs::remove_file(&previous);
+        write_new(&previous, old).map_err(VaultError::Key)?;
+    }
     std::fs::rename(&tmp, &path).map_err(|e| {
         VaultError::Key(KeyError::Io {
             path: path.clone(),

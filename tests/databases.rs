@@ -175,3 +175,42 @@ fn max_databases_caps_the_databases_served() {
             .is_ok()
     });
 }
+
+/// The key file is the cluster's, each database's key registry its own: after a rotation in one
+/// database, another database registers the new key with a rotation statement signed by the old
+/// one (kept beside the key file as `vsql_vault_signing.key.previous`), so it trusts it.
+#[test]
+fn a_rotation_in_one_database_is_vouched_for_in_the_others() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut other = fresh_database(&s, &mut su, "vault_db_rot");
+    other.query_one("SELECT vault_checkpoint()", &[]).unwrap();
+    let old: String = other
+        .query_one(
+            "SELECT key_id FROM vault.audit_checkpoints ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let new: String = su
+        .query_one("SELECT vault_rotate_signing_key()", &[])
+        .unwrap()
+        .get(0);
+    assert_ne!(new, old);
+    other.query_one("SELECT vault_checkpoint()", &[]).unwrap();
+    let row = other
+        .query_one(
+            "SELECT previous_key_id FROM vault.signing_keys WHERE key_id = $1",
+            &[&new],
+        )
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some(old.as_str()),
+        "the old key vouches for the new one in the other database too"
+    );
+    assert_chains_verify(&mut other, None);
+    drop(other);
+    su.batch_execute("DROP DATABASE vault_db_rot WITH (FORCE)")
+        .unwrap();
+}

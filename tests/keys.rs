@@ -119,10 +119,18 @@ fn a_removed_key_file_fails_closed_is_never_regenerated_and_shows_in_health() {
 fn only_a_superusers_recorded_rotation_replaces_a_lost_key() {
     let s = server();
     let mut su = setup(&s);
+    // A rotation first, so the registry has a chain of statements whatever ran before (with none,
+    // every key registered without one is a trust root).
+    su.query_one("SELECT vault_rotate_signing_key()", &[])
+        .unwrap();
     su.query_one("SELECT vault_checkpoint()", &[]).unwrap();
     let path = key_path(&s);
     let aside = format!("{path}.lost");
     as_postgres(&["mv", &path, &aside]);
+    // The key that rotation replaced, kept for the other databases, is lost with it.
+    let previous = format!("{path}.previous");
+    let previous_aside = format!("{previous}.lost");
+    as_postgres(&["mv", &previous, &previous_aside]);
     let mut admin = s.connect("it_admin");
     assert_eq!(
         error_of(&mut admin, "SELECT vault_rotate_signing_key()").0,
@@ -160,6 +168,7 @@ fn only_a_superusers_recorded_rotation_replaces_a_lost_key() {
     );
     // The old key comes back, so the tests after this one sign with a trusted key again.
     as_postgres(&["mv", &aside, &path]);
+    as_postgres(&["mv", &previous_aside, &previous]);
 }
 
 #[test]

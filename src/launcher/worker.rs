@@ -68,13 +68,16 @@ struct Workers {
     retention: Option<DynamicBackgroundWorker>,
     writer_started: Option<Instant>,
     retention_started: Option<Instant>,
+    /// When the launcher first saw the retention worker gone: it restarts 5 s after its exit, so
+    /// a worker that was stopped is reported failing for that long (vault_health()).
+    retention_gone: Option<Instant>,
 }
 
-/// Whether a worker last started at `started` may start again: a worker that fails at once is
-/// not restarted in a tight loop (the restart times the postmaster applied to these workers
-/// before the launcher: 1 s for the writer, 5 s for the retention worker).
-fn may_restart(started: Option<Instant>, after: Duration) -> bool {
-    started.is_none_or(|t| t.elapsed() >= after)
+/// Whether a worker last started (or seen gone) at `since` may start again: a worker that fails
+/// at once is not restarted in a tight loop (the restart times the postmaster applied to these
+/// workers before the launcher: 1 s for the writer, 5 s after its exit for the retention worker).
+fn may_restart(since: Option<Instant>, after: Duration) -> bool {
+    since.is_none_or(|t| t.elapsed() >= after)
 }
 
 #[pg_guard]
@@ -186,6 +189,11 @@ fn supervise(databases: &[(u32, String)], workers: &mut HashMap<u32, Workers>) {
         let w = workers.entry(*db).or_default();
         let writer_up = alive(&w.writer) || e.writer_pid != 0;
         let retention_up = alive(&w.retention) || e.retention_pid != 0;
+        if retention_up {
+            w.retention_gone = None;
+        } else if w.retention_started.is_some() && w.retention_gone.is_none() {
+            w.retention_gone = Some(Instant::now());
+        }
         if !writer_up {
             let recently_absent =
                 e.no_extension_at != 0 && now - e.no_extension_at < RECHECK_WITHOUT_EXTENSION_S;
@@ -209,7 +217,7 @@ fn supervise(databases: &[(u32, String)], workers: &mut HashMap<u32, Workers>) {
         } else if !retention_up
             && e.writer_pid != 0
             && e.no_extension_at == 0
-            && may_restart(w.retention_started, Duration::from_secs(5))
+            && may_restart(w.retention_gone, Duration::from_secs(5))
         {
             // The writer found the extension: the database is served, retention follows.
             w.retention_started = Some(Instant::now());
