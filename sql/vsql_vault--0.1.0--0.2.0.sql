@@ -637,3 +637,74 @@ SELECT g.id AS proof_id,
        g.purged_by, g.sweep_id, g.batch_id, g.tree_size, g.key_id,
        encode(g.merkle_root, 'hex') AS merkle_root, encode(g.entry_hash, 'hex') AS entry_hash
   FROM vault.purge_log g;
+
+-- Replication exclusions bound to the column's identity (relid, attnum) instead of its name
+-- (issue 16, item 1). Existing rows are bound to the column of their name; a row whose column no
+-- longer has that name (renamed or dropped since; 0.1.0 no longer excluded it) gets a negative
+-- attnum, which matches no column, and the scope report lists it as unbound.
+ALTER TABLE vault.sync_exclusions ADD COLUMN attnum smallint;
+UPDATE vault.sync_exclusions x SET attnum = a.attnum
+  FROM pg_catalog.pg_attribute a
+ WHERE a.attrelid = x.relid AND a.attname = x.column_name AND a.attnum > 0 AND NOT a.attisdropped;
+UPDATE vault.sync_exclusions x SET attnum = -u.n
+  FROM (SELECT ctid, row_number() OVER (PARTITION BY relid ORDER BY column_name) AS n
+          FROM vault.sync_exclusions WHERE attnum IS NULL) u
+ WHERE x.ctid = u.ctid;
+ALTER TABLE vault.sync_exclusions ALTER COLUMN attnum SET NOT NULL;
+ALTER TABLE vault.sync_exclusions DROP CONSTRAINT sync_exclusions_pkey, ADD PRIMARY KEY (relid, attnum);
+
+-- Exclusions survive pg_dump/pg_restore: dumped with the extension, and rebound on restore by the
+-- names they carry (the new cluster has other OIDs and, after dropped columns, other attnums).
+SELECT pg_catalog.pg_extension_config_dump('vault.sync_exclusions', '');
+
+-- Keeps table_name and column_name current after a rename of the column, its table or schema,
+-- so a dump carries the names a restore finds. Dropped columns keep their last name.
+CREATE FUNCTION vault.sync_exclusions_names() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    UPDATE vault.sync_exclusions x
+       SET table_name = c.oid::regclass::text, column_name = a.attname
+      FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+     WHERE c.oid = x.relid AND a.attnum = x.attnum AND NOT a.attisdropped
+       AND (x.table_name IS DISTINCT FROM c.oid::regclass::text OR x.column_name IS DISTINCT FROM a.attname);
+END
+$fn$;
+REVOKE ALL ON FUNCTION vault.sync_exclusions_names() FROM PUBLIC;
+-- Like every SECURITY DEFINER helper, owned by vault_owner (sql/compliance.sql, at the end of a
+-- fresh install; this part of the upgrade comes after the ownership pass above).
+ALTER FUNCTION vault.sync_exclusions_names() OWNER TO vault_owner;
+CREATE EVENT TRIGGER vault_sync_exclusions_names ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'ALTER INDEX', 'ALTER VIEW', 'ALTER MATERIALIZED VIEW',
+                 'ALTER FOREIGN TABLE', 'ALTER TYPE')
+    EXECUTE FUNCTION vault.sync_exclusions_names();
+ALTER EVENT TRIGGER vault_sync_exclusions_names ENABLE ALWAYS;
+
+-- A row whose (relid, attnum) does not denote the column it names comes from a dump of another
+-- cluster: bind it to the column of that name now. A row naming no existing column is a dropped
+-- column or table (nothing of it left to publish): it is not restored, with a warning.
+CREATE FUNCTION vault.sync_exclusions_rebind() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    rel oid;
+    att smallint;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute a
+                WHERE a.attrelid = NEW.relid AND a.attnum = NEW.attnum
+                  AND (a.attisdropped OR (a.attname = NEW.column_name
+                                          AND a.attrelid::regclass::text = NEW.table_name))) THEN
+        RETURN NEW;
+    END IF;
+    rel := to_regclass(NEW.table_name);
+    SELECT a.attnum INTO att FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = NEW.column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    IF att IS NULL THEN
+        RAISE WARNING 'vsql_vault: exclusion of %.% not restored: no such column', NEW.table_name, NEW.column_name;
+        RETURN NULL;
+    END IF;
+    NEW.relid := rel;
+    NEW.attnum := att;
+    RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER sync_exclusions_rebind BEFORE INSERT ON vault.sync_exclusions
+    FOR EACH ROW EXECUTE FUNCTION vault.sync_exclusions_rebind();

@@ -470,21 +470,6 @@ fn zz_dump_and_restore_keep_the_vault() {
     s.wait_for_writer(&s.db);
 }
 
-/// Runs a PostgreSQL client program against the test server, returning (success, stderr).
-fn client_program(s: &Server, program: &str, args: &[&str]) -> (bool, String) {
-    let port = s.port.to_string();
-    let out = Command::new(program)
-        .env_remove("PGOPTIONS")
-        .args(["-h", &s.dir, "-p", &port, "-U", "postgres"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Points the audit writer at `db` and waits until it serves it.
 fn serve(s: &Server, su: &mut Client, db: &str) {
     su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.database = '{db}'"))

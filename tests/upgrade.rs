@@ -131,7 +131,6 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
     install_old_script();
     let cl = cluster();
     let s = &cl.0;
-    s.wait_for_writer(&s.db);
     let mut su = s.connect("postgres");
     su.batch_execute(&format!(
         "SET vsql_vault.break_glass = on;
@@ -147,6 +146,8 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
          END $$;"
     ))
     .unwrap();
+    // The launcher starts a database's audit writer once the extension exists there.
+    s.wait_for_writer(&s.db);
     let version = installed_version(&mut su);
     assert_eq!(version, OLD);
     // Evidence of every kind under 0.1.0: access records, a protected team table, checkpoints and

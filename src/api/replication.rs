@@ -32,19 +32,39 @@ fn sync_scope_impl(
         let col = col.ok_or(vsql_vault_core::InputError::Null("col"))?;
         require(caller, &["vault_admin"])?;
         let _owner = AsOwner::enter();
+        // A SHARE lock on the table, held until this transaction ends, makes the order of an
+        // exclusion and the writes to its table well defined. SHARE conflicts with the ROW
+        // EXCLUSIVE lock every INSERT/UPDATE/DELETE/COPY holds until its transaction ends, so:
+        // a transaction that wrote to the table before this call commits before the exclusion
+        // does (this call waits for it), and one that writes after this call waits until the
+        // exclusion has committed, so every one of its changes is decoded under a snapshot that
+        // holds the exclusion. Hence the promise: no value of an excluded column appears in any
+        // transaction that commits after the exclusion commits, whatever its start time. It also
+        // keeps the column's attnum and name stable until commit (ALTER TABLE conflicts too).
+        // SAFETY: a plain heavyweight lock request on a relation OID, inside a transaction;
+        // released at its end. A relation dropped meanwhile fails the column lookup below.
+        unsafe { pg_sys::LockRelationOid(tbl, pg_sys::ShareLock as i32) };
         let name = select_one::<String>(
-            "SELECT c.oid::regclass::text FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+            "SELECT c.oid::regclass::text FROM pg_catalog.pg_class c WHERE c.oid = $1",
+            &[tbl.into()],
+        )?
+        .ok_or_else(|| VaultError::UnknownColumn(col.to_owned()))?;
+        // Bound by identity (relation OID and attnum): by the column's current name here, and
+        // followed through renames of the column, the table and its schema afterwards.
+        let attnum = select_one::<i16>(
+            "SELECT a.attnum FROM pg_catalog.pg_attribute a
              WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
             &[tbl.into(), col.into()],
         )?
         .ok_or_else(|| VaultError::UnknownColumn(col.to_owned()))?;
-        event.details = Some(serde_json::json!({ "table": name, "column": col }));
+        event.details = Some(serde_json::json!({ "table": name, "column": col, "attnum": attnum }));
         let query = if exclude {
-            "INSERT INTO vault.sync_exclusions (relid, column_name, table_name, excluded_by)
-             SELECT $1, $2, $3, $4
-             WHERE NOT EXISTS (SELECT 1 FROM vault.sync_exclusions WHERE relid = $1 AND column_name = $2)"
+            "INSERT INTO vault.sync_exclusions (relid, attnum, column_name, table_name, excluded_by)
+             SELECT $1, $2, $3, $4, $5
+             WHERE NOT EXISTS (SELECT 1 FROM vault.sync_exclusions WHERE relid = $1 AND attnum = $2)"
         } else {
-            "DELETE FROM vault.sync_exclusions WHERE relid = $1 AND column_name = $2 AND $3 IS NOT NULL AND $4 IS NOT NULL"
+            "DELETE FROM vault.sync_exclusions WHERE relid = $1 AND attnum = $2
+               AND $3 IS NOT NULL AND $4 IS NOT NULL AND $5 IS NOT NULL"
         };
         Spi::connect_mut(|c| {
             c.update(
@@ -52,6 +72,7 @@ fn sync_scope_impl(
                 None,
                 &[
                     tbl.into(),
+                    attnum.into(),
                     col.into(),
                     name.as_str().into(),
                     caller.role_name.as_str().into(),
@@ -84,10 +105,18 @@ fn scope_report_impl() -> TableIterator<
                    'published', (SELECT COALESCE(jsonb_agg(a.attname ORDER BY a.attnum), '[]')
                                  FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                                    AND NOT EXISTS (SELECT 1 FROM vault.sync_exclusions x
-                                                   WHERE x.relid = c.oid AND x.column_name = a.attname)),
-                   'excluded', (SELECT COALESCE(jsonb_agg(jsonb_build_object('column', x.column_name,
-                                                 'since', x.excluded_at, 'by', x.excluded_by) ORDER BY x.column_name), '[]')
-                                FROM vault.sync_exclusions x WHERE x.relid = c.oid)) ORDER BY c.oid::regclass::text)
+                                                   WHERE x.relid = c.oid AND x.attnum = a.attnum)),
+                   'excluded', (SELECT COALESCE(jsonb_agg(jsonb_build_object(
+                                     'column', CASE WHEN a.attisdropped OR a.attnum IS NULL THEN x.column_name::text
+                                                    ELSE a.attname::text END,
+                                     'since', x.excluded_at, 'by', x.excluded_by)
+                                   || CASE WHEN a.attisdropped THEN jsonb_build_object('dropped', true)
+                                           WHEN a.attnum IS NULL THEN jsonb_build_object('unbound', true)
+                                           ELSE '{}'::jsonb END
+                                   ORDER BY x.attnum), '[]')
+                                FROM vault.sync_exclusions x
+                                LEFT JOIN pg_attribute a ON a.attrelid = x.relid AND a.attnum = x.attnum
+                                WHERE x.relid = c.oid)) ORDER BY c.oid::regclass::text)
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'vault')
                    AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'), '[]'),

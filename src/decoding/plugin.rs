@@ -7,7 +7,7 @@
 //! modules, so the control flow of a decoding session reads top to bottom here.
 
 use super::batch::{flush, push};
-use super::exclusions::excluded_columns;
+use super::exclusions::{current_snapshot, excluded_columns, SnapshotId};
 use super::kek;
 use super::options::{parse_options, Options};
 use super::record::{close_record, message_record, open_record, write_row};
@@ -20,8 +20,11 @@ use vsql_vault_core::stream::Sealer;
 /// One decoding session's state, boxed by `startup` and freed by `shutdown`.
 pub(super) struct State {
     options: Options,
-    /// Excluded columns per relation, read under the historic snapshot, for this transaction.
-    excluded: std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Vec<String>>>,
+    /// Excluded columns (attribute numbers) per relation, read under the historic snapshot
+    /// `excluded_under`; read again whenever a change is decoded under another snapshot (an
+    /// exclusion committed while the transaction was open gives its later changes a new one).
+    excluded: std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Vec<i16>>>,
+    excluded_under: SnapshotId,
     /// The largest change record so far: new records start with room for it.
     record_capacity: usize,
     pub(super) slot: String,
@@ -102,6 +105,7 @@ unsafe extern "C-unwind" fn startup(
         let st = Box::new(State {
             options,
             excluded: Default::default(),
+            excluded_under: SnapshotId::default(),
             record_capacity: 256,
             slot,
             kek: kek::session_kek(),
@@ -190,6 +194,11 @@ unsafe extern "C-unwind" fn change(
             _ => return,
         };
         let relid = (*rel).rd_id;
+        let snapshot = current_snapshot();
+        if snapshot != st.excluded_under {
+            st.excluded.clear();
+            st.excluded_under = snapshot;
+        }
         let excluded = st
             .excluded
             .entry(relid)

@@ -220,6 +220,21 @@ pub fn recvlogical(s: &Server, su: &mut Client, slot: &str, file: &str) {
     );
 }
 
+/// Runs a PostgreSQL client program against the test server, returning (success, stderr).
+pub fn client_program(s: &Server, program: &str, args: &[&str]) -> (bool, String) {
+    let port = s.port.to_string();
+    let out = Command::new(program)
+        .env_remove("PGOPTIONS")
+        .args(["-h", &s.dir, "-p", &port, "-U", "postgres"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn fresh_slot(su: &mut Client, slot: &str) {
     let _ = su.execute("SELECT pg_drop_replication_slot($1)", &[&slot]);
     su.execute(
