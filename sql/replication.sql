@@ -33,6 +33,12 @@ BEGIN
       FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
      WHERE c.oid = x.relid AND a.attnum = x.attnum AND NOT a.attisdropped
        AND (x.table_name IS DISTINCT FROM c.oid::regclass::text OR x.column_name IS DISTINCT FROM a.attname);
+    -- The allow-list (vault.sync_published) likewise; the table exists from 0.2.0 on.
+    IF pg_catalog.to_regclass('vault.sync_published') IS NOT NULL THEN
+        UPDATE vault.sync_published p SET table_name = c.oid::regclass::text
+          FROM pg_class c
+         WHERE c.oid = p.relid AND p.table_name IS DISTINCT FROM c.oid::regclass::text;
+    END IF;
 END
 $fn$;
 REVOKE ALL ON FUNCTION vault.sync_exclusions_names() FROM PUBLIC;
@@ -71,6 +77,57 @@ END
 $fn$;
 CREATE TRIGGER sync_exclusions_rebind BEFORE INSERT ON vault.sync_exclusions
     FOR EACH ROW EXECUTE FUNCTION vault.sync_exclusions_rebind();
+
+-- The allow-list of the output plugin (issue 16, item 6). The vault's own tables (schema vault)
+-- never leave the server unless a vault_admin publishes them here; with the superuser-only
+-- setting vsql_vault.sync_allow_list_required on, no table leaves unless it is listed here.
+-- A user catalog table, read by decoding under each change's historic snapshot, like
+-- vault.sync_exclusions; dumped, and rebound on restore by its table name.
+CREATE TABLE vault.sync_published (
+    relid        oid PRIMARY KEY,
+    table_name   text NOT NULL,
+    published_at timestamptz NOT NULL DEFAULT now(),
+    published_by name NOT NULL
+) WITH (user_catalog_table = true);
+REVOKE ALL ON vault.sync_published FROM PUBLIC;
+GRANT SELECT ON vault.sync_published TO vault_auditor, vault_admin;
+SELECT pg_catalog.pg_extension_config_dump('vault.sync_published', '');
+
+CREATE FUNCTION vault.sync_published_rebind() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    rel oid;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = NEW.relid AND c.oid::regclass::text = NEW.table_name) THEN
+        RETURN NEW;
+    END IF;
+    rel := to_regclass(NEW.table_name);
+    IF rel IS NULL THEN
+        RAISE WARNING 'vsql_vault: publication of % not restored: no such table', NEW.table_name;
+        RETURN NULL;
+    END IF;
+    NEW.relid := rel;
+    RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER sync_published_rebind BEFORE INSERT ON vault.sync_published
+    FOR EACH ROW EXECUTE FUNCTION vault.sync_published_rebind();
+
+CREATE FUNCTION vault_sync_publish(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.sync_publish_impl($1::oid, true) r;
+END
+$fn$;
+
+CREATE FUNCTION vault_sync_unpublish(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM vault.raise_reported(r.sqlstate, r.message)
+       FROM vault.sync_publish_impl($1::oid, false) r;
+END
+$fn$;
 
 CREATE FUNCTION vault_sync_exclude(tbl regclass, col name) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$

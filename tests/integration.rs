@@ -470,14 +470,6 @@ fn zz_dump_and_restore_keep_the_vault() {
     s.wait_for_writer(&s.db);
 }
 
-/// Points the audit writer at `db` and waits until it serves it.
-fn serve(s: &Server, su: &mut Client, db: &str) {
-    su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.database = '{db}'"))
-        .unwrap();
-    su.batch_execute("SELECT pg_reload_conf()").unwrap();
-    s.wait_for_writer(db);
-}
-
 /// A standard pg_dump / pg_restore of an intact vault database needs no setting: the evidence
 /// rows arrive in chain order and are kept because they continue their chains, and the DDL guard
 /// lets pg_restore rebuild a protected table's constraints and triggers. (Before, COPY into the

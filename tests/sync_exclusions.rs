@@ -1,7 +1,9 @@
 //! Source-side column exclusion (issue 16, items 1 and 2): an exclusion is bound to the column's
 //! identity, so renames of the column, its table or schema keep it; it survives pg_dump and
 //! pg_restore; and no value of an excluded column appears in any transaction that commits after
-//! the exclusion commits, whatever the transaction's start time, spilled to disk or not.
+//! the exclusion commits, whatever the transaction's start time, spilled to disk or not. The
+//! vault's own tables leave only when published, and a superuser can require the allow-list for
+//! every table (issue 16, item 6).
 
 mod common;
 
@@ -188,14 +190,19 @@ fn exclusions_survive_dump_and_restore_rebound_by_their_current_names() {
             .unwrap();
         su.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
     }
+    // Only the source is served while the dump is restored: a writer in the target would sign a
+    // checkpoint of its own (a key row) before the dumped key rows arrive.
     let mut src = s.connect_to("vault_excl_src", "postgres", "excl");
     src.batch_execute("CREATE EXTENSION vsql_vault").unwrap();
+    serve(&s, &mut su, "vault_excl_src");
     // A dropped column before the excluded one: the restored table numbers its columns anew.
     src.batch_execute(
         "CREATE TABLE cards (id int PRIMARY KEY, gone text, pan text, note text);
          ALTER TABLE cards DROP COLUMN gone;
          SELECT vault_sync_exclude('cards', 'pan');
-         ALTER TABLE cards RENAME COLUMN pan TO card_number;",
+         ALTER TABLE cards RENAME COLUMN pan TO card_number;
+         CREATE TABLE ledger (id int); SELECT vault_sync_publish('ledger');
+         ALTER TABLE ledger RENAME TO ledger2;",
     )
     .unwrap();
     drop(src);
@@ -208,11 +215,19 @@ fn exclusions_survive_dump_and_restore_rebound_by_their_current_names() {
         &["--exit-on-error", "-d", "vault_excl_dst", &file],
     );
     assert!(ok, "pg_restore: {err}");
+    serve(&s, &mut su, "vault_excl_dst");
     let mut dst = s.connect_to("vault_excl_dst", "it_admin", "excl");
     let t = scope_of(&mut dst, "public.cards");
     assert_eq!(names(&t, "excluded"), ["card_number"], "{t}");
     assert_eq!(names(&t, "published"), ["id", "note"], "{t}");
+    // The allow-list too, by the table's current name.
+    let (_, allow) = report_tables(&mut dst);
+    assert_eq!(allow["tables"][0]["table"], "public.ledger2", "{allow}");
     drop(dst);
+    su.batch_execute("ALTER SYSTEM RESET vsql_vault.database")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.wait_for_writer(&s.db);
     for db in ["vault_excl_src", "vault_excl_dst"] {
         su.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .unwrap();
@@ -323,5 +338,167 @@ fn no_excluded_value_in_a_transaction_committing_after_the_exclusion() {
     );
     assert!(out.contains("il-a-before") && out.contains("il-a-after"));
     su.execute("SELECT pg_drop_replication_slot('ex_open_slot')", &[])
+        .unwrap();
+}
+
+/// The tables of every change in a decoded stream, as `schema.table`.
+fn tables_in(out: &str) -> std::collections::BTreeSet<String> {
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|c| c["table"].is_string())
+        .map(|c| {
+            format!(
+                "{}.{}",
+                c["schema"].as_str().unwrap(),
+                c["table"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// Every table the signed scope report says leaves.
+fn report_tables(c: &mut Client) -> (Vec<String>, serde_json::Value) {
+    let report: String = c
+        .query_one("SELECT vault_scope_report()::text", &[])
+        .unwrap()
+        .get(0);
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let tables = v["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap().to_owned())
+        .collect();
+    (tables, v["allow_list"].clone())
+}
+
+#[test]
+fn the_vaults_own_tables_leave_only_when_published_and_an_allow_list_can_be_required() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "c3"));
+    su.batch_execute(
+        "DROP TABLE IF EXISTS ex_plain; CREATE TABLE ex_plain (id int PRIMARY KEY, note text);",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "ex_pub_slot");
+    let mut admin = s.connect("it_admin");
+    let mut a = s.connect("it_a");
+    // Entries, access records and policies are written; none of them leaves by default.
+    put(&mut a, "ex-pub-1", b"vault-entry-bytes").unwrap();
+    get(&mut a, "ex-pub-1").unwrap();
+    admin
+        .batch_execute("SELECT vault_set_retention_policy('ex.before-publish', 30, 7)")
+        .unwrap();
+    su.batch_execute("INSERT INTO ex_plain VALUES (1, 'plain-1')")
+        .unwrap();
+    let out = decoded(&s, &mut su, &kek, "ex_pub_slot");
+    let tables = tables_in(&out);
+    assert!(
+        tables.iter().all(|t| !t.starts_with("vault.")),
+        "the vault's own tables left the server: {tables:?}"
+    );
+    assert!(tables.contains("public.ex_plain"), "{tables:?}");
+    let (listed, allow) = report_tables(&mut admin);
+    assert!(
+        listed.iter().all(|t| !t.starts_with("vault.")),
+        "{listed:?}"
+    );
+    assert!(listed.contains(&"public.ex_plain".to_owned()), "{listed:?}");
+    assert_eq!(allow["required"], false, "{allow}");
+
+    // Only an admin opts a table in; it is logged and reported.
+    let e = a
+        .batch_execute("SELECT vault_sync_publish('vault.retention_policies')")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+    admin
+        .batch_execute("SELECT vault_sync_publish('vault.retention_policies')")
+        .unwrap();
+    admin
+        .batch_execute("SELECT vault_set_retention_policy('ex.after-publish', 30, 7)")
+        .unwrap();
+    let out = decoded(&s, &mut su, &kek, "ex_pub_slot");
+    assert!(out.contains("ex.after-publish"), "{out}");
+    assert!(!out.contains("ex.before-publish"), "{out}");
+    let tables = tables_in(&out);
+    assert!(
+        tables
+            .iter()
+            .all(|t| !t.starts_with("vault.") || t == "vault.retention_policies"),
+        "{tables:?}"
+    );
+    let (listed, allow) = report_tables(&mut admin);
+    assert!(
+        listed.contains(&"vault.retention_policies".to_owned()),
+        "{listed:?}"
+    );
+    assert_eq!(
+        allow["tables"][0]["table"], "vault.retention_policies",
+        "{allow}"
+    );
+    let logged: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'sync_publish' AND granted
+               AND details->>'table' = 'vault.retention_policies'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 1);
+
+    // A superuser makes the allow-list mandatory: only listed tables leave.
+    let e = admin
+        .batch_execute("SET vsql_vault.sync_allow_list_required = on")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "55P02", "{e}");
+    su.batch_execute("ALTER SYSTEM SET vsql_vault.sync_allow_list_required = on")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    poll("the setting to apply", 25, || {
+        admin
+            .query_one(
+                "SELECT current_setting('vsql_vault.sync_allow_list_required')",
+                &[],
+            )
+            .unwrap()
+            .get::<_, String>(0)
+            == "on"
+    });
+    su.batch_execute("INSERT INTO ex_plain VALUES (2, 'plain-2-unlisted')")
+        .unwrap();
+    admin
+        .batch_execute("SELECT vault_sync_publish('ex_plain')")
+        .unwrap();
+    su.batch_execute("INSERT INTO ex_plain VALUES (3, 'plain-3-listed')")
+        .unwrap();
+    let out = decoded(&s, &mut su, &kek, "ex_pub_slot");
+    let (listed, allow) = report_tables(&mut admin);
+    su.batch_execute("ALTER SYSTEM RESET vsql_vault.sync_allow_list_required")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(!out.contains("plain-2-unlisted"), "{out}");
+    assert!(out.contains("plain-3-listed"), "{out}");
+    assert!(
+        tables_in(&out)
+            .iter()
+            .all(|t| t == "public.ex_plain" || t == "vault.retention_policies"),
+        "{out}"
+    );
+    // The report covers exactly the tables that leave.
+    assert_eq!(
+        listed,
+        ["public.ex_plain", "vault.retention_policies"],
+        "{listed:?}"
+    );
+    assert_eq!(allow["required"], true, "{allow}");
+    assert_eq!(allow["tables"].as_array().unwrap().len(), 2, "{allow}");
+    admin
+        .batch_execute(
+            "SELECT vault_sync_unpublish('ex_plain');
+             SELECT vault_sync_unpublish('vault.retention_policies');",
+        )
+        .unwrap();
+    su.execute("SELECT pg_drop_replication_slot('ex_pub_slot')", &[])
         .unwrap();
 }

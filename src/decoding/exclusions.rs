@@ -4,7 +4,8 @@
 //! rather than publish columns it cannot tell are excluded.
 //!
 //! Exclusions are bound to the column's identity (relation OID and attribute number), so a
-//! renamed column, table or schema stays excluded.
+//! renamed column, table or schema stays excluded. The allow-list (`vault.sync_published`) is
+//! read the same way.
 
 use pgrx::prelude::*;
 
@@ -69,60 +70,112 @@ unsafe fn column_of(desc: pg_sys::TupleDesc, name: &str, typid: pg_sys::Oid) -> 
     }
 }
 
-/// The attribute numbers of the columns of `relid` that must never leave the server, as of the
-/// change being decoded: `vault.sync_exclusions` is a user catalog table, so it is read under the
-/// historic snapshot. Its columns are found by name.
+/// Scans `vault.<table>` under the historic snapshot and calls `row` with the values of the
+/// columns named in `cols` (found by name, each checked to have its type; `None` for NULL).
+/// A table that does not exist has no rows; one without those columns stops decoding (fail
+/// closed: publishing without knowing what must stay would leak it).
 ///
 /// # Safety
 ///
 /// Call from a change callback of logical decoding (inside its transaction, with the historic
-/// snapshot set up), where catalog and user-catalog tables may be read.
-pub(super) unsafe fn excluded_columns(relid: pg_sys::Oid) -> Vec<i16> {
-    let mut out = Vec::new();
+/// snapshot set up), where catalog and user-catalog tables may be read. `cols` must name only
+/// by-value types.
+unsafe fn scan_vault_table(
+    table: &std::ffi::CStr,
+    cols: &[(&str, pg_sys::BuiltinOid)],
+    mut row: impl FnMut(&[Option<pg_sys::Datum>]),
+) {
     // SAFETY: inside a decoding callback, so syscache lookups and a catalog scan of a user
     // catalog table are allowed; the relation is opened, scanned and closed here with matching
-    // lock modes. heap_deform_tuple writes `natts` entries into vectors of `natts`; the two
-    // columns read were checked to be `oid` and `int2` (by-value datums).
+    // lock modes. heap_deform_tuple writes `natts` entries into vectors of `natts`; the columns
+    // read were checked to have the by-value types the caller asked for.
     unsafe {
         let nsp = pg_sys::get_namespace_oid(c"vault".as_ptr(), true);
         if nsp == pg_sys::Oid::INVALID {
-            return out;
+            return;
         }
-        let exclusions = pg_sys::get_relname_relid(c"sync_exclusions".as_ptr(), nsp);
-        if exclusions == pg_sys::Oid::INVALID {
-            return out;
+        let relid = pg_sys::get_relname_relid(table.as_ptr(), nsp);
+        if relid == pg_sys::Oid::INVALID {
+            return;
         }
-        let rel = pg_sys::table_open(exclusions, pg_sys::AccessShareLock as i32);
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
-        let oid = pg_sys::Oid::from(pg_sys::BuiltinOid::OIDOID);
-        let int2 = pg_sys::Oid::from(pg_sys::BuiltinOid::INT2OID);
-        let (Some(rel_col), Some(att_col)) = (
-            column_of(desc, "relid", oid),
-            column_of(desc, "attnum", int2),
-        ) else {
+        let positions: Option<Vec<usize>> = cols
+            .iter()
+            .map(|(name, typ)| column_of(desc, name, pg_sys::Oid::from(*typ)))
+            .collect();
+        let Some(positions) = positions else {
             pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-            // Fail closed: publishing without knowing which columns must stay would leak them.
-            pgrx::error!("vsql_vault: vault.sync_exclusions does not have the layout this library reads (relid oid, attnum int2)");
+            let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+            pgrx::error!(
+                "vsql_vault: vault.{} does not have the columns this library reads ({}): run ALTER EXTENSION vsql_vault UPDATE",
+                table.to_string_lossy(),
+                names.join(", ")
+            );
         };
         let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
         let mut nulls = vec![false; natts];
+        let mut picked = vec![None; positions.len()];
         loop {
             let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
             if tuple.is_null() {
                 break;
             }
             pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            if !nulls[rel_col]
-                && !nulls[att_col]
-                && pg_sys::Oid::from(values[rel_col].value() as u32) == relid
-            {
-                out.push(values[att_col].value() as i16);
+            for (p, &i) in picked.iter_mut().zip(&positions) {
+                *p = (!nulls[i]).then_some(values[i]);
             }
+            row(&picked);
         }
         pg_sys::table_endscan(scan);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
     }
+}
+
+/// The attribute numbers of the columns of `relid` that must never leave the server, as of the
+/// change being decoded (`vault.sync_exclusions`, read under the historic snapshot).
+///
+/// # Safety
+///
+/// As for `scan_vault_table`.
+pub(super) unsafe fn excluded_columns(relid: pg_sys::Oid) -> Vec<i16> {
+    let mut out = Vec::new();
+    let cols = [
+        ("relid", pg_sys::BuiltinOid::OIDOID),
+        ("attnum", pg_sys::BuiltinOid::INT2OID),
+    ];
+    // SAFETY: the caller's guarantee; both columns are by-value types.
+    unsafe {
+        scan_vault_table(c"sync_exclusions", &cols, |v| {
+            if let [Some(rel), Some(att)] = v {
+                if pg_sys::Oid::from(rel.value() as u32) == relid {
+                    out.push(att.value() as i16);
+                }
+            }
+        });
+    }
     out
+}
+
+/// Whether a `vault_admin` published `relid` (`vault.sync_published`, read under the historic
+/// snapshot): the vault's own tables leave only then, and every table only then while
+/// `vsql_vault.sync_allow_list_required` is on.
+///
+/// # Safety
+///
+/// As for `scan_vault_table`.
+pub(super) unsafe fn published(relid: pg_sys::Oid) -> bool {
+    let mut found = false;
+    let cols = [("relid", pg_sys::BuiltinOid::OIDOID)];
+    // SAFETY: the caller's guarantee; the column is a by-value type.
+    unsafe {
+        scan_vault_table(c"sync_published", &cols, |v| {
+            if let [Some(rel)] = v {
+                found |= pg_sys::Oid::from(rel.value() as u32) == relid;
+            }
+        });
+    }
+    found
 }

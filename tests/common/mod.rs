@@ -235,6 +235,14 @@ pub fn client_program(s: &Server, program: &str, args: &[&str]) -> (bool, String
     )
 }
 
+/// Points the audit writer at `db` and waits until it serves it.
+pub fn serve(s: &Server, su: &mut Client, db: &str) {
+    su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.database = '{db}'"))
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.wait_for_writer(db);
+}
+
 pub fn fresh_slot(su: &mut Client, slot: &str) {
     let _ = su.execute("SELECT pg_drop_replication_slot($1)", &[&slot]);
     su.execute(
