@@ -484,11 +484,12 @@ fn a_plain_restore_of_an_intact_vault_needs_no_setting_and_everything_chains_on(
             .unwrap();
         su.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
     }
-    serve(&s, &mut su, "vault_plain_src");
     let outcome = std::panic::catch_unwind(|| {
         let mut src = s.connect_to("vault_plain_src", "postgres", "plain");
         // Its own statement: no audited call can be made in the transaction that creates it.
         src.batch_execute("CREATE EXTENSION vsql_vault").unwrap();
+        // The launcher starts a database's writer once the extension exists there.
+        serve(&s, &mut s.connect("postgres"), "vault_plain_src");
         src.batch_execute(
             "CREATE TABLE team_log (id bigserial PRIMARY KEY, event text UNIQUE NOT NULL);
              SELECT vault_protect_table('team_log', 2);
