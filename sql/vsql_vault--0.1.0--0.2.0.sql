@@ -640,13 +640,14 @@ SELECT g.id AS proof_id,
 
 -- Replication exclusions bound to the column's identity (relid, attnum) instead of its name
 -- (issue 16, item 1). Existing rows are bound to the column of their name; a row whose column no
--- longer has that name (renamed or dropped since; 0.1.0 no longer excluded it) gets a negative
--- attnum, which matches no column, and the scope report lists it as unbound.
+-- longer has that name (renamed or dropped since; 0.1.0 no longer excluded it) gets an attnum
+-- below -1000, which matches no column (system columns are -1 to -7), and the scope report lists
+-- it as unbound.
 ALTER TABLE vault.sync_exclusions ADD COLUMN attnum smallint;
 UPDATE vault.sync_exclusions x SET attnum = a.attnum
   FROM pg_catalog.pg_attribute a
  WHERE a.attrelid = x.relid AND a.attname = x.column_name AND a.attnum > 0 AND NOT a.attisdropped;
-UPDATE vault.sync_exclusions x SET attnum = -u.n
+UPDATE vault.sync_exclusions x SET attnum = -1000 - u.n
   FROM (SELECT ctid, row_number() OVER (PARTITION BY relid ORDER BY column_name) AS n
           FROM vault.sync_exclusions WHERE attnum IS NULL) u
  WHERE x.ctid = u.ctid;
