@@ -68,6 +68,8 @@ pub enum VaultError {
     NoSuchProof(i64),
     #[error("only ordinary tables can be protected")]
     NotATable,
+    #[error("only tables can be published, and {0} is not one")]
+    NotPublishable(String),
     #[error("protected table {0} still exists: only a registration whose table is gone can be forgotten")]
     CannotForget(String),
     #[error("this table cannot be protected: {0}")]
@@ -127,7 +129,7 @@ impl VaultError {
             VaultError::KeyManagedExternally | VaultError::NotProtected(_) => "55000",
             VaultError::ChainCount(_) => "22023",
             VaultError::ProtectedDdl(_) => "VV403",
-            VaultError::NotATable => "42809",
+            VaultError::NotATable | VaultError::NotPublishable(_) => "42809",
             VaultError::CannotProtect(_) | VaultError::CannotForget(_) => "55000",
             VaultError::Locked(_)
             | VaultError::Busy(_)

@@ -53,6 +53,7 @@ pgrx::extension_sql_file!(
     requires = [
         "retention",
         api::replication::sync_scope_impl,
+        api::replication::sync_publish_impl,
         api::replication::scope_report_impl
     ]
 );

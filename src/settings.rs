@@ -48,6 +48,10 @@ pub static PUT_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 /// The key-encryption key file of the replication stream (versioned keys, the last one active).
 pub static KEK_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// When on, only tables a vault_admin published (vault_sync_publish) leave through the output
+/// plugin; when off, every table but the vault's own, and those of the vault's own published.
+pub static SYNC_ALLOW_LIST_REQUIRED: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// A command that wraps data keys through a KMS instead of the KEK file.
 pub static KEK_WRAP_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -310,6 +314,14 @@ fn define_replication() {
         c"Command that wraps replication data keys through a KMS (instead of vsql_vault.kek_file).",
         c"Run with VSQL_VAULT_OP=wrap: reads the data key in hex on stdin, prints `<kek id> <wrapped hex>`.",
         &KEK_WRAP_COMMAND,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"vsql_vault.sync_allow_list_required",
+        c"Only tables published with vault_sync_publish leave through the vsql_vault output plugin.",
+        c"Server configuration only (postgresql.conf or ALTER SYSTEM, then reload). Off: every table leaves except the vault's own, which leave only when published.",
+        &SYNC_ALLOW_LIST_REQUIRED,
         GucContext::Sighup,
         GucFlags::default(),
     );

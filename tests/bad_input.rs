@@ -263,7 +263,8 @@ fn a_nul_character_is_refused_by_postgresql_before_the_vault_and_the_backend_sur
 #[test]
 fn a_misspelt_vsql_vault_setting_is_an_error_not_a_silent_placeholder() {
     let s = server();
-    let mut su = s.connect("postgres");
+    // common::setup makes it_a: this test runs first in a fresh cluster.
+    let mut su = common::setup(&s);
     // The prefix is reserved: a typo cannot pass for turning a setting on.
     let e = su
         .batch_execute("SET vsql_vault.break_glas = on")

@@ -470,21 +470,6 @@ fn zz_dump_and_restore_keep_the_vault() {
     s.wait_for_writer(&s.db);
 }
 
-/// Runs a PostgreSQL client program against the test server, returning (success, stderr).
-fn client_program(s: &Server, program: &str, args: &[&str]) -> (bool, String) {
-    let port = s.port.to_string();
-    let out = Command::new(program)
-        .env_remove("PGOPTIONS")
-        .args(["-h", &s.dir, "-p", &port, "-U", "postgres"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// A standard pg_dump / pg_restore of an intact vault database needs no setting: the evidence
 /// rows arrive in chain order and are kept because they continue their chains, and the DDL guard
 /// lets pg_restore rebuild a protected table's constraints and triggers. (Before, COPY into the

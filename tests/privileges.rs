@@ -72,6 +72,7 @@ fn table_privileges_match_the_documented_matrix() {
         "signing_keys",
         "sweep_runs",
         "sync_exclusions",
+        "sync_published",
     ];
     assert_eq!(
         tables,
@@ -181,6 +182,7 @@ fn functions_are_executable_exactly_as_documented_and_refusals_inside_are_logged
         "vault.forget_table(oid)",
         "vault.protect_builtin(oid,integer)",
         "vault.role_allowed(name[],oid,name,text)",
+        "vault.sync_exclusions_names()",
     ];
     let rows = su
         .query(

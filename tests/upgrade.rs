@@ -148,6 +148,8 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
          END $$;"
     ))
     .unwrap();
+    // The launcher starts a database's audit writer once the extension exists there.
+    s.wait_for_writer(&s.db);
     let version = installed_version(&mut su);
     assert_eq!(version, OLD);
     // Evidence of every kind under 0.1.0: access records, a protected team table, checkpoints and
@@ -198,6 +200,17 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
          SELECT vault_checkpoint();",
     )
     .unwrap();
+    // Replication exclusions as 0.1.0 stored them (by name; the new library's vault_sync_exclude
+    // needs the new schema): one whose column still has its name, one renamed since.
+    su.batch_execute(
+        "DROP TABLE IF EXISTS up_cards;
+         CREATE TABLE up_cards (id int, pan text, cvv text);
+         INSERT INTO vault.sync_exclusions (relid, column_name, table_name, excluded_by)
+         VALUES ('up_cards'::regclass, 'pan', 'up_cards', 'up_admin'),
+                ('up_cards'::regclass, 'cvv', 'up_cards', 'up_admin');
+         ALTER TABLE up_cards RENAME COLUMN cvv TO code;",
+    )
+    .unwrap();
     let old_proof: i64 = su
         .query_one("SELECT max(id) FROM vault.purge_log", &[])
         .unwrap()
@@ -227,6 +240,29 @@ fn an_old_install_filled_with_evidence_upgrades_in_place_and_everything_verifies
         recorded,
         vec![("postgres".to_string(), true, NEW.to_string())]
     );
+
+    // The old exclusions are bound to their columns by name, or listed as unbound.
+    let report: String = su
+        .query_one("SELECT vault_scope_report()::text", &[])
+        .unwrap()
+        .get(0);
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let cards = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "public.up_cards")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        cards["published"],
+        serde_json::json!(["id", "code"]),
+        "{cards}"
+    );
+    assert_eq!(cards["excluded"][0]["column"], "cvv", "{cards}");
+    assert_eq!(cards["excluded"][0]["unbound"], true, "{cards}");
+    assert_eq!(cards["excluded"][1]["column"], "pan", "{cards}");
+    assert!(cards["excluded"][1].get("unbound").is_none(), "{cards}");
 
     // Old evidence verifies, and new evidence joins it.
     assert_chains_verify(&mut su, None);

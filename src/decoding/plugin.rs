@@ -7,7 +7,7 @@
 //! modules, so the control flow of a decoding session reads top to bottom here.
 
 use super::batch::{flush, push};
-use super::exclusions::excluded_columns;
+use super::exclusions::{current_snapshot, excluded_columns, published, SnapshotId};
 use super::kek;
 use super::options::{parse_options, Options};
 use super::record::{close_record, message_record, open_record, write_row};
@@ -20,8 +20,13 @@ use vsql_vault_core::stream::Sealer;
 /// One decoding session's state, boxed by `startup` and freed by `shutdown`.
 pub(super) struct State {
     options: Options,
-    /// Excluded columns per relation, read under the historic snapshot, for this transaction.
-    excluded: std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Vec<String>>>,
+    /// What leaves of each relation, read under the historic snapshot `scope_under` with
+    /// `vsql_vault.sync_allow_list_required` as `scope_required`; read again whenever a change is
+    /// decoded under another snapshot (an exclusion or publication committed while the
+    /// transaction was open gives its later changes a new one) or the setting changed.
+    scope: std::collections::HashMap<pg_sys::Oid, std::rc::Rc<Scope>>,
+    scope_under: SnapshotId,
+    scope_required: bool,
     /// The largest change record so far: new records start with room for it.
     record_capacity: usize,
     pub(super) slot: String,
@@ -101,7 +106,9 @@ unsafe extern "C-unwind" fn startup(
         );
         let st = Box::new(State {
             options,
-            excluded: Default::default(),
+            scope: Default::default(),
+            scope_under: SnapshotId::default(),
+            scope_required: false,
             record_capacity: 256,
             slot,
             kek: kek::session_kek(),
@@ -155,7 +162,47 @@ unsafe extern "C-unwind" fn begin(
     st.pending_bytes = 0;
     st.tables.clear();
     st.first_lsn = 0;
-    st.excluded.clear();
+    st.scope.clear();
+}
+
+/// What of one relation leaves the server.
+struct Scope {
+    /// Whether its changes leave at all: the vault's own tables (schema `vault`) only when a
+    /// `vault_admin` published them, and every table only then while
+    /// `vsql_vault.sync_allow_list_required` is on.
+    leaves: bool,
+    /// The attribute numbers of its excluded columns.
+    excluded: Vec<i16>,
+}
+
+/// What of `relid` (in `schema`) leaves the server, as of the change being decoded.
+///
+/// # Safety
+///
+/// Call from a change or truncate callback, with the historic snapshot set up.
+unsafe fn scope_of(st: &mut State, relid: pg_sys::Oid, schema: &str) -> std::rc::Rc<Scope> {
+    // SAFETY: the caller's guarantee, which both reads need.
+    unsafe {
+        let snapshot = current_snapshot();
+        let required = crate::settings::SYNC_ALLOW_LIST_REQUIRED.get();
+        if snapshot != st.scope_under || required != st.scope_required {
+            st.scope.clear();
+            st.scope_under = snapshot;
+            st.scope_required = required;
+        }
+        st.scope
+            .entry(relid)
+            .or_insert_with(|| {
+                let leaves = !(required || schema == "vault") || published(relid);
+                let excluded = if leaves {
+                    excluded_columns(relid)
+                } else {
+                    Vec::new()
+                };
+                std::rc::Rc::new(Scope { leaves, excluded })
+            })
+            .clone()
+    }
 }
 
 /// Change callback: one record per inserted, updated or deleted row.
@@ -189,18 +236,16 @@ unsafe extern "C-unwind" fn change(
             pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => ("D", false, true),
             _ => return,
         };
-        let relid = (*rel).rd_id;
-        let excluded = st
-            .excluded
-            .entry(relid)
-            .or_insert_with(|| std::rc::Rc::new(excluded_columns(relid)))
-            .clone();
+        let scope = scope_of(st, (*rel).rd_id, &r.schema);
+        if !scope.leaves {
+            return;
+        }
         let tp = (*change).data.tp;
         let previous = pg_sys::MemoryContextSwitchTo(st.context);
         let mut record = String::with_capacity(st.record_capacity);
         open_record(&mut record, action, &r);
         let (new, old) = (new.then_some(tp.newtuple), old.then_some(tp.oldtuple));
-        write_row(&mut record, &r, (*rel).rd_att, new, old, &excluded);
+        write_row(&mut record, &r, (*rel).rd_att, new, old, &scope.excluded);
         close_record(&mut record, (*change).lsn, &st.options, txn);
         pg_sys::MemoryContextSwitchTo(previous);
         pg_sys::MemoryContextReset(st.context);
@@ -230,8 +275,11 @@ unsafe extern "C-unwind" fn truncate(
     // next is taken and before push takes its own.
     unsafe {
         for i in 0..nrelations as usize {
-            let r = relation_of(*relations.add(i), (*ctx).context);
-            if !state(ctx).options.wants(&r.schema, &r.table) {
+            let rel = *relations.add(i);
+            let r = relation_of(rel, (*ctx).context);
+            if !state(ctx).options.wants(&r.schema, &r.table)
+                || !scope_of(state(ctx), (*rel).rd_id, &r.schema).leaves
+            {
                 continue;
             }
             let mut record = String::new();

@@ -52,7 +52,7 @@ pub(super) unsafe fn write_row(
     desc: pg_sys::TupleDesc,
     new: Option<*mut pg_sys::ReorderBufferTupleBuf>,
     old: Option<*mut pg_sys::ReorderBufferTupleBuf>,
-    excluded: &[String],
+    excluded: &[i16],
 ) {
     record.push_str(",\"columns\":");
     match new {
@@ -96,7 +96,7 @@ unsafe fn write_columns(
     desc: pg_sys::TupleDesc,
     tuple: *mut pg_sys::ReorderBufferTupleBuf,
     key_only: bool,
-    excluded: &[String],
+    excluded: &[i16],
 ) {
     out.push('[');
     if tuple.is_null() {
@@ -129,7 +129,7 @@ unsafe fn write_columns(
                 continue;
             }
             // Excluded columns never leave the server, not even sealed.
-            if !excluded.is_empty() && excluded.contains(&c.name) {
+            if !excluded.is_empty() && excluded.contains(&c.attnum) {
                 continue;
             }
             if !first {

@@ -16,7 +16,8 @@ use vsql_vault_core::canonical::push_json_str;
 /// the relation cache says the relation changed.
 pub(super) struct Column {
     pub(super) index: usize,
-    pub(super) name: String,
+    /// The attribute number: what exclusions are bound to.
+    pub(super) attnum: i16,
     pub(super) attlen: i16,
     /// Output functions write their cache (`fn_extra`) through this while the column is shared,
     /// hence the cell.
@@ -193,7 +194,7 @@ unsafe fn columns(desc: pg_sys::TupleDesc, long_lived: pg_sys::MemoryContext) ->
             push_json_str(&mut prefix, &c_text(pg_sys::format_type_be(a.atttypid)));
             columns.push(Column {
                 index: i,
-                name,
+                attnum: a.attnum,
                 attlen: a.attlen,
                 output,
                 prefix,

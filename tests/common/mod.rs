@@ -220,6 +220,29 @@ pub fn recvlogical(s: &Server, su: &mut Client, slot: &str, file: &str) {
     );
 }
 
+/// Runs a PostgreSQL client program against the test server, returning (success, stderr).
+pub fn client_program(s: &Server, program: &str, args: &[&str]) -> (bool, String) {
+    let port = s.port.to_string();
+    let out = Command::new(program)
+        .env_remove("PGOPTIONS")
+        .args(["-h", &s.dir, "-p", &port, "-U", "postgres"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Points the audit writer at `db` and waits until it serves it.
+pub fn serve(s: &Server, su: &mut Client, db: &str) {
+    su.batch_execute(&format!("ALTER SYSTEM SET vsql_vault.database = '{db}'"))
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.wait_for_writer(db);
+}
+
 pub fn fresh_slot(su: &mut Client, slot: &str) {
     let _ = su.execute("SELECT pg_drop_replication_slot($1)", &[&slot]);
     su.execute(
