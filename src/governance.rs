@@ -170,6 +170,7 @@ fn key_directive_impl(
         })?;
         require(event.caller, &["vault_admin"])?;
         let _owner = AsOwner::enter();
+        let _writing = crate::chain::VaultWriting::enter();
         let id = write_one::<i64>(
             "INSERT INTO vault.key_directives
                 (kind, target, max_age, effective_at, grace, reason, created_by)
@@ -229,6 +230,7 @@ fn revoke_directive_impl(
             }
             _ => {}
         }
+        let _writing = crate::chain::VaultWriting::enter();
         write_one::<i64>(
             "INSERT INTO vault.key_directives
                 (kind, target, effective_at, reason, revokes, created_by)
@@ -436,6 +438,7 @@ fn apply_directive_impl(
                 "its nonce was already applied as directive {id}"
             )));
         }
+        let _writing = crate::chain::VaultWriting::enter();
         let id = write_one::<i64>(
             "INSERT INTO vault.key_directives
                 (kind, target, max_age, effective_at, grace, reason, created_by,

@@ -65,6 +65,7 @@ fn table_privileges_match_the_documented_matrix() {
         "audit_checkpoints",
         "chain_heads",
         "entries",
+        "key_directives",
         "protected_tables",
         "purge_log",
         "purpose_grants",
@@ -82,6 +83,7 @@ fn table_privileges_match_the_documented_matrix() {
     let append_only = [
         "access_log",
         "audit_checkpoints",
+        "key_directives",
         "purge_log",
         "signing_keys",
     ];

@@ -75,9 +75,10 @@ thread_local! {
 }
 
 /// The extension's own tables of evidence: rows come from vsql_vault's code paths only.
-const EVIDENCE_TABLES: [&str; 4] = [
+const EVIDENCE_TABLES: [&str; 5] = [
     "vault.access_log",
     "vault.audit_checkpoints",
+    "vault.key_directives",
     "vault.purge_log",
     "vault.signing_keys",
 ];
