@@ -90,16 +90,23 @@ fn define_storage() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_int_guc(
-        c"vsql_vault.max_databases",
-        c"How many databases at most the vault serves (two background workers each).",
-        c"",
-        &MAX_DATABASES,
-        1,
-        crate::launcher::MAX_DATABASES as i32,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    // A postmaster setting can only be defined while the postmaster preloads the library; a
+    // backend that loads it later (no preload, as the #[pg_test] cluster does) keeps the default,
+    // which nothing reads there: without preloading there are no workers.
+    // SAFETY: a plain read of a process-global bool that PostgreSQL sets around the loading of
+    // shared_preload_libraries; _PG_init runs on the process's only thread.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_int_guc(
+            c"vsql_vault.max_databases",
+            c"How many databases at most the vault serves (two background workers each).",
+            c"",
+            &MAX_DATABASES,
+            1,
+            crate::launcher::MAX_DATABASES as i32,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_int_guc(
         c"vsql_vault.max_value_bytes",
         c"Largest encrypted_value vault_put accepts, in bytes.",
