@@ -182,3 +182,41 @@ fn binary_message_content_arrives_byte_for_byte() {
     su.execute("SELECT pg_drop_replication_slot('it_msg_slot')", &[])
         .unwrap();
 }
+
+#[test]
+fn a_data_key_seals_at_most_data_key_max_bytes() {
+    let s = server();
+    let mut su = setup(&s);
+    let kek = set_kek(&s, &mut su, &kek_line("v1", "8f"));
+    su.batch_execute(
+        "DROP TABLE IF EXISTS it_dek; CREATE TABLE it_dek (id int PRIMARY KEY, v text)",
+    )
+    .unwrap();
+    fresh_slot(&mut su, "it_dek_slot");
+    for i in 0..3 {
+        su.execute("INSERT INTO it_dek VALUES ($1, repeat('x', 2000))", &[&i])
+            .unwrap();
+    }
+    let sessions = |su: &mut Client| -> usize {
+        let rows = su
+            .query(
+                "SELECT data FROM pg_logical_slot_peek_changes('it_dek_slot', NULL, NULL)",
+                &[],
+            )
+            .unwrap();
+        rows.iter()
+            .filter(|r| r.get::<_, String>(0).contains("\"type\":\"session\""))
+            .count()
+    };
+    assert_eq!(sessions(&mut su), 1);
+    su.batch_execute("SET vsql_vault.data_key_max_bytes = '1kB'")
+        .unwrap();
+    // Each 2 kB transaction needs a key of its own; the stream still decrypts whole.
+    assert_eq!(sessions(&mut su), 3);
+    let changes = peek_changes(&s, &mut su, &kek, "it_dek_slot", "").unwrap();
+    assert_eq!(changes.iter().filter(|c| c["table"] == "it_dek").count(), 3);
+    su.batch_execute("RESET vsql_vault.data_key_max_bytes")
+        .unwrap();
+    su.execute("SELECT pg_drop_replication_slot('it_dek_slot')", &[])
+        .unwrap();
+}

@@ -32,6 +32,9 @@ pub(super) struct State {
     pub(super) slot: String,
     pub(super) kek: Kek,
     pub(super) sealer: Option<Sealer>,
+    /// When the current data key was made (microseconds) and the plaintext bytes it has sealed.
+    pub(super) dek_started: i64,
+    pub(super) dek_bytes: u64,
     pub(super) pending: Vec<String>,
     pub(super) pending_bytes: usize,
     pub(super) tables: std::collections::BTreeSet<String>,
@@ -113,6 +116,8 @@ unsafe extern "C-unwind" fn startup(
             slot,
             kek: kek::session_kek(),
             sealer: None,
+            dek_started: 0,
+            dek_bytes: 0,
             pending: Vec::new(),
             pending_bytes: 0,
             tables: Default::default(),
