@@ -220,3 +220,77 @@ fn a_data_key_seals_at_most_data_key_max_bytes() {
     su.execute("SELECT pg_drop_replication_slot('it_dek_slot')", &[])
         .unwrap();
 }
+
+#[test]
+fn a_kek_rotation_or_revocation_reaches_a_running_walsender() {
+    let s = server();
+    let mut su = setup(&s);
+    let v1 = kek_line("v1", "a1");
+    let v2 = kek_line("v2", "b2");
+    let kek = set_kek(&s, &mut su, &v1);
+    su.batch_execute("DROP TABLE IF EXISTS it_live; CREATE TABLE it_live (id int PRIMARY KEY)")
+        .unwrap();
+    fresh_slot(&mut su, "it_live_slot");
+    let file = format!("{}/live.stream", s.dir);
+    let _ = std::fs::remove_file(&file);
+    let port = s.port.to_string();
+    let mut child = std::process::Command::new("pg_recvlogical")
+        .args([
+            "-h",
+            &s.dir,
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            &s.db,
+            "--slot",
+            "it_live_slot",
+            "--start",
+            "--no-loop",
+            "-f",
+            &file,
+        ])
+        .spawn()
+        .unwrap();
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let batches = |n: usize| {
+        poll("batches", 100, || {
+            lines().iter().filter(|l| l["type"] == "batch").count() >= n
+        })
+    };
+    su.batch_execute("INSERT INTO it_live VALUES (1)").unwrap();
+    batches(1);
+    // Rotation: v2 becomes active while the walsender runs.
+    set_kek(&s, &mut su, &format!("{v1}{v2}"));
+    su.batch_execute("INSERT INTO it_live VALUES (2)").unwrap();
+    batches(2);
+    // Revocation of v1: its line is gone; nothing more is wrapped under it.
+    set_kek(&s, &mut su, &v2);
+    su.batch_execute("INSERT INTO it_live VALUES (3)").unwrap();
+    batches(3);
+    let _ = child.kill();
+    let _ = child.wait();
+    let kek_ids: Vec<String> = lines()
+        .iter()
+        .filter(|l| l["type"] == "session")
+        .map(|l| l["kek_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kek_ids,
+        ["v1", "v2", "v2"],
+        "one walsender session throughout"
+    );
+    std::fs::write(&kek, format!("{v1}{v2}")).unwrap();
+    let (code, out, err) = decrypt(&mut su, &kek, &file);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().filter(|l| l.contains("it_live")).count(), 3);
+    su.execute("SELECT pg_drop_replication_slot('it_live_slot')", &[])
+        .unwrap();
+}

@@ -78,16 +78,26 @@ pub(super) unsafe fn flush(
     let max_age_us = i64::from(crate::settings::DATA_KEY_MAX_AGE_S.get()) * 1_000_000;
     let max_bytes = u64::try_from(crate::settings::DATA_KEY_MAX_KB.get()).unwrap_or(1) * 1024;
     let batch_bytes = st.pending_bytes as u64;
-    if st.sealer.as_ref().is_none_or(|s| {
-        dek_due(
-            s.sealed(),
-            now - st.dek_started,
-            st.dek_bytes,
-            batch_bytes,
-            max_age_us,
-            max_bytes,
-        )
-    }) {
+    // A rotated or revoked KEK (file rewritten, or a setting changed on reload): load it again
+    // and wrap a new data key under the version active now, so a revoked one is never used again.
+    let stamp = super::kek::kek_stamp();
+    let kek_changed = stamp != st.kek_stamp;
+    if kek_changed {
+        st.kek = super::kek::session_kek();
+        st.kek_stamp = stamp;
+    }
+    if kek_changed
+        || st.sealer.as_ref().is_none_or(|s| {
+            dek_due(
+                s.sealed(),
+                now - st.dek_started,
+                st.dek_bytes,
+                batch_bytes,
+                max_age_us,
+                max_bytes,
+            )
+        })
+    {
         // Never generates: the audit writer made the key when the server first started.
         let key = crate::keys::existing()
             .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()));

@@ -31,6 +31,8 @@ pub(super) struct State {
     record_capacity: usize,
     pub(super) slot: String,
     pub(super) kek: Kek,
+    /// `kek::kek_stamp()` when `kek` was loaded.
+    pub(super) kek_stamp: String,
     pub(super) sealer: Option<Sealer>,
     /// When the current data key was made (microseconds) and the plaintext bytes it has sealed.
     pub(super) dek_started: i64,
@@ -114,6 +116,7 @@ unsafe extern "C-unwind" fn startup(
             scope_required: false,
             record_capacity: 256,
             slot,
+            kek_stamp: kek::kek_stamp(),
             kek: kek::session_kek(),
             sealer: None,
             dek_started: 0,
