@@ -30,6 +30,31 @@ fn peek_changes(
         .collect())
 }
 
+/// pg_recvlogical receiving the slot live into `file` until killed, with PGOPTIONS `options`.
+fn live_receiver(s: &Server, slot: &str, file: &str, options: &str) -> std::process::Child {
+    let port = s.port.to_string();
+    std::process::Command::new("pg_recvlogical")
+        .env("PGOPTIONS", options)
+        .args([
+            "-h",
+            &s.dir,
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            &s.db,
+            "--slot",
+            slot,
+            "--start",
+            "--no-loop",
+            "-f",
+            file,
+        ])
+        .spawn()
+        .unwrap()
+}
+
 fn names(cols: &serde_json::Value) -> Vec<String> {
     cols.as_array()
         .unwrap()
@@ -233,26 +258,7 @@ fn a_kek_rotation_or_revocation_reaches_a_running_walsender() {
     fresh_slot(&mut su, "it_live_slot");
     let file = format!("{}/live.stream", s.dir);
     let _ = std::fs::remove_file(&file);
-    let port = s.port.to_string();
-    let mut child = std::process::Command::new("pg_recvlogical")
-        .args([
-            "-h",
-            &s.dir,
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            &s.db,
-            "--slot",
-            "it_live_slot",
-            "--start",
-            "--no-loop",
-            "-f",
-            &file,
-        ])
-        .spawn()
-        .unwrap();
+    let mut child = live_receiver(&s, "it_live_slot", &file, "");
     let lines = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&file)
             .unwrap_or_default()
@@ -292,5 +298,39 @@ fn a_kek_rotation_or_revocation_reaches_a_running_walsender() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().filter(|l| l.contains("it_live")).count(), 3);
     su.execute("SELECT pg_drop_replication_slot('it_live_slot')", &[])
+        .unwrap();
+}
+
+#[test]
+fn a_data_key_is_replaced_at_data_key_max_age() {
+    let s = server();
+    let mut su = setup(&s);
+    set_kek(&s, &mut su, &kek_line("v1", "c3"));
+    su.batch_execute("DROP TABLE IF EXISTS it_age; CREATE TABLE it_age (id int PRIMARY KEY)")
+        .unwrap();
+    fresh_slot(&mut su, "it_age_slot");
+    let file = format!("{}/age.stream", s.dir);
+    let _ = std::fs::remove_file(&file);
+    let mut child = live_receiver(&s, "it_age_slot", &file, "-c vsql_vault.data_key_max_age=1");
+    let count = |kind: &str| -> usize {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("\"type\":\"{kind}\"")))
+            .count()
+    };
+    su.batch_execute("INSERT INTO it_age VALUES (1)").unwrap();
+    poll("first batch", 100, || count("batch") >= 1);
+    su.batch_execute("INSERT INTO it_age VALUES (2)").unwrap();
+    poll("second batch", 100, || count("batch") >= 2);
+    // Within the second, both batches may share a key; past it, the next one gets a new key.
+    let before = count("session");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    su.batch_execute("INSERT INTO it_age VALUES (3)").unwrap();
+    poll("third batch", 100, || count("batch") >= 3);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(count("session"), before + 1);
+    su.execute("SELECT pg_drop_replication_slot('it_age_slot')", &[])
         .unwrap();
 }
