@@ -58,6 +58,12 @@ pub static KEK_WRAP_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<C
 /// Seconds after which the audit writer rotates the generated evidence signing key (0: never).
 pub static SIGNING_KEY_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// Seconds after which a decoding session replaces its data key (before sealing the next batch).
+pub static DATA_KEY_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
+
+/// Plaintext kilobytes a data key seals at most before the session replaces it.
+pub static DATA_KEY_MAX_KB: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+
 /// Public keys (hex, comma-separated) of the governance authorities whose signed directives
 /// `vault_apply_directive` accepts; superuser-only.
 pub static DIRECTIVE_PUBLIC_KEYS: GucSetting<Option<CString>> =
@@ -243,6 +249,26 @@ fn define_chains() {
         &SIGNING_COMMAND,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.data_key_max_age",
+        c"Age after which a replication decoding session replaces its data key.",
+        c"Checked before each batch is sealed; the new key is wrapped under the KEK then active.",
+        &DATA_KEY_MAX_AGE_S,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.data_key_max_bytes",
+        c"Plaintext a replication data key seals at most before the session replaces it.",
+        c"A single batch (at most 4 MB) larger than this is sealed under a fresh key of its own.",
+        &DATA_KEY_MAX_KB,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
         c"vsql_vault.signing_key_max_age",

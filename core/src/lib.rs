@@ -15,6 +15,7 @@ pub mod purge;
 pub mod rules;
 pub mod schedule;
 pub mod stream;
+pub mod table_patterns;
 pub mod trust;
 
 pub use rules::{InputError, Limits};

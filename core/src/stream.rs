@@ -250,6 +250,17 @@ struct Open {
     prev: [u8; 32],
 }
 
+/// The content of a logical message (`pg_logical_emit_message`) as a change record carries it:
+/// the text itself when the bytes are valid UTF-8 (`"content":"..."`), otherwise their standard
+/// base64 with the encoding named (`"content":"/wD+","content_encoding":"base64"`), so every
+/// byte arrives as sent.
+pub fn message_content(content: &[u8]) -> (String, Option<&'static str>) {
+    match std::str::from_utf8(content) {
+        Ok(text) => (text.to_owned(), None),
+        Err(_) => (BASE64.encode(content), Some("base64")),
+    }
+}
+
 /// On the wire a column is `[name, type, value]` (`[name, type]` for an unchanged TOAST value):
 /// a third smaller than named fields, which matters once sealed and encoded. The consumer shows
 /// each as `{"name", "type", "value"}` (or `"unchanged_toast": true`).
@@ -576,5 +587,14 @@ mod tests {
             r.feed(&lines[0]),
             Err(StreamError::Envelope(1, EnvelopeError::UnknownKek(_)))
         ));
+    }
+
+    #[test]
+    fn message_content_is_text_when_utf8_and_base64_otherwise() {
+        assert_eq!(message_content(b"plain \0 \xc3\xbc".as_slice()).1, None);
+        assert_eq!(message_content("ü\0".as_bytes()), ("ü\0".to_owned(), None));
+        let (text, enc) = message_content(&[0xff, 0x00, 0xfe]);
+        assert_eq!((text.as_str(), enc), ("/wD+", Some("base64")));
+        assert_eq!(BASE64.decode(text).unwrap(), [0xff, 0x00, 0xfe]);
     }
 }

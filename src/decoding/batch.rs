@@ -1,6 +1,7 @@
 //! How change records leave the server: collected per transaction, sealed into one signed,
 //! chained batch line (in bounded chunks when large, so memory stays bounded), and written to the
-//! walsender. A session's data key is replaced after a fixed number of batches, and a shared
+//! walsender. A session's data key is replaced after a fixed number of batches, at
+//! `vsql_vault.data_key_max_age` and `vsql_vault.data_key_max_bytes`, and a shared
 //! counter of sealed batches feeds `vault_metrics()`.
 
 use super::plugin::state;
@@ -12,6 +13,23 @@ use vsql_vault_core::stream::Sealer;
 const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 /// A session's data key is replaced after this many batches.
 const BATCHES_PER_DEK: i64 = 100_000;
+
+/// Whether the session's data key must be replaced before sealing the next batch: after
+/// `BATCHES_PER_DEK` batches, at `vsql_vault.data_key_max_age`, or when the batch would take the
+/// plaintext sealed under it past `vsql_vault.data_key_max_bytes` (a key that has sealed nothing
+/// yet takes a batch of any size, so a batch larger than the bound gets a fresh key of its own).
+fn dek_due(
+    sealed: i64,
+    age_us: i64,
+    sealed_bytes: u64,
+    batch_bytes: u64,
+    max_age_us: i64,
+    max_bytes: u64,
+) -> bool {
+    sealed >= BATCHES_PER_DEK
+        || age_us >= max_age_us
+        || (sealed_bytes > 0 && sealed_bytes + batch_bytes > max_bytes)
+}
 
 /// Adds a change record to the pending batch, flushing a bounded chunk when it is large.
 ///
@@ -56,10 +74,29 @@ pub(super) unsafe fn flush(
     if st.pending.is_empty() {
         return;
     }
-    if st
-        .sealer
-        .as_ref()
-        .is_none_or(|s| s.sealed() >= BATCHES_PER_DEK)
+    let now = crate::pg::now_micros();
+    let max_age_us = i64::from(crate::settings::DATA_KEY_MAX_AGE_S.get()) * 1_000_000;
+    let max_bytes = u64::try_from(crate::settings::DATA_KEY_MAX_KB.get()).unwrap_or(1) * 1024;
+    let batch_bytes = st.pending_bytes as u64;
+    // A rotated or revoked KEK (file rewritten, or a setting changed on reload): load it again
+    // and wrap a new data key under the version active now, so a revoked one is never used again.
+    let stamp = super::kek::kek_stamp();
+    let kek_changed = stamp != st.kek_stamp;
+    if kek_changed {
+        st.kek = super::kek::session_kek();
+        st.kek_stamp = stamp;
+    }
+    if kek_changed
+        || st.sealer.as_ref().is_none_or(|s| {
+            dek_due(
+                s.sealed(),
+                now - st.dek_started,
+                st.dek_bytes,
+                batch_bytes,
+                max_age_us,
+                max_bytes,
+            )
+        })
     {
         // Never generates: the audit writer made the key when the server first started.
         let key = crate::keys::existing()
@@ -67,6 +104,8 @@ pub(super) unsafe fn flush(
         let (sealer, header) = Sealer::start(&st.slot, &st.kek, key, crate::pg::now_micros())
             .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));
         st.sealer = Some(sealer);
+        st.dek_started = now;
+        st.dek_bytes = 0;
         // SAFETY: the caller's guarantee: a callback that may write; write_line does not touch
         // the State.
         unsafe { write_line(ctx, &header, false) };
@@ -88,6 +127,7 @@ pub(super) unsafe fn flush(
         .transpose()
         .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()))
         .unwrap_or_default();
+    st.dek_bytes += batch_bytes;
     st.pending.clear();
     st.pending_bytes = 0;
     st.tables.clear();

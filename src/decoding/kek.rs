@@ -44,6 +44,30 @@ pub(super) fn session_kek() -> Kek {
     }
 }
 
+/// What identifies the KEK source as configured now, without reading any key: the wrap command,
+/// or the file's path, inode, size and modification time. A session compares it before each
+/// batch, so a rotation or revocation (a rewritten file, or a setting changed on reload) reaches
+/// a running walsender at its next batch.
+pub(super) fn kek_stamp() -> String {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(cmd) = wrap_command() {
+        return format!("command {cmd}");
+    }
+    let Some(path) = text_setting(&settings::KEK_FILE) else {
+        return String::new();
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) => format!(
+            "file {path} {} {} {}.{}",
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec()
+        ),
+        Err(e) => format!("file {path} {}", e.kind()),
+    }
+}
+
 fn load_ring() -> KekRing {
     let Some(path) = text_setting(&settings::KEK_FILE) else {
         fail(

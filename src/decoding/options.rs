@@ -5,6 +5,7 @@
 use super::fail;
 use pgrx::prelude::*;
 use std::ffi::CStr;
+use vsql_vault_core::table_patterns::{parse_table_patterns, TablePattern};
 
 /// Consumer-side options, for convenience only: they choose what a consumer receives of what
 /// the server publishes (they can never widen it).
@@ -12,38 +13,26 @@ use std::ffi::CStr;
 pub(super) struct Options {
     pub(super) include_xids: bool,
     pub(super) include_timestamp: bool,
-    add_tables: Vec<(String, String)>,
-    filter_tables: Vec<(String, String)>,
-}
-
-fn matches(pattern: &str, name: &str) -> bool {
-    pattern == "*" || pattern == name
+    add_tables: Vec<TablePattern>,
+    filter_tables: Vec<TablePattern>,
 }
 
 impl Options {
     pub(super) fn wants(&self, schema: &str, table: &str) -> bool {
-        let hit = |list: &[(String, String)]| {
-            list.iter()
-                .any(|(s, t)| matches(s, schema) && matches(t, table))
-        };
+        let hit = |list: &[TablePattern]| list.iter().any(|p| p.matches(schema, table));
         (self.add_tables.is_empty() || hit(&self.add_tables)) && !hit(&self.filter_tables)
     }
 }
 
-/// `schema.table` patterns separated by commas; `*` stands for any schema or any table.
-fn parse_tables(option: &str, value: &str) -> Vec<(String, String)> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('.') {
-            Some((s, t)) if !s.is_empty() && !t.is_empty() => (s.to_owned(), t.to_owned()),
-            _ => fail(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("vsql_vault decoding: {option} expects schema.table patterns, got \"{p}\""),
-            ),
-        })
-        .collect()
+/// `schema.table` patterns separated by commas, read exactly as wal2json reads them
+/// (`vsql_vault_core::table_patterns`); what wal2json would match nothing with is refused.
+fn parse_tables(option: &str, value: &str) -> Vec<TablePattern> {
+    parse_table_patterns(value).unwrap_or_else(|e| {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("vsql_vault decoding: {option}: {e}"),
+        )
+    })
 }
 
 fn parse_bool(option: &str, value: Option<&str>) -> bool {

@@ -40,8 +40,9 @@ pub(super) unsafe fn close_record(
     record.push('}');
 }
 
-/// Appends a row's `"columns"` (the new tuple) and `"identity"` (the old one); `None` writes an
-/// empty array.
+/// Appends a row's `"columns"` (the new tuple), `"identity"` (the old key: the replica
+/// identity's columns, NULL ones included) and `"key"` (the names of the identity's columns);
+/// `None` writes an empty array.
 ///
 /// # Safety
 ///
@@ -66,6 +67,20 @@ pub(super) unsafe fn write_row(
         Some(tuple) => unsafe { write_columns(record, r, desc, tuple, true, excluded) },
         None => record.push_str("[]"),
     }
+    // The key's column names, whether or not this change carries an old key.
+    record.push_str(",\"key\":[");
+    let mut first = true;
+    for c in r.columns.iter().filter(|c| c.in_key) {
+        if excluded.contains(&c.attnum) {
+            continue;
+        }
+        if !first {
+            record.push(',');
+        }
+        first = false;
+        record.push_str(&c.json_name);
+    }
+    record.push(']');
 }
 
 /// The record of a message from `pg_logical_emit_message`.
@@ -76,11 +91,15 @@ pub(super) fn message_record(
     lsn: u64,
     xid: u32,
 ) -> String {
-    serde_json::json!({
-        "action": "M", "prefix": prefix, "content": String::from_utf8_lossy(content), "transactional": transactional,
+    let (content, encoding) = vsql_vault_core::stream::message_content(content);
+    let mut record = serde_json::json!({
+        "action": "M", "prefix": prefix, "content": content, "transactional": transactional,
         "lsn": lsn_text(lsn), "xid": xid,
-    })
-    .to_string()
+    });
+    if let Some(encoding) = encoding {
+        record["content_encoding"] = encoding.into();
+    }
+    record.to_string()
 }
 
 /// Appends the columns of a decoded tuple as a JSON array: name, type, and the value in its text
@@ -125,7 +144,8 @@ unsafe fn write_columns(
         let mut first = true;
         for c in &r.columns {
             let i = c.index;
-            if i >= natts || (key_only && nulls[i]) {
+            // An old key holds exactly the identity's columns, NULLs included (as wal2json).
+            if i >= natts || (key_only && !c.in_key) {
                 continue;
             }
             // Excluded columns never leave the server, not even sealed.

@@ -19,6 +19,11 @@ pub(super) struct Column {
     /// The attribute number: what exclusions are bound to.
     pub(super) attnum: i16,
     pub(super) attlen: i16,
+    /// Part of the replica identity (every column under REPLICA IDENTITY FULL): sent in the old
+    /// key, NULL or not, and named in the change's `"key"`.
+    pub(super) in_key: bool,
+    /// The name as a JSON string, already escaped.
+    pub(super) json_name: String,
     /// Output functions write their cache (`fn_extra`) through this while the column is shared,
     /// hence the cell.
     pub(super) output: Box<UnsafeCell<pg_sys::FmgrInfo>>,
@@ -143,6 +148,8 @@ unsafe fn describe(rel: pg_sys::Relation, long_lived: pg_sys::MemoryContext) -> 
     // runs inside the decoding transaction; `relname` is a NameData (NUL-terminated within its
     // 64 bytes) and get_namespace_name returns null or a palloc'd C string, both alive while
     // c_text copies them. `long_lived` is passed on under the caller's guarantee.
+    // RelationGetIdentityKeyBitmap is made for decoding callbacks (pgoutput calls it from its
+    // own); it returns null or a palloc'd copy, which bms_is_member only reads.
     unsafe {
         let form = (*rel).rd_rel;
         let table = c_text((*form).relname.data.as_ptr());
@@ -151,7 +158,21 @@ unsafe fn describe(rel: pg_sys::Relation, long_lived: pg_sys::MemoryContext) -> 
         push_json_str(&mut names, &schema);
         names.push_str(",\"table\":");
         push_json_str(&mut names, &table);
-        let columns = columns((*rel).rd_att, long_lived);
+        let full = (*form).relreplident as u8 == pg_sys::REPLICA_IDENTITY_FULL;
+        // The identity index's columns (empty without one), as pgoutput reads them; the bitmap
+        // is a copy in the current context, offset by FirstLowInvalidHeapAttributeNumber.
+        let key_bits = if full {
+            std::ptr::null_mut()
+        } else {
+            pg_sys::RelationGetIdentityKeyBitmap(rel)
+        };
+        let in_key = |attnum: i16| {
+            full || pg_sys::bms_is_member(
+                i32::from(attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                key_bits,
+            )
+        };
+        let columns = columns((*rel).rd_att, long_lived, in_key);
         Relation {
             qualified: format!("{schema}.{table}"),
             schema,
@@ -167,7 +188,11 @@ unsafe fn describe(rel: pg_sys::Relation, long_lived: pg_sys::MemoryContext) -> 
 /// # Safety
 ///
 /// `desc` must be the descriptor of a live relation; otherwise as for `relation_of`.
-unsafe fn columns(desc: pg_sys::TupleDesc, long_lived: pg_sys::MemoryContext) -> Vec<Column> {
+unsafe fn columns(
+    desc: pg_sys::TupleDesc,
+    long_lived: pg_sys::MemoryContext,
+    in_key: impl Fn(i16) -> bool,
+) -> Vec<Column> {
     // SAFETY: `desc` is live, so `attrs` holds `natts` entries. The catalog lookups run inside
     // the decoding transaction; `attname` is a NameData (NUL-terminated within its 64 bytes) and
     // format_type_be returns a palloc'd C string, both alive while c_text copies them. An
@@ -188,14 +213,18 @@ unsafe fn columns(desc: pg_sys::TupleDesc, long_lived: pg_sys::MemoryContext) ->
                 Box::new(UnsafeCell::new(std::mem::zeroed()));
             pg_sys::fmgr_info_cxt(out_fn, output.get(), long_lived);
             let name = c_text(a.attname.data.as_ptr());
+            let mut json_name = String::new();
+            push_json_str(&mut json_name, &name);
             let mut prefix = String::from("[");
-            push_json_str(&mut prefix, &name);
+            prefix.push_str(&json_name);
             prefix.push(',');
             push_json_str(&mut prefix, &c_text(pg_sys::format_type_be(a.atttypid)));
             columns.push(Column {
                 index: i,
                 attnum: a.attnum,
                 attlen: a.attlen,
+                in_key: in_key(a.attnum),
+                json_name,
                 output,
                 prefix,
             });
