@@ -152,6 +152,11 @@ GRANT SELECT ON vault.retention_compliance, vault.access_summary, vault.access_d
                 vault.access_daily
     TO vault_auditor, vault_admin;
 
+-- Hot standbys hand the records of the reads they serve to the primary through this function;
+-- only vault_forwarder may call it (README, "High availability and read replicas").
+REVOKE ALL ON FUNCTION vault.accept_forwarded_record(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vault.accept_forwarded_record(text, text) TO vault_forwarder;
+
 -- Ownership. The vault's tables, sequences and views, and its SECURITY DEFINER helpers, belong to
 -- vault_owner, a role with no attribute at all (no superuser, no login), not to the superuser
 -- who ran CREATE EXTENSION. The API switches to that owner for its own queries, so any user code

@@ -13,6 +13,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vault_admin') THEN
         CREATE ROLE vault_admin NOLOGIN;
     END IF;
+    -- The role a hot standby's connection to the primary uses (vsql_vault.primary_conninfo) to
+    -- hand over the access records of the reads it serves (vault.accept_forwarded_record).
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vault_forwarder') THEN
+        CREATE ROLE vault_forwarder NOLOGIN;
+    END IF;
 END
 $roles$;
 

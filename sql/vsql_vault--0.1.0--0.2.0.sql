@@ -976,3 +976,25 @@ $fn$;
 -- Owned by vault_owner like every vault table (sql/compliance.sql, at the end of a fresh
 -- install; this part of the upgrade comes after the ownership pass above).
 ALTER TABLE vault.sync_published OWNER TO vault_owner;
+
+-- Audited reads on a hot standby (issue 17): the role a standby's connection to the primary uses,
+-- and the function it hands the records over with.
+DO $forwarder$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vault_forwarder') THEN
+        CREATE ROLE vault_forwarder NOLOGIN;
+    END IF;
+END
+$forwarder$;
+CREATE  FUNCTION vault."accept_forwarded_record"(
+	"standby" TEXT, /* & str */
+	"record" TEXT /* & str */
+) RETURNS TEXT /* alloc :: string :: String */
+STRICT VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'accept_forwarded_record_wrapper';
+-- Hot standbys hand the records of the reads they serve to the primary through this function;
+-- only vault_forwarder may call it (README, "High availability and read replicas").
+REVOKE ALL ON FUNCTION vault.accept_forwarded_record(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vault.accept_forwarded_record(text, text) TO vault_forwarder;

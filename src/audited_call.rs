@@ -25,7 +25,7 @@ pub fn audited_call<T>(
     external_id: Option<&str>,
     body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
-    refuse_where_nothing_can_be_recorded();
+    refuse_where_nothing_can_be_recorded(operation);
     let caller = Caller::current();
     let mut event = Event::new(&caller, operation, purpose, external_id);
     refuse_direct_call(&event, operation);
@@ -38,7 +38,7 @@ pub fn refusals_recorded<T>(
     operation: &'static str,
     body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
-    refuse_where_nothing_can_be_recorded();
+    refuse_where_nothing_can_be_recorded(operation);
     let caller = Caller::current();
     let mut event = Event::new(&caller, operation, None, None);
     refuse_direct_call(&event, operation);
@@ -46,18 +46,20 @@ pub fn refusals_recorded<T>(
 }
 
 /// A call that no access record could be made for is refused before it reads anything: on a hot
-/// standby (read-only: 25006, at once rather than after vsql_vault.audit_timeout), in a
+/// standby, every call but the reads whose records the standby forwards to the primary
+/// (`vsql_vault_core::forward::SERVED_ON_STANDBY`; read-only: 25006, at once), in a
 /// database `vsql_vault.database` excludes (55000), and in a transaction holding a lock that keeps the audit writer from
 /// appending (the transaction of CREATE EXTENSION or of a break-glass command on the log:
 /// 55P03, at once rather than VV503 after vsql_vault.audit_timeout). None of these refusals can
 /// be recorded.
-fn refuse_where_nothing_can_be_recorded() {
-    // SAFETY: a read of shared recovery state, allowed in any backend at any time.
-    if unsafe { pg_sys::RecoveryInProgress() } {
+fn refuse_where_nothing_can_be_recorded(operation: &str) {
+    if crate::access_log::forward::on_standby()
+        && !vsql_vault_core::forward::served_on_standby(operation)
+    {
         pgrx::ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
-            "this server is a hot standby: audited vsql_vault calls go to the primary, where their access records can be made durable"
+            "this server is a hot standby: it serves vault_get, vault_head, vault_list and vault_verify_audit (their access records made durable on the primary); every other audited vsql_vault call goes to the primary"
         );
     }
     if let Some(served) = crate::settings::database_restriction() {
@@ -79,7 +81,7 @@ fn refuse_where_nothing_can_be_recorded() {
     }
 }
 
-fn current_database() -> Option<String> {
+pub(crate) fn current_database() -> Option<String> {
     // SAFETY: inside a transaction (an SQL call); get_database_name returns a palloc'd copy or
     // NULL, copied here before anything else runs.
     unsafe {

@@ -10,6 +10,11 @@ pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 pub static MAX_DATABASES: GucSetting<i32> = GucSetting::<i32>::new(8);
 /// Largest accepted `encrypted_value`, in bytes.
 pub static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// On a hot standby: the libpq connection string of the primary, where the standby's audited reads
+/// forward their access records (README, "High availability and read replicas"). May hold a
+/// password: superuser-only, never logged or put in an error.
+pub static PRIMARY_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 /// How long a call waits for its access record to become durable before it fails closed.
 pub static AUDIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
@@ -132,6 +137,14 @@ fn define_storage() {
         600_000,
         GucContext::Suset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"vsql_vault.primary_conninfo",
+        c"On a hot standby: connection string of the primary that records the standby's audited reads.",
+        c"A libpq connection string (the standby's database name is added); its role must be a member of vault_forwarder. Unset: audited reads on a standby fail with VV503.",
+        &PRIMARY_CONNINFO,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_int_guc(
         c"vsql_vault.put_lock_timeout",

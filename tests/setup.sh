@@ -9,7 +9,7 @@ PGBIN=/usr/lib/postgresql/15/bin
 
 say() { printf '\n==> %s\n' "$*"; }
 
-packages=(postgresql-15 postgresql-client-15 postgresql-server-dev-15 libclang-dev clang sudo)
+packages=(postgresql-15 postgresql-client-15 postgresql-server-dev-15 libpq-dev libclang-dev clang sudo)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

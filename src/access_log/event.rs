@@ -101,7 +101,7 @@ impl<'a> Event<'a> {
             return Err(self.refused(VaultError::RecordTooLarge(queue::LARGE_BYTES)));
         }
         let (record, large) = self.raw(true, None);
-        match queue::submit(&record, large.as_deref())? {
+        match super::make_durable(&record, large.as_deref())? {
             Outcome::LimitReached => Err(VaultError::Denied(format!(
                 "entry has reached its max_retrievals ({})",
                 self.max_retrievals.unwrap_or(0)
@@ -117,7 +117,7 @@ impl<'a> Event<'a> {
     /// be recorded the caller still gets its error, with that fact added.
     pub fn refused(&self, error: VaultError) -> VaultError {
         let (record, large) = self.raw(false, Some(&error));
-        match queue::submit(&record, large.as_deref()) {
+        match super::make_durable(&record, large.as_deref()) {
             Ok(_) => error,
             Err(audit) => {
                 pgrx::warning!("vsql_vault: a refused call could not be logged: {audit}");

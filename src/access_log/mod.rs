@@ -11,7 +11,21 @@
 
 mod event;
 mod fixed_str;
+pub mod forward;
 pub mod queue;
 pub mod writer;
 
 pub use event::Event;
+
+/// Makes `record` durable: through this server's audit writer, or on a hot standby through the
+/// primary's (`forward`). Returns the writer's outcome.
+pub(crate) fn make_durable(
+    record: &queue::RawRecord,
+    large: Option<&str>,
+) -> Result<queue::Outcome, crate::errors::VaultError> {
+    if forward::on_standby() {
+        forward::submit(record, large)
+    } else {
+        queue::submit(record, large)
+    }
+}

@@ -84,7 +84,7 @@ impl Standby {
             "pg_basebackup",
             &[
                 "-h", &s.dir, "-p", &port_text, "-U", "postgres", "-D", &data, "-R", "-X",
-                "stream",
+                "stream", "-c", "fast",
             ],
         ));
         let auto = format!("{data}/postgresql.auto.conf");
