@@ -160,6 +160,8 @@ echo "   decrypted by the consumer (the excluded pan column never left the serve
 target/release/vsql-vault decrypt --kek-file "$kek" "${keys[@]}" --input "$out/stream.jsonl" | sed 's/^/   /'
 pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot demo_slot --drop-slot
 
+bash tests/demo_standby.sh "$dir" "$port" "$db"
+
 echo
 echo "==> Compliance evidence: the auditor's questions, one view each (docs/compliance.md)"
 run auditor <<'SQL'
