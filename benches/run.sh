@@ -100,7 +100,15 @@ port=${BENCH_PORT:-54339}
 db=vault_bench
 bash tests/cluster.sh stop "$dir"
 rm -rf "$dir"
-trap 'bash tests/cluster.sh stop "$dir"' EXIT
+# The hot standby of the standby rows (pg_basebackup -R of this cluster).
+sdir=$dir/standby
+sport=$((port + 1))
+stop_standby() {
+    if [ -f "$sdir/data/postmaster.pid" ]; then
+        runuser -u postgres -- "${PGBIN:-/usr/lib/postgresql/15/bin}/pg_ctl" -D "$sdir/data" -m fast -w stop >/dev/null || true
+    fi
+}
+trap 'stop_standby; bash tests/cluster.sh stop "$dir"' EXIT
 # tests/cluster.sh writes its own settings first; the later lines here override them
 # (shared_preload_libraries with pgaudit, more slots and senders).
 VSQL_VAULT_EXTRA_CONF="shared_buffers = '1GB'
@@ -189,7 +197,7 @@ add_row() {
 tps() {
     local runs=() out
     for _ in $(seq 1 "$reps"); do
-        out=$(pgbench -n -h "$dir" -p "$port" -U "${3:-bench}" -c "$2" -j 2 -T "$secs" \
+        out=$(pgbench -n -h "${bench_host:-$dir}" -p "${bench_port:-$port}" -U "${3:-bench}" -c "$2" -j 2 -T "$secs" \
             -f "benches/pgbench/$1.sql" "$db" 2>>"$dir/pgbench.log") ||
             { echo "pgbench $1 -c $2 failed, see $dir/pgbench.log" >&2; echo FAILED; return 0; }
         runs+=("$(awk '/^tps/ {printf "%d", $3}' <<<"$out")")
@@ -225,6 +233,42 @@ hand_rows=$(psql_su -Atc "SELECT count(*) FROM hand_rolled_audit")
 hand_ok=$(psql_su -Atc "SELECT count(*) FROM hand_rolled_audit a JOIN hand_rolled_audit b ON b.seq = a.seq + 1 WHERE b.prev_hash <> a.row_hash")
 [ "$hand_ok" = 0 ] || fail "the hand-rolled chain forked or broke ($hand_ok bad links)"
 info+=("- The hand-rolled chain (peer c) holds $(commas "$hand_rows") rows, every link intact.")
+
+echo "==> audited reads on a hot standby (pg_basebackup -R of this cluster, port $sport)"
+# vault_get on the standby makes its record durable on the primary (one round trip per call over
+# the session's libpq connection, then the primary's group commit) before it returns; the peer is
+# the same SELECT by key on the standby.
+psql_su -c "CREATE ROLE bench_forwarder LOGIN IN ROLE vault_forwarder" >/dev/null
+install -d -o postgres -m 700 "$sdir"
+runuser -u postgres -- "${PGBIN:-/usr/lib/postgresql/15/bin}/pg_basebackup" -h "$dir" -p "$port" -U postgres \
+    -D "$sdir/data" -R -X stream -c fast
+cat >>"$sdir/data/postgresql.auto.conf" <<CONF
+port = $sport
+listen_addresses = ''
+unix_socket_directories = '$sdir'
+shared_buffers = '256MB'
+cluster_name = 'bench_standby'
+vsql_vault.primary_conninfo = 'host=$dir port=$port user=bench_forwarder'
+CONF
+runuser -u postgres -- "${PGBIN:-/usr/lib/postgresql/15/bin}/pg_ctl" -D "$sdir/data" -l "$sdir/server.log" \
+    -w -t 60 start >/dev/null
+lsn=$(psql_su -Atc "SELECT pg_current_wal_lsn()")
+for _ in $(seq 1 300); do
+    [ "$(psql -X -q -h "$sdir" -p "$sport" -U postgres -d "$db" -Atc \
+        "SELECT pg_last_wal_replay_lsn() >= '$lsn'::pg_lsn")" = t ] && break
+    sleep 0.2
+done
+for c in 1 16; do
+    sget=$(bench_host=$sdir bench_port=$sport tps get "$c")
+    ssel=$(bench_host=$sdir bench_port=$sport tps select "$c")
+    add_row rate "vault_get on a hot standby (record made durable on the primary) vs SELECT by key on the standby, $c clients (tps)" \
+        "$sget" "$ssel" "reference (no aim yet)"
+done
+forwarded=$(psql_su -Atc "SELECT count(*) FROM vault.access_log WHERE operation = 'get' AND granted
+                          AND details->>'served_by_standby' = 'bench_standby'")
+[ "$forwarded" -gt 0 ] || fail "no record of the standby's gets on the primary"
+info+=("- Standby rows: the primary recorded $(commas "$forwarded") gets served by the standby.")
+stop_standby
 
 echo "==> chained append-only insert"
 add_row rate "chained insert vs plain insert, 16 clients (tps)" "$(tps insert_chained 16)" "$(tps insert_plain 16)" \
