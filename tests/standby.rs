@@ -287,3 +287,66 @@ fn without_the_primary_a_standby_read_fails_closed_at_once() {
     );
     assert_eq!(get(&mut a_standby, "sb-down-1").unwrap(), b"v");
 }
+
+/// What a standby's connection may hand the primary: members of vault_forwarder only, records of
+/// the four reads only, each field checked; nothing else reaches the log.
+#[test]
+fn the_primary_accepts_only_read_records_and_only_from_vault_forwarder() {
+    let s = server();
+    let mut su = setup(&s);
+    login_roles(&mut su, &[("it_forwarder", Some("vault_forwarder"))]);
+    let record = |operation: &str, external_id: &str| {
+        serde_json::json!({
+            "logged_at_us": 0, "role_name": "it_a", "session_user": "it_a",
+            "application_name": null, "client_addr": "10.0.0.7/32", "backend_pid": 4242,
+            "operation": operation, "purpose": "it.card", "external_id": external_id,
+            "entry_id": null, "max_retrievals": null, "granted": true, "sqlstate": null,
+            "reason": null, "details": null, "on_behalf_of": null
+        })
+        .to_string()
+    };
+    let accept = "SELECT vault.accept_forwarded_record($1, $2)";
+    // Not a member of vault_forwarder: no EXECUTE.
+    let mut a = s.connect("it_a");
+    let e = a
+        .query_one(accept, &[&"replica_x", &record("get", "sb-acc-1")])
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+    let mut f = s.connect("it_forwarder");
+    // A write, a malformed field, a forged chain position, a bad standby name: refused.
+    let mut forged = serde_json::from_str::<serde_json::Value>(&record("get", "sb-acc-2")).unwrap();
+    forged["seq"] = serde_json::json!(1);
+    for (standby, r) in [
+        ("replica_x", record("put", "sb-acc-2")),
+        ("replica_x", record("get", &"x".repeat(300))),
+        ("replica_x", forged.to_string()),
+        ("", record("get", "sb-acc-2")),
+    ] {
+        let e = f.query_one(accept, &[&standby, &r]).unwrap_err();
+        assert_eq!(sqlstate(&e), "22023", "{r}: {e}");
+    }
+    // A valid one is recorded, with its origin.
+    let verdict: String = f
+        .query_one(accept, &[&"replica_x", &record("head", "sb-acc-3")])
+        .unwrap()
+        .get(0);
+    assert_eq!(verdict, "written");
+    assert_eq!(
+        forwarded_records(&mut su, "sb-acc-3"),
+        vec![(
+            "head".to_owned(),
+            true,
+            "it_a".to_owned(),
+            "replica_x".to_owned(),
+            "it_forwarder".to_owned()
+        )]
+    );
+    let refused: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE external_id IN ('sb-acc-1', 'sb-acc-2')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(refused, 0);
+}
