@@ -286,6 +286,35 @@ fn without_the_primary_a_standby_read_fails_closed_at_once() {
         Some(&format!("host={} port={} user=it_forwarder", s.dir, s.port)),
     );
     assert_eq!(get(&mut a_standby, "sb-down-1").unwrap(), b"v");
+
+    // The primary stops: the same session's next read fails closed with VV503 and returns
+    // nothing. Once the primary is back, that session reads again (it reconnects).
+    drop(su);
+    drop(a);
+    s.pg_ctl(&["stop", "-m", "fast"]);
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let e = a_standby
+            .query("SELECT * FROM vault_get('it.card', 'sb-down-1')", &[])
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "VV503", "{e:?}");
+    }));
+    s.pg_ctl(&["start", "-l", &format!("{}/server.log", s.dir)]);
+    if let Err(panic) = stopped {
+        std::panic::resume_unwind(panic);
+    }
+    s.wait_for_writer(&s.db);
+    assert_eq!(get(&mut a_standby, "sb-down-1").unwrap(), b"v");
+    // The primary restarts between two reads: the connection the session holds died with the
+    // old primary. That is noticed before the record is sent, so the next read already succeeds.
+    s.pg_ctl(&[
+        "restart",
+        "-m",
+        "fast",
+        "-l",
+        &format!("{}/server.log", s.dir),
+    ]);
+    s.wait_for_writer(&s.db);
+    assert_eq!(get(&mut a_standby, "sb-down-1").unwrap(), b"v");
 }
 
 /// What a standby's connection may hand the primary: members of vault_forwarder only, records of

@@ -73,7 +73,7 @@ pub fn submit(record: &RawRecord, large: Option<&str>) -> Result<Outcome, VaultE
         let mut slot = cell.borrow_mut();
         let stale = slot
             .as_ref()
-            .is_some_and(|p| p.in_flight || p.conninfo != conninfo || !connected(p.conn));
+            .is_some_and(|p| p.in_flight || p.conninfo != conninfo || !alive(p.conn));
         if stale {
             *slot = None;
         }
@@ -145,6 +145,30 @@ fn standby_name() -> String {
 fn connected(conn: *mut pq_sys::PGconn) -> bool {
     // SAFETY: `conn` is a live connection of this backend.
     unsafe { pq_sys::PQstatus(conn) == pq_sys::ConnStatusType::CONNECTION_OK }
+}
+
+/// Whether an idle connection is still usable. An idle connection has nothing to read: when the
+/// socket is readable the server sent something unasked (its termination message, the end of
+/// the connection after a restart) and the connection is replaced before a record is sent, so
+/// the call reconnects instead of failing. (A notice read this way costs one reconnection.)
+fn alive(conn: *mut pq_sys::PGconn) -> bool {
+    // SAFETY: `conn` is a live connection of this backend.
+    let socket = unsafe { pq_sys::PQsocket(conn) };
+    if socket < 0 || !connected(conn) {
+        return false;
+    }
+    // SAFETY: a zero-timeout poll of the connection's socket; no latch is waited on, no LWLock
+    // is held.
+    let events = unsafe {
+        pg_sys::WaitLatchOrSocket(
+            std::ptr::null_mut(),
+            (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            socket,
+            0,
+            pg_sys::PG_WAIT_EXTENSION,
+        )
+    };
+    events & pg_sys::WL_SOCKET_READABLE as i32 == 0
 }
 
 /// A message of libpq's, copied (it may be NULL).
