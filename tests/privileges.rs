@@ -205,6 +205,9 @@ fn functions_are_executable_exactly_as_documented_and_refusals_inside_are_logged
             (false, false)
         } else if f == "vault.replication_kek_ids()" {
             (false, true)
+        } else if f == "vault.accept_forwarded_record(text,text)" {
+            // A hot standby's records: vault_forwarder only (checked below).
+            (false, false)
         } else {
             // Open to call; each checks roles and policies inside and logs refusals.
             (true, true)
@@ -216,6 +219,18 @@ fn functions_are_executable_exactly_as_documented_and_refusals_inside_are_logged
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let forwarder: bool = su
+        .query_one(
+            "SELECT has_function_privilege('vault_forwarder',
+                 'vault.accept_forwarded_record(text,text)', 'EXECUTE')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        forwarder,
+        "vault_forwarder executes vault.accept_forwarded_record"
+    );
     // The internal functions answer only the API's own SQL functions: called directly, by anyone
     // (a superuser too), they are refused with 42501, do nothing, and the attempt is recorded.
     let mut public = s.connect("pm_public");
