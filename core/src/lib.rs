@@ -8,6 +8,7 @@ pub mod chain;
 pub mod decide;
 pub mod directive_doc;
 pub mod envelope;
+pub mod export;
 pub mod governance;
 pub mod keys;
 pub mod merkle;
