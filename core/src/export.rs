@@ -528,7 +528,7 @@ fn read_chunks(
     paths: &[String],
     keys: &BTreeMap<String, VerifyingKey>,
     selected: &(dyn Fn(&str) -> bool + Sync),
-    (threads, block): (usize, usize),
+    Sizes { threads, block, .. }: Sizes,
     consume: &mut dyn FnMut(Chunk) -> ControlFlow<()>,
 ) -> Result<(), String> {
     use std::sync::mpsc;
@@ -736,10 +736,13 @@ pub struct Verdict {
 }
 
 /// Verifies export files (in the order given, as one export) against `checkpoints`, with the
-/// rows of the tables `selected` names: while reading when each chain's rows come in order (as
-/// `vault_export_audit` writes them), in one pass and memory bounded by `IN_FLIGHT` blocks;
-/// otherwise the rows are read again and sorted by (table, chain, seq) first, keeping for each
-/// row only its link (about 100 bytes a row), so that the verdict is the one on sorted rows.
+/// rows of the tables `selected` names. When each chain's rows come in order (as
+/// `vault_export_audit` writes them; chains may interleave) the rows are verified while they are
+/// read, in one pass, with memory bounded by `IN_FLIGHT` blocks of `BLOCK` bytes whatever the
+/// size of the export. Otherwise the files are read again and only each row's link (88 bytes)
+/// is kept and sorted by (table, chain, seq), in runs of `RUN` links spilled to temporary files
+/// (`std::env::temp_dir()`, removed after) and merged, so that the verdict is the one on sorted
+/// rows and memory stays bounded too.
 pub fn verify_files(
     paths: &[String],
     checkpoints: Vec<chain::Checkpoint>,
@@ -748,18 +751,151 @@ pub fn verify_files(
     selected: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<Verdict, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let sizes = (threads, BLOCK);
+    let sizes = Sizes {
+        threads,
+        block: BLOCK,
+        run: RUN,
+    };
     verify_files_with(paths, checkpoints, public_keys, partial, selected, sizes)
 }
 
-/// `verify_files` with this many threads and bytes a block.
+/// Stable: duplicates stay in file order, where the verifier names them.
+fn sort_links(links: &mut [(u32, Link)], names: &[String]) {
+    links.sort_by(|(ta, a), (tb, b)| {
+        (&names[*ta as usize], a.chain, a.seq).cmp(&(&names[*tb as usize], b.chain, b.seq))
+    });
+}
+
+/// Bytes of one link in a run file.
+const RECORD: usize = 4 + 4 + 8 + 32 + 32 + 1;
+
+/// Sorted runs of links in temporary files, removed when dropped.
+#[derive(Default)]
+struct Runs {
+    files: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Runs {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+impl Runs {
+    /// Sorts `links` into a new run file and empties it.
+    fn spill(&mut self, links: &mut Vec<(u32, Link)>, names: &[String]) -> Result<(), String> {
+        use std::io::Write;
+        sort_links(links, names);
+        let path = std::env::temp_dir().join(format!(
+            "vsql-vault-sort-{}-{}",
+            std::process::id(),
+            self.files.len()
+        ));
+        let io = |e: std::io::Error| format!("{}: {e}", path.display());
+        let file = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io)?;
+        self.files.push(path.clone());
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, file);
+        for (t, l) in links.iter() {
+            let mut r = [0u8; RECORD];
+            r[0..4].copy_from_slice(&t.to_le_bytes());
+            r[4..8].copy_from_slice(&l.chain.to_le_bytes());
+            r[8..16].copy_from_slice(&l.seq.to_le_bytes());
+            r[16..48].copy_from_slice(&l.prev_hash);
+            r[48..80].copy_from_slice(&l.row_hash);
+            r[80] = u8::from(l.hash_ok) | u8::from(l.signature_ok) << 1;
+            w.write_all(&r).map_err(io)?;
+        }
+        w.flush().map_err(io)?;
+        links.clear();
+        Ok(())
+    }
+
+    /// The links of every run in (table, chain, seq) order; equal ones in file order.
+    fn merge(&self, names: &[String], mut each: impl FnMut(u32, &Link)) -> Result<(), String> {
+        use std::cmp::Reverse;
+        use std::io::Read;
+        let mut order: Vec<u32> = (0..names.len() as u32).collect();
+        order.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
+        let mut rank = vec![0u32; names.len()];
+        for (r, t) in order.iter().enumerate() {
+            rank[*t as usize] = r as u32;
+        }
+        let mut readers = Vec::new();
+        for path in &self.files {
+            let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            readers.push(std::io::BufReader::with_capacity(1 << 16, f));
+        }
+        let next =
+            |r: &mut std::io::BufReader<std::fs::File>| -> Result<Option<(u32, Link)>, String> {
+                let mut b = [0u8; RECORD];
+                match r.read_exact(&mut b) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                    Err(e) => return Err(e.to_string()),
+                }
+                let int4 = |at: usize| [b[at], b[at + 1], b[at + 2], b[at + 3]];
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&b[8..16]);
+                let mut link = Link {
+                    chain: i32::from_le_bytes(int4(4)),
+                    seq: i64::from_le_bytes(seq),
+                    prev_hash: [0; 32],
+                    row_hash: [0; 32],
+                    hash_ok: b[80] & 1 != 0,
+                    signature_ok: b[80] & 2 != 0,
+                };
+                link.prev_hash.copy_from_slice(&b[16..48]);
+                link.row_hash.copy_from_slice(&b[48..80]);
+                Ok(Some((u32::from_le_bytes(int4(0)), link)))
+            };
+        let mut heads: Vec<Option<(u32, Link)>> = Vec::new();
+        let mut heap = std::collections::BinaryHeap::new();
+        for (i, r) in readers.iter_mut().enumerate() {
+            let head = next(r)?;
+            if let Some((t, l)) = &head {
+                heap.push(Reverse((rank[*t as usize], l.chain, l.seq, i)));
+            }
+            heads.push(head);
+        }
+        while let Some(Reverse((_, _, _, i))) = heap.pop() {
+            if let Some((t, l)) = heads[i].take() {
+                each(t, &l);
+            }
+            heads[i] = next(&mut readers[i])?;
+            if let Some((t, l)) = &heads[i] {
+                heap.push(Reverse((rank[*t as usize], l.chain, l.seq, i)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Threads, bytes a block, and links sorted in memory at most (more are sorted in runs on disk).
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    threads: usize,
+    block: usize,
+    run: usize,
+}
+
+/// Links sorted in memory at most (88 bytes each, some 70 MB with the sort's own buffer);
+/// an export out of chain order with more rows is sorted in runs in temporary files.
+const RUN: usize = 1 << 19;
+
+/// `verify_files` with these sizes.
 fn verify_files_with(
     paths: &[String],
     checkpoints: Vec<chain::Checkpoint>,
     public_keys: &[VerifyingKey],
     partial: bool,
     selected: &(dyn Fn(&str) -> bool + Sync),
-    sizes: (usize, usize),
+    sizes: Sizes,
 ) -> Result<Verdict, String> {
     let keys = chain::key_map(public_keys);
     let mut tables = std::collections::BTreeSet::new();
@@ -787,10 +923,13 @@ fn verify_files_with(
             sorted: false,
         });
     }
-    // Out of order: every selected row's link, by table id, sorted as the rows would be.
+    // Out of order: every selected row's link, by table id, sorted as the rows would be, in
+    // runs of at most `run` links spilled to temporary files and merged.
     let mut names: Vec<String> = Vec::new();
     let mut ids: BTreeMap<String, u32> = BTreeMap::new();
     let mut links: Vec<(u32, Link)> = Vec::new();
+    let mut runs = Runs::default();
+    let mut spill_error = None;
     read_chunks(paths, &keys, selected, sizes, &mut |chunk| {
         let global: Vec<Option<u32>> = chunk
             .tables
@@ -813,15 +952,28 @@ fn verify_files_with(
                 .iter()
                 .filter_map(|(t, l)| global[*t as usize].map(|g| (g, *l))),
         );
+        if links.len() >= sizes.run {
+            if let Err(e) = runs.spill(&mut links, &names) {
+                spill_error = Some(e);
+                return ControlFlow::Break(());
+            }
+        }
         ControlFlow::Continue(())
     })?;
-    // Stable: duplicates stay in file order, where the verifier names them.
-    links.sort_by(|(ta, a), (tb, b)| {
-        (&names[*ta as usize], a.chain, a.seq).cmp(&(&names[*tb as usize], b.chain, b.seq))
-    });
+    if let Some(e) = spill_error {
+        return Err(e);
+    }
     let mut v = chain::Verifier::with_partial(checkpoints, public_keys, partial);
-    for (t, link) in &links {
-        v.push_link(&names[*t as usize], link);
+    if runs.files.is_empty() {
+        sort_links(&mut links, &names);
+        for (t, link) in &links {
+            v.push_link(&names[*t as usize], link);
+        }
+    } else {
+        runs.spill(&mut links, &names)?;
+        runs.merge(&names, |t, link| {
+            v.push_link(&names[t as usize], link);
+        })?;
     }
     Ok(Verdict {
         reports: v.finish(),
@@ -1086,7 +1238,12 @@ mod tests {
                 write(&dir, &format!("{case}-b.jsonl"), &lines[half..]),
             ];
             let expected = load_and_sort(&files, cps.clone(), &key).unwrap();
-            for sizes in [(1, 1), (2, 700), (3, 1 << 20)] {
+            for (threads, block, run) in [(1, 1, 7), (2, 700, 50), (3, 1 << 20, 1 << 20)] {
+                let sizes = Sizes {
+                    threads,
+                    block,
+                    run,
+                };
                 let got = verify_files_with(
                     &files,
                     cps.clone(),
@@ -1131,7 +1288,12 @@ mod tests {
         ] {
             let expected = load_and_sort(&files, vec![], &key)
                 .map_err(|e| e.replace("stream did not contain valid UTF-8", "UTF8"));
-            for sizes in [(1, 1), (2, 500), (2, 1 << 20)] {
+            for (threads, block) in [(1, 1), (2, 500), (2, 1 << 20)] {
+                let sizes = Sizes {
+                    threads,
+                    block,
+                    run: 10,
+                };
                 let got = verify_files_with(
                     &files,
                     vec![],
