@@ -788,11 +788,10 @@ impl Runs {
     fn spill(&mut self, links: &mut Vec<(u32, Link)>, names: &[String]) -> Result<(), String> {
         use std::io::Write;
         sort_links(links, names);
-        let path = std::env::temp_dir().join(format!(
-            "vsql-vault-sort-{}-{}",
-            std::process::id(),
-            self.files.len()
-        ));
+        // Unique in the process too: two verifications may run at once (as the tests do).
+        static RUN_FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUN_FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("vsql-vault-sort-{}-{n}", std::process::id()));
         let io = |e: std::io::Error| format!("{}: {e}", path.display());
         let file = std::fs::File::options()
             .write(true)
@@ -900,8 +899,16 @@ fn verify_files_with(
     let keys = chain::key_map(public_keys);
     let mut tables = std::collections::BTreeSet::new();
     let mut v = chain::Verifier::with_partial(checkpoints.clone(), public_keys, partial);
-    let mut in_chain_order = true;
-    read_chunks(paths, &keys, selected, sizes, &mut |chunk| {
+    // A pipe (`--export /dev/stdin`) cannot be read twice: it is sorted from the start.
+    let rereadable = paths
+        .iter()
+        .all(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()));
+    let mut in_chain_order = rereadable;
+    let first_pass = |consume: &mut dyn FnMut(Chunk) -> ControlFlow<()>| match rereadable {
+        true => read_chunks(paths, &keys, selected, sizes, consume),
+        false => Ok(()),
+    };
+    first_pass(&mut |chunk| {
         for t in &chunk.tables {
             if !tables.contains(t) {
                 tables.insert(t.clone());
@@ -1313,6 +1320,43 @@ mod tests {
                 }
             }
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_pipe_out_of_chain_order_is_read_once_and_sorted() {
+        let dir = std::env::temp_dir().join(format!("vsql-export-pipe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = keys::generate().unwrap();
+        let mut rng = Rng(9);
+        let chain = rows(&mut rng, "t", 0, 30);
+        let cps = vec![checkpoint(&key, &chain[29])];
+        let mut lines: Vec<String> = chain
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect();
+        lines.swap(3, 20);
+        let file = write(&dir, "rows.jsonl", &lines);
+        let pipe = dir.join("pipe");
+        let made = std::process::Command::new("mkfifo").arg(&pipe).status();
+        assert!(made.unwrap().success());
+        let pipe = pipe.to_string_lossy().into_owned();
+        let writer = {
+            let (pipe, text) = (pipe.clone(), lines.join("\n"));
+            std::thread::spawn(move || std::fs::write(pipe, text).unwrap())
+        };
+        let sizes = Sizes {
+            threads: 2,
+            block: 100,
+            run: 8,
+        };
+        let keys = [key.verifying_key()];
+        let got = verify_files_with(&[pipe], cps.clone(), &keys, false, &|_: &str| true, sizes);
+        writer.join().unwrap();
+        let got = got.unwrap();
+        assert!(got.sorted);
+        assert_eq!(got.reports, load_and_sort(&[file], cps, &key).unwrap());
+        assert!(got.reports[0].ok, "{:?}", got.reports);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
