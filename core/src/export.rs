@@ -426,16 +426,40 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// The start of a value object in the exporter's compact form, up to its value (or to its
+    /// end for a null): its type, and whether that was all.
+    fn compact_type(&mut self) -> Option<(&'static str, bool)> {
+        const FORMS: [(&str, &[u8], bool); 6] = [
+            ("text", b"text\",\"value\":", false),
+            ("int", b"int\",\"value\":", false),
+            ("null", b"null\"}", true),
+            ("timestamp", b"timestamp\",\"value\":", false),
+            ("bool", b"bool\",\"value\":", false),
+            ("bytes", b"bytes\",\"value\":", false),
+        ];
+        let rest = self.s[self.i..].strip_prefix(b"{\"type\":\"")?;
+        let (ty, form, done) = FORMS.into_iter().find(|(_, f, _)| rest.starts_with(f))?;
+        self.i += 9 + form.len();
+        Some((ty, done))
+    }
+
     fn value(&mut self, name: &str, buf: &mut Vec<u8>) -> Option<()> {
-        self.eat(b'{')?;
-        self.key(b"\"type\"")?;
-        let ty = self.raw_string()?.ok()?;
-        self.ws();
-        if ty == "null" {
-            return self.eat(b'}');
-        }
-        self.eat(b',')?;
-        self.key(b"\"value\"")?;
+        let ty = match self.compact_type() {
+            Some((_, true)) => return Some(()),
+            Some((ty, false)) => ty,
+            None => {
+                self.eat(b'{')?;
+                self.key(b"\"type\"")?;
+                let ty = self.raw_string()?.ok()?;
+                self.ws();
+                if ty == "null" {
+                    return self.eat(b'}');
+                }
+                self.eat(b',')?;
+                self.key(b"\"value\"")?;
+                ty
+            }
+        };
         match ty {
             "text" => {
                 canonical::put_name_tag(buf, name, tag::TEXT);
