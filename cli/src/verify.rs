@@ -3,7 +3,8 @@
 
 use crate::input::{public_keys, read_lines};
 use std::collections::BTreeSet;
-use vsql_vault_core::chain::{Checkpoint, ExportRow, Verifier};
+use vsql_vault_core::chain::Checkpoint;
+use vsql_vault_core::export;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,34 +38,32 @@ pub fn run(args: &Args) -> Result<bool, String> {
     for path in &args.checkpoints {
         checkpoints.extend(read_lines::<Checkpoint>(path)?);
     }
-    let mut rows: Vec<ExportRow> = Vec::new();
-    for path in &args.exports {
-        rows.extend(read_lines::<ExportRow>(path)?);
-    }
     // Every signed checkpoint is accounted for: its table's rows must be in the exports (a chain
     // with a checkpoint and no rows fails), unless the table is left out by name with --table,
     // which the output then says. An export emptied before it was taken does not verify.
     let selected =
         |table: &str| args.tables.is_empty() || args.tables.iter().any(|t| names(t, table));
-    let skipped: BTreeSet<&str> = checkpoints
+    let checkpoint_tables: BTreeSet<String> = checkpoints.iter().map(|c| c.table.clone()).collect();
+    checkpoints.retain(|c| selected(&c.table));
+    // Read, parsed and hashed while verifying (in chain order; sorted first when the rows are
+    // not): see vsql_vault_core::export.
+    let verdict = export::verify_files(&args.exports, checkpoints, &keys, args.partial, &selected)?;
+    let skipped: BTreeSet<&str> = checkpoint_tables
         .iter()
-        .map(|c| c.table.as_str())
-        .chain(rows.iter().map(|r| r.table.as_str()))
+        .chain(verdict.tables.iter())
+        .map(String::as_str)
         .filter(|t| !selected(t))
         .collect();
-    let skipped: Vec<String> = skipped.into_iter().map(str::to_owned).collect();
-    checkpoints.retain(|c| selected(&c.table));
-    rows.retain(|r| selected(&r.table));
     let mut intact = true;
     for wanted in &args.tables {
-        if !rows.iter().any(|r| names(wanted, &r.table))
-            && !checkpoints.iter().any(|c| names(wanted, &c.table))
+        if !verdict.tables.iter().any(|t| names(wanted, t))
+            && !checkpoint_tables.iter().any(|t| names(wanted, t))
         {
             intact = false;
             println!("FAILED  {wanted}: no rows and no checkpoint of it in the evidence given");
         }
     }
-    if rows.is_empty() && checkpoints.is_empty() && args.tables.is_empty() {
+    if verdict.tables.is_empty() && checkpoint_tables.is_empty() && args.tables.is_empty() {
         println!(
             "FAILED  the evidence given holds no rows and no checkpoints: nothing was verified"
         );
@@ -73,12 +72,7 @@ pub fn run(args: &Args) -> Result<bool, String> {
     for table in &skipped {
         println!("skipped {table}: not selected (--table)");
     }
-    // An export need not be in chain order; a stable sort keeps duplicates next to each other,
-    // where the verifier names them.
-    rows.sort_by(|a, b| (&a.table, a.chain, a.seq).cmp(&(&b.table, b.chain, b.seq)));
-    let mut v = Verifier::with_partial(checkpoints, &keys, args.partial);
-    rows.iter().for_each(|r| v.push(r));
-    for r in v.finish() {
+    for r in verdict.reports {
         let chain = r.chain.map(|c| format!(" chain {c}")).unwrap_or_default();
         if r.ok {
             println!("ok      {}{chain}: {}", r.table, r.detail);

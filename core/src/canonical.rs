@@ -25,15 +25,25 @@ pub enum Value {
     Timestamp(i64),
 }
 
+/// Type tags of the encoding, one per `Value` variant.
+pub mod tag {
+    pub const NULL: u8 = 0x00;
+    pub const TEXT: u8 = 0x01;
+    pub const BYTES: u8 = 0x02;
+    pub const INT: u8 = 0x03;
+    pub const BOOL: u8 = 0x04;
+    pub const TIMESTAMP: u8 = 0x05;
+}
+
 impl Value {
     fn tag(&self) -> u8 {
         match self {
-            Value::Null => 0x00,
-            Value::Text(_) => 0x01,
-            Value::Bytes(_) => 0x02,
-            Value::Int(_) => 0x03,
-            Value::Bool(_) => 0x04,
-            Value::Timestamp(_) => 0x05,
+            Value::Null => tag::NULL,
+            Value::Text(_) => tag::TEXT,
+            Value::Bytes(_) => tag::BYTES,
+            Value::Int(_) => tag::INT,
+            Value::Bool(_) => tag::BOOL,
+            Value::Timestamp(_) => tag::TIMESTAMP,
         }
     }
 }
@@ -94,22 +104,12 @@ impl Encoder {
     /// encoded for one table can never verify as a row of another.
     pub fn new(domain: &str) -> Self {
         let mut buf = Vec::with_capacity(256);
-        buf.extend_from_slice(b"VSQLV");
-        buf.push(FORMAT_VERSION);
-        put_len_prefixed(&mut buf, domain.as_bytes());
+        put_header(&mut buf, domain);
         Encoder { buf }
     }
 
     pub fn field(mut self, name: &str, value: &Value) -> Self {
-        put_len_prefixed(&mut self.buf, name.as_bytes());
-        self.buf.push(value.tag());
-        match value {
-            Value::Null => {}
-            Value::Text(s) => put_len_prefixed(&mut self.buf, s.as_bytes()),
-            Value::Bytes(b) => put_len_prefixed(&mut self.buf, b),
-            Value::Int(i) | Value::Timestamp(i) => self.buf.extend_from_slice(&i.to_be_bytes()),
-            Value::Bool(b) => self.buf.push(u8::from(*b)),
-        }
+        put_field(&mut self.buf, name, value);
         self
     }
 
@@ -122,7 +122,35 @@ impl Encoder {
     }
 }
 
-fn put_len_prefixed(buf: &mut Vec<u8>, data: &[u8]) {
+/// The same bytes as `Encoder`, written into a buffer the caller keeps (and reuses): the record's
+/// start, magic, format version and domain.
+pub fn put_header(buf: &mut Vec<u8>, domain: &str) {
+    buf.extend_from_slice(b"VSQLV");
+    buf.push(FORMAT_VERSION);
+    put_len_prefixed(buf, domain.as_bytes());
+}
+
+/// One field as `Encoder::field` writes it.
+pub fn put_field(buf: &mut Vec<u8>, name: &str, value: &Value) {
+    put_name_tag(buf, name, value.tag());
+    match value {
+        Value::Null => {}
+        Value::Text(s) => put_len_prefixed(buf, s.as_bytes()),
+        Value::Bytes(b) => put_len_prefixed(buf, b),
+        Value::Int(i) | Value::Timestamp(i) => buf.extend_from_slice(&i.to_be_bytes()),
+        Value::Bool(b) => buf.push(u8::from(*b)),
+    }
+}
+
+/// A field's name and type tag; its value follows in the form of that tag: a length-prefixed
+/// value (`put_len_prefixed`) for text and bytes, 8 big-endian bytes for int and timestamp, one
+/// byte for bool, nothing for null.
+pub fn put_name_tag(buf: &mut Vec<u8>, name: &str, tag: u8) {
+    put_len_prefixed(buf, name.as_bytes());
+    buf.push(tag);
+}
+
+pub fn put_len_prefixed(buf: &mut Vec<u8>, data: &[u8]) {
     // u32 lengths: no field of a vault record can approach 4 GiB (values are capped far below).
     let len = u32::try_from(data.len()).expect("canonical field longer than 4 GiB");
     buf.extend_from_slice(&len.to_be_bytes());

@@ -1,7 +1,7 @@
 //! Hash-chained rows, signed checkpoints, and the verifier shared by the database and the
 //! offline tool. The format is specified in `docs/audit-format.md`.
 
-use crate::canonical::{Encoder, Value};
+use crate::canonical::{self, Encoder, Value};
 use crate::keys;
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
@@ -27,17 +27,28 @@ pub fn row_hash(
     prev_hash: &[u8],
     columns: &[(String, Value)],
 ) -> [u8; 32] {
-    let mut e = Encoder::new(ROW_DOMAIN)
-        .field("table", &Value::Text(table.to_owned()))
-        .field("chain", &Value::Int(i64::from(chain)))
-        .field("seq", &Value::Int(seq))
-        .field("prev_hash", &Value::Bytes(prev_hash.to_vec()));
+    let mut buf = Vec::with_capacity(256);
+    put_row_header(&mut buf, table, chain, seq, prev_hash);
     for (name, value) in columns {
         if *value != Value::Null {
-            e = e.field(name, value);
+            canonical::put_field(&mut buf, name, value);
         }
     }
-    e.sha256()
+    canonical::sha256(&buf)
+}
+
+/// The canonical bytes a row's hash starts with, before its non-NULL columns: `row_hash` and the
+/// export reader (`crate::export`), which writes the columns straight from the JSON after them.
+pub fn put_row_header(buf: &mut Vec<u8>, table: &str, chain: i32, seq: i64, prev_hash: &[u8]) {
+    canonical::put_header(buf, ROW_DOMAIN);
+    canonical::put_name_tag(buf, "table", canonical::tag::TEXT);
+    canonical::put_len_prefixed(buf, table.as_bytes());
+    canonical::put_name_tag(buf, "chain", canonical::tag::INT);
+    buf.extend_from_slice(&i64::from(chain).to_be_bytes());
+    canonical::put_name_tag(buf, "seq", canonical::tag::INT);
+    buf.extend_from_slice(&seq.to_be_bytes());
+    canonical::put_name_tag(buf, "prev_hash", canonical::tag::BYTES);
+    canonical::put_len_prefixed(buf, prev_hash);
 }
 
 /// `ExportRow::chain` of a row that carries no chain fields (inserted while the chain trigger
@@ -174,6 +185,27 @@ impl Checkpoint {
             .to_vec()
     }
 
+    /// The checkpoint `key` signs for the head `head_hash` at `seq` (what `vault_checkpoint()`
+    /// records; tests and generated exports make theirs so).
+    pub fn sign(
+        key: &ed25519_dalek::SigningKey,
+        (table, chain, seq): (&str, i32, i64),
+        head_hash: [u8; 32],
+        signed_at: i64,
+    ) -> Checkpoint {
+        let key_id = keys::key_id(&key.verifying_key());
+        let msg = Checkpoint::message(table, chain, seq, &head_hash, signed_at, &key_id);
+        Checkpoint {
+            table: table.to_owned(),
+            chain,
+            seq,
+            head_hash,
+            signed_at,
+            key_id,
+            signature: hex::encode(keys::sign(key, &msg)),
+        }
+    }
+
     pub fn signature_ok(&self, keys: &BTreeMap<String, VerifyingKey>) -> bool {
         let Some(public) = keys.get(&self.key_id) else {
             return false;
@@ -213,18 +245,63 @@ struct ChainState {
     first_bad: Option<(i64, String)>,
     /// Row hashes at the sequence numbers a checkpoint names.
     at_checkpoints: BTreeMap<i64, [u8; 32]>,
+    /// The seq of the last row pushed, whatever the verdict: whether the rows come in chain order.
+    pushed_seq: Option<i64>,
+}
+
+/// What the verifier needs of one row, its hash already recomputed: the export reader
+/// (`crate::export`) builds it while parsing, without the row's columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    /// `UNCHAINED` for a row without chain fields (then nothing else is read).
+    pub chain: i32,
+    pub seq: i64,
+    pub prev_hash: [u8; 32],
+    pub row_hash: [u8; 32],
+    /// The hash recomputed from the row's contents (`row_hash()`) equals `row_hash`.
+    pub hash_ok: bool,
+    /// For a row of the checkpoint table: it records a checkpoint with a valid signature from a
+    /// known key. Not read for other rows.
+    pub signature_ok: bool,
+}
+
+impl Link {
+    /// The link of a parsed row, its hash recomputed (and, for a row of the checkpoint table, its
+    /// signature checked against `keys`).
+    pub fn of(row: &ExportRow, keys: &BTreeMap<String, VerifyingKey>) -> Link {
+        let chained = row.is_chained();
+        Link {
+            chain: row.chain,
+            seq: row.seq,
+            prev_hash: row.prev_hash,
+            row_hash: row.row_hash,
+            hash_ok: chained
+                && row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns)
+                    == row.row_hash,
+            signature_ok: chained
+                && row.table.starts_with(CHECKPOINT_TABLE)
+                && Checkpoint::from_row(&row.columns).is_some_and(|c| c.signature_ok(keys)),
+        }
+    }
+}
+
+/// Trusted keys by key id, as the verifier looks them up.
+pub fn key_map(public_keys: &[VerifyingKey]) -> BTreeMap<String, VerifyingKey> {
+    public_keys.iter().map(|k| (keys::key_id(k), *k)).collect()
 }
 
 /// Streams rows ordered by (table, chain, seq) and checks hashes, links, continuity and
 /// checkpoints. Rows of an export that starts after seq 1 are accepted from their first
-/// `prev_hash`; everything after is linked.
+/// `prev_hash`; everything after is linked. Chains are independent: rows of different chains
+/// may come interleaved, as long as each chain's own rows come in order.
 pub struct Verifier {
     /// Whether the rows are a whole table (chains must start at seq 1) or an export from a later seq.
     partial: bool,
     checkpoints: Vec<Checkpoint>,
     keys: BTreeMap<String, VerifyingKey>,
-    chains: BTreeMap<(String, i32), ChainState>,
-    wanted: BTreeMap<(String, i32), Vec<i64>>,
+    /// By table, then chain (a lookup by `&str` needs no key of its own).
+    chains: BTreeMap<String, BTreeMap<i32, ChainState>>,
+    wanted: BTreeMap<String, BTreeMap<i32, Vec<i64>>>,
     /// Per table, how many rows carry no chain fields.
     unchained: BTreeMap<String, i64>,
 }
@@ -239,40 +316,69 @@ impl Verifier {
         public_keys: &[VerifyingKey],
         partial: bool,
     ) -> Verifier {
-        let keys = public_keys.iter().map(|k| (keys::key_id(k), *k)).collect();
-        let mut wanted: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
+        let mut wanted: BTreeMap<String, BTreeMap<i32, Vec<i64>>> = BTreeMap::new();
         for c in &checkpoints {
             wanted
-                .entry((c.table.clone(), c.chain))
+                .entry(c.table.clone())
+                .or_default()
+                .entry(c.chain)
                 .or_default()
                 .push(c.seq);
         }
         Verifier {
             partial,
             checkpoints,
-            keys,
+            keys: key_map(public_keys),
             chains: BTreeMap::new(),
             wanted,
             unchained: BTreeMap::new(),
         }
     }
 
+    /// The trusted keys, by key id (for `Link::of`).
+    pub fn keys(&self) -> &BTreeMap<String, VerifyingKey> {
+        &self.keys
+    }
+
     pub fn push(&mut self, row: &ExportRow) {
+        let link = Link::of(row, &self.keys);
+        self.push_link(&row.table, &link);
+    }
+
+    /// `push` of a row whose hash (and signature) the caller has checked. Returns whether the row
+    /// came in chain order: its seq above the last one pushed for its chain (a row without chain
+    /// fields always does). When one does not, the verdict is that of rows in file order, not
+    /// the verdict on the sorted rows.
+    pub fn push_link(&mut self, table: &str, row: &Link) -> bool {
         // A row without chain fields belongs to no chain: it is reported on its own, counted
         // per table, and cannot disturb the verdict on the chains around it.
-        if !row.is_chained() {
-            *self.unchained.entry(row.table.clone()).or_default() += 1;
-            return;
+        if row.chain < 0 {
+            match self.unchained.get_mut(table) {
+                Some(n) => *n += 1,
+                None => {
+                    self.unchained.insert(table.to_owned(), 1);
+                }
+            }
+            return true;
         }
-        let key = (row.table.clone(), row.chain);
-        let wants = self.wanted.get(&key).is_some_and(|s| s.contains(&row.seq));
-        let st = self.chains.entry(key).or_default();
+        let wants = self
+            .wanted
+            .get(table)
+            .and_then(|t| t.get(&row.chain))
+            .is_some_and(|s| s.contains(&row.seq));
+        let per_table = match self.chains.get_mut(table) {
+            Some(t) => t,
+            None => self.chains.entry(table.to_owned()).or_default(),
+        };
+        let st = per_table.entry(row.chain).or_default();
+        let in_order = st.pushed_seq.is_none_or(|last| row.seq > last);
+        st.pushed_seq = Some(row.seq);
         st.rows += 1;
         if wants {
             st.at_checkpoints.insert(row.seq, row.row_hash);
         }
         if st.first_bad.is_some() {
-            return;
+            return in_order;
         }
         let bad = |why: String| Some((row.seq, why));
         // A gap is reported at its first missing row: that is the row an auditor must ask about.
@@ -286,7 +392,6 @@ impl Verifier {
                 ),
             ))
         };
-        let computed = row_hash(&row.table, row.chain, row.seq, &row.prev_hash, &row.columns);
         let partial = self.partial;
         st.first_bad = match st.last_seq {
             None if !partial && row.seq < 1 => bad(format!(
@@ -309,26 +414,29 @@ impl Verifier {
             Some(_) if row.prev_hash != st.last_hash => {
                 bad("prev_hash does not match the previous row (link broken)".into())
             }
-            _ if computed != row.row_hash => {
+            _ if !row.hash_ok => {
                 bad("row hash does not match the row's contents (row changed)".into())
             }
             // A row of the checkpoint table is a signed statement itself: re-hashing its chain
             // around a forged one must not pass.
-            _ if row.table.starts_with(CHECKPOINT_TABLE)
-                && !Checkpoint::from_row(&row.columns)
-                    .is_some_and(|c| c.signature_ok(&self.keys)) =>
-            {
+            _ if table.starts_with(CHECKPOINT_TABLE) && !row.signature_ok => {
                 bad("checkpoint row has no valid signature from a known key".into())
             }
             _ => None,
         };
         st.last_seq = Some(row.seq);
         st.last_hash = row.row_hash;
+        in_order
     }
 
     pub fn finish(mut self) -> Vec<ChainReport> {
         for c in &self.checkpoints {
-            let st = self.chains.entry((c.table.clone(), c.chain)).or_default();
+            let st = self
+                .chains
+                .entry(c.table.clone())
+                .or_default()
+                .entry(c.chain)
+                .or_default();
             let last = st.last_seq.unwrap_or(0);
             let problem = match st.at_checkpoints.get(&c.seq) {
                 _ if !c.signature_ok(&self.keys) => Some((
@@ -370,7 +478,12 @@ impl Verifier {
         });
         self.chains
             .into_iter()
-            .map(|((table, chain), st)| {
+            .flat_map(|(table, chains)| {
+                chains
+                    .into_iter()
+                    .map(move |(chain, st)| (table.clone(), chain, st))
+            })
+            .map(|(table, chain, st)| {
                 let (first_bad_seq, detail) = match st.first_bad {
                     Some((seq, why)) => (Some(seq), why),
                     None => (None, format!("{} rows intact", st.rows)),
@@ -417,17 +530,7 @@ mod tests {
     }
 
     fn checkpoint(key: &ed25519_dalek::SigningKey, row: &ExportRow) -> Checkpoint {
-        let key_id = keys::key_id(&key.verifying_key());
-        let msg = Checkpoint::message(&row.table, row.chain, row.seq, &row.row_hash, 1, &key_id);
-        Checkpoint {
-            table: row.table.clone(),
-            chain: row.chain,
-            seq: row.seq,
-            head_hash: row.row_hash,
-            signed_at: 1,
-            key_id,
-            signature: hex::encode(keys::sign(key, &msg)),
-        }
+        Checkpoint::sign(key, (&row.table, row.chain, row.seq), row.row_hash, 1)
     }
 
     fn run(

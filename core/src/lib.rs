@@ -9,6 +9,7 @@ pub mod decide;
 pub mod directive_doc;
 pub mod envelope;
 pub mod forward;
+pub mod export;
 pub mod governance;
 pub mod keys;
 pub mod merkle;
