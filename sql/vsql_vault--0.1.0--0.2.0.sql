@@ -976,3 +976,8 @@ $fn$;
 -- Owned by vault_owner like every vault table (sql/compliance.sql, at the end of a fresh
 -- install; this part of the upgrade comes after the ownership pass above).
 ALTER TABLE vault.sync_published OWNER TO vault_owner;
+
+-- Sweeps resume each batch after the last (expires_at, id) of the one before (issue 14): the
+-- index of expiring entries gains id. An index only, rebuilt from the table; no evidence moves.
+DROP INDEX IF EXISTS vault.entries_expires_at;
+CREATE INDEX IF NOT EXISTS entries_expiry ON vault.entries (expires_at, id) WHERE purged_at IS NULL;
