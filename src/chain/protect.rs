@@ -322,7 +322,7 @@ fn install(table: &Candidate, quoted: &str, table_oid: pg_sys::Oid) -> Result<()
 }
 
 /// Rows read, hashed and chained per round of `chain_existing_rows`.
-const EXISTING_ROWS_CHUNK: i64 = 20_000;
+const EXISTING_ROWS_CHUNK: i64 = 50_000;
 
 /// Rows a table held before it was protected are chained in physical order on chain 0. Called as
 /// the table's owner; the chain head is read and written as the vault's owner. The rows are read
@@ -336,9 +336,18 @@ fn chain_existing_rows(relid: pg_sys::Oid, quoted: &str) -> Result<(), VaultErro
     };
     let start = seq;
     let internal = |e: pgrx::spi::Error| VaultError::Internal(e.to_string());
+    // A sequential scan from block 0 returns the rows in physical order without a sort of the
+    // whole table (a synchronized scan could start in the middle). Each chunk's rows are then
+    // found by ctid (a TID scan per row): a hash or merge join would read the whole table for
+    // every chunk. The cursor's snapshot does not see the versions the UPDATEs make.
+    let _settings = crate::pg::TemporarySetting::set_all(&[
+        (c"synchronize_seqscans", "off"),
+        (c"enable_hashjoin", "off"),
+        (c"enable_mergejoin", "off"),
+    ]);
     Spi::connect_mut(|c| {
         let mut cursor = c.try_open_cursor(
-            format!("SELECT ctid::pg_catalog.text AS vault_ctid, {columns} FROM ONLY {quoted} WHERE chain_id IS NULL ORDER BY ctid").as_str(),
+            format!("SELECT ctid::pg_catalog.text AS vault_ctid, {columns} FROM ONLY {quoted} WHERE chain_id IS NULL").as_str(),
             &[],
         )?;
         let update = format!(
@@ -348,12 +357,6 @@ fn chain_existing_rows(relid: pg_sys::Oid, quoted: &str) -> Result<(), VaultErro
                                pg_catalog.unnest($5::pg_catalog.bytea[])) AS u(tid, seq, prev, hash)
               WHERE t.ctid OPERATOR(pg_catalog.=) u.tid"
         );
-        // Each chunk's rows are found by ctid (a TID scan per row): a hash or merge join would
-        // read the whole table for every chunk.
-        let _by_tid = crate::pg::TemporarySetting::set_all(&[
-            (c"enable_hashjoin", "off"),
-            (c"enable_mergejoin", "off"),
-        ]);
         loop {
             let (mut ctids, mut seqs, mut prevs, mut hashes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             {
