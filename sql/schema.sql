@@ -110,7 +110,9 @@ CREATE TABLE vault.entries (
 );
 -- Ciphertext does not compress; storing it out of line uncompressed saves the attempt.
 ALTER TABLE vault.entries ALTER COLUMN encrypted_value SET STORAGE EXTERNAL;
-CREATE INDEX entries_expires_at ON vault.entries (expires_at) WHERE purged_at IS NULL;
+-- Sweeps take expired entries in (expires_at, id) order, each batch resuming after the last
+-- entry of the one before (src/retention/destroy.rs, sweep_batch).
+CREATE INDEX entries_expiry ON vault.entries (expires_at, id) WHERE purged_at IS NULL;
 
 -- One row per decision the vault made, granted or denied. Rows are written by the audit writer
 -- (a background worker) in its own transactions, so they survive the caller's ROLLBACK.

@@ -998,3 +998,8 @@ AS 'MODULE_PATHNAME', 'accept_forwarded_record_wrapper';
 -- only vault_forwarder may call it (README, "High availability and read replicas").
 REVOKE ALL ON FUNCTION vault.accept_forwarded_record(text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vault.accept_forwarded_record(text, text) TO vault_forwarder;
+
+-- Sweeps resume each batch after the last (expires_at, id) of the one before (issue 14): the
+-- index of expiring entries gains id. An index only, rebuilt from the table; no evidence moves.
+DROP INDEX IF EXISTS vault.entries_expires_at;
+CREATE INDEX IF NOT EXISTS entries_expiry ON vault.entries (expires_at, id) WHERE purged_at IS NULL;

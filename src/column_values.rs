@@ -46,6 +46,9 @@ pub fn datum_value(datum: Option<pg_sys::Datum>, typid: pg_sys::Oid) -> Value {
             Ok(pg_sys::BuiltinOid::BYTEAOID) => {
                 Value::Bytes(<Vec<u8> as FromDatum>::from_datum(d, false).unwrap_or_default())
             }
+            Ok(pg_sys::BuiltinOid::BYTEAARRAYOID) if plain_bytea_array(d) => {
+                Value::Text(bytea_array_text(d))
+            }
             _ => {
                 let mut out = pg_sys::Oid::INVALID;
                 let mut varlena = false;
@@ -55,6 +58,112 @@ pub fn datum_value(datum: Option<pg_sys::Datum>, typid: pg_sys::Oid) -> Value {
             }
         }
     }
+}
+
+/// Whether this value is hashed through a text form that some setting could change: then the
+/// text is made under `PinnedOutput`. A one-dimensional `bytea[]` (the purge log's inclusion
+/// paths) never is: its text is written from the elements' bytes (`bytea_array_text`).
+pub fn pins_output_of(datum: pg_sys::Datum, typid: pg_sys::Oid) -> bool {
+    if typid == pg_sys::BYTEAARRAYOID {
+        // SAFETY: the caller passes a non-null datum of type `typid`, a bytea[].
+        return !unsafe { plain_bytea_array(datum) };
+    }
+    pins_output(typid)
+}
+
+/// Whether a `bytea[]` datum has no dimension or one with lower bound 1: the shapes whose
+/// `array_out` text `bytea_array_text` makes (others, rare, go through `array_out`).
+///
+/// # Safety
+///
+/// `d` must be a non-null `bytea[]` datum.
+unsafe fn plain_bytea_array(d: pg_sys::Datum) -> bool {
+    // SAFETY: `d` is an array datum (caller's guarantee). pg_detoast_datum returns it as it is
+    // when it is a plain in-line value, or a palloc'd plain copy; the header, then `ndim` dims and
+    // `ndim` lower bounds follow ArrayType (ARR_DIMS / ARR_LBOUND), so for ndim = 1 the lower
+    // bound is the int right after the one dimension.
+    unsafe {
+        let arr = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *const pg_sys::ArrayType;
+        match (*arr).ndim {
+            0 => true,
+            1 => {
+                let dims = arr
+                    .cast::<u8>()
+                    .add(std::mem::size_of::<pg_sys::ArrayType>())
+                    as *const i32;
+                dims.add(1).read_unaligned() == 1
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The text `array_out` makes of a `bytea[]` with no dimension or one with lower bound 1 under
+/// `bytea_output = hex` (the pinned setting), written from the elements' bytes without calling
+/// it: `{}`, or `{"\\x00ff",NULL,"\\x"}` (every non-NULL element starts with a backslash, so
+/// array_out quotes it and doubles the backslash). The same canonical text, made faster
+/// (docs/audit-format.md section 2; the test `bytea_arrays_hash_as_array_out_prints_them`).
+///
+/// # Safety
+///
+/// `d` must be a non-null `bytea[]` datum for which `plain_bytea_array` is true.
+unsafe fn bytea_array_text(d: pg_sys::Datum) -> String {
+    let mut elems: *mut pg_sys::Datum = std::ptr::null_mut();
+    let mut nulls: *mut bool = std::ptr::null_mut();
+    let mut n: i32 = 0;
+    // SAFETY: `d` is a bytea[] (caller's guarantee), detoasted as above; bytea is varlena
+    // (typlen -1), by reference, int-aligned, which is what deconstruct_array is told. It fills
+    // `n` element datums and `n` null flags in palloc'd arrays, freed at the end; each element
+    // is a bytea read through pgrx's varlena accessor (which handles short headers) before that.
+    unsafe {
+        let arr = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+        if (*arr).ndim == 0 {
+            return "{}".to_owned();
+        }
+        pg_sys::deconstruct_array(
+            arr,
+            pg_sys::BYTEAOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+            &mut elems,
+            &mut nulls,
+            &mut n,
+        );
+        let n = usize::try_from(n).unwrap_or(0);
+        let out = bytea_array_literal((0..n).map(|i| {
+            (!*nulls.add(i))
+                .then(|| <&[u8] as FromDatum>::from_datum(*elems.add(i), false).unwrap_or_default())
+        }));
+        pg_sys::pfree(elems.cast());
+        pg_sys::pfree(nulls.cast());
+        out
+    }
+}
+
+/// A `bytea[]` of these elements as `array_out` prints it under `bytea_output = hex` (which is
+/// also a literal `array_in` reads back): `{"\\x00ff",NULL}`. Every non-NULL element starts with
+/// a backslash, so it is quoted and the backslash doubled.
+fn bytea_array_literal<'a>(elements: impl Iterator<Item = Option<&'a [u8]>>) -> String {
+    let mut out = String::from("{");
+    let mut hex = Vec::new();
+    for (i, element) in elements.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let Some(bytes) = element else {
+            out.push_str("NULL");
+            continue;
+        };
+        hex.resize(bytes.len() * 2, 0);
+        // The buffer is exactly twice the input's length, so this cannot fail.
+        let _ = hex::encode_to_slice(bytes, &mut hex);
+        out.push_str("\"\\\\x");
+        out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+        out.push('"');
+    }
+    out.push('}');
+    out
 }
 
 /// Whether a column of this type is hashed through a text form that some setting could change:

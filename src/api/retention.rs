@@ -144,12 +144,15 @@ fn purge_sweep_impl(
         // The call's own record names the sweep and its signed batches (the worker records each
         // batch in its transaction instead: retention::record).
         let mut batch_ids = Vec::new();
+        // Each batch resumes after the last entry of the one before (destroy::sweep_batch).
+        let mut after = None;
         while left > 0 {
-            let swept = destroy::sweep_batch(batch.min(left), &caller.role_name, run_id)?;
+            let swept = destroy::sweep_batch(batch.min(left), &caller.role_name, run_id, after)?;
             let n = swept.len();
             if n == 0 {
                 break;
             }
+            after = swept.last;
             batch_ids.push(swept.proved.batch_id);
             total += n;
             left -= n;

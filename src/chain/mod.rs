@@ -12,7 +12,7 @@
 //! This module keeps what they share: how a row's columns become hashed values, and how the
 //! vault finds its registrations (by OID, or by the names a 0.1.0 schema recorded).
 
-use crate::column_values::{datum_value, pins_output, PinnedOutput};
+use crate::column_values::{datum_value, pins_output_of, PinnedOutput};
 use crate::errors::VaultError;
 use crate::pg::plans::{self, types::*};
 use crate::security::{AsOwner, AsTableOwner};
@@ -71,8 +71,8 @@ fn stored_columns(relid: pg_sys::Oid) -> Result<String, VaultError> {
 
 /// The hashed columns of a table: live, not generated, not the chain's own fields.
 fn hashed_attributes(tupdesc: pg_sys::TupleDesc) -> Vec<(usize, String, pg_sys::Oid)> {
-    // SAFETY: every caller passes a live descriptor: the trigger relation's `rd_att` (chain_row,
-    // valid for the trigger call) or the `tupdesc` of the current SPI result (export_row via
+    // SAFETY: every caller passes a live descriptor: the trigger relation's `rd_att` (row_shape,
+    // for chain_row, valid for the trigger call) or the `tupdesc` of the current SPI result (export_row via
     // scan_rows, chain_existing_rows), valid until SPI_finish. The wrapper does not outlive this
     // function and, made with `from_pg_unchecked`, never releases the descriptor.
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
@@ -150,14 +150,98 @@ fn columns_of(
     values: &[Option<pg_sys::Datum>],
     attrs: &[(usize, String, pg_sys::Oid)],
 ) -> Vec<(String, Value)> {
+    hashed_values(values, attrs)
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
+}
+
+/// The hashed values of a row, named by `attrs` (no copy of the names).
+fn hashed_values<'n>(
+    values: &[Option<pg_sys::Datum>],
+    attrs: &'n [(usize, String, pg_sys::Oid)],
+) -> Vec<(&'n str, Value)> {
     let _pinned = attrs
         .iter()
-        .any(|(i, _, typid)| values[*i].is_some() && pins_output(*typid))
+        .any(|(i, _, typid)| values[*i].is_some_and(|d| pins_output_of(d, *typid)))
         .then(PinnedOutput::enter);
     attrs
         .iter()
-        .map(|(i, name, typid)| (name.clone(), datum_value(values[*i], *typid)))
+        .map(|(i, name, typid)| (name.as_str(), datum_value(values[*i], *typid)))
         .collect()
+}
+
+/// What the chain trigger reads of a table's descriptor: the hashed attributes and where the
+/// chain fields are. Made once and kept while the descriptor stays the same (`row_shape`).
+pub(crate) struct RowShape {
+    pub hashed: Vec<(usize, String, pg_sys::Oid)>,
+    /// chain_id, chain_seq, prev_hash, row_hash, when present with their types.
+    pub chain_fields: [Option<usize>; 4],
+}
+
+/// A table's shape, with its OID and the bytes of the descriptor it was made from.
+type CachedShape = (u32, Vec<u8>, std::rc::Rc<RowShape>);
+
+thread_local! {
+    /// The last table's shape.
+    static SHAPE: RefCell<Option<CachedShape>> = const { RefCell::new(None) };
+}
+
+/// The bytes of a descriptor that its shape depends on: each attribute's name, type, and dropped
+/// and generated flags. Compared on every row, so a cached shape is never used for a descriptor
+/// that changed (an ALTER TABLE in the same session).
+///
+/// # Safety
+///
+/// `tupdesc` must be a valid descriptor.
+unsafe fn descriptor_bytes(tupdesc: pg_sys::TupleDesc) -> Vec<u8> {
+    // SAFETY: as for `hashed_attributes`: a live descriptor, wrapped without being released.
+    let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
+    let mut out = Vec::with_capacity(desc.len() * 72);
+    for a in desc.iter() {
+        // SAFETY: `attname` is a NameData, NAMEDATALEN bytes, plain data.
+        let name = unsafe {
+            std::slice::from_raw_parts(a.attname.data.as_ptr().cast::<u8>(), a.attname.data.len())
+        };
+        out.extend_from_slice(name);
+        out.extend_from_slice(&a.atttypid.to_u32().to_ne_bytes());
+        out.push(u8::from(a.attisdropped));
+        out.push(a.attgenerated as u8);
+    }
+    out
+}
+
+/// The shape of relation `relid`'s rows under `tupdesc`, from the cache when the descriptor is
+/// the same as the one it was made from.
+///
+/// # Safety
+///
+/// `tupdesc` must be a valid descriptor (the trigger relation's `rd_att`).
+pub(crate) unsafe fn row_shape(relid: u32, tupdesc: pg_sys::TupleDesc) -> std::rc::Rc<RowShape> {
+    use pg_sys::BuiltinOid::{BYTEAOID, INT4OID, INT8OID};
+    // SAFETY: the caller's guarantee.
+    let bytes = unsafe { descriptor_bytes(tupdesc) };
+    let cached = SHAPE.with(|s| {
+        s.borrow()
+            .as_ref()
+            .filter(|(r, b, _)| *r == relid && *b == bytes)
+            .map(|(_, _, shape)| shape.clone())
+    });
+    if let Some(shape) = cached {
+        return shape;
+    }
+    let field = |name, typid| attribute_index(tupdesc, name, typid);
+    let shape = std::rc::Rc::new(RowShape {
+        hashed: hashed_attributes(tupdesc),
+        chain_fields: [
+            field("chain_id", INT4OID),
+            field("chain_seq", INT8OID),
+            field("prev_hash", BYTEAOID),
+            field("row_hash", BYTEAOID),
+        ],
+    });
+    SHAPE.with(|s| *s.borrow_mut() = Some((relid, bytes, shape.clone())));
+    shape
 }
 
 /// Index of a named attribute of the given type in a tuple descriptor: a chain field is read as
@@ -167,8 +251,9 @@ fn attribute_index(
     name: &str,
     typid: pg_sys::BuiltinOid,
 ) -> Option<usize> {
-    // SAFETY: its one caller, export_row, passes the `tupdesc` of the current SPI result, valid
-    // until SPI_finish; the wrapper is local and never releases the descriptor.
+    // SAFETY: its callers pass a live descriptor: the `tupdesc` of the current SPI result, valid
+    // until SPI_finish (export_row), or the trigger relation's `rd_att` (row_shape); the
+    // wrapper is local and never releases the descriptor.
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
     desc.iter()
         .position(|a| !a.attisdropped && a.name() == name && a.atttypid == pg_sys::Oid::from(typid))

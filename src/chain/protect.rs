@@ -321,50 +321,83 @@ fn install(table: &Candidate, quoted: &str, table_oid: pg_sys::Oid) -> Result<()
     Ok(())
 }
 
+/// Rows read, hashed and chained per round of `chain_existing_rows`.
+const EXISTING_ROWS_CHUNK: i64 = 50_000;
+
 /// Rows a table held before it was protected are chained in physical order on chain 0. Called as
-/// the table's owner; the chain head is read and written as the vault's owner.
+/// the table's owner; the chain head is read and written as the vault's owner. The rows are read
+/// through a cursor and hashed in Rust, and each chunk's chain fields are written by one UPDATE
+/// (from arrays, by ctid), rather than one statement per row.
 fn chain_existing_rows(relid: pg_sys::Oid, quoted: &str) -> Result<(), VaultError> {
     let columns = stored_columns(relid)?;
-    let rows: Vec<(String, Vec<(String, Value)>)> = Spi::connect(|c| {
-        let mut out = Vec::new();
-        c.select(&format!("SELECT ctid::pg_catalog.text AS vault_ctid, {columns} FROM ONLY {quoted} WHERE chain_id IS NULL ORDER BY ctid"), None, &[])?;
-        // SAFETY: right after that select on this connection, so `SPI_tuptable` is its result
-        // (valid until SPI_finish, at the end of this closure). Each tuple is deformed with the
-        // result's own descriptor, and its values are copied into owned Rust data before the
-        // next tuple; the callback runs no SPI command.
-        unsafe {
-            for_each_spi_tuple(|t, d| {
-                let values = deform(t, d);
-                // Column 0 is the ctid this query adds; the table's own columns follow.
-                let attrs: Vec<_> = hashed_attributes(d).into_iter().filter(|(i, ..)| *i != 0).collect();
-                if let Value::Text(ctid) = datum_value(values[0], pg_sys::TEXTOID) {
-                    out.push((ctid, columns_of(&values, &attrs)));
-                }
-            })
-        };
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .map_err(|e| VaultError::Internal(e.to_string()))?;
-    if rows.is_empty() {
-        return Ok(());
-    }
     let (identity, chain_id, mut seq, mut prev) = {
         let _owner = AsOwner::enter();
         take_chain_zero(relid)?
     };
-    for (ctid, cols) in rows {
-        seq += 1;
-        let hash = chain::row_hash(&identity, chain_id, seq, &prev, &cols);
-        Spi::connect_mut(|c| {
+    let start = seq;
+    let internal = |e: pgrx::spi::Error| VaultError::Internal(e.to_string());
+    // A sequential scan from block 0 returns the rows in physical order without a sort of the
+    // whole table (a synchronized scan could start in the middle). Each chunk's rows are then
+    // found by ctid (a TID scan per row): a hash or merge join would read the whole table for
+    // every chunk. The cursor's snapshot does not see the versions the UPDATEs make.
+    let _settings = crate::pg::TemporarySetting::set_all(&[
+        (c"synchronize_seqscans", "off"),
+        (c"enable_hashjoin", "off"),
+        (c"enable_mergejoin", "off"),
+    ]);
+    Spi::connect_mut(|c| {
+        let mut cursor = c.try_open_cursor(
+            format!("SELECT ctid::pg_catalog.text AS vault_ctid, {columns} FROM ONLY {quoted} WHERE chain_id IS NULL").as_str(),
+            &[],
+        )?;
+        let update = format!(
+            "UPDATE ONLY {quoted} t SET chain_id = $1, chain_seq = u.seq, prev_hash = u.prev, row_hash = u.hash
+               FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]::pg_catalog.tid[]),
+                               pg_catalog.unnest($3::pg_catalog.int8[]), pg_catalog.unnest($4::pg_catalog.bytea[]),
+                               pg_catalog.unnest($5::pg_catalog.bytea[])) AS u(tid, seq, prev, hash)
+              WHERE t.ctid OPERATOR(pg_catalog.=) u.tid"
+        );
+        loop {
+            let (mut ctids, mut seqs, mut prevs, mut hashes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            {
+                let _rows = cursor.fetch(EXISTING_ROWS_CHUNK as _)?;
+                let mut attrs = None;
+                // SAFETY: right after that fetch on this connection, so `SPI_tuptable` is its
+                // result (valid until SPI_finish). Each tuple is deformed with the result's own
+                // descriptor, and its values are hashed before the next tuple; the callback runs
+                // no SPI command.
+                unsafe {
+                    for_each_spi_tuple(|t, d| {
+                        let values = deform(t, d);
+                        // Column 0 is the ctid this query adds; the table's own columns follow.
+                        let attrs = attrs.get_or_insert_with(|| {
+                            hashed_attributes(d).into_iter().filter(|(i, ..)| *i != 0).collect::<Vec<_>>()
+                        });
+                        if let Value::Text(ctid) = datum_value(values[0], pg_sys::TEXTOID) {
+                            seq += 1;
+                            let hash = chain::row_hash(&identity, chain_id, seq, &prev, &columns_of(&values, attrs));
+                            ctids.push(ctid);
+                            seqs.push(seq);
+                            prevs.push(std::mem::replace(&mut prev, hash.to_vec()));
+                            hashes.push(hash.to_vec());
+                        }
+                    })
+                };
+            }
+            if ctids.is_empty() {
+                break;
+            }
             c.update(
-                &format!("UPDATE ONLY {quoted} SET chain_id = $1, chain_seq = $2, prev_hash = $3, row_hash = $4 WHERE ctid = $5::pg_catalog.tid"),
+                &update,
                 None,
-                &[chain_id.into(), seq.into(), prev.as_slice().into(), hash.as_slice().into(), ctid.as_str().into()],
-            )
-            .map(|_| ())
-        })
-        .map_err(|e| VaultError::Internal(e.to_string()))?;
-        prev = hash.to_vec();
+                &[chain_id.into(), ctids.into(), seqs.into(), prevs.into(), hashes.into()],
+            )?;
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    })
+    .map_err(internal)?;
+    if seq == start {
+        return Ok(());
     }
     let _owner = AsOwner::enter();
     advance_chain(&identity, chain_id, seq, &prev)

@@ -57,7 +57,7 @@ pub(crate) fn carried_chain_fields(
 pub(crate) fn links_to_head(
     relid: u32,
     fields: &CarriedFields,
-    columns: &[(String, Value)],
+    columns: &[(&str, Value)],
 ) -> Result<bool, VaultError> {
     let CarriedFields {
         chain,

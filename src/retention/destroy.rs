@@ -20,8 +20,7 @@ struct Doomed {
 const SELECT_COLUMNS: &str =
     "e.id, e.purpose, e.external_id, e.encrypted_value, e.algorithm_hint, e.key_ref,
        e.metadata::text AS metadata, e.access_policy, e.owner::text AS owner,
-       vault.to_us(e.created_at) AS created_at_us, vault.to_us(e.updated_at) AS updated_at_us,
-       vault.to_us(e.expires_at) AS expires_at_us,
+       e.created_at, e.updated_at, e.expires_at,
        rp.max_retention_days, rp.default_ttl_days, rp.purge_method";
 
 fn read_doomed(query: &str, args: &[DatumWithOid]) -> Result<Vec<Doomed>, VaultError> {
@@ -31,6 +30,11 @@ fn read_doomed(query: &str, args: &[DatumWithOid]) -> Result<Vec<Doomed>, VaultE
             let text = |name: &str| row.get_by_name::<String, _>(name);
             let int = |name: &str| row.get_by_name::<i64, _>(name).map(|v| v.unwrap_or(0));
             let days = |name: &str| row.get_by_name::<i32, _>(name).map(|v| v.unwrap_or(0));
+            // A timestamptz is its microseconds since 2000-01-01 UTC.
+            let micros = |name: &str| {
+                row.get_by_name::<pgrx::datum::TimestampWithTimeZone, _>(name)
+                    .map(|t| t.map_or(0, pg_sys::TimestampTz::from))
+            };
             out.push(Doomed {
                 snapshot: EntrySnapshot {
                     id: int("id")?,
@@ -44,9 +48,9 @@ fn read_doomed(query: &str, args: &[DatumWithOid]) -> Result<Vec<Doomed>, VaultE
                     metadata: text("metadata")?.unwrap_or_default(),
                     access_policy: text("access_policy")?.unwrap_or_default(),
                     owner: text("owner")?.unwrap_or_default(),
-                    created_at: int("created_at_us")?,
-                    updated_at: int("updated_at_us")?,
-                    expires_at: int("expires_at_us")?,
+                    created_at: micros("created_at")?,
+                    updated_at: micros("updated_at")?,
+                    expires_at: micros("expires_at")?,
                 },
                 max_retention_days: days("max_retention_days")?,
                 default_ttl_days: days("default_ttl_days")?,
@@ -162,6 +166,8 @@ fn statement(d: &Doomed, reason: Option<&str>, purged_by: &str, now: i64) -> Pur
 }
 
 /// One row per proof, from parallel arrays ($1..$15) and the batch's shared values ($16..$22).
+/// `{path}` stands for the expression that makes a proof's `bytea[]` inclusion path from its
+/// nodes, which travel concatenated in one `bytea` (`path_expression`).
 const INSERT_PROOFS: &str = "INSERT INTO vault.purge_log
                 (purged_at, purged_at_us, purpose, external_id, owner, entry_id, created_at_us, expires_at_us,
                  created_at, expires_at, max_retention_days, default_ttl_days, purge_method, access_policy,
@@ -173,18 +179,30 @@ const INSERT_PROOFS: &str = "INSERT INTO vault.purge_log
                     '2000-01-01 00:00:00+00'::timestamptz + r.expires_at_us * interval '1 microsecond',
                     r.max_days, r.ttl_days, r.method, r.access_policy, r.reason, $17, r.entry_hash, $18, $19,
                     r.leaf_index, r.tree_size,
-                    COALESCE((SELECT array_agg(decode(p, 'hex') ORDER BY n)
-                              FROM unnest(string_to_array(NULLIF(r.path, ''), ',')) WITH ORDINALITY AS x(p, n)),
-                             '{}'::bytea[]),
+                    {path},
                     $20, $16, $21, $22
              FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int4[],
                          $8::int4[], $9::text[], $10::text[], $11::text[], $12::bytea[], $13::int8[],
-                         $14::int8[], $15::text[])
+                         $14::int8[], $15::bytea[])
                   WITH ORDINALITY AS r(purpose, external_id, owner, entry_id, created_at_us, expires_at_us,
                                        max_days, ttl_days, method, access_policy, reason, entry_hash,
                                        leaf_index, tree_size, path, ord)
              ORDER BY r.ord
              RETURNING id";
+
+/// The SQL expression that turns `r.path`, the nodes of an inclusion path concatenated, into
+/// the path as a `bytea[]`, for paths of up to `longest` nodes: the array of each 32-byte slice,
+/// cut to the path's length. Plain built-in functions, no parsing: an array literal per proof
+/// (array_in) cost more than the rest of the proof's row.
+fn path_expression(longest: usize) -> String {
+    if longest == 0 {
+        return "'{}'::bytea[]".to_owned();
+    }
+    let nodes: Vec<String> = (0..longest)
+        .map(|i| format!("substr(r.path, {}, 32)", i * 32 + 1))
+        .collect();
+    format!("(ARRAY[{}])[1:length(r.path) / 32]", nodes.join(", "))
+}
 
 /// Inserts the batch's proofs into `vault.purge_log`, in order; returns their ids.
 fn insert_proofs(
@@ -236,10 +254,10 @@ fn insert_proofs(
             .map(|l| l.tree_size)
             .collect::<Vec<_>>()
             .into(),
-        // Paths travel as one hex text per proof, turned back into bytea[] in SQL.
+        // Each path travels as its nodes concatenated (path_expression).
         proved
             .iter()
-            .map(|l| l.path.iter().map(hex::encode).collect::<Vec<_>>().join(","))
+            .map(|l| l.path.concat())
             .collect::<Vec<_>>()
             .into(),
         batch.purged_at.into(),
@@ -252,7 +270,9 @@ fn insert_proofs(
     ];
     let mut ids = Vec::new();
     let _writing = crate::chain::VaultWriting::enter();
-    for row in c.update(INSERT_PROOFS, None, &args)? {
+    let longest = proved.iter().map(|l| l.path.len()).max().unwrap_or(0);
+    let insert = INSERT_PROOFS.replace("{path}", &path_expression(longest));
+    for row in c.update(&insert, None, &args)? {
         ids.push(row.get_by_name::<i64, _>("id")?.unwrap_or(0));
     }
     Ok(ids)
@@ -289,6 +309,9 @@ fn remove_entries(
 /// What one sweep batch destroyed.
 pub struct SweptBatch {
     pub entry_ids: Vec<i64>,
+    /// The `(expires_at in microseconds, id)` of the last entry it took: the next batch of the
+    /// same sweep starts after it.
+    pub last: Option<(i64, i64)>,
     /// Entries destroyed per purpose.
     pub purposes: std::collections::BTreeMap<String, i64>,
     pub proved: ProvedBatch,
@@ -300,21 +323,38 @@ impl SweptBatch {
     }
 }
 
-/// Purges up to `limit` expired entries in the current transaction; returns what it destroyed.
+/// Purges up to `limit` expired entries in the current transaction, in `(expires_at, id)` order
+/// and after `after` (the `last` of the sweep's previous batch); returns what it destroyed.
+///
+/// Resuming after the previous batch's last entry keeps a sweep's rate steady when its batches
+/// share one transaction (`vault_purge_sweep`): the entries it already destroyed are dead only
+/// once it commits, and a scan from the start of the index would walk past all of them again
+/// in every batch.
 pub fn sweep_batch(
     limit: i64,
     purged_by: &str,
     sweep_id: Option<i64>,
+    after: Option<(i64, i64)>,
 ) -> Result<SweptBatch, VaultError> {
     let _owner = AsOwner::enter();
+    let (resume, args): (&str, Vec<DatumWithOid>) = match after {
+        None => ("", vec![limit.into()]),
+        Some((expires_at, id)) => (
+            "AND (e.expires_at, e.id) > ('2000-01-01 00:00:00+00'::timestamptz + $2 * interval '1 microsecond', $3)",
+            vec![limit.into(), expires_at.into(), id.into()],
+        ),
+    };
     let doomed = read_doomed(
         &format!(
             "SELECT {SELECT_COLUMNS} FROM vault.entries e JOIN vault.retention_policies rp ON rp.purpose = e.purpose
-             WHERE e.expires_at <= now() AND e.purged_at IS NULL
-             ORDER BY e.expires_at LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
+             WHERE e.expires_at <= now() AND e.purged_at IS NULL {resume}
+             ORDER BY e.expires_at, e.id LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
         ),
-        &[limit.into()],
+        &args,
     )?;
+    let last = doomed
+        .last()
+        .map(|d| (d.snapshot.expires_at, d.snapshot.id));
     let entry_ids = doomed.iter().map(|d| d.snapshot.id).collect();
     let mut purposes = std::collections::BTreeMap::new();
     for d in &doomed {
@@ -323,6 +363,7 @@ pub fn sweep_batch(
     let proved = prove(doomed, None, purged_by, sweep_id, true)?;
     Ok(SweptBatch {
         entry_ids,
+        last,
         purposes,
         proved,
     })

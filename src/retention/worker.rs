@@ -183,6 +183,8 @@ fn scheduled_sweep() {
     };
     let batch = settings::SWEEP_BATCH_SIZE.get().max(1) as i64;
     let (mut purged, mut batches, mut error) = (0i64, 0i32, None::<String>);
+    // Each batch resumes after the last entry of the one before (destroy::sweep_batch).
+    let mut after = None;
     loop {
         if stop_requested() {
             break;
@@ -191,7 +193,7 @@ fn scheduled_sweep() {
         // without its purge or a purge without its proof.
         let result = PgTryBuilder::new(|| {
             Ok(BackgroundWorker::transaction(|| {
-                sweep_one_batch(batch, run_id).unwrap_or_else(|e| pgrx::error!("{e}"))
+                sweep_one_batch(batch, run_id, after).unwrap_or_else(|e| pgrx::error!("{e}"))
             }))
         })
         .catch_others(|e| {
@@ -212,8 +214,9 @@ fn scheduled_sweep() {
         })
         .execute();
         match result {
-            Ok(0) => break,
-            Ok(n) => {
+            Ok((0, _)) => break,
+            Ok((n, last)) => {
+                after = last;
                 purged += n;
                 batches += 1;
             }
@@ -245,14 +248,22 @@ fn scheduled_sweep() {
     }
 }
 
+/// Where a sweep's next batch starts: after this `(expires_at in microseconds, id)`.
+type Resume = Option<(i64, i64)>;
+
 /// One batch of a scheduled run, in the caller's transaction: its removals, its proofs and its
-/// access record (every destruction reaches the access log) commit together. Returns how many.
-fn sweep_one_batch(batch: i64, run_id: i64) -> Result<i64, crate::errors::VaultError> {
-    let swept = super::destroy::sweep_batch(batch, WORKER_NAME, Some(run_id))?;
+/// access record (every destruction reaches the access log) commit together. Returns how many,
+/// and where the next batch resumes.
+fn sweep_one_batch(
+    batch: i64,
+    run_id: i64,
+    after: Resume,
+) -> Result<(i64, Resume), crate::errors::VaultError> {
+    let swept = super::destroy::sweep_batch(batch, WORKER_NAME, Some(run_id), after)?;
     if swept.len() > 0 {
         super::record::record_worker_batch(&swept, run_id, WORKER_NAME)?;
     }
-    Ok(swept.len())
+    Ok((swept.len(), swept.last))
 }
 
 /// VACUUM vault.entries, which only works outside a transaction block: the worker runs it the
