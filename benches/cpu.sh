@@ -3,15 +3,23 @@
 # the calling backend and in the audit writer, next to the plain statements they are compared
 # with. On a 2-core machine throughput at 16 clients is bounded by this, not by WAL flushes.
 # Reads the postmaster's cutime/cstime (backends that exited: pgbench's connections) and the
-# audit writer's utime/stime from /proc around pgbench runs. Own cluster: /tmp/vsql_vault_cpu,
-# port 54359. Writes benches/results/cpu.md.
+# audit writer's utime/stime from /proc around pgbench runs (benches/percall.sh, which
+# benches/run.sh uses for the same table). Own cluster: /tmp/vsql_vault_cpu (CPU_DIR), port 54359
+# (CPU_PORT). Writes benches/results/cpu.md (CPU_OUT).
 #   bash benches/cpu.sh                 # about 2 minutes
+#   PGBIN=<dir> bash benches/cpu.sh     # against another PostgreSQL 15's binaries, vsql_vault and
+#                                       # pgaudit already installed there (no tests/setup.sh)
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-bash tests/setup.sh >/dev/null
+if [ -n "${PGBIN:-}" ]; then
+    export PGBIN PATH="$PGBIN:$PATH"
+else
+    bash tests/setup.sh >/dev/null
+fi
+. benches/percall.sh
 secs=${CPU_SECONDS:-8}
-dir=/tmp/vsql_vault_cpu
+dir=${CPU_DIR:-/tmp/vsql_vault_cpu}
 port=${CPU_PORT:-54359}
 db=vault_bench
 out=${CPU_OUT:-benches/results/cpu.md}
@@ -25,24 +33,14 @@ psql_su -c "CREATE EXTENSION vsql_vault"
 psql_su -f benches/sql/setup.sql >/dev/null
 psql -X -q -h "$dir" -p "$port" -U bench -d "$db" -c \
     "SELECT count(vault_put('bench', 'k' || g, '\xdeadbeefdeadbeefdeadbeefdeadbeef')) FROM generate_series(1, 10000) g" >/dev/null
-pm=$(head -1 "$dir/data/postmaster.pid")
-writer=$(pgrep -P "$pm" -f 'audit writer' | head -1)
-tick=$(getconf CLK_TCK)
-children() { awk '{print $16 + $17}' "/proc/$pm/stat"; } # cutime + cstime of reaped backends
-own() { awk '{print $14 + $15}' "/proc/$1/stat"; }        # utime + stime
+percall_start "$dir"
 rows=()
 for c in 1 16; do
     for s in put upsert get head select hand_rolled_get; do
-        a=$(children)
-        w=$(own "$writer")
-        res=$(pgbench -n -h "$dir" -p "$port" -U bench -c "$c" -j 2 -T "$secs" -f "benches/pgbench/$s.sql" "$db" 2>/dev/null)
-        sleep 1 # the backends exit and are reaped
-        tx=$(awk '/number of transactions actually processed/ {split($NF, a, "/"); print a[1]}' <<<"$res")
-        tps=$(awk '/^tps/ {printf "%d", $3}' <<<"$res")
-        b=$(awk -v a="$a" -v b="$(children)" -v n="$tx" -v t="$tick" 'BEGIN {printf "%d", (b - a) / t * 1e6 / n}')
-        wr=$(awk -v a="$w" -v b="$(own "$writer")" -v n="$tx" -v t="$tick" 'BEGIN {printf "%d", (b - a) / t * 1e6 / n}')
-        rows+=("| $s | $c | $tps | $b | $wr |")
-        echo "  $s, $c clients: $tps tps, backend $b us/call, audit writer $wr us/call"
+        read -r tps b wr p50 p99 <<<"$(percall "$dir" "$port" "$db" "$s" "$c" "$secs" "$dir/pgbench_log")"
+        [ "$tps" != FAILED ] || exit 1
+        rows+=("| $s | $c | $tps | $b | $wr | $p50 | $p99 |")
+        echo "  $s, $c clients: $tps tps, backend $b us/call, audit writer $wr us/call, p50 $p50 ms, p99 $p99 ms"
     done
 done
 {
@@ -50,10 +48,11 @@ done
     echo
     echo "$(date -u +%Y-%m-%d), $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg);"
     echo "pgbench -T $secs, one run each. CPU of the calling backends (reaped by the postmaster) and of"
-    echo "the audit writer, divided by the calls made; clock ticks of 1/$tick s, so small figures are coarse."
+    echo "the audit writer, divided by the calls made; clock ticks of 1/$percall_tick s, so small figures are coarse."
+    echo "Latency: pgbench's per-transaction log of the same run, nearest-rank percentiles."
     echo
-    echo "| script (benches/pgbench) | clients | tps | backend CPU per call (µs) | audit writer CPU per call (µs) |"
-    echo "|---|---|---|---|---|"
+    echo "| script (benches/pgbench) | clients | tps | backend CPU per call (µs) | audit writer CPU per call (µs) | p50 (ms) | p99 (ms) |"
+    echo "|---|---|---|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
 } >"$out"
 cat "$out"

@@ -9,12 +9,21 @@
 #   bash benches/run.sh --render                            # rewrite latest.md from the last run (after editing notes.md)
 #   BENCH_SECONDS=1 BENCH_REPS=1 BENCH_SWEEPS=1000 BENCH_VERIFY_ROWS=10000 BENCH_ENTRIES=20000 \
 #   BENCH_ACCESS_ROWS=100000 BENCH_DECODE_ROWS=10000 BENCH_MEM_MB=20 BENCH_WORKER_SWEEP=1000 \
-#   BENCH_CORE=0 BENCH_OUT=/tmp/bench.md bash benches/run.sh   # a quick check of the script
+#   BENCH_PERCALL_SECONDS=2 BENCH_CORE=0 BENCH_OUT=/tmp/bench.md bash benches/run.sh   # a quick check of the script
+# BENCH_PERCALL_SECONDS (default 8): each pgbench run of the latency and CPU-per-call tables.
+# BENCH_ONLY=pipeline: after the set-up, only the pg_recvlogical pipeline rows (vsql-vault decrypt
+# vs wal2json format 1 into cat, and the two-step figures), printed; $out is left as it is.
+# BENCH_KEEP_STREAM=1 keeps the two-step run's captured stream ($BENCH_DIR/stream.jsonl).
+# BENCH_DIR (default /tmp/vsql_vault_bench), BENCH_PORT (default 54339; the standby takes the next).
+# PGBIN=<dir>: run against another PostgreSQL 15's binaries (psql, pgbench, pg_ctl... taken from
+# there), with vsql_vault, pgaudit and wal2json already installed in it; tests/setup.sh and the
+# Debian packages are then skipped (target/release/vsql-vault must be built).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 out=${BENCH_OUT:-benches/results/latest.md}
-results=/tmp/vsql_vault_bench/results # the last run's measurements, kept until the next run
+dir=${BENCH_DIR:-/tmp/vsql_vault_bench} # the cluster and the run's files; removed at the start of a run
+results=$dir/results                     # the last run's measurements, kept until the next run
 
 # Writes $out from the last run's measurements and benches/results/notes.md (hand-written: why
 # each aim is missed and what it would take). `bash benches/run.sh --render` does only this, so
@@ -38,6 +47,15 @@ render() {
         echo "|---|---|---|---|---|"
         cat "$results/rows.md"
         echo
+        for f in latency:"Latency per call (p50, p99) against the replaced service's targets" \
+            cpu:"Server CPU per call"; do
+            if [ -f "$results/${f%%:*}.md" ]; then
+                echo "## ${f#*:}"
+                echo
+                cat "$results/${f%%:*}.md"
+                echo
+            fi
+        done
         echo "## Data set-up and side figures"
         echo
         cat "$results/info.md"
@@ -72,14 +90,18 @@ fi
 
 t0=$(date +%s)
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-bash tests/setup.sh >/dev/null
+if [ -n "${PGBIN:-}" ]; then
+    export PGBIN PATH="$PGBIN:$PATH" # tests/cluster.sh reads PGBIN too
+else
+    bash tests/setup.sh >/dev/null
+fi
 # Peers and tools, for the benchmarks only: wal2json (decoding), pgaudit (audited reads), GNU time
 # (peak memory of the consumer), procps (pgrep, free).
 need=()
 for p in postgresql-15-wal2json postgresql-15-pgaudit time procps; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
-if [ ${#need[@]} -gt 0 ]; then
+if [ ${#need[@]} -gt 0 ] && [ -z "${PGBIN:-}" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 ||
         { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; }
@@ -95,7 +117,7 @@ entries=${BENCH_ENTRIES:-1000000}          # compliance report: entries in all
 access_rows=${BENCH_ACCESS_ROWS:-10000000} # compliance report: access-log rows in all
 decode_rows=${BENCH_DECODE_ROWS:-200000}   # decoding: rows, in 100-row transactions
 mem_mb=${BENCH_MEM_MB:-200}                # memory: one transaction of this many MB of rows
-dir=/tmp/vsql_vault_bench
+percall_secs=${BENCH_PERCALL_SECONDS:-8}   # latency and CPU per call: pgbench -T of each run
 port=${BENCH_PORT:-54339}
 db=vault_bench
 bash tests/cluster.sh stop "$dir"
@@ -121,7 +143,7 @@ logical_decoding_work_mem = '256MB'
 shared_preload_libraries = 'vsql_vault, pgaudit'
 max_replication_slots = 32
 max_wal_senders = 32
-$(runuser -u postgres -- /usr/lib/postgresql/15/bin/postgres --describe-config 2>/dev/null |
+$(runuser -u postgres -- "${PGBIN:-/usr/lib/postgresql/15/bin}/postgres" --describe-config 2>/dev/null |
     grep '^output_plugin_libraries' >/dev/null &&
     echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json, vsql_vault'")" \
     bash tests/cluster.sh start "$dir" "$port" "$db"
@@ -150,8 +172,17 @@ wait_vacuum() {
 
 psql_su -c "CREATE EXTENSION vsql_vault"
 psql_su -f benches/sql/setup.sql >/dev/null
+# The seed is itself a measurement: 10,000 audited puts in one transaction (each a statement of
+# its own inside the call), against 10,000 upserts in one transaction.
+seed_start=$(date +%s.%N)
 psql_as bench -c \
     "SELECT count(vault_put('bench', 'k' || g, '\xdeadbeefdeadbeefdeadbeefdeadbeef')) FROM generate_series(1, 10000) g" >/dev/null
+seed_puts=$(awk -v a="$seed_start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.3f", b - a}')
+seed_start=$(date +%s.%N)
+psql_as bench -c "DO \$\$ BEGIN FOR g IN 20001 .. 30000 LOOP
+    INSERT INTO plain_kv VALUES (g, '\xdeadbeefdeadbeefdeadbeefdeadbeef') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v;
+    END LOOP; END \$\$" >/dev/null
+seed_upserts=$(awk -v a="$seed_start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.3f", b - a}')
 # Public keys of the evidence, for the offline verifier and the consumer.
 psql_su -Atc "SELECT vault_checkpoint()" >/dev/null
 keys=()
@@ -161,6 +192,9 @@ for k in $(psql_su -Atc "SELECT public_key FROM vault.signing_keys"); do keys+=(
 rows=()   # the table
 missed=() # aims missed, with by how much
 info=()   # how the data was built, and side figures
+
+# by how much: a factor, or a percentage when under 10%
+by() { awk -v f="$1" -v w="$2" 'BEGIN {if (f < 1.1) printf "%.0f%% %s", (f - 1) * 100, w; else printf "%.1fx %s", f, w}'; }
 
 # add_row KIND SCENARIO OURS PEER TARGET [AIM]
 #   KIND rate: higher is better, ratio = ours / peer; KIND time (or MB): lower is better,
@@ -179,8 +213,6 @@ add_row() {
     fi
     rows+=("| $name | $a | $b | ${ratio}x | $target |")
     echo "  $name: $a vs $b (${ratio}x)"
-    # by how much: a factor, or a percentage when under 10%
-    by() { awk -v f="$1" -v w="$2" 'BEGIN {if (f < 1.1) printf "%.0f%% %s", (f - 1) * 100, w; else printf "%.1fx %s", f, w}'; }
     case "$aim" in
     r:*) awk -v r="$ratio" -v m="${aim#r:}" 'BEGIN {exit !(r < m)}' &&
         short="${ratio}x against $target: $(by "$(awk -v r="$ratio" -v m="${aim#r:}" 'BEGIN {print m / r}')" short)" ;;
@@ -205,11 +237,78 @@ tps() {
     median "${runs[@]}"
 }
 
+# The decoding data: $decode_rows rows in 100-row transactions, and the slots that read them,
+# created first (the peek slots too unless $1 is "pipeline"). Sets endpos and dn.
+slot() { psql_su -Atc "SELECT pg_create_logical_replication_slot('$1', '$2')" >/dev/null; }
+decode_setup() {
+    psql_su -c "CREATE TABLE decode_rows (id int PRIMARY KEY, note text, amount numeric, at timestamptz)"
+    psql_su -c "CREATE PUBLICATION bench_pub FOR TABLE decode_rows"
+    if [ "$1" != pipeline ]; then
+        for plugin in vsql_vault wal2json test_decoding pgoutput; do slot "bench_$plugin" "$plugin"; done
+    fi
+    for i in $(seq 1 "$reps"); do
+        slot "recv_vsql_$i" vsql_vault
+        slot "recv_w2j_$i" wal2json
+    done
+    slot recv_file vsql_vault
+    psql_su -c "DO \$\$ BEGIN FOR b IN 0..$((decode_rows / 100 - 1)) LOOP
+                  INSERT INTO decode_rows SELECT g, 'row ' || g, g * 1.5, now() FROM generate_series(b * 100 + 1, b * 100 + 100) g;
+                  COMMIT; END LOOP; END \$\$"
+    endpos=$(psql_su -Atc "SELECT pg_current_wal_lsn()")
+    dn=$(commas "$decode_rows")
+}
+recv() { # slot, endpos, extra pg_recvlogical options: the stream on stdout
+    local s=$1 e=$2
+    shift 2
+    pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot "$s" --start --endpos "$e" --no-loop "$@" \
+        -f - 2>>"$dir/recvlogical.log"
+}
+decrypt() { target/release/vsql-vault decrypt --kek-file "$dir/bench.kek" "${keys[@]}"; }
+# pg_recvlogical into vsql-vault decrypt vs wal2json format 1 into cat, alternating, then the same
+# stream in two steps (into a file, then decrypted) to tell the server's part from the consumer's.
+pipeline() {
+    local ours_runs=() peer_runs=() a n i s1 s2
+    for i in $(seq 1 "$reps"); do
+        a=$(now)
+        n=$(recv "recv_vsql_$i" "$endpos" | decrypt | wc -l) || fail "pg_recvlogical | vsql-vault decrypt failed"
+        ours_runs+=("$(elapsed "$a")")
+        [ "$n" -ge "$decode_rows" ] || fail "pg_recvlogical | vsql-vault decrypt gave $n changes of $decode_rows"
+        a=$(now)
+        recv "recv_w2j_$i" "$endpos" -o format-version=1 | cat >/dev/null || fail "pg_recvlogical with wal2json failed"
+        peer_runs+=("$(elapsed "$a")")
+        psql_su -Atc "SELECT pg_drop_replication_slot('recv_vsql_$i'), pg_drop_replication_slot('recv_w2j_$i')" >/dev/null
+    done
+    add_row time "decoding $dn rows through pg_recvlogical: into vsql-vault decrypt vs wal2json format 1 into cat (s)" \
+        "$(median "${ours_runs[@]}")" "$(median "${peer_runs[@]}")" ">= 1.0x" r:1
+    # The same pipeline in two steps, to tell the server's part from the consumer's.
+    a=$(now)
+    recv recv_file "$endpos" >"$dir/stream.jsonl"
+    s1=$(elapsed "$a")
+    a=$(now)
+    n=$(target/release/vsql-vault decrypt --kek-file "$dir/bench.kek" --input "$dir/stream.jsonl" "${keys[@]}" | wc -l) ||
+        fail "vsql-vault decrypt of the received stream failed"
+    s2=$(elapsed "$a")
+    psql_su -Atc "SELECT pg_drop_replication_slot('recv_file')" >/dev/null
+    info+=("- Decoding $dn rows in two steps: pg_recvlogical into a file $s1 s ($(du -m "$dir/stream.jsonl" | cut -f1) MB), then vsql-vault decrypt of that file $s2 s ($(commas "$n") changes, $(per_sec "$n" "$s2") changes/s).")
+    [ -n "${BENCH_KEEP_STREAM:-}" ] || rm -f "$dir/stream.jsonl"
+}
+
+if [ "${BENCH_ONLY:-}" = pipeline ]; then
+    # Only the pg_recvlogical pipeline rows (and their two-step figures), printed, not written to $out.
+    echo "==> pipeline only: $(commas "$decode_rows") inserted rows in 100-row transactions"
+    decode_setup pipeline
+    pipeline
+    printf '%s\n' "${info[@]}"
+    exit 0
+fi
+
 echo "==> storage (tps, median of $reps x ${secs}s)"
 for c in 1 4 16; do
     add_row rate "vault_put vs INSERT ON CONFLICT, $c clients (tps)" "$(tps put "$c")" "$(tps upsert "$c")" \
         ">= 0.8x" r:0.8
 done
+add_row time "10,000 first vault_put calls in one transaction vs 10,000 upserts in one transaction, a plpgsql loop (s)" \
+    "$seed_puts" "$seed_upserts" "reference (was quadratic in the number of puts)"
 audit_lines() { grep -c 'AUDIT: SESSION' "$dir/server.log" || true; }
 for c in 1 4 16; do
     at16=""
@@ -233,6 +332,68 @@ hand_rows=$(psql_su -Atc "SELECT count(*) FROM hand_rolled_audit")
 hand_ok=$(psql_su -Atc "SELECT count(*) FROM hand_rolled_audit a JOIN hand_rolled_audit b ON b.seq = a.seq + 1 WHERE b.prev_hash <> a.row_hash")
 [ "$hand_ok" = 0 ] || fail "the hand-rolled chain forked or broke ($hand_ok bad links)"
 info+=("- The hand-rolled chain (peer c) holds $(commas "$hand_rows") rows, every link intact.")
+
+echo "==> latency and server CPU per call (pgbench -T $percall_secs, one run each)"
+# One run of each script at 1 and 16 clients, nothing else running on the cluster
+# (benches/percall.sh): latency percentiles from pgbench's per-transaction log, the CPU of the
+# backends and of the audit writer from /proc. The targets are the replaced service's.
+. benches/percall.sh
+percall_start "$dir"
+declare -A pc
+for c in 1 16; do
+    for s in put upsert get head select; do
+        pc[$s.$c]=$(percall "$dir" "$port" "$db" "$s" "$c" "$percall_secs" "$dir/pgbench_log")
+        [ "${pc[$s.$c]}" != FAILED ] || fail "pgbench $s, $c clients (latency and CPU per call)"
+        echo "  $s, $c clients: ${pc[$s.$c]} (tps, backend µs, writer µs, p50 ms, p99 ms)"
+    done
+done
+lat_rows=() cpu_rows=()
+for op in "vault_put put upsert INSERT_ON_CONFLICT 5" "vault_get get select SELECT_by_key 3" \
+    "vault_head head select SELECT_by_key 2"; do
+    read -r name s peer pname target <<<"$op"
+    pname=${pname//_/ }
+    for c in 1 16; do
+        read -r tps be wr p50 p99 <<<"${pc[$s.$c]}"
+        read -r ptps pbe pwr pp50 pp99 <<<"${pc[$peer.$c]}"
+        if awk -v x="$p99" -v t="$target" 'BEGIN {exit !(x < t)}'; then
+            within=yes
+        else
+            over=$(by "$(awk -v x="$p99" -v t="$target" 'BEGIN {print x / t}')" over)
+            missed+=("- $name p99 latency, $c clients: $p99 ms against < $target ms: $over")
+            if awk -v x="$p50" -v t="$target" 'BEGIN {exit !(x < t)}'; then
+                within="no: p99 $over (p50 within)"
+            else
+                within="no: p99 $over, p50 too"
+            fi
+        fi
+        lat_rows+=("| $name | $c | $p50 | $p99 | $pname: $pp50 / $pp99 | < $target ms | $within |")
+        cpu_rows+=("| $name | $c | $tps | $be | $wr | $pname | $ptps | $pbe | $pwr | $(awk -v a="$((be + wr))" -v b="$((pbe + pwr))" \
+            'BEGIN {if (a > 0) printf "%.2fx", b / a; else print "-"}') |")
+    done
+done
+{
+    echo "pgbench -T $percall_secs, -j 2, one run of each script at 1 and 16 clients, the same scripts as the"
+    echo "throughput rows (benches/pgbench/). Percentiles: nearest rank over every transaction of the run, from"
+    echo "\`pgbench --log\` (latency as pgbench sees it: client round trip included). Peer: the upsert for"
+    echo "vault_put, the plain SELECT by key for vault_get and vault_head. Targets: those of the service"
+    echo "vsql_vault replaces (store < 5 ms, retrieve < 3 ms, head < 2 ms), which name no percentile;"
+    echo "\"within\" reads them as p99."
+    echo
+    echo "| operation | clients | p50 (ms) | p99 (ms) | peer: p50 / p99 (ms) | target | within |"
+    echo "|---|---|---|---|---|---|---|"
+    printf '%s\n' "${lat_rows[@]}"
+} >"$dir/latency.md"
+{
+    echo "The same runs: CPU time of the calling backends (read from the postmaster's cutime + cstime once"
+    echo "pgbench's connections have exited) and of the audit writer (its utime + stime), divided by the"
+    echo "transactions; clock ticks of 1/$percall_tick s, so small figures are coarse. Ratio, as above:"
+    echo "the peer's CPU per call (backend + writer) over vsql_vault's, above 1 better. benches/cpu.sh"
+    echo "measures the same on its own cluster."
+    echo
+    echo "| operation | clients | tps | backend (µs) | audit writer (µs) | peer | peer tps | peer backend (µs) | peer writer (µs) | CPU ratio |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
+    printf '%s\n' "${cpu_rows[@]}"
+} >"$dir/cpu.md"
 
 echo "==> audited reads on a hot standby (pg_basebackup -R of this cluster, port $sport)"
 # vault_get on the standby makes its record durable on the primary (one round trip per call over
@@ -366,19 +527,7 @@ add_row rate "purge with signed proofs: retention worker, $(commas "$wn") expire
     "$(per_sec "$wn" "$ws")" 33334 "1,000,000 in <= 30 s" r:1
 
 echo "==> decoding: $(commas "$decode_rows") inserted rows in 100-row transactions"
-psql_su -c "CREATE TABLE decode_rows (id int PRIMARY KEY, note text, amount numeric, at timestamptz)"
-psql_su -c "CREATE PUBLICATION bench_pub FOR TABLE decode_rows"
-slot() { psql_su -Atc "SELECT pg_create_logical_replication_slot('$1', '$2')" >/dev/null; }
-for plugin in vsql_vault wal2json test_decoding pgoutput; do slot "bench_$plugin" "$plugin"; done
-for i in $(seq 1 "$reps"); do
-    slot "recv_vsql_$i" vsql_vault
-    slot "recv_w2j_$i" wal2json
-done
-slot recv_file vsql_vault
-psql_su -c "DO \$\$ BEGIN FOR b IN 0..$((decode_rows / 100 - 1)) LOOP
-              INSERT INTO decode_rows SELECT g, 'row ' || g, g * 1.5, now() FROM generate_series(b * 100 + 1, b * 100 + 100) g;
-              COMMIT; END LOOP; END \$\$"
-endpos=$(psql_su -Atc "SELECT pg_current_wal_lsn()")
+decode_setup peek
 peek_secs() { # median seconds of $reps peeks: slot, SQL function, extra options
     local runs=() a
     for _ in $(seq 1 "$reps"); do
@@ -393,7 +542,6 @@ w1=$(peek_secs wal2json pg_logical_slot_peek_changes ", 'format-version', '1'")
 w2=$(peek_secs wal2json pg_logical_slot_peek_changes ", 'format-version', '2'")
 td=$(peek_secs test_decoding pg_logical_slot_peek_changes "")
 po=$(peek_secs pgoutput pg_logical_slot_peek_binary_changes ", 'proto_version', '1', 'publication_names', 'bench_pub'")
-dn=$(commas "$decode_rows")
 add_row time "decoding $dn rows (pg_logical_slot_peek_changes), vsql_vault (encrypting, signing) vs wal2json format 1 (s)" \
     "$ours" "$w1" ">= 1.0x" r:1
 add_row time "decoding vs wal2json format 2 (s)" "$ours" "$w2" "reference"
@@ -403,37 +551,7 @@ for plugin in vsql_vault wal2json test_decoding pgoutput; do
     psql_su -Atc "SELECT pg_drop_replication_slot('bench_$plugin')" >/dev/null
 done
 
-recv() { # slot, endpos, extra pg_recvlogical options: the stream on stdout
-    local s=$1 e=$2
-    shift 2
-    pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot "$s" --start --endpos "$e" --no-loop "$@" \
-        -f - 2>>"$dir/recvlogical.log"
-}
-decrypt() { target/release/vsql-vault decrypt --kek-file "$dir/bench.kek" "${keys[@]}"; }
-ours_runs=() peer_runs=()
-for i in $(seq 1 "$reps"); do
-    a=$(now)
-    n=$(recv "recv_vsql_$i" "$endpos" | decrypt | wc -l) || fail "pg_recvlogical | vsql-vault decrypt failed"
-    ours_runs+=("$(elapsed "$a")")
-    [ "$n" -ge "$decode_rows" ] || fail "pg_recvlogical | vsql-vault decrypt gave $n changes of $decode_rows"
-    a=$(now)
-    recv "recv_w2j_$i" "$endpos" -o format-version=1 | cat >/dev/null || fail "pg_recvlogical with wal2json failed"
-    peer_runs+=("$(elapsed "$a")")
-    psql_su -Atc "SELECT pg_drop_replication_slot('recv_vsql_$i'), pg_drop_replication_slot('recv_w2j_$i')" >/dev/null
-done
-add_row time "decoding $dn rows through pg_recvlogical: into vsql-vault decrypt vs wal2json format 1 into cat (s)" \
-    "$(median "${ours_runs[@]}")" "$(median "${peer_runs[@]}")" ">= 1.0x" r:1
-# The same pipeline in two steps, to tell the server's part from the consumer's.
-a=$(now)
-recv recv_file "$endpos" >"$dir/stream.jsonl"
-s1=$(elapsed "$a")
-a=$(now)
-n=$(target/release/vsql-vault decrypt --kek-file "$dir/bench.kek" --input "$dir/stream.jsonl" "${keys[@]}" | wc -l) ||
-    fail "vsql-vault decrypt of the received stream failed"
-s2=$(elapsed "$a")
-psql_su -Atc "SELECT pg_drop_replication_slot('recv_file')" >/dev/null
-info+=("- Decoding $dn rows in two steps: pg_recvlogical into a file $s1 s ($(du -m "$dir/stream.jsonl" | cut -f1) MB), then vsql-vault decrypt of that file $s2 s ($(commas "$n") changes, $(per_sec "$n" "$s2") changes/s).")
-rm -f "$dir/stream.jsonl"
+pipeline
 
 echo "==> memory: one transaction of $mem_mb MB of rows, logical_decoding_work_mem = 64MB (the default)"
 mem_rows=$((mem_mb * 855)) # about 1,170 bytes of table per row
@@ -581,6 +699,7 @@ printf '%s\n' "${rows[@]}" >"$results/rows.md"
 printf '%s\n' "${info[@]}" >"$results/info.md"
 if [ ${#missed[@]} -gt 0 ]; then printf '%s\n' "${missed[@]}" >"$results/missed.md"; fi
 [ -z "$core_md" ] || printf '%s\n' "$core_md" >"$results/core.md"
+cp "$dir/latency.md" "$dir/cpu.md" "$results/"
 render
 cat "$out"
 echo

@@ -72,11 +72,12 @@ REVOKE ALL ON FUNCTION vault.protect_builtin(oid, int) FROM PUBLIC;
 -- The issue-2 append-only triggers of the access log give way to the uniform protection.
 DROP TRIGGER access_log_append_only ON vault.access_log;
 DROP TRIGGER access_log_no_truncate ON vault.access_log;
--- The audit writer appends to the access log's chain 0 alone; chain 1 takes the records written
--- in a caller's own transaction (break-glass commands, the extension's update), so an open
--- transaction holding one never blocks the writer (src/chain/head.rs, ChainUse). The
--- checkpointer alone appends to the checkpoints.
-SELECT vault.protect_builtin('vault.access_log'::regclass::oid, 2);
+-- The audit writer appends to the access log's chain 0 alone; chains 1-16 take the records
+-- written in a caller's own transaction (granted puts, break-glass commands, the extension's
+-- update), each held by one transaction at a time (SKIP LOCKED), so an open transaction holding
+-- one never blocks the writer and concurrent puts rarely wait for each other (src/chain/head.rs,
+-- ChainUse). The checkpointer alone appends to the checkpoints.
+SELECT vault.protect_builtin('vault.access_log'::regclass::oid, 17);
 SELECT vault.protect_builtin('vault.audit_checkpoints'::regclass::oid, 1);
 UPDATE vault.protected_tables SET builtin = true;
 

@@ -59,7 +59,9 @@ CREATE INDEX purge_log_batch ON vault.purge_log (batch_id);
 REVOKE ALL ON vault.sweep_runs, vault.purge_log FROM PUBLIC;
 GRANT SELECT ON vault.sweep_runs, vault.purge_log TO vault_auditor, vault_admin;
 
-SELECT vault.protect_builtin('vault.purge_log'::regclass::oid, 1);
+-- Chain 0 is the retention worker's; callers' proofs (a re-put's superseded version,
+-- vault_delete, vault_purge_sweep) take chains 1-16 with SKIP LOCKED (src/chain/head.rs).
+SELECT vault.protect_builtin('vault.purge_log'::regclass::oid, 17);
 UPDATE vault.protected_tables SET builtin = true WHERE relid = 'vault.purge_log'::regclass;
 
 SELECT pg_catalog.pg_extension_config_dump('vault.sweep_runs', '');

@@ -165,20 +165,30 @@ CREATE TABLE vault.access_daily (
     calls     bigint NOT NULL,
     -- Of these, calls made with vsql_vault.on_behalf_of set.
     identified bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (day, role_name, purpose, operation, granted)
+    -- The access-log chain the rows were appended to: records written in callers' own
+    -- transactions (a granted put) count on their chain's row, which only that chain's holder
+    -- updates, so concurrent puts do not wait for each other's commit here. Readers sum.
+    chain     int NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, role_name, purpose, operation, granted, chain)
 );
 REVOKE ALL ON vault.access_daily FROM PUBLIC;
 
 CREATE FUNCTION vault.count_access() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
-    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, calls,
-                                         identified)
+    -- A record a caller's transaction writes itself is counted by that transaction, once, at its
+    -- commit (src/access_log/daily.rs): counted here, a transaction of many puts updated one row
+    -- once per put, each update lengthening the version chain the next one walks.
+    IF vault.access_counted_by_caller() THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, chain,
+                                         calls, identified)
     SELECT (n.logged_at AT TIME ZONE 'UTC')::date, n.role_name, coalesce(n.purpose, ''),
-           n.operation, n.granted, count(*), count(n.on_behalf_of)
+           n.operation, n.granted, coalesce(n.chain_id, 0), count(*), count(n.on_behalf_of)
       FROM new_rows n
-     GROUP BY 1, 2, 3, 4, 5
-    ON CONFLICT (day, role_name, purpose, operation, granted)
+     GROUP BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (day, role_name, purpose, operation, granted, chain)
     DO UPDATE SET calls = d.calls + EXCLUDED.calls, identified = d.identified + EXCLUDED.identified;
     RETURN NULL;
 END

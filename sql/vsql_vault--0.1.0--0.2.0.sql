@@ -1003,3 +1003,148 @@ GRANT EXECUTE ON FUNCTION vault.accept_forwarded_record(text, text) TO vault_for
 -- index of expiring entries gains id. An index only, rebuilt from the table; no evidence moves.
 DROP INDEX IF EXISTS vault.entries_expires_at;
 CREATE INDEX IF NOT EXISTS entries_expiry ON vault.entries (expires_at, id) WHERE purged_at IS NULL;
+
+-- Table digests (issue 16, docs/table-digest.md; sql/digest.sql): the functions' C entry points,
+-- then the same SQL functions as a fresh install. New functions only; nothing is changed.
+CREATE  FUNCTION vault."table_digest_bucket"(
+	"key" bytea, /* & [u8] */
+	"buckets" INT /* i32 */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'table_digest_bucket_wrapper';
+
+CREATE  FUNCTION vault."table_digest_buckets"(
+	"tbl" oid, /* Option < pg_sys :: Oid > */
+	"columns" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"buckets" INT /* Option < i32 > */
+) RETURNS TABLE (
+	"bucket" INT,  /* i32 */
+	"first_key" jsonb,  /* Option < JsonB > */
+	"last_key" jsonb,  /* Option < JsonB > */
+	"rows" bigint,  /* i64 */
+	"root" bytea  /* Vec < u8 > */
+)
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'table_digest_buckets_wrapper';
+
+CREATE  FUNCTION vault."table_digest_export_query"(
+	"tbl" oid, /* Option < pg_sys :: Oid > */
+	"columns" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"buckets" INT, /* Option < i32 > */
+	"bucket" INT /* Option < i32 > */
+) RETURNS TEXT /* String */
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'table_digest_export_query_wrapper';
+
+CREATE  FUNCTION vault."table_digest_key"(
+	"names" TEXT[], /* Vec < Option < String > > */
+	"record" anyelement /* AnyElement */
+) RETURNS bytea /* Vec < u8 > */
+STRICT STABLE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'table_digest_key_wrapper';
+
+CREATE  FUNCTION vault."table_digest_row"(
+	"names" TEXT[], /* Vec < Option < String > > */
+	"record" anyelement /* AnyElement */
+) RETURNS bytea /* Vec < u8 > */
+STRICT STABLE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'table_digest_row_wrapper';
+
+CREATE  FUNCTION vault."table_digest_line"(
+	"key" bytea, /* & [u8] */
+	"row" bytea, /* & [u8] */
+	"keyless" bool /* bool */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'table_digest_line_wrapper';
+
+CREATE FUNCTION vault_table_digest(tbl regclass, columns text[] DEFAULT NULL) RETURNS bytea
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (SELECT r.root FROM vault.table_digest_buckets($1::oid, $2, 1) r);
+END
+$fn$;
+
+CREATE FUNCTION vault_table_digest_ranges(tbl regclass, buckets integer, columns text[] DEFAULT NULL)
+RETURNS TABLE (bucket integer, first_key jsonb, last_key jsonb, rows bigint, root bytea)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY SELECT r.bucket, r.first_key, r.last_key, r.rows, r.root
+                   FROM vault.table_digest_buckets($1::oid, $3, coalesce($2, 0)) r;
+END
+$fn$;
+
+-- With buckets and bucket: only the rows of that bucket of vault_table_digest_ranges(tbl, buckets).
+CREATE FUNCTION vault_table_digest_export(tbl regclass, columns text[] DEFAULT NULL,
+                                          buckets integer DEFAULT NULL, bucket integer DEFAULT NULL)
+RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY EXECUTE vault.table_digest_export_query($1::oid, $2, $3, $4);
+END
+$fn$;
+
+-- Puts at the speed of one durable commit (issue 13). A granted put's record is written in the
+-- caller's own transaction, atomic with the entry, on one of the access log's caller chains
+-- 1-16; a re-put's superseded-version proof takes one of the purge log's caller chains 1-16.
+-- Chain 0 of each stays its batch writer's. New, empty chains: every existing row keeps its
+-- chain and link.
+UPDATE vault.protected_tables SET chains = 17
+ WHERE relid IN ('vault.access_log'::regclass, 'vault.purge_log'::regclass) AND chains < 17;
+INSERT INTO vault.chain_heads (identity, chain_id)
+SELECT p.identity, c FROM vault.protected_tables p, pg_catalog.generate_series(1, 16) c
+ WHERE p.relid IN ('vault.access_log'::regclass, 'vault.purge_log'::regclass)
+ON CONFLICT (identity, chain_id) DO NOTHING;
+-- The daily counters: one row per chain as well (derived data, rebuilt by the same trigger).
+ALTER TABLE vault.access_daily ADD COLUMN chain int NOT NULL DEFAULT 0;
+ALTER TABLE vault.access_daily DROP CONSTRAINT access_daily_pkey;
+ALTER TABLE vault.access_daily ADD PRIMARY KEY (day, role_name, purpose, operation, granted, chain);
+CREATE OR REPLACE FUNCTION vault.count_access() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, chain,
+                                         calls, identified)
+    SELECT (n.logged_at AT TIME ZONE 'UTC')::date, n.role_name, coalesce(n.purpose, ''),
+           n.operation, n.granted, coalesce(n.chain_id, 0), count(*), count(n.on_behalf_of)
+      FROM new_rows n
+     GROUP BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (day, role_name, purpose, operation, granted, chain)
+    DO UPDATE SET calls = d.calls + EXCLUDED.calls, identified = d.identified + EXCLUDED.identified;
+    RETURN NULL;
+END
+$fn$;
+
+-- The daily counters of records a caller's transaction writes itself (a granted put) are added
+-- by that transaction once, at its commit (src/access_log/daily.rs); the trigger asks first.
+CREATE FUNCTION vault."access_counted_by_caller"() RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'access_counted_by_caller_wrapper';
+CREATE OR REPLACE FUNCTION vault.count_access() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    -- A record a caller's transaction writes itself is counted by that transaction, once, at its
+    -- commit (src/access_log/daily.rs): counted here, a transaction of many puts updated one row
+    -- once per put, each update lengthening the version chain the next one walks.
+    IF vault.access_counted_by_caller() THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO vault.access_daily AS d (day, role_name, purpose, operation, granted, chain,
+                                         calls, identified)
+    SELECT (n.logged_at AT TIME ZONE 'UTC')::date, n.role_name, coalesce(n.purpose, ''),
+           n.operation, n.granted, coalesce(n.chain_id, 0), count(*), count(n.on_behalf_of)
+      FROM new_rows n
+     GROUP BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (day, role_name, purpose, operation, granted, chain)
+    DO UPDATE SET calls = d.calls + EXCLUDED.calls, identified = d.identified + EXCLUDED.identified;
+    RETURN NULL;
+END
+$fn$;

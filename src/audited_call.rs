@@ -25,11 +25,20 @@ pub fn audited_call<T>(
     external_id: Option<&str>,
     body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
-    refuse_where_nothing_can_be_recorded(operation);
-    let caller = Caller::current();
-    let mut event = Event::new(&caller, operation, purpose, external_id);
-    refuse_direct_call(&event, operation);
-    run(&mut event, Grants::Recorded, body)
+    enter(operation, purpose, external_id, Grants::Recorded, body)
+}
+
+/// As `audited_call`, for a change whose grant is recorded in the caller's own transaction,
+/// atomic with the change (a granted put: one durable commit, the caller's; a rolled-back put
+/// leaves neither entry nor record). Its refusals and failures go through the writer as always,
+/// since the caller's transaction may abort.
+pub fn audited_change<T>(
+    operation: &'static str,
+    purpose: Option<&str>,
+    external_id: Option<&str>,
+    body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
+    enter(operation, purpose, external_id, Grants::InTransaction, body)
 }
 
 /// As `audited_call`, for a read whose grants are deliberately not recorded (metrics scrapes
@@ -38,11 +47,28 @@ pub fn refusals_recorded<T>(
     operation: &'static str,
     body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
+    enter(operation, None, None, Grants::NotRecorded, body)
+}
+
+/// The entry of every audited call: the refusals no record can be made for, then the caller's
+/// event, the permit check, and the call itself.
+fn enter<T>(
+    operation: &'static str,
+    purpose: Option<&str>,
+    external_id: Option<&str>,
+    grants: Grants,
+    body: impl FnOnce(&mut Event) -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
     refuse_where_nothing_can_be_recorded(operation);
+    // The hot paths' statements are key lookups whose best plan does not depend on the values:
+    // a generic plan, made once, instead of re-planning each kept statement on every call (the
+    // plan cache keeps choosing custom plans for them, which cost more CPU than running them).
+    let _generic_plans = matches!(operation, "put" | "get" | "head")
+        .then(|| crate::pg::TemporarySetting::set(c"plan_cache_mode", "force_generic_plan"));
     let caller = Caller::current();
-    let mut event = Event::new(&caller, operation, None, None);
+    let mut event = Event::new(&caller, operation, purpose, external_id);
     refuse_direct_call(&event, operation);
-    run(&mut event, Grants::NotRecorded, body)
+    run(&mut event, grants, body)
 }
 
 /// A call that no access record could be made for is refused before it reads anything: on a hot
@@ -112,6 +138,7 @@ fn refuse_direct_call(event: &Event, operation: &str) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Grants {
     Recorded,
+    InTransaction,
     NotRecorded,
 }
 
@@ -130,6 +157,7 @@ fn run<T>(
         in_body.set(false);
         match grants {
             Grants::Recorded => event.granted().map(|()| value),
+            Grants::InTransaction => event.granted_in_transaction().map(|()| value),
             Grants::NotRecorded => Ok(value),
         }
     }))

@@ -12,6 +12,7 @@ mod audited_call;
 mod chain;
 mod column_values;
 mod decoding;
+mod digest;
 mod errors;
 mod governance;
 mod health;
@@ -66,6 +67,15 @@ pgrx::extension_sql_file!(
         governance::revoke_directive_impl,
         governance::key_status_impl,
         governance::apply_directive_impl
+    ]
+);
+pgrx::extension_sql_file!(
+    "../sql/digest.sql",
+    name = "digest",
+    requires = [
+        "governance",
+        digest::table_digest_buckets,
+        digest::table_digest_export_query
     ]
 );
 pgrx::extension_sql_file!("../sql/compliance.sql", name = "compliance", finalize);

@@ -42,6 +42,9 @@ pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static SWEEP_AT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Entries destroyed per committed batch (one signed Merkle root each).
 pub static SWEEP_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Longest time between a request to vacuum destroyed values out of `vault.entries` (a re-put, a
+/// delete) and the retention worker's VACUUM; requests in between share one VACUUM.
+pub static VACUUM_DELAY_S: GucSetting<i32> = GucSetting::<i32>::new(5);
 
 /// How long vault_verify_audit waits for a lock on a protected table before it reports that table
 /// as not verified and goes on with the next.
@@ -331,6 +334,16 @@ fn define_retention() {
         1,
         7 * 86_400,
         GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"vsql_vault.vacuum_delay",
+        c"Longest wait between destroying a value (re-put, delete) and the retention worker's VACUUM of vault.entries.",
+        c"Requests within this time share one VACUUM: each VACUUM of vault.entries invalidates every backend's plans on it, and one per re-put re-planned every call. 0: vacuum after every request.",
+        &VACUUM_DELAY_S,
+        0,
+        3600,
+        GucContext::Sighup,
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(

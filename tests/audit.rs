@@ -795,6 +795,19 @@ fn the_extensions_own_tables_cannot_be_given_to_vault_protect_table() {
     assert_eq!(protected, 0);
 }
 
+/// Both verifiers accept every chain of `table`, and the database's checked `rows` rows.
+fn both_verifiers_accept_all_rows(s: &Server, su: &mut Client, table: &str, tag: &str, rows: i64) {
+    let v = db_verdict(su, table);
+    assert!(v.iter().all(|c| c.2), "{v:?}");
+    let checked: i64 = v
+        .iter()
+        .map(|c| c.3.split(' ').next().unwrap().parse::<i64>().unwrap_or(0))
+        .sum();
+    assert_eq!(checked, rows);
+    let (code, out) = offline_verdict(s, su, table, tag);
+    assert_eq!(code, 0, "{out}");
+}
+
 #[test]
 fn bulk_statements_savepoints_and_rollbacks_keep_the_chain_whole() {
     let s = server();
@@ -827,15 +840,113 @@ fn bulk_statements_savepoints_and_rollbacks_keep_the_chain_whole() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 5000 + 1 + 100 + 10);
-    let v = db_verdict(&mut su, "it_bulk");
+    both_verifiers_accept_all_rows(&s, &mut su, "it_bulk", "bulk", rows);
+}
+
+/// Updates of `vault.chain_heads` made so far by the open transaction of `c`.
+fn head_writes_in_this_transaction(c: &mut postgres::Transaction) -> i64 {
+    c.query_one(
+        "SELECT COALESCE((SELECT n_tup_upd FROM pg_stat_xact_user_tables
+                           WHERE relid = 'vault.chain_heads'::regclass), 0)",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn many_statements_in_one_transaction_write_each_head_once_at_commit_and_savepoints_take_links_back(
+) {
+    let s = server();
+    let mut su = setup(&s);
+    let tag = format!(
+        "many-{}",
+        su.query_one("SELECT txid_current()", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+    );
+    let put_calls = |su: &mut Client| -> i64 {
+        su.query_one(
+            "SELECT COALESCE(sum(calls), 0)::int8 FROM vault.access_daily
+              WHERE role_name = 'it_a' AND operation = 'put' AND granted",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let calls_before = put_calls(&mut su);
+    // Puts: each one's record is linked in its own statement (and subtransaction).
+    let mut a = s.connect("it_a");
+    let mut tx = a.transaction().unwrap();
+    fn put_in(tx: &mut postgres::Transaction, id: String) {
+        tx.execute("SELECT vault_put('it.card', $1, '\\x01'::bytea)", &[&id])
+            .unwrap();
+    }
+    for i in 0..300 {
+        put_in(&mut tx, format!("{tag}-{i}"));
+    }
+    tx.batch_execute("SAVEPOINT s1").unwrap();
+    for i in 0..5 {
+        put_in(&mut tx, format!("{tag}-rolled-back-{i}"));
+    }
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s1").unwrap();
+    for i in 300..303 {
+        put_in(&mut tx, format!("{tag}-{i}"));
+    }
+    // The head row is written once, at commit, not once per statement (each write lengthened the
+    // row's version chain, which made a transaction of many puts quadratic).
+    assert_eq!(head_writes_in_this_transaction(&mut tx), 0);
+    tx.commit().unwrap();
+    let records: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.access_log WHERE operation = 'put' AND granted
+              AND external_id LIKE $1 || '-%'",
+            &[&tag],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(records, 303, "the rolled-back puts left no record");
+    // The daily counters count each record once, the rolled-back ones not at all.
+    assert_eq!(put_calls(&mut su) - calls_before, 303);
+    let v = db_verdict(&mut su, "vault.access_log");
     assert!(v.iter().all(|c| c.2), "{v:?}");
-    let checked: i64 = v
-        .iter()
-        .map(|c| c.3.split(' ').next().unwrap().parse::<i64>().unwrap_or(0))
-        .sum();
-    assert_eq!(checked, rows);
-    let (code, out) = offline_verdict(&s, &mut su, "it_bulk", "bulk");
+    let (code, out) = offline_verdict(&s, &mut su, "vault.access_log", "many_log");
     assert_eq!(code, 0, "{out}");
+
+    // A protected table, one row per statement.
+    protected_table(&mut su, "it_many", 0, 2);
+    let mut tx = su.transaction().unwrap();
+    for i in 0..200 {
+        tx.execute(
+            "INSERT INTO it_many (tenant, event) VALUES ('acme', $1)",
+            &[&format!("row {i}")],
+        )
+        .unwrap();
+    }
+    tx.batch_execute(
+        "SAVEPOINT s1;
+         INSERT INTO it_many (tenant, event) VALUES ('acme', 'rolled back 1');
+         INSERT INTO it_many (tenant, event) VALUES ('acme', 'rolled back 2');
+         ROLLBACK TO SAVEPOINT s1;
+         SAVEPOINT s2;
+         INSERT INTO it_many (tenant, event) VALUES ('acme', 'kept in a released savepoint');
+         RELEASE SAVEPOINT s2;
+         INSERT INTO it_many (tenant, event) VALUES ('acme', 'last');",
+    )
+    .unwrap();
+    assert_eq!(head_writes_in_this_transaction(&mut tx), 0);
+    tx.commit().unwrap();
+    let rows: i64 = su
+        .query_one("SELECT count(*) FROM it_many", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 202);
+    both_verifiers_accept_all_rows(&s, &mut su, "it_many", "many", rows);
+    // The next transaction continues the chains from the heads written at commit.
+    su.batch_execute("INSERT INTO it_many (tenant, event) VALUES ('acme', 'next transaction')")
+        .unwrap();
+    let v = db_verdict(&mut su, "it_many");
+    assert!(v.iter().all(|c| c.2), "{v:?}");
 }
 
 #[test]
@@ -1064,17 +1175,21 @@ fn values_hash_the_same_under_any_session_settings() {
         "SET bytea_output = 'escape'; SELECT vault_delete('it.card', 'settings-1', 'test')",
     )
     .unwrap();
-    // Checked from its own row on (other tests leave deliberately broken purge-log rows
-    // before it in a shared cluster).
-    let seq: i64 = su
+    // Checked from its own row on, in its own chain (other tests leave deliberately broken
+    // purge-log rows in a shared cluster, on whichever caller chain their session took).
+    let row = su
         .query_one(
-            "SELECT chain_seq FROM vault.purge_log WHERE external_id = 'settings-1' ORDER BY id DESC LIMIT 1",
+            "SELECT chain_id, chain_seq FROM vault.purge_log WHERE external_id = 'settings-1' ORDER BY id DESC LIMIT 1",
             &[],
         )
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let (chain, seq): (i32, i64) = (row.get(0), row.get(1));
     let lines: Vec<String> = su
-        .query("SELECT vault_export_audit('vault.purge_log', $1)", &[&seq])
+        .query(
+            "SELECT l FROM vault_export_audit('vault.purge_log', $1) l
+              WHERE (l::jsonb->>'chain')::int = $2",
+            &[&seq, &chain],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))

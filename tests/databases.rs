@@ -50,7 +50,7 @@ fn put_and_get(s: &Server, db: &str, value: &[u8]) -> Vec<u8> {
 fn log_lines(c: &mut Client, id: &str) -> Vec<String> {
     c.query(
         "SELECT operation || ' ' || application_name FROM vault.access_log
-          WHERE external_id = $1 ORDER BY chain_id, chain_seq",
+          WHERE external_id = $1 ORDER BY id",
         &[&id],
     )
     .unwrap()

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Sets everything up (tests/setup.sh), starts a private preloaded cluster and walks through the
 # vsql_vault quickstart, printing what happens. Safe to run again: the demo cluster is recreated.
+# VSQL_VAULT_SKIP_SETUP=1 skips tests/setup.sh (on a machine already set up: the extension
+# installed for the server in PGBIN, target/release/vsql-vault built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tests/setup.sh
+if [ -z "${VSQL_VAULT_SKIP_SETUP:-}" ]; then bash tests/setup.sh; fi
 
 dir=${VSQL_VAULT_DEMO_DIR:-/tmp/vsql_vault_demo}
 port=${VSQL_VAULT_DEMO_PORT:-54329}
 db=vault_demo
-bash tests/cluster.sh stop "$dir"
+# The second clusters (tests/demo_standby.sh, tests/demo_apply.sh) too, should a run have been killed.
+for d in "$dir/standby" "$dir/apply" "$dir"; do bash tests/cluster.sh stop "$d"; done
 rm -rf "$dir"
 echo
 echo "==> Starting a private PostgreSQL 15 cluster in $dir (port $port, preloaded with vsql_vault)"
@@ -146,6 +149,8 @@ SQL
 echo "   security_admin keeps card numbers on the source: vault_sync_exclude('payments', 'pan')"
 run security_admin -c "SELECT vault_sync_exclude('payments', 'pan')"
 pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot demo_slot --create-slot -P vsql_vault
+echo "   (and a second slot, demo_apply, whose stream a second cluster receives at the end: tests/demo_apply.sh)"
+pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot demo_apply --create-slot -P vsql_vault
 run postgres -c "INSERT INTO payments VALUES (1, '4111111111111111', 42.50), (2, '5500000000000004', 9.99)"
 end=$(psql -X -q -h "$dir" -p "$port" -U postgres -d "$db" -Atc "SELECT pg_current_wal_lsn()")
 pg_recvlogical -h "$dir" -p "$port" -U postgres -d "$db" --slot demo_slot --start --endpos "$end" --no-loop -f "$out/stream.jsonl"
@@ -183,6 +188,8 @@ sed 's/"denied_accesses_last_30_days": [0-9]*/"denied_accesses_last_30_days": 0/
 target/release/vsql-vault verify-report --report "$out/report-edited.json" "${keys[@]}" || echo "   exit status $? (altered report rejected)"
 echo "   metrics for Prometheus (first lines of vault_metrics()):"
 psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT vault_metrics()" | grep -v '^#' | head -12 | sed 's/^/   /'
+
+bash tests/demo_apply.sh "$dir" "$port" "$db"
 
 cat <<EOF
 

@@ -36,6 +36,11 @@ fn on_behalf_of_is_recorded_for_its_transaction_only_and_shown_in_views_and_repo
     app.batch_execute("BEGIN; SET LOCAL vsql_vault.on_behalf_of = 'user:alice@tenant-7'")
         .unwrap();
     put(&mut app, "obo-1", b"\x01").unwrap();
+    app.batch_execute("COMMIT").unwrap();
+    app.batch_execute("BEGIN; SET LOCAL vsql_vault.on_behalf_of = 'user:alice@tenant-7'")
+        .unwrap();
+    // A put rolled back leaves no record (its record commits with it); the reads stay recorded.
+    put(&mut app, "obo-3", b"\x03").unwrap();
     app.query("SELECT * FROM vault_get('it.card', 'obo-1')", &[])
         .unwrap();
     let e = app
@@ -60,11 +65,12 @@ fn on_behalf_of_is_recorded_for_its_transaction_only_and_shown_in_views_and_repo
     put(&mut app, "obo-2", b"\x02").unwrap();
 
     let alice = Some("user:alice@tenant-7".to_string());
-    // Records survive the caller's ROLLBACK, each with the identity of its call.
+    // Read records survive the caller's ROLLBACK, each with the identity of its call.
     assert_eq!(
         on_behalf_of_of(&mut su, "put", "obo-1"),
         vec![alice.clone()]
     );
+    assert_eq!(on_behalf_of_of(&mut su, "put", "obo-3"), vec![]);
     assert_eq!(
         on_behalf_of_of(&mut su, "get", "obo-1"),
         vec![alice.clone()]

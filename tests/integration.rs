@@ -33,6 +33,135 @@ fn rolled_back_get_keeps_its_granted_row() {
 }
 
 #[test]
+fn a_rolled_back_put_leaves_neither_entry_nor_record() {
+    let s = server();
+    let mut su = setup(&s);
+    let mut a = s.connect("it_a");
+    // Ids of this run (the test may run again on the same cluster).
+    let run: i32 = su.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let (id1, id2) = (format!("rb-put-{run}-1"), format!("rb-put-{run}-2"));
+    let mut tx = a.transaction().unwrap();
+    tx.execute("SELECT vault_put('it.card', $1, '\\x01'::bytea)", &[&id1])
+        .unwrap();
+    tx.rollback().unwrap();
+    let entries: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.entries WHERE purpose = 'it.card' AND external_id = $1",
+            &[&id1],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(entries, 0);
+    assert_eq!(log_count(&mut su, "put", &id1, true), 0);
+    // Committed: entry and record together, the record on a caller chain of the access log
+    // and in its transaction.
+    put(&mut a, &id1, b"\x02").unwrap();
+    let row = su
+        .query_one(
+            "SELECT l.chain_id, pg_xact_status(l.caller_xid), l.entry_id = e.id
+               FROM vault.access_log l JOIN vault.entries e
+                 ON e.purpose = l.purpose AND e.external_id = l.external_id
+              WHERE l.operation = 'put' AND l.purpose = 'it.card' AND l.external_id = $1
+                AND l.granted",
+            &[&id1],
+        )
+        .unwrap();
+    assert!(
+        row.get::<_, i32>(0) >= 1,
+        "a caller chain, not the writer's"
+    );
+    assert_eq!(row.get::<_, String>(1), "committed");
+    assert!(row.get::<_, bool>(2), "the record names the stored entry");
+    // A put that fails later in its transaction: no entry, no granted record.
+    let mut tx = a.transaction().unwrap();
+    tx.execute("SELECT vault_put('it.card', $1, '\\x01'::bytea)", &[&id2])
+        .unwrap();
+    assert!(tx.execute("SELECT 1 / 0", &[]).is_err());
+    drop(tx);
+    assert_eq!(log_count(&mut su, "put", &id2, true), 0);
+    // A refused put is recorded through the writer and stays after the caller's rollback.
+    let mut b = s.connect("it_b");
+    let mut tx = b.transaction().unwrap();
+    assert!(tx
+        .execute("SELECT vault_put('it.card', $1, '\\x03'::bytea)", &[&id1])
+        .is_err());
+    drop(tx);
+    assert_eq!(log_count(&mut su, "put", &id1, false), 1);
+    assert_chains_verify(&mut su, Some("vault.access_log"));
+}
+
+#[test]
+fn concurrent_puts_are_each_recorded_once_on_caller_chains() {
+    let s = server();
+    let mut su = setup(&s);
+    let before: i64 = su
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::int8 FROM vault.access_daily
+              WHERE operation = 'put' AND granted AND purpose = 'it.card'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let run: i32 = su.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let prefix = format!("cput-{run}-");
+    let (threads, puts) = (8, 25);
+    let barrier = Arc::new(Barrier::new(threads));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let barrier = barrier.clone();
+            let mut c = s.connect("it_a");
+            let prefix = prefix.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                for i in 0..puts {
+                    // Each thread re-puts its own ids too: superseded-version proofs on the
+                    // purge log's caller chains.
+                    let id = format!("{prefix}{t}-{}", i % 10);
+                    put(&mut c, &id, format!("v{i}").as_bytes()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let row = su
+        .query_one(
+            "SELECT count(*), count(DISTINCT chain_id), bool_and(chain_id >= 1)
+               FROM vault.access_log
+              WHERE operation = 'put' AND granted AND purpose = 'it.card'
+                AND starts_with(external_id, $1)",
+            &[&prefix],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), (threads * puts) as i64);
+    assert!(row.get::<_, bool>(2));
+    let after: i64 = su
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::int8 FROM vault.access_daily
+              WHERE operation = 'put' AND granted AND purpose = 'it.card'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        after - before,
+        (threads * puts) as i64,
+        "the daily counters count each put once"
+    );
+    assert_chains_verify(&mut su, Some("vault.access_log"));
+    let superseded: i64 = su
+        .query_one(
+            "SELECT count(*) FROM vault.purge_log
+              WHERE purpose = 'it.card' AND starts_with(external_id, $1) AND reason = 'superseded'",
+            &[&prefix],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(superseded, (threads * (puts - 10)) as i64);
+}
+
+#[test]
 fn identity_over_tcp_records_client_address_and_pid() {
     let s = server();
     let mut su = setup(&s);

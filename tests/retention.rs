@@ -54,6 +54,16 @@ fn expired_entries(su: &mut Client, purpose: &str, method: &str, n: i32) {
     .unwrap();
 }
 
+/// VACUUMs of vault.entries so far (the retention worker's count here, not autovacuum's).
+fn vacuums(su: &mut Client) -> i64 {
+    su.query_one(
+        "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'vault.entries'::regclass",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
 fn worker_pid(su: &mut Client) -> Option<i32> {
     su.query_opt(
         "SELECT pid FROM pg_stat_activity WHERE backend_type = 'vsql_vault retention worker' AND datname = current_database()",
@@ -174,14 +184,6 @@ fn sigterm_stops_the_worker_and_the_launcher_starts_a_new_one() {
 fn worker_sweeps_on_schedule_and_its_proofs_verify_in_sql_and_offline() {
     let s = server();
     let mut su = setup(&s);
-    let vacuums = |su: &mut Client| -> i64 {
-        su.query_one(
-            "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'vault.entries'::regclass",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    };
     let vacuums_before = vacuums(&mut su);
     // Only this run's proofs count: earlier runs and other tests tamper with theirs on purpose.
     let first: i64 = su
@@ -623,6 +625,65 @@ fn a_re_put_leaves_a_signed_superseded_proof_and_fails_closed_without_a_key() {
     assert!(log_count(&mut su, "put", &id, false) >= 1);
 }
 
+/// How many heap tuples of vault.entries (live or dead) still hold `value`. The lock keeps the
+/// worker's VACUUM (and its truncation of empty tail pages) out while the pages are read.
+fn tuples_holding(su: &mut Client, value: &[u8]) -> i64 {
+    let mut tx = su.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE vault.entries IN SHARE UPDATE EXCLUSIVE MODE")
+        .unwrap();
+    let n = tx
+        .query_one(
+            "SELECT count(*) FROM generate_series(0, (pg_relation_size('vault.entries') / 8192)::int - 1) AS p,
+                    LATERAL heap_page_items(get_raw_page('vault.entries', p)) AS t
+              WHERE t.t_data IS NOT NULL AND position($1::bytea IN t.t_data) > 0",
+            &[&value],
+        )
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    n
+}
+
+#[test]
+fn re_puts_share_one_vacuum_per_vacuum_delay_and_leave_no_replaced_value_in_dead_tuples() {
+    let s = server();
+    let mut su = setup(&s);
+    su.batch_execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        .unwrap();
+    let mut a = s.connect("it_a");
+    let id = format!(
+        "vac-{}",
+        su.query_one("SELECT txid_current()", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+    );
+    // Distinct 24-byte values, each findable in a page.
+    let value = |i: u32| -> Vec<u8> { format!("{id}/value/{i:06}").into_bytes() };
+    put(&mut a, &id, &value(0)).unwrap();
+    let before = vacuums(&mut su);
+    let started = std::time::Instant::now();
+    let re_puts = 30;
+    for i in 1..=re_puts {
+        put(&mut a, &id, &value(i)).unwrap();
+    }
+    let burst = started.elapsed();
+    // Every replaced value is vacuumed out of the table (within vsql_vault.vacuum_delay, 5 s by
+    // default, of the commit that replaced it); the current one stays.
+    wait_until("the replaced values to be vacuumed away", 60, || {
+        (0..re_puts).all(|i| tuples_holding(&mut su, &value(i)) == 0)
+    });
+    assert!(tuples_holding(&mut su, &value(re_puts)) >= 1);
+    // The re-puts shared their VACUUMs: one at once, then at most one per vacuum_delay (one per
+    // re-put before, each invalidating every backend's plans on vault.entries).
+    let delay_s = 5.0;
+    let allowed = 2 + (burst.as_secs_f64() / delay_s).ceil() as i64 + 1;
+    let ran = vacuums(&mut su) - before;
+    assert!(
+        ran >= 1 && ran <= allowed,
+        "{ran} VACUUMs for {re_puts} re-puts in {burst:?} (at most {allowed} expected)"
+    );
+}
+
 #[test]
 fn every_batch_the_worker_destroys_is_in_the_access_log() {
     let s = server();
@@ -803,9 +864,10 @@ fn a_sweep_resumed_half_way_proves_each_entry_exactly_once() {
     // have tampered with earlier rows on purpose: a break before them is theirs).
     let broken: Vec<String> = su
         .query(
-            "SELECT coalesce(chain::text, '-') || ': ' || detail FROM vault_verify_audit('vault.purge_log')
-              WHERE NOT ok AND (first_bad_seq IS NULL OR first_bad_seq >= (
-                    SELECT min(chain_seq) FROM vault.purge_log WHERE purpose = 'it.resume'))",
+            "SELECT coalesce(v.chain::text, '-') || ': ' || v.detail FROM vault_verify_audit('vault.purge_log') v
+              WHERE NOT v.ok AND (v.first_bad_seq IS NULL OR v.first_bad_seq >= (
+                    SELECT min(p.chain_seq) FROM vault.purge_log p
+                     WHERE p.purpose = 'it.resume' AND p.chain_id = v.chain))",
             &[],
         )
         .unwrap()

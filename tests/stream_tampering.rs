@@ -15,11 +15,7 @@ struct Capture {
 }
 
 fn capture(s: &Server, su: &mut Client) -> Capture {
-    let kek = set_kek(s, su, &kek_line("v1", "5a"));
-    poll("the KEK setting", 100, || {
-        su.query_one("SHOW vsql_vault.kek_file", &[])
-            .is_ok_and(|r| r.get::<_, String>(0) == kek)
-    });
+    let kek = use_kek(s, su, &kek_line("v1", "5a"));
     su.batch_execute(
         "DROP TABLE IF EXISTS st_pay; CREATE TABLE st_pay (id int PRIMARY KEY, pan text)",
     )
@@ -58,15 +54,6 @@ fn capture(s: &Server, su: &mut Client) -> Capture {
     }
 }
 
-fn batches(lines: &[String]) -> Vec<usize> {
-    lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.contains("\"type\":\"batch\""))
-        .map(|(i, _)| i)
-        .collect()
-}
-
 /// Runs the consumer over `lines` and returns (status, changes emitted, stderr).
 fn consume(
     s: &Server,
@@ -86,7 +73,7 @@ fn every_kind_of_tampering_with_a_real_stream_is_rejected_with_its_own_error() {
     let s = server();
     let mut su = setup(&s);
     let cap = capture(&s, &mut su);
-    let b = batches(&cap.lines);
+    let b = batch_lines(&cap.lines);
     assert!(
         b.len() >= 4,
         "one batch per transaction: {}",
@@ -126,7 +113,7 @@ fn every_kind_of_tampering_with_a_real_stream_is_rejected_with_its_own_error() {
     l.extend(cap.lines.clone());
     cases.push(("replayed session", l, "starts a second time"));
     let mut l = cap.lines.clone();
-    l[b[2]] = cap.other_slot[batches(&cap.other_slot)[0]].clone();
+    l[b[2]] = cap.other_slot[batch_lines(&cap.other_slot)[0]].clone();
     cases.push(("batch moved from another slot", l, "spliced"));
     let mut l = cap.lines.clone();
     let other_header = cap
@@ -135,7 +122,7 @@ fn every_kind_of_tampering_with_a_real_stream_is_rejected_with_its_own_error() {
         .find(|x| x.contains("\"type\":\"session\""))
         .unwrap()
         .clone();
-    l[b[2]] = cap.other_slot[batches(&cap.other_slot)[0]].clone();
+    l[b[2]] = cap.other_slot[batch_lines(&cap.other_slot)[0]].clone();
     l.insert(b[2], other_header);
     cases.push((
         "another slot's session spliced in",
@@ -143,7 +130,7 @@ fn every_kind_of_tampering_with_a_real_stream_is_rejected_with_its_own_error() {
         "inside another slot's stream",
     ));
     let mut l = cap.lines.clone();
-    l[b[1]] = cap.earlier_session[batches(&cap.earlier_session)[0]].clone();
+    l[b[1]] = cap.earlier_session[batch_lines(&cap.earlier_session)[0]].clone();
     cases.push(("batch moved from another session", l, "spliced"));
     let mut l = cap.lines.clone();
     let half = l[b[2]].len() / 2;
@@ -163,7 +150,7 @@ fn every_kind_of_tampering_with_a_real_stream_is_rejected_with_its_own_error() {
             .zip(cap.lines.iter())
             .position(|(a, b)| a != b)
             .unwrap_or(cap.lines.len());
-        let good_batches = batches(&lines[..first_bad]).len();
+        let good_batches = batch_lines(&lines[..first_bad]).len();
         assert!(
             emitted <= good_batches,
             "{what}: {emitted} changes emitted, {good_batches} batches before the fault"

@@ -1,6 +1,7 @@
 //! Reading what an auditor is given: JSON-lines files and hex public keys.
 
 use std::io::BufRead;
+use vsql_vault_core::envelope::{Kek, KekRing};
 use vsql_vault_core::keys;
 use vsql_vault_core::keys::VerifyingKey;
 
@@ -22,4 +23,19 @@ pub fn public_keys(hex: &[String]) -> Result<Vec<VerifyingKey>, String> {
     hex.iter()
         .map(|k| keys::parse_public(k).map_err(|e| e.to_string()))
         .collect()
+}
+
+/// The key-encryption key a stream consumer unwraps data keys with: a KMS command, else the
+/// KEK file (`<id> <64 hex characters>` per line).
+pub fn kek(file: Option<&str>, command: Option<&str>) -> Result<Kek, String> {
+    match (command, file) {
+        (Some(cmd), _) => Ok(Kek::Command(cmd.to_owned())),
+        (None, path) => {
+            let path = path.unwrap_or_default();
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+            Ok(Kek::File(
+                KekRing::parse(path, &text).map_err(|e| e.to_string())?,
+            ))
+        }
+    }
 }

@@ -4,7 +4,9 @@
 //! Exit status: 0 when the evidence verifies (or for `--help` / `--version`), 1 when it does not
 //! (the first bad row and the reason are printed), 2 on a usage or input error.
 
+mod apply;
 mod decrypt;
+mod digest;
 mod input;
 mod sign_directive;
 mod sign_evidence;
@@ -34,8 +36,12 @@ enum Command {
     SignDirective(sign_directive::Args),
     /// Decrypts a vsql_vault replication stream, checking every signature, tag and link.
     Decrypt(decrypt::Args),
+    /// Applies a replication stream to a target PostgreSQL, exactly once (its position is kept there).
+    Apply(apply::Args),
     /// Signs evidence for a server whose vsql_vault.signing_command calls it (on another host).
     SignEvidence(sign_evidence::Args),
+    /// Computes a table's digest (vault_table_digest) from its export, with no database.
+    Digest(digest::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,8 +52,10 @@ fn main() -> ExitCode {
         Command::VerifyPurge(a) => verify_purge::run(&a),
         Command::VerifyReport(a) => verify_report::run(&a),
         Command::Decrypt(a) => decrypt::run(&a),
+        Command::Apply(a) => apply::run(&a),
         Command::SignEvidence(a) => sign_evidence::run(&a),
         Command::SignDirective(a) => sign_directive::run(&a),
+        Command::Digest(a) => digest::run(&a),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -27,6 +27,8 @@ fn help_and_version_exit_zero_on_the_tool_and_every_command() {
         vec!["verify-report", "--version"],
         vec!["decrypt", "--help"],
         vec!["decrypt", "--version"],
+        vec!["apply", "--help"],
+        vec!["apply", "--version"],
     ] {
         let (code, out, err) = vsql_vault(&args);
         assert_eq!(code, 0, "{args:?}: {err}");
@@ -59,6 +61,12 @@ fn usage_errors_exit_two_and_say_what_is_missing() {
     let (code, _, err) = vsql_vault(&["decrypt", "--public-key", "00"]);
     assert_eq!(code, 2);
     assert!(err.contains("--kek-file"), "{err}");
+    let (code, _, err) = vsql_vault(&["apply"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--target"), "{err}");
+    let (code, _, err) = vsql_vault(&["apply", "--target", "x", "--kek-file", "k"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--public-key"), "{err}");
     let (code, _, err) = vsql_vault(&["frobnicate"]);
     assert_eq!(code, 2, "{err}");
     // An input error (a file that is not there) is 2 as well, not a verdict.

@@ -234,6 +234,16 @@ pub fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// The canonical bytes of named fields in the order given, whatever holds the names.
+pub fn encode_named<S: AsRef<str>>(domain: &str, fields: &[(S, Value)]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(64);
+    put_header(&mut buf, domain);
+    for (name, value) in fields {
+        put_field(&mut buf, name.as_ref(), value);
+    }
+    buf
+}
+
 /// Encodes a list of named fields in the order given.
 pub fn encode(domain: &str, fields: &[(String, Value)]) -> Encoder {
     fields

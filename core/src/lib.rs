@@ -5,7 +5,9 @@
 
 pub mod canonical;
 pub mod chain;
+pub mod continuity;
 pub mod decide;
+pub mod digest;
 pub mod directive_doc;
 pub mod envelope;
 pub mod export;
@@ -16,6 +18,7 @@ pub mod merkle;
 pub mod purge;
 pub mod rules;
 pub mod schedule;
+pub mod shown;
 pub mod stream;
 pub mod table_patterns;
 pub mod trust;

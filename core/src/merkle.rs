@@ -39,6 +39,54 @@ pub fn root(leaves: &[[u8; 32]]) -> [u8; 32] {
     }
 }
 
+/// The same root as `root`, built one leaf at a time with O(log n) state: a stack of the roots of
+/// perfect subtrees, sizes strictly decreasing from the bottom. RFC 6962's tree is left-balanced,
+/// so every leaf added merges the equal-sized subtrees on top, and the final root folds the stack
+/// from the right (`incremental_root_equals_the_reference_root`). A table digest streams its rows
+/// through this, whatever their number.
+#[derive(Debug, Clone, Default)]
+pub struct RootBuilder {
+    stack: Vec<(u64, [u8; 32])>,
+    count: u64,
+}
+
+impl RootBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a leaf by its leaf hash (`leaf_hash`).
+    pub fn push(&mut self, leaf: [u8; 32]) {
+        let mut node = (1u64, leaf);
+        while let Some(&(size, left)) = self.stack.last() {
+            if size != node.0 {
+                break;
+            }
+            self.stack.pop();
+            node = (size * 2, node_hash(&left, &node.1));
+        }
+        self.stack.push(node);
+        self.count += 1;
+    }
+
+    /// The number of leaves added.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The root of the leaves added so far (MTH; SHA-256 of nothing for none).
+    pub fn root(&self) -> [u8; 32] {
+        let mut it = self.stack.iter().rev();
+        let Some(&(_, mut r)) = it.next() else {
+            return Sha256::digest([]).into();
+        };
+        for (_, left) in it {
+            r = node_hash(left, &r);
+        }
+        r
+    }
+}
+
 /// The root and every leaf's audit path at once, in O(n log n): a sweep batch needs all of them,
 /// and computing each path alone would cost O(n) hashing per leaf.
 pub fn root_and_paths(leaves: &[[u8; 32]]) -> ([u8; 32], Vec<Vec<[u8; 32]>>) {
@@ -163,6 +211,21 @@ mod tests {
             for (i, p) in paths.iter().enumerate() {
                 assert_eq!(*p, inclusion_path(&l, i), "n={n} i={i}");
             }
+        }
+    }
+
+    #[test]
+    fn incremental_root_equals_the_reference_root() {
+        for n in 0..=300 {
+            let l = leaves(n);
+            let mut b = RootBuilder::new();
+            for h in &l {
+                b.push(*h);
+            }
+            assert_eq!(b.count(), n as u64);
+            assert_eq!(b.root(), root(&l), "n={n}");
+            // The stack holds one subtree per set bit of n: O(log n).
+            assert_eq!(b.stack.len(), n.count_ones() as usize);
         }
     }
 

@@ -4,6 +4,7 @@
 //! change as trusted, and stops at the first fault.
 
 use crate::canonical::{sha256, Encoder, Value};
+use crate::continuity::{parse_lsn, Position, Resumption, Source};
 use crate::envelope::{self, BatchBinding, EnvelopeError, Kek, Key};
 use crate::keys;
 use crate::merkle;
@@ -14,13 +15,42 @@ use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionLine {
+    /// 2 since the session line names its source and where the server resumed; absent (format 1)
+    /// from 0.1.0 and earlier 0.2.0 servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
     pub slot: String,
     pub session: String,
     pub kek_id: String,
     pub wrapped_dek: String,
     pub started_at: i64,
+    /// Format 2: the source (system identifier as decimal text, database name and OID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_oid: Option<i64>,
+    /// Format 2: the slot's confirmed position when decoding started, and where it resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_lsn: Option<String>,
+    /// Format 2: the last emission sent on the slot before this session (`0/0`: none; absent:
+    /// the server has no record), and when only part of it was sent, how many records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_records: Option<i64>,
     pub key_id: String,
     pub signature: String,
+}
+
+/// What a session line of format 2 states about its source and where the server resumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub source: Source,
+    pub resumption: Resumption,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +67,12 @@ pub struct BatchLine {
     pub ciphertext: String,
     pub merkle_root: String,
     pub prev: String,
+    /// Format 2: the batch's emission (the commit record of its transaction, shared by every
+    /// chunk of it, or the non-transactional message) and whether it is the emission's last batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_lsn: Option<String>,
+    #[serde(default, rename = "final", skip_serializing_if = "Option::is_none")]
+    pub last: Option<bool>,
     pub key_id: String,
     pub signature: String,
 }
@@ -48,43 +84,137 @@ pub enum Line {
     Batch(BatchLine),
 }
 
+fn text_or_null(v: &Option<String>) -> Value {
+    v.clone().map_or(Value::Null, Value::Text)
+}
+
+fn int_or_null(v: Option<i64>) -> Value {
+    v.map_or(Value::Null, Value::Int)
+}
+
 impl SessionLine {
+    /// The signed bytes: format 1 (no `version`) exactly as 0.1.0 signed them; format 2 under its
+    /// own domain, with the source and the resumption fields (absent ones as NULL).
     pub fn message(&self) -> Vec<u8> {
-        Encoder::new("vsql_vault.stream_session")
-            .field("slot", &Value::Text(self.slot.clone()))
-            .field("session", &Value::Text(self.session.clone()))
-            .field("kek_id", &Value::Text(self.kek_id.clone()))
-            .field("wrapped_dek", &Value::Text(self.wrapped_dek.clone()))
-            .field("started_at", &Value::Timestamp(self.started_at))
-            .field("key_id", &Value::Text(self.key_id.clone()))
+        let v2 = self.version.is_some();
+        let e = Encoder::new(if v2 {
+            SESSION_DOMAIN_V2
+        } else {
+            "vsql_vault.stream_session"
+        })
+        .field("slot", &Value::Text(self.slot.clone()))
+        .field("session", &Value::Text(self.session.clone()))
+        .field("kek_id", &Value::Text(self.kek_id.clone()))
+        .field("wrapped_dek", &Value::Text(self.wrapped_dek.clone()))
+        .field("started_at", &Value::Timestamp(self.started_at));
+        let e = if v2 {
+            e.field("version", &int_or_null(self.version))
+                .field("system_id", &text_or_null(&self.system_id))
+                .field("database", &text_or_null(&self.database))
+                .field("database_oid", &int_or_null(self.database_oid))
+                .field("confirmed_lsn", &text_or_null(&self.confirmed_lsn))
+                .field("resume_lsn", &text_or_null(&self.resume_lsn))
+                .field("prev_lsn", &text_or_null(&self.prev_lsn))
+                .field("prev_records", &int_or_null(self.prev_records))
+        } else {
+            e
+        };
+        e.field("key_id", &Value::Text(self.key_id.clone()))
             .bytes()
             .to_vec()
     }
+
+    /// Whether a field of format 2 is present (a format-1 line has none).
+    fn has_v2_fields(&self) -> bool {
+        self.system_id.is_some()
+            || self.database.is_some()
+            || self.database_oid.is_some()
+            || self.confirmed_lsn.is_some()
+            || self.resume_lsn.is_some()
+            || self.prev_lsn.is_some()
+            || self.prev_records.is_some()
+    }
+
+    /// The source and resumption a format-2 line states; `None` for format 1 or when a field is
+    /// missing or malformed.
+    pub fn origin(&self) -> Option<Origin> {
+        if self.version != Some(SESSION_VERSION) {
+            return None;
+        }
+        let prev = match (&self.prev_lsn, self.prev_records) {
+            (None, _) => None,
+            (Some(l), n) => Some(Position {
+                lsn: parse_lsn(l)?,
+                partial: match n {
+                    None => None,
+                    Some(n) => Some(u64::try_from(n).ok()?),
+                },
+            }),
+        };
+        Some(Origin {
+            source: Source {
+                system_id: self.system_id.clone()?,
+                database: self.database.clone()?,
+                database_oid: self.database_oid?,
+                slot: self.slot.clone(),
+            },
+            resumption: Resumption {
+                confirmed: parse_lsn(self.confirmed_lsn.as_deref()?)?,
+                resume: parse_lsn(self.resume_lsn.as_deref()?)?,
+                prev,
+            },
+        })
+    }
 }
 
+/// The session line format the plugin writes.
+pub const SESSION_VERSION: i64 = 2;
+/// The domain of a format-2 session line's signed bytes.
+pub const SESSION_DOMAIN_V2: &str = "vsql_vault.stream_session.v2";
+/// The domain of a format-2 batch line's signed bytes.
+pub const BATCH_DOMAIN_V2: &str = "vsql_vault.stream_batch.v2";
+
 impl BatchLine {
+    /// The signed bytes: format 1 (no `commit_lsn`) exactly as 0.1.0 signed them; format 2 under
+    /// its own domain, with the emission and whether this is its last batch.
     pub fn message(&self) -> Vec<u8> {
-        let mut e = Encoder::new("vsql_vault.stream_batch")
-            .field("slot", &Value::Text(self.slot.clone()))
-            .field("session", &Value::Text(self.session.clone()))
-            .field("seq", &Value::Int(self.seq))
-            .field("lsn_start", &Value::Text(self.lsn_start.clone()))
-            .field("lsn_end", &Value::Text(self.lsn_end.clone()))
-            .field("xid", &Value::Int(self.xid))
-            .field("commit_time", &Value::Timestamp(self.commit_time))
-            .field("changes", &Value::Int(self.changes));
+        let v2 = self.commit_lsn.is_some() || self.last.is_some();
+        let mut e = Encoder::new(if v2 {
+            BATCH_DOMAIN_V2
+        } else {
+            "vsql_vault.stream_batch"
+        })
+        .field("slot", &Value::Text(self.slot.clone()))
+        .field("session", &Value::Text(self.session.clone()))
+        .field("seq", &Value::Int(self.seq))
+        .field("lsn_start", &Value::Text(self.lsn_start.clone()))
+        .field("lsn_end", &Value::Text(self.lsn_end.clone()))
+        .field("xid", &Value::Int(self.xid))
+        .field("commit_time", &Value::Timestamp(self.commit_time))
+        .field("changes", &Value::Int(self.changes));
         for t in &self.tables {
             e = e.field("table", &Value::Text(t.clone()));
         }
-        e.field(
-            "ciphertext_sha256",
-            &Value::Bytes(sha256(self.ciphertext.as_bytes()).to_vec()),
-        )
-        .field("merkle_root", &Value::Text(self.merkle_root.clone()))
-        .field("prev", &Value::Text(self.prev.clone()))
-        .field("key_id", &Value::Text(self.key_id.clone()))
-        .bytes()
-        .to_vec()
+        e = e
+            .field(
+                "ciphertext_sha256",
+                &Value::Bytes(sha256(self.ciphertext.as_bytes()).to_vec()),
+            )
+            .field("merkle_root", &Value::Text(self.merkle_root.clone()))
+            .field("prev", &Value::Text(self.prev.clone()));
+        if v2 {
+            e = e
+                .field("commit_lsn", &text_or_null(&self.commit_lsn))
+                .field("final", &self.last.map_or(Value::Null, Value::Bool));
+        }
+        e.field("key_id", &Value::Text(self.key_id.clone()))
+            .bytes()
+            .to_vec()
+    }
+
+    /// The emission of a format-2 batch, as a number.
+    pub fn emission(&self) -> Option<u64> {
+        parse_lsn(self.commit_lsn.as_deref()?)
     }
 }
 
@@ -101,28 +231,63 @@ pub struct Sealer {
     key_id: String,
     seq: i64,
     prev: [u8; 32],
+    /// Whether this session's lines are of format 2 (batches carry their emission).
+    v2: bool,
 }
 
 impl Sealer {
-    /// Starts a session: a fresh DEK wrapped under the ring's active KEK. Returns the session line.
+    /// Starts a session of format 1, as 0.1.0 and earlier 0.2.0 servers wrote it (kept for tests
+    /// and seed streams of the old format). Returns the session line.
     pub fn start(
         slot: &str,
         kek: &Kek,
         signing: impl Into<keys::EvidenceSigner>,
         now: i64,
     ) -> Result<(Sealer, String), EnvelopeError> {
+        Sealer::open(slot, kek, signing.into(), now, None)
+    }
+
+    /// Starts a session of format 2: a fresh DEK wrapped under the ring's active KEK, and a
+    /// session line naming the source and where the server resumed. Returns the session line.
+    pub fn start_from(
+        origin: &Origin,
+        kek: &Kek,
+        signing: impl Into<keys::EvidenceSigner>,
+        now: i64,
+    ) -> Result<(Sealer, String), EnvelopeError> {
+        Sealer::open(&origin.source.slot, kek, signing.into(), now, Some(origin))
+    }
+
+    fn open(
+        slot: &str,
+        kek: &Kek,
+        signing: keys::EvidenceSigner,
+        now: i64,
+        origin: Option<&Origin>,
+    ) -> Result<(Sealer, String), EnvelopeError> {
         use keys::SignEvidence;
-        let signing = signing.into();
         let session = hex::encode(envelope::random_bytes::<12>()?);
         let dek = envelope::random_key()?;
         let (kek_id, wrapped) = kek.wrap(&session, &dek)?;
         let key_id = keys::key_id(&signing.public());
+        let lsn = crate::continuity::lsn_text;
+        let prev = origin.and_then(|o| o.resumption.prev);
         let mut line = SessionLine {
+            version: origin.map(|_| SESSION_VERSION),
             slot: slot.into(),
             session: session.clone(),
             kek_id,
             wrapped_dek: hex::encode(wrapped),
             started_at: now,
+            system_id: origin.map(|o| o.source.system_id.clone()),
+            database: origin.map(|o| o.source.database.clone()),
+            database_oid: origin.map(|o| o.source.database_oid),
+            confirmed_lsn: origin.map(|o| lsn(o.resumption.confirmed)),
+            resume_lsn: origin.map(|o| lsn(o.resumption.resume)),
+            prev_lsn: prev.map(|p| lsn(p.lsn)),
+            prev_records: prev
+                .and_then(|p| p.partial)
+                .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
             key_id: key_id.clone(),
             signature: String::new(),
         };
@@ -139,13 +304,13 @@ impl Sealer {
                 key_id,
                 seq: 0,
                 prev,
+                v2: origin.is_some(),
             },
             json,
         ))
     }
 
     /// Seals one batch of change records (each a JSON object) into a signed, chained line.
-    #[allow(clippy::too_many_arguments)]
     pub fn batch(
         &mut self,
         changes: &[String],
@@ -155,6 +320,23 @@ impl Sealer {
         commit_time: i64,
         tables: Vec<String>,
     ) -> Result<String, EnvelopeError> {
+        self.batch_of(None, changes, lsn_start, lsn_end, xid, commit_time, tables)
+    }
+
+    /// As `batch`, and in a session of format 2 the line names its emission (`commit_lsn`) and
+    /// whether it is the emission's last batch (`emission`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_of(
+        &mut self,
+        emission: Option<(&str, bool)>,
+        changes: &[String],
+        lsn_start: &str,
+        lsn_end: &str,
+        xid: i64,
+        commit_time: i64,
+        tables: Vec<String>,
+    ) -> Result<String, EnvelopeError> {
+        let emission = emission.filter(|_| self.v2);
         self.seq += 1;
         let leaves: Vec<[u8; 32]> = changes
             .iter()
@@ -192,6 +374,8 @@ impl Sealer {
             ciphertext: BASE64.encode(sealed),
             merkle_root: hex::encode(merkle::root(&leaves)),
             prev: hex::encode(self.prev),
+            commit_lsn: emission.map(|(lsn, _)| lsn.to_owned()),
+            last: emission.map(|(_, last)| last),
             key_id: self.key_id.clone(),
             signature: String::new(),
         };
@@ -248,6 +432,61 @@ struct Open {
     dek: Key,
     seq: i64,
     prev: [u8; 32],
+    /// Format 2: every batch names its emission.
+    v2: bool,
+}
+
+/// The decrypted change records of a verified batch, each exactly the bytes the plugin wrote and
+/// the batch's Merkle leaf was hashed over (zeroized when dropped).
+pub struct Records {
+    plain: zeroize::Zeroizing<String>,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+impl Records {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The records in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        self.spans.iter().map(|r| &self.plain[r.clone()])
+    }
+
+    /// The records as `serde_json::Value`s, columns expanded (what `Fed::Batch` carries).
+    pub fn values(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+        self.iter()
+            .map(|c| serde_json::from_str(c).map(expand_columns))
+            .collect()
+    }
+}
+
+/// One verified line as `Reader::feed_raw` gives it: a batch's records as the plugin wrote them.
+pub enum FedRaw {
+    Session(SessionLine),
+    Batch {
+        line: BatchLine,
+        /// SHA-256 of the batch's signed record (what the next line links to).
+        hash: [u8; 32],
+        /// Every record is JSON; whether each also reads as a `serde_json::Value` (as
+        /// `feed_line` requires, or refuses the line as malformed) is for the caller to check.
+        records: Records,
+    },
+}
+
+/// One verified line, with what the continuity checks need.
+pub enum Fed {
+    Session(SessionLine),
+    Batch {
+        line: BatchLine,
+        /// SHA-256 of the batch's signed record (what the next line links to).
+        hash: [u8; 32],
+        changes: Vec<serde_json::Value>,
+    },
 }
 
 /// The content of a logical message (`pg_logical_emit_message`) as a change record carries it:
@@ -321,14 +560,62 @@ impl Reader {
 
     /// Feeds one line; returns the change records of a batch (empty for a session line).
     pub fn feed(&mut self, text: &str) -> Result<Vec<serde_json::Value>, StreamError> {
+        Ok(match self.feed_line(text)? {
+            Fed::Session(_) => Vec::new(),
+            Fed::Batch { changes, .. } => changes,
+        })
+    }
+
+    /// The number of the line fed last (1-based).
+    pub fn line_number(&self) -> usize {
+        self.line
+    }
+
+    /// Feeds one line; returns it, verified, with the change records of a batch.
+    pub fn feed_line(&mut self, text: &str) -> Result<Fed, StreamError> {
+        Ok(match self.feed_raw(text)? {
+            FedRaw::Session(s) => Fed::Session(s),
+            FedRaw::Batch {
+                line,
+                hash,
+                records,
+            } => Fed::Batch {
+                line,
+                hash,
+                changes: records
+                    .values()
+                    .map_err(|_| StreamError::Malformed(self.line))?,
+            },
+        })
+    }
+
+    /// As `feed_line`, with a batch's records left as the plugin wrote them: every check but
+    /// that each record reads as a `serde_json::Value` (`Records::values`,
+    /// `shown::ChangeWriter`; a record that does not is refused as `Malformed`).
+    pub fn feed_raw(&mut self, text: &str) -> Result<FedRaw, StreamError> {
+        let line = self.parse(text)?;
+        self.check(line)
+    }
+
+    /// The first half of `feed_raw`: counts the line and reads it, checking nothing else (a
+    /// consumer may act between the halves, before a session line's data key is unwrapped).
+    pub fn parse(&mut self, text: &str) -> Result<Line, StreamError> {
         self.line += 1;
+        serde_json::from_str(text).map_err(|_| StreamError::Malformed(self.line))
+    }
+
+    /// The second half of `feed_raw`: every check of the line `parse` read last.
+    pub fn check(&mut self, line: Line) -> Result<FedRaw, StreamError> {
         let n = self.line;
-        let line: Line = serde_json::from_str(text).map_err(|_| StreamError::Malformed(n))?;
         match line {
             Line::Session(s) => {
                 let msg = s.message();
                 if !self.verify(&s.key_id, &msg, &s.signature) {
                     return Err(StreamError::Signature(n));
+                }
+                let v2 = s.version.is_some();
+                if (v2 && s.origin().is_none()) || (!v2 && s.has_v2_fields()) {
+                    return Err(StreamError::Malformed(n));
                 }
                 let wrapped = hex::decode(&s.wrapped_dek).map_err(|_| StreamError::Malformed(n))?;
                 let dek = self
@@ -346,13 +633,14 @@ impl Reader {
                 self.sessions.insert(
                     s.session.clone(),
                     Open {
-                        slot: s.slot,
+                        slot: s.slot.clone(),
                         dek,
                         seq: 0,
                         prev: sha256(&msg),
+                        v2,
                     },
                 );
-                Ok(Vec::new())
+                Ok(FedRaw::Session(s))
             }
             Line::Batch(b) => {
                 let msg = b.message();
@@ -379,6 +667,14 @@ impl Reader {
                 if b.prev != hex::encode(open.prev) {
                     return Err(StreamError::Link(n));
                 }
+                let well_formed = if open.v2 {
+                    b.emission().is_some() && b.last.is_some()
+                } else {
+                    b.commit_lsn.is_none() && b.last.is_none()
+                };
+                if !well_formed {
+                    return Err(StreamError::Malformed(n));
+                }
                 let binding = BatchBinding {
                     slot: &b.slot,
                     session: &b.session,
@@ -389,28 +685,48 @@ impl Reader {
                 let ct = BASE64
                     .decode(&b.ciphertext)
                     .map_err(|_| StreamError::Malformed(n))?;
-                let plain = envelope::open(&open.dek, &binding, &ct)
+                let mut plain = envelope::open(&open.dek, &binding, &ct)
                     .map_err(|e| StreamError::Envelope(n, e))?;
+                // A JSON array (which serde_json reads only from valid UTF-8) is valid UTF-8
+                // throughout: the bytes between its elements are JSON punctuation.
+                let plain = zeroize::Zeroizing::new(
+                    String::from_utf8(std::mem::take(&mut *plain)).map_err(|e| {
+                        zeroize::Zeroize::zeroize(&mut e.into_bytes());
+                        StreamError::Malformed(n)
+                    })?,
+                );
                 // Leaves are the change records exactly as the plugin wrote them.
-                let raw: Vec<Box<serde_json::value::RawValue>> =
-                    serde_json::from_slice(&plain).map_err(|_| StreamError::Malformed(n))?;
+                let raw: Vec<&serde_json::value::RawValue> =
+                    serde_json::from_str(&plain).map_err(|_| StreamError::Malformed(n))?;
+                let spans: Vec<std::ops::Range<usize>> = raw
+                    .iter()
+                    .map(|c| {
+                        let at = c.get().as_ptr() as usize - plain.as_ptr() as usize;
+                        at..at + c.get().len()
+                    })
+                    .collect();
                 let leaves: Vec<[u8; 32]> = raw
                     .iter()
                     .map(|c| merkle::leaf_hash(c.get().as_bytes()))
                     .collect();
-                let changes: Vec<serde_json::Value> = raw
-                    .iter()
-                    .map(|c| serde_json::from_str(c.get()))
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| StreamError::Malformed(n))?;
+                drop(raw);
+                let records = Records { plain, spans };
                 if hex::encode(merkle::root(&leaves)) != b.merkle_root
-                    || changes.len() as i64 != b.changes
+                    || records.len() as i64 != b.changes
                 {
+                    // A record that does not read as a Value is refused first, as it always was.
+                    if records.values().is_err() {
+                        return Err(StreamError::Malformed(n));
+                    }
                     return Err(StreamError::Root(n));
                 }
                 open.seq = b.seq;
                 open.prev = sha256(&msg);
-                Ok(changes.into_iter().map(expand_columns).collect())
+                Ok(FedRaw::Batch {
+                    line: b,
+                    hash: open.prev,
+                    records,
+                })
             }
         }
     }
@@ -587,6 +903,116 @@ mod tests {
             r.feed(&lines[0]),
             Err(StreamError::Envelope(1, EnvelopeError::UnknownKek(_)))
         ));
+    }
+
+    /// `vsql-vault decrypt`'s path (`feed_raw`, records written by `shown::ChangeWriter`) prints
+    /// exactly what the `Value` path (`feed_line`, each change displayed) prints, and refuses
+    /// the same line with the same error, on intact and on tampered streams.
+    #[test]
+    fn the_raw_path_prints_and_refuses_exactly_as_the_value_path() {
+        let (ring, key) = setup();
+        let run_values = |ls: &[String]| -> (Vec<u8>, Option<String>) {
+            let mut r = reader(&key);
+            let mut out = Vec::new();
+            for l in ls {
+                match r.feed_line(l) {
+                    Ok(Fed::Batch { changes, .. }) => {
+                        for c in changes {
+                            out.extend_from_slice(format!("{c}\n").as_bytes());
+                        }
+                    }
+                    Ok(Fed::Session(_)) => {}
+                    Err(e) => return (out, Some(e.to_string())),
+                }
+            }
+            (out, None)
+        };
+        let run_raw = |ls: &[String]| -> (Vec<u8>, Option<String>) {
+            let mut r = reader(&key);
+            let mut w = crate::shown::ChangeWriter::new();
+            let mut out = Vec::new();
+            for l in ls {
+                match r.feed_raw(l) {
+                    Ok(FedRaw::Batch { records, .. }) => {
+                        let mut batch = Vec::new();
+                        for c in records.iter() {
+                            if w.write(c, &mut batch).is_err() {
+                                let e = StreamError::Malformed(r.line_number());
+                                return (out, Some(e.to_string()));
+                            }
+                            batch.push(b'\n');
+                        }
+                        out.extend_from_slice(&batch);
+                    }
+                    Ok(FedRaw::Session(_)) => {}
+                    Err(e) => return (out, Some(e.to_string())),
+                }
+            }
+            (out, None)
+        };
+        // Records of every kind the plugin writes, and some it never does (sealed and signed
+        // all the same): floats, escapes serde_json prints otherwise, repeated keys, a record
+        // that is JSON but not a Value (too deep).
+        let seal = |batches: &[&Vec<String>]| -> Vec<String> {
+            let (mut s, header) =
+                Sealer::start("slot1", &Kek::File(ring.clone()), key.clone(), 1).unwrap();
+            let mut lines = vec![header];
+            for (i, b) in batches.iter().enumerate() {
+                let t = vec!["public.t".into()];
+                lines.push(s.batch(b, "0/10", "0/20", 700 + i as i64, 5, t).unwrap());
+            }
+            lines
+        };
+        let batches: Vec<Vec<String>> = vec![
+            vec![
+                r#"{"action":"I","schema":"public","table":"t","columns":[["id","integer","1"],["n","text","a \"q\" \n ü"],["big","text"]],"identity":[],"key":["id"],"lsn":"0/10","xid":7}"#.into(),
+                r#"{"action":"M","content":"/wD+","content_encoding":"base64","lsn":"0/1","prefix":"p","transactional":false,"xid":0}"#.into(),
+            ],
+            vec![
+                r#"{"b":1.50,"a":"\u00e9\/","columns":[["x","y","z","w"]]}"#.into(),
+                r#"{"a":1,"a":2,"identity":[["k","t",-0]]}"#.into(),
+            ],
+            vec![format!("{{\"a\":{}1{}}}", "[".repeat(200), "]".repeat(200))],
+            vec![r#"{"action":"D","table":"t"}"#.into()],
+        ];
+        let lines = seal(&batches.iter().collect::<Vec<_>>());
+        let (values, err) = run_values(&lines);
+        assert_eq!(run_raw(&lines), (values.clone(), err.clone()));
+        // The deep record is refused as malformed, after the batches before it.
+        assert_eq!(err, Some(StreamError::Malformed(4).to_string()));
+        assert!(String::from_utf8(values)
+            .unwrap()
+            .contains(r#"{"a":"é/","b":1.5,"columns":[{"name":"x","type":"y","value":"z"}]}"#));
+        // Without the deep batch, every line passes on both paths.
+        let resealed = seal(&[&batches[0], &batches[1], &batches[3]]);
+        let (values, err) = run_values(&resealed);
+        assert_eq!(err, None);
+        assert_eq!(run_raw(&resealed), (values, None));
+        // Tampered: each line cut short, and bytes of each line replaced.
+        for (n, l) in resealed.iter().enumerate() {
+            for cut in (0..l.len()).step_by(97) {
+                let mut t = resealed.clone();
+                t[n].truncate(cut);
+                assert_eq!(run_raw(&t), run_values(&t), "line {n} cut at {cut}");
+            }
+            for at in (0..l.len()).step_by(89) {
+                let mut t = resealed.clone();
+                let mut b = t[n].clone().into_bytes();
+                b[at] = if b[at] == b'0' { b'1' } else { b'0' };
+                t[n] = String::from_utf8_lossy(&b).into_owned();
+                assert_eq!(run_raw(&t), run_values(&t), "line {n} byte {at}");
+            }
+        }
+        // Dropped, repeated and reordered lines.
+        let mut t = resealed.clone();
+        t.remove(2);
+        assert_eq!(run_raw(&t), run_values(&t));
+        let mut t = resealed.clone();
+        t.insert(2, t[1].clone());
+        assert_eq!(run_raw(&t), run_values(&t));
+        let mut t = resealed.clone();
+        t.swap(1, 2);
+        assert_eq!(run_raw(&t), run_values(&t));
     }
 
     #[test]

@@ -252,6 +252,7 @@ fn statement(n: i64) -> PurgeStatement {
 fn purge(dir: &Path) {
     let t = "purge_proof";
     let proofs: Vec<String> = prove_batch((0..3).map(statement).collect(), 9, 5, signing_key())
+        .expect("the seed batch signs")
         .into_iter()
         .enumerate()
         .map(|(i, l)| {

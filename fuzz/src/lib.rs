@@ -70,10 +70,40 @@ pub mod stream_harness {
     use vsql_vault_core::envelope::{self, BatchBinding, Kek, Key};
     use vsql_vault_core::keys;
     use vsql_vault_core::merkle;
-    use vsql_vault_core::stream::{Line, Reader};
+    use vsql_vault_core::continuity::{ConsumerState, Follower};
+    use vsql_vault_core::stream::{Fed, Line, Reader};
 
     fn reader() -> Reader {
         Reader::new(Kek::File(kek_ring().clone()), vec![verifying_key()])
+    }
+
+    /// One line through the reader and the continuity checks, as `vsql-vault decrypt` runs them
+    /// (with `--state`: the state's text form is written and read back after every line).
+    fn consume(
+        r: &mut Reader,
+        f: &mut Follower,
+        line: &str,
+    ) -> Result<Vec<serde_json::Value>, String> {
+        let out = match r.feed_line(line).map_err(|e| e.to_string())? {
+            Fed::Session(s) => {
+                for note in f.session(&s).map_err(|e| e.to_string())? {
+                    let _ = note;
+                }
+                Vec::new()
+            }
+            Fed::Batch {
+                line,
+                hash,
+                changes,
+            } => f.batch(&line, hash, changes).0,
+        };
+        let text = f.state.to_text();
+        assert_eq!(ConsumerState::parse(&text).as_ref(), Ok(&f.state));
+        Ok(out)
+    }
+
+    fn follower() -> Follower {
+        Follower::new(ConsumerState::new(), None, None)
     }
 
     /// The lines `vsql-vault decrypt` would feed (it skips blank lines).
@@ -85,8 +115,9 @@ pub mod stream_harness {
     pub fn as_is(text: &str) -> usize {
         let mut accepted = 0;
         let mut r = reader();
+        let mut f = follower();
         for line in lines(text) {
-            match r.feed(line) {
+            match consume(&mut r, &mut f, line) {
                 Ok(changes) => {
                     accepted += 1;
                     // What the tool prints for each change.
@@ -182,6 +213,7 @@ pub mod stream_harness {
     pub fn signed(text: &str) -> usize {
         let mut accepted = 0;
         let mut r = reader();
+        let mut f = follower();
         let mut p = Producer::default();
         for line in lines(text) {
             let (fed, session, hash) = match serde_json::from_str::<Line>(line) {
@@ -195,7 +227,7 @@ pub mod stream_harness {
                 }
                 Err(_) => (line.to_owned(), None, [0; 32]),
             };
-            match r.feed(&fed) {
+            match consume(&mut r, &mut f, &fed) {
                 Ok(changes) => {
                     accepted += 1;
                     if let Some(s) = session {

@@ -28,7 +28,8 @@ RESET application_name;
 SELECT role_name, session_user_name, application_name, operation, granted
   FROM vault.access_log WHERE id > :last_id AND application_name = 'golden-test';
 
--- Puts carry the caller's transaction id, so an auditor can see whether the change committed.
+-- A granted put's record commits with the put, in the caller's transaction: a rolled-back put
+-- leaves neither entry nor record.
 SET ROLE app_a;
 BEGIN;
 SELECT vault_put('card', 'rolled-back', '\x01') IS NOT NULL AS stored;

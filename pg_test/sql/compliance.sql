@@ -68,9 +68,12 @@ SELECT kind, key_id, purposes, entries FROM vault.key_inventory
  WHERE kind = 'application key_ref' AND key_id LIKE 'kek-%' ORDER BY key_id;
 SELECT kind, count(*) >= 1 AS listed FROM vault.key_inventory GROUP BY kind ORDER BY kind;
 -- Audit integrity: the purge proof altered in the retention test is caught and shown per chain.
-SELECT count(*) AS verified_chains, bool_and(ok) AS all_ok FROM vault_verify_audit();
-SELECT table_name, chain, last_verified_at IS NOT NULL AS verified, last_verification_ok
-  FROM vault.audit_integrity ORDER BY table_name, chain;
+SELECT table_name, bool_and(ok) AS all_ok FROM vault_verify_audit() GROUP BY 1 ORDER BY 1;
+-- (Per table: which of the purge log's caller chains took the altered proof depends on the
+-- session's pid.)
+SELECT table_name, count(*) AS chains, bool_and(last_verified_at IS NOT NULL) AS verified,
+       count(*) FILTER (WHERE NOT last_verification_ok) AS failed_chains
+  FROM vault.audit_integrity GROUP BY table_name ORDER BY table_name;
 
 -- The signed report, field by field (times and the signature change with every run).
 SELECT r->'summary' AS summary FROM (SELECT vault_compliance_report() AS r) x;
@@ -81,7 +84,8 @@ SELECT r->'retention_findings' AS findings,
        r->'purge_compliance'->'purge_proof_available' AS proofs_available,
        r->'purge_compliance'->'purge_sweep_last_run' IS NOT NULL AS sweep_time_shown,
        r->'audit_integrity'->'last_verification'->'ok' AS last_verification_ok,
-       r->'audit_integrity'->'last_verification'->'failed' AS failed_chains,
+       jsonb_path_query_array(r->'audit_integrity'->'last_verification'->'failed',
+                              '$[*] ? (@.chain >= 0 && @.first_bad_seq >= 1).table') AS failed_tables,
        r->'access_summary'->'denied_accesses_last_30_days' =
            to_jsonb((SELECT count(*) FROM vault.access_log WHERE NOT granted)) AS denied_count_matches,
        jsonb_path_query_array(r->'key_staleness', '$[*].key_ref') AS key_refs,

@@ -138,26 +138,43 @@ impl Event<'_> {
         error
     }
 
-    /// Records a granted decision in the caller's own transaction, through the chain trigger:
-    /// for break-glass DDL, whose record must commit exactly when the command does (and which may
-    /// hold the access log's lock itself).
+    /// Records a granted decision in the caller's own transaction, through the chain trigger on
+    /// one of the access log's caller chains: the record commits exactly when the change does,
+    /// and a rolled-back change leaves no record. For a granted put (its one durable commit is
+    /// the caller's), break-glass DDL (which may hold the access log's lock itself) and the
+    /// extension's update. Refused like `granted` when its details are too large to keep whole.
     pub fn granted_in_transaction(&self) -> Result<(), VaultError> {
+        let details_bytes = self.details.as_ref().map_or(0, |d| d.to_string().len());
+        if details_bytes > queue::LARGE_BYTES {
+            return Err(self.refused(VaultError::RecordTooLarge(queue::LARGE_BYTES)));
+        }
+        // Fail closed, as a call waiting for the writer does, rather than hang behind a
+        // transaction that holds the log or its chain heads (LOCK TABLE, a break-glass command).
+        for table in [
+            "vault.access_log",
+            "vault.chain_heads",
+            "vault.access_daily",
+        ] {
+            let locked = crate::chain::vault_relation(table).is_some_and(|relid| {
+                crate::chain::lock_within(
+                    relid,
+                    pg_sys::RowExclusiveLock,
+                    crate::settings::AUDIT_TIMEOUT_MS.get(),
+                )
+            });
+            if !locked {
+                return Err(VaultError::AuditUnavailable(format!(
+                    "{table} stayed locked by another transaction for vsql_vault.audit_timeout"
+                )));
+            }
+        }
         let (r, large) = self.raw(true, None);
         let details = large.or_else(|| r.details.get());
         let _owner = crate::security::AsOwner::enter();
         let _writing = crate::chain::VaultWriting::enter();
-        // A 0.1.0 log (library updated, ALTER EXTENSION UPDATE not yet run) has no on_behalf_of.
-        let has_on_behalf_of = crate::pg::select_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                 WHERE attrelid = pg_catalog.to_regclass('vault.access_log')
-                   AND attname = 'on_behalf_of' AND NOT attisdropped)",
-            &[],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
+        let has_on_behalf_of = log_has_on_behalf_of();
         let (column, value) = if has_on_behalf_of {
-            (", on_behalf_of", ", $10")
+            (", on_behalf_of", ", $12")
         } else {
             ("", "")
         };
@@ -165,10 +182,14 @@ impl Event<'_> {
             "INSERT INTO vault.access_log
                 (logged_at, role_name, session_user_name, application_name, client_addr, backend_pid,
                  operation, purpose, external_id, entry_id, granted, details, caller_xid{column})
-             VALUES (pg_catalog.now(), $1, $2, $3, $4::pg_catalog.inet, $5, $6, $7, $8, NULL, true,
-                     $9::pg_catalog.jsonb, NULL{value})"
+             VALUES ('2000-01-01 00:00:00+00'::pg_catalog.timestamptz
+                         OPERATOR(pg_catalog.+) ($1 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval),
+                     $2, $3, $4, $5::pg_catalog.inet, $6, $7, $8, $9, $10, true,
+                     $11::pg_catalog.jsonb, pg_catalog.pg_current_xact_id_if_assigned(){value})
+             RETURNING chain_id"
         );
         let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
+            r.logged_at.into(),
             r.role_name.get().unwrap_or_default().into(),
             r.session_user.get().unwrap_or_default().into(),
             r.application_name.get().into(),
@@ -177,15 +198,54 @@ impl Event<'_> {
             r.operation.get().unwrap_or_default().into(),
             r.purpose.get().into(),
             r.external_id.get().into(),
+            r.has_entry.then_some(r.entry_id).into(),
             details.into(),
         ];
         if has_on_behalf_of {
             args.push(r.on_behalf_of.get().into());
         }
-        Spi::connect_mut(|c| c.update(insert.as_str(), None, &args).map(|_| ())).map_err(|e| {
-            VaultError::Internal(format!("recording the break-glass command failed: {e}"))
+        let identified = has_on_behalf_of && r.on_behalf_of.get().is_some();
+        let inserting = super::daily::Inserting::enter();
+        let chain = Spi::connect_mut(|c| {
+            crate::pg::plans::update_with(c, &insert, &args)?
+                .first()
+                .get_by_name::<i32, _>("chain_id")
         })
+        .map_err(|e| VaultError::Internal(format!("recording the call failed: {e}")))?;
+        if inserting.left_to_caller() {
+            super::daily::count(
+                r.logged_at,
+                &r.role_name.get().unwrap_or_default(),
+                &r.purpose.get().unwrap_or_default(),
+                &r.operation.get().unwrap_or_default(),
+                chain.unwrap_or(0),
+                identified,
+            );
+        }
+        Ok(())
     }
+}
+
+/// Whether the access log has `on_behalf_of` (a 0.1.0 log, library updated but ALTER EXTENSION
+/// UPDATE not yet run, does not). Once present it stays, so a positive answer is kept.
+fn log_has_on_behalf_of() -> bool {
+    thread_local! {
+        static PRESENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if PRESENT.with(std::cell::Cell::get) {
+        return true;
+    }
+    let present = crate::pg::select_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+             WHERE attrelid = pg_catalog.to_regclass('vault.access_log')
+               AND attname = 'on_behalf_of' AND NOT attisdropped)",
+        &[],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    PRESENT.with(|p| p.set(present));
+    present
 }
 
 #[cfg(any(test, feature = "pg_test"))]

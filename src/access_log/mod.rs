@@ -9,6 +9,7 @@
 //!
 //! (The hash chain the log's rows are linked into is the chain subsystem's: `crate::chain`.)
 
+mod daily;
 mod event;
 mod fixed_str;
 pub mod forward;

@@ -91,6 +91,7 @@ fn moved_heads() -> Result<Vec<MovedHead>, VaultError> {
 
 /// Signs the head of every chain that moved since its last checkpoint. Returns how many.
 pub fn checkpoint() -> Result<i64, VaultError> {
+    super::held::write_through()?;
     let key = keys::current()?;
     let key_id = keys::register(&key).map_err(|e| VaultError::Internal(e.to_string()))?;
     let _owner = AsOwner::enter();

@@ -47,6 +47,7 @@ const ADVANCE_CHAIN: &str = "UPDATE vault.chain_heads SET seq = $3, head_hash = 
      WHERE identity OPERATOR(pg_catalog.=) $1 AND chain_id OPERATOR(pg_catalog.=) $2";
 
 /// A locked chain: the table's identity, the chain, and its head.
+#[derive(Clone)]
 pub struct Head {
     pub(crate) identity: String,
     pub(crate) chain: i32,
@@ -74,18 +75,30 @@ pub(crate) enum ChainUse {
 pub(crate) fn chain_ranges(table: u32, usage: ChainUse) -> [(i32, i32); 2] {
     match usage {
         ChainUse::Writer => [(0, 0), (0, 0)],
-        ChainUse::Caller
-            if Some(table) == vault_relation("vault.access_log").map(|o| o.to_u32()) =>
-        {
-            [(1, i32::MAX), (0, 0)]
-        }
+        ChainUse::Caller if has_writer_chain(table) => [(1, i32::MAX), (0, 0)],
         ChainUse::Caller => [(0, i32::MAX), (0, i32::MAX)],
     }
+}
+
+/// Whether `table` is one of the extension's own logs whose chain 0 belongs to a single batch
+/// writer (the audit writer, the retention worker): the access log, and the purge log, whose
+/// callers' proofs (a re-put's superseded version, `vault_delete`, `vault_purge_sweep`) take the
+/// other chains with SKIP LOCKED, so that concurrent puts do not wait for each other's commit
+/// behind one head row.
+fn has_writer_chain(table: u32) -> bool {
+    ["vault.access_log", "vault.purge_log"]
+        .iter()
+        .any(|name| vault_relation(name).map(|o| o.to_u32()) == Some(table))
 }
 
 /// Locks a chain of relation `table` for this transaction (a free one if any, among those `usage`
 /// may take) and returns its head.
 pub(crate) fn take_chain(table: u32, usage: ChainUse) -> Result<Head, VaultError> {
+    if usage == ChainUse::Caller {
+        if let Some(head) = super::held::held(table) {
+            return Ok(head);
+        }
+    }
     // SAFETY: called by chain_row / ChainBatch::begin, inside a transaction that is about to insert
     // rows (assigning its xid now is harmless); an ERROR becomes a Rust panic.
     let xid = unsafe { pg_sys::GetTopTransactionId() };
@@ -139,6 +152,9 @@ pub(crate) fn take_chain(table: u32, usage: ChainUse) -> Result<Head, VaultError
     .map_err(|e| VaultError::Internal(format!("taking a chain head failed: {e}")))?;
     let found = found.ok_or_else(|| VaultError::NotProtected(format!("relation {table}")))?;
     HELD.with(|h| h.borrow_mut().insert(table, (xid, found.chain)));
+    if usage == ChainUse::Caller {
+        super::held::hold(table, &found);
+    }
     Ok(found)
 }
 
@@ -160,7 +176,17 @@ impl ChainBatch {
         let relid = vault_relation(table)
             .ok_or_else(|| VaultError::NotProtected(table.to_owned()))?
             .to_u32();
-        let head = take_chain(relid, ChainUse::Writer)?;
+        // The batch writers (the audit writer, the retention worker) keep chain 0 to themselves;
+        // a batch written in a caller's transaction (a re-put's superseded version, vault_delete,
+        // vault_purge_sweep) takes a free caller chain, so that concurrent callers do not queue
+        // behind one head row until each other's commit.
+        // SAFETY: a plain read of a process global set once at process start.
+        let usage = if unsafe { pg_sys::MyBackendType } == pg_sys::BackendType::B_BG_WORKER {
+            ChainUse::Writer
+        } else {
+            ChainUse::Caller
+        };
+        let head = take_chain(relid, usage)?;
         CURSOR.with(|c| *c.borrow_mut() = Some(Cursor { relid, head }));
         Ok(ChainBatch { finished: false })
     }
@@ -168,6 +194,8 @@ impl ChainBatch {
     pub fn finish(mut self) -> Result<(), VaultError> {
         self.finished = true;
         match CURSOR.with(|c| c.borrow_mut().take()) {
+            // A caller's transaction writes the head back at its commit (`held`).
+            Some(cur) if super::held::advance(cur.relid, &cur.head) => Ok(()),
             Some(cur) => advance_chain(
                 &cur.head.identity,
                 cur.head.chain,

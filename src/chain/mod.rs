@@ -40,6 +40,7 @@ macro_rules! oid_by_recorded_name {
 
 mod checkpoint;
 mod head;
+mod held;
 pub mod on_conflict;
 mod protect;
 mod restore;
@@ -127,7 +128,7 @@ fn registered_oid() -> &'static str {
 /// `tuple` must be a valid heap tuple formed with `tupdesc` (or an earlier version of it with
 /// fewer attributes), and `tupdesc` a valid descriptor. By-reference datums in the result point
 /// into `tuple` and are valid only as long as it is.
-unsafe fn deform(
+pub(crate) unsafe fn deform(
     tuple: pg_sys::HeapTuple,
     tupdesc: pg_sys::TupleDesc,
 ) -> Vec<Option<pg_sys::Datum>> {

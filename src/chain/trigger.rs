@@ -1,6 +1,7 @@
 //! The chain trigger: links each inserted row of a protected table to its chain (per statement
-//! in memory, the head written once by the AFTER STATEMENT trigger), and keeps the chain fields a
-//! restored row carries in restore mode.
+//! in memory, handed to the transaction's held chain by the AFTER STATEMENT trigger, the head
+//! written once at commit: `held`), and keeps the chain fields a restored row carries in restore
+//! mode.
 
 use super::*;
 
@@ -53,8 +54,13 @@ pub fn flush_statement(trigger: &PgTrigger) -> Result<(), VaultError> {
             .collect();
         keys.into_iter().filter_map(|k| s.remove(&k)).collect()
     });
-    let linked = super::restore::linked_heads(table, (xid, subxid));
-    for head in done.into_iter().chain(linked) {
+    // The transaction holds the chain and writes its head back once, at commit (`held`).
+    for head in done {
+        if !super::held::advance(table, &head) {
+            advance_chain(&head.identity, head.chain, head.seq, &head.hash)?;
+        }
+    }
+    for head in super::restore::linked_heads(table, (xid, subxid)) {
         advance_chain(&head.identity, head.chain, head.seq, &head.hash)?;
     }
     Ok(())

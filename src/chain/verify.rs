@@ -92,7 +92,12 @@ pub(crate) fn live_table(relid: pg_sys::Oid) -> Result<Option<LiveTable>, VaultE
 /// A table's owner can hold ACCESS EXCLUSIVE on it for as long as they like; a verification
 /// must not hang behind that.
 pub(crate) fn lock_within_timeout(relid: pg_sys::Oid, lock: u32) -> bool {
-    let attempts = (settings::VERIFY_LOCK_TIMEOUT_MS.get().max(0) / 10) + 1;
+    lock_within(relid, lock, settings::VERIFY_LOCK_TIMEOUT_MS.get())
+}
+
+/// Takes `lock` on `relid`, trying every 10 ms for at most `timeout_ms` milliseconds.
+pub(crate) fn lock_within(relid: pg_sys::Oid, lock: u32, timeout_ms: i32) -> bool {
+    let attempts = (timeout_ms.max(0) / 10) + 1;
     for attempt in 0..attempts {
         // SAFETY: called inside a transaction (scan_rows serves the verify and export SQL calls);
         // locking a relation by OID is valid for any OID, even one no longer in use (the table

@@ -7,6 +7,7 @@
 use super::plugin::state;
 use super::{fail, lsn_text};
 use pgrx::prelude::*;
+use vsql_vault_core::continuity::Position;
 use vsql_vault_core::stream::Sealer;
 
 /// A transaction larger than this is sent in several batches, so memory stays bounded.
@@ -71,7 +72,9 @@ pub(super) unsafe fn flush(
 ) {
     // SAFETY: the caller's guarantee; `st` is the only reference to the State in this function.
     let st = unsafe { state(ctx) };
-    if st.pending.is_empty() {
+    // An emission whose earlier chunks were sent ends with a batch, empty if need be, that says
+    // it is complete.
+    if st.pending.is_empty() && !(last && st.emission_records > 0) {
         return;
     }
     let now = crate::pg::now_micros();
@@ -101,8 +104,9 @@ pub(super) unsafe fn flush(
         // Never generates: the audit writer made the key when the server first started.
         let key = crate::keys::existing()
             .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e.to_string()));
-        let (sealer, header) = Sealer::start(&st.slot, &st.kek, key, crate::pg::now_micros())
-            .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));
+        let (sealer, header) =
+            Sealer::start_from(&st.origin, &st.kek, key, crate::pg::now_micros())
+                .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()));
         st.sealer = Some(sealer);
         st.dek_started = now;
         st.dek_bytes = 0;
@@ -111,11 +115,13 @@ pub(super) unsafe fn flush(
         unsafe { write_line(ctx, &header, false) };
     }
     let tables: Vec<String> = st.tables.iter().cloned().collect();
+    let emission = lsn_text(st.emission);
     let line = st
         .sealer
         .as_mut()
         .map(|s| {
-            s.batch(
+            s.batch_of(
+                Some((&emission, last)),
                 &st.pending,
                 &lsn_text(st.first_lsn),
                 &lsn_text(lsn_end),
@@ -128,6 +134,20 @@ pub(super) unsafe fn flush(
         .unwrap_or_else(|e| fail(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string()))
         .unwrap_or_default();
     st.dek_bytes += batch_bytes;
+    st.emission_records += st.pending.len() as u64;
+    // What a session line started after this batch states as sent before it; a complete
+    // emission is written to the slot's log before its last batch leaves (Sent::record).
+    st.origin.resumption.prev = Some(Position {
+        lsn: st.emission,
+        partial: (!last).then_some(st.emission_records),
+    });
+    if last {
+        // SAFETY: the caller's guarantee: a live decoding context.
+        let (_, restart) = unsafe { super::sent::slot_positions(ctx) };
+        if let Some(sent) = st.sent.as_mut() {
+            sent.record(st.emission, restart);
+        }
+    }
     st.pending.clear();
     st.pending_bytes = 0;
     st.tables.clear();

@@ -15,6 +15,7 @@ mod options;
 mod plugin;
 mod record;
 mod relation_cache;
+mod sent;
 
 pub(crate) use batch::{batches_sealed, init_shmem};
 pub(crate) use kek::{health as kek_health, kek_ids};

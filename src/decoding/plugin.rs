@@ -12,10 +12,12 @@ use super::kek;
 use super::options::{parse_options, Options};
 use super::record::{close_record, message_record, open_record, write_row};
 use super::relation_cache::{forget_all, relation_of};
+use super::sent::{resume_lsn, slot_positions, source, Sent};
 use pgrx::prelude::*;
 use std::ffi::CStr;
+use vsql_vault_core::continuity::{Resumption, Source};
 use vsql_vault_core::envelope::Kek;
-use vsql_vault_core::stream::Sealer;
+use vsql_vault_core::stream::{Origin, Sealer};
 
 /// One decoding session's state, boxed by `startup` and freed by `shutdown`.
 pub(super) struct State {
@@ -29,7 +31,6 @@ pub(super) struct State {
     scope_required: bool,
     /// The largest change record so far: new records start with room for it.
     record_capacity: usize,
-    pub(super) slot: String,
     pub(super) kek: Kek,
     /// `kek::kek_stamp()` when `kek` was loaded.
     pub(super) kek_stamp: String,
@@ -41,6 +42,16 @@ pub(super) struct State {
     pub(super) pending_bytes: usize,
     pub(super) tables: std::collections::BTreeSet<String>,
     pub(super) first_lsn: u64,
+    /// The source and where this decoding session resumed (issue 16, items 7 and 8); `prev` is
+    /// what was sent on the slot before the next session line: from the slot's log at first, then
+    /// the last batch this decoding session sent.
+    pub(super) origin: Origin,
+    /// The slot's log of sent emissions (`None` in the context that creates the slot).
+    pub(super) sent: Option<Sent>,
+    /// The emission being sent (commit record of the transaction, or the non-transactional
+    /// message) and the change records of it sent so far.
+    pub(super) emission: u64,
+    pub(super) emission_records: u64,
     context: pg_sys::MemoryContext,
 }
 
@@ -89,19 +100,50 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
 unsafe extern "C-unwind" fn startup(
     ctx: *mut pg_sys::LogicalDecodingContext,
     options: *mut pg_sys::OutputPluginOptions,
-    _is_init: bool,
+    is_init: bool,
 ) {
     // SAFETY: PostgreSQL passes a live `ctx` and a writable `options`. `ctx->slot` is the slot
     // being decoded (never null while a decoding context exists) and its name a NUL-terminated
     // NameData; `output_plugin_options` is NIL or a List of DefElem, as parse_options requires.
     // The memory context is made under `ctx->context` (so it dies with the decoding context) with
-    // a static name and valid sizes. The boxed State is freed by `shutdown` only.
+    // a static name and valid sizes. The boxed State is freed by `shutdown` only. slot_positions,
+    // resume_lsn and source need a live context whose slot and snapshot builder exist, in the
+    // startup callback (before any historic snapshot): this one.
     unsafe {
         (*options).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_TEXTUAL_OUTPUT;
         let options = parse_options((*ctx).output_plugin_options);
         let slot = CStr::from_ptr((*(*ctx).slot).data.name.data.as_ptr())
             .to_string_lossy()
             .into_owned();
+        let (confirmed, restart) = slot_positions(ctx);
+        let resume = resume_lsn(ctx);
+        let sent = if is_init {
+            // A new slot: it has sent nothing (its first session resumes where it was created).
+            Sent::create(&slot);
+            None
+        } else {
+            // (A fast-forward context, pg_replication_slot_advance, does not load the plugin.)
+            Sent::open(&slot, restart)
+        };
+        let origin = Origin {
+            // The context that creates the slot sends nothing: it needs no source (and, in a
+            // walsender, must not start a transaction to read the database's name).
+            source: if is_init {
+                Source {
+                    system_id: String::new(),
+                    database: String::new(),
+                    database_oid: 0,
+                    slot: slot.clone(),
+                }
+            } else {
+                source(&slot)
+            },
+            resumption: Resumption {
+                confirmed,
+                resume,
+                prev: sent.as_ref().and_then(|s| s.before(resume)),
+            },
+        };
         let context = pg_sys::AllocSetContextCreateInternal(
             (*ctx).context,
             c"vsql_vault decoding".as_ptr(),
@@ -115,7 +157,6 @@ unsafe extern "C-unwind" fn startup(
             scope_under: SnapshotId::default(),
             scope_required: false,
             record_capacity: 256,
-            slot,
             kek_stamp: kek::kek_stamp(),
             kek: kek::session_kek(),
             sealer: None,
@@ -125,6 +166,10 @@ unsafe extern "C-unwind" fn startup(
             pending_bytes: 0,
             tables: Default::default(),
             first_lsn: 0,
+            origin,
+            sent,
+            emission: 0,
+            emission_records: 0,
             context,
         });
         (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
@@ -162,10 +207,14 @@ unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
 #[pg_guard]
 unsafe extern "C-unwind" fn begin(
     ctx: *mut pg_sys::LogicalDecodingContext,
-    _txn: *mut pg_sys::ReorderBufferTXN,
+    txn: *mut pg_sys::ReorderBufferTXN,
 ) {
     // SAFETY: a callback after `startup`, so the State exists; this is the only reference to it.
-    let st = unsafe { state(ctx) };
+    // `txn` is the live transaction being replayed after its commit was decoded, so `final_lsn`
+    // is its commit record's position.
+    let (st, commit_lsn) = unsafe { (state(ctx), (*txn).final_lsn) };
+    st.emission = commit_lsn;
+    st.emission_records = 0;
     st.pending.clear();
     st.pending_bytes = 0;
     st.tables.clear();
@@ -327,6 +376,12 @@ unsafe extern "C-unwind" fn message(
             (*txn).xid.into_inner()
         };
         let record = message_record(&prefix, bytes, transactional, lsn, xid);
+        if !transactional {
+            // Sent on its own, at its own position.
+            let st = state(ctx);
+            st.emission = lsn;
+            st.emission_records = 0;
+        }
         push(ctx, lsn, xid, record);
         if !transactional {
             // A non-transactional message is not part of any commit: it is its own batch.

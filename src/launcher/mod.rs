@@ -189,20 +189,31 @@ pub fn restore_in_progress() -> bool {
     })
 }
 
-/// Called by any backend that destroyed entries: its database's retention worker vacuums soon.
+/// Called by any backend that destroyed entries: its database's retention worker vacuums soon
+/// (within `vsql_vault.vacuum_delay`). Only the first request since the worker's last VACUUM
+/// wakes it: a re-put requests one every call, and a wake-up per put cost the worker a
+/// transaction each.
 pub fn request_vacuum() {
     if !crate::preloaded() {
         return;
     }
     let db = my_database();
     let latch = with_entry(db, |e| {
+        let first = !e.vacuum_requested;
         e.vacuum_requested = true;
-        e.retention_latch
+        first.then_some(e.retention_latch)
     });
-    set_latch(latch.unwrap_or(0));
+    set_latch(latch.flatten().unwrap_or(0));
 }
 
-/// The retention worker takes its database's vacuum request.
+/// Whether a backend asked the retention worker of this database for a VACUUM since it took the
+/// last request.
+pub fn vacuum_requested() -> bool {
+    with_entry(my_database(), |e| e.vacuum_requested).unwrap_or(false)
+}
+
+/// The retention worker takes its database's vacuum request, just before it vacuums: a request
+/// made while the VACUUM runs is kept for the next one.
 pub fn take_vacuum_request() -> bool {
     with_entry(my_database(), |e| std::mem::take(&mut e.vacuum_requested)).unwrap_or(false)
 }

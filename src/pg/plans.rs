@@ -14,6 +14,8 @@ use std::rc::Rc;
 
 thread_local! {
     static PLANS: RefCell<HashMap<usize, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    static TEXT_PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> =
+        RefCell::new(HashMap::new());
 }
 
 /// Argument types of a prepared statement.
@@ -51,4 +53,26 @@ pub fn plan(
     let kept = Rc::new(prepared.keep());
     PLANS.with(|m| m.borrow_mut().insert(key, Rc::clone(&kept)));
     Ok(kept)
+}
+
+/// Runs `query` (read-write) with `args` through a kept plan keyed by the query's text: for the
+/// statements a hot path builds at run time from a few shapes (the purge-proof insert, one per
+/// inclusion-path length), so that they are parsed and planned once per backend, not per call.
+/// The argument types are the arguments' own.
+pub fn update_with<'conn, 'mcx>(
+    client: &mut SpiClient<'conn>,
+    query: &str,
+    args: &[pgrx::datum::DatumWithOid<'mcx>],
+) -> SpiResult<pgrx::spi::SpiTupleTable<'conn>> {
+    let kept = TEXT_PLANS.with(|m| m.borrow().get(query).cloned());
+    let stmt = match kept {
+        Some(p) => p,
+        None => {
+            let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+            let kept = Rc::new(client.prepare_mut(query, &types)?.keep());
+            TEXT_PLANS.with(|m| m.borrow_mut().insert(query.to_owned(), Rc::clone(&kept)));
+            kept
+        }
+    };
+    client.update(&*stmt, None, args)
 }

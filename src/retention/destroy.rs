@@ -26,7 +26,7 @@ const SELECT_COLUMNS: &str =
 fn read_doomed(query: &str, args: &[DatumWithOid]) -> Result<Vec<Doomed>, VaultError> {
     Spi::connect_mut(|c| {
         let mut out = Vec::new();
-        for row in c.update(query, None, args)? {
+        for row in crate::pg::plans::update_with(c, query, args)? {
             let text = |name: &str| row.get_by_name::<String, _>(name);
             let int = |name: &str| row.get_by_name::<i64, _>(name).map(|v| v.unwrap_or(0));
             let days = |name: &str| row.get_by_name::<i32, _>(name).map(|v| v.unwrap_or(0));
@@ -272,7 +272,7 @@ fn insert_proofs(
     let _writing = crate::chain::VaultWriting::enter();
     let longest = proved.iter().map(|l| l.path.len()).max().unwrap_or(0);
     let insert = INSERT_PROOFS.replace("{path}", &path_expression(longest));
-    for row in c.update(&insert, None, &args)? {
+    for row in crate::pg::plans::update_with(c, &insert, &args)? {
         ids.push(row.get_by_name::<i64, _>("id")?.unwrap_or(0));
     }
     Ok(ids)
@@ -290,16 +290,16 @@ fn remove_entries(
     let ids = |list: Vec<&Doomed>| list.iter().map(|d| d.snapshot.id).collect::<Vec<i64>>();
     let (ids_shred, ids_delete) = (ids(shred), ids(delete));
     if !ids_delete.is_empty() {
-        c.update(
+        crate::pg::plans::update_with(
+            c,
             "DELETE FROM vault.entries WHERE id = ANY($1)",
-            None,
             &[ids_delete.into()],
         )?;
     }
     if !ids_shred.is_empty() {
-        c.update(
+        crate::pg::plans::update_with(
+            c,
             "UPDATE vault.entries SET encrypted_value = '\\x'::bytea, purged_at = now() WHERE id = ANY($1)",
-            None,
             &[ids_shred.into()],
         )?;
     }

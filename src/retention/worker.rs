@@ -11,9 +11,26 @@ use vsql_vault_core::schedule::{next_sweep_due, parse_time_of_day};
 
 pub const WORKER_NAME: &str = "vsql_vault retention worker";
 
-/// Called by any backend that destroyed entries: its database's worker vacuums soon after.
+thread_local! {
+    /// This transaction destroyed a value and will ask for a VACUUM when it commits.
+    static VACUUM_AT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Called by any backend that destroyed entries: once its transaction commits, its database's
+/// worker vacuums within `vsql_vault.vacuum_delay`. Asked at commit, not at once: a VACUUM that
+/// ran before the commit could not remove the replaced version, which would then wait for the
+/// next request or for autovacuum.
 pub fn request_vacuum() {
-    crate::launcher::request_vacuum();
+    if VACUUM_AT_COMMIT.with(|f| f.replace(true)) {
+        return;
+    }
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        VACUUM_AT_COMMIT.with(|f| f.set(false));
+        crate::launcher::request_vacuum();
+    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
+        VACUUM_AT_COMMIT.with(|f| f.set(false));
+    });
 }
 
 /// SIGTERM arrived (pgrx's flag for it is cleared when read; this one is not).
@@ -62,6 +79,9 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(arg: pg_sys::Datum) {
     let mut last_run: Option<i64> = None;
     let mut runs_read = false;
     let mut daily_at = sweep_at();
+    // When the last VACUUM of vault.entries ended, and when the one requested since is due.
+    let mut last_vacuum: Option<std::time::Instant> = None;
+    let mut vacuum_due: Option<std::time::Instant> = None;
     loop {
         if !runs_read && extension_present() {
             last_run = last_finished_run().or(last_run);
@@ -70,9 +90,13 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(arg: pg_sys::Datum) {
         let interval = i64::from(settings::SWEEP_INTERVAL_S.get().max(1));
         let due = next_sweep_due(last_run.unwrap_or(started), interval, daily_at);
         let until_sweep = Duration::from_secs(due.saturating_sub(unix_now()).max(0) as u64);
+        let until_vacuum = vacuum_due.map_or(until_sweep, |at| {
+            at.saturating_duration_since(std::time::Instant::now())
+        });
         // Wake at least every second so SIGTERM and SIGHUP are handled promptly.
         if !BackgroundWorker::wait_latch(Some(
             until_sweep
+                .min(until_vacuum)
                 .min(Duration::from_secs(1))
                 .max(Duration::from_millis(10)),
         )) || stop_requested()
@@ -103,8 +127,17 @@ pub extern "C-unwind" fn vsql_vault_retention_worker_main(arg: pg_sys::Datum) {
             crate::launcher::no_extension_here();
             break;
         }
-        if crate::launcher::take_vacuum_request() {
-            vacuum_entries();
+        if vacuum_due.is_none() && crate::launcher::vacuum_requested() {
+            let delay = Duration::from_secs(settings::VACUUM_DELAY_S.get().max(0) as u64);
+            let now = std::time::Instant::now();
+            vacuum_due = Some(last_vacuum.map_or(now, |t| (t + delay).max(now)));
+        }
+        if vacuum_due.is_some_and(|at| at <= std::time::Instant::now()) {
+            vacuum_due = None;
+            if crate::launcher::take_vacuum_request() {
+                vacuum_entries();
+                last_vacuum = Some(std::time::Instant::now());
+            }
         }
     }
     // The launcher, not the postmaster, decides whether a new worker starts.

@@ -2,7 +2,8 @@
 //!
 //! Each `*_impl` function returns its failure as `(sqlstate, message)` columns; the SQL wrappers in
 //! `sql/api.sql` raise them (see `errors.rs` for why). Every call, granted or refused, goes through
-//! `audited_call` and is made durable in `vault.access_log` before anything is returned; the
+//! `audited_call` and is made durable in `vault.access_log` before anything is returned (a granted
+//! put through `audited_change`: its record commits with the entry, in the caller's transaction); the
 //! decisions themselves are the core's pure functions (`vsql_vault_core::decide`), and this module
 //! only reads the facts they take and maps a refusal to the error the API documents.
 

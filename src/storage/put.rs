@@ -2,7 +2,7 @@
 
 use super::{refusal_error, Subject};
 use crate::access_log::Event;
-use crate::audited_call::audited_call;
+use crate::audited_call::audited_change;
 use crate::errors::{status, VaultError};
 use crate::pg::plans::{self, types::*};
 use crate::retention::destroy;
@@ -94,7 +94,7 @@ fn put_impl(
         expires_at,
         access_policy,
     };
-    let result = audited_call("put", purpose, external_id, |event| put(event, &input));
+    let result = audited_change("put", purpose, external_id, |event| put(event, &input));
     let (s, m) = status(&result);
     TableIterator::once((s, m, result.ok()))
 }

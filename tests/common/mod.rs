@@ -173,6 +173,16 @@ pub fn set_kek(s: &Server, su: &mut Client, contents: &str) -> String {
     path
 }
 
+/// `set_kek`, then waits until the server's sessions see the new setting.
+pub fn use_kek(s: &Server, su: &mut Client, contents: &str) -> String {
+    let kek = set_kek(s, su, contents);
+    poll("the KEK setting", 100, || {
+        su.query_one("SHOW vsql_vault.kek_file", &[])
+            .is_ok_and(|r| r.get::<_, String>(0) == kek)
+    });
+    kek
+}
+
 /// The public halves of every signing key, after a checkpoint so the current key is registered.
 pub fn public_keys(su: &mut Client) -> Vec<String> {
     su.execute("SELECT vault_checkpoint()", &[]).unwrap();
@@ -183,13 +193,34 @@ pub fn public_keys(su: &mut Client) -> Vec<String> {
         .collect()
 }
 
+/// The indexes of a stream's batch lines.
+pub fn batch_lines(lines: &[String]) -> Vec<usize> {
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("\"type\":\"batch\""))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Runs the offline consumer over a captured stream: (exit status, stdout, stderr).
 pub fn decrypt(su: &mut Client, kek: &str, stream: &str) -> (i32, String, String) {
+    decrypt_with(&public_keys(su), kek, stream, &[])
+}
+
+/// Runs the offline consumer over a captured stream trusting `keys`, with `extra` options.
+pub fn decrypt_with(
+    keys: &[String],
+    kek: &str,
+    stream: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
     let mut cmd = Command::new(std::env::var("VSQL_VAULT_CLI").expect("VSQL_VAULT_CLI"));
     cmd.args(["decrypt", "--kek-file", kek, "--input", stream]);
-    for k in public_keys(su) {
-        cmd.args(["--public-key", &k]);
+    for k in keys {
+        cmd.args(["--public-key", k]);
     }
+    cmd.args(extra);
     let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
