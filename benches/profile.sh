@@ -43,8 +43,8 @@ psql_su -c "INSERT INTO audit_events (tenant, actor, event, amount)
             FROM generate_series(1, $rows) g"
 psql_su -Atc "SELECT vault_protect_table('audit_events', 16)" >/dev/null
 psql_su -Atc "SELECT vault_checkpoint()" >/dev/null
-psql_su -Atc "SELECT vault_export_audit('audit_events')" >"$dir/export.jsonl"
 psql_su -Atc "SELECT vault_export_checkpoints()" >"$dir/checkpoints.jsonl"
+psql_su -Atc "SELECT vault_export_audit('audit_events')" >"$dir/export.jsonl"
 keys=()
 for k in $(psql_su -Atc "SELECT public_key FROM vault.signing_keys"); do keys+=(--public-key "$k"); done
 

@@ -456,8 +456,8 @@ verify() {
     sql_rate=$(per_sec "$n" "$(elapsed "$a")")
     [ "$ok" = t ] || fail "vault_verify_audit('$t') found a broken chain"
     a=$(now)
-    psql_su -Atc "SELECT vault_export_audit('$t')" >"$dir/export.jsonl"
     psql_su -Atc "SELECT vault_export_checkpoints()" >"$dir/checkpoints.jsonl"
+    psql_su -Atc "SELECT vault_export_audit('$t')" >"$dir/export.jsonl"
     info+=("- Exporting $(commas "$n") rows of $t with vault_export_audit (psql -Atc into a file): $(elapsed "$a") s.")
     a=$(now)
     target/release/vsql-vault verify --export "$dir/export.jsonl" --checkpoints "$dir/checkpoints.jsonl" \

@@ -110,8 +110,10 @@ echo
 echo "==> The auditor takes the evidence away and checks it offline with vsql-vault (no database):"
 out=$dir/evidence
 install -d "$out"
-psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT vault_export_audit('vault.access_log')" >"$out/access_log.jsonl"
+# Checkpoints before rows: a checkpoint signed after the rows were exported would name rows the
+# export lacks.
 psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT vault_export_checkpoints()" >"$out/checkpoints.jsonl"
+psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT vault_export_audit('vault.access_log')" >"$out/access_log.jsonl"
 keys=()
 for k in $(psql -X -q -h "$dir" -p "$port" -U auditor -d "$db" -Atc "SELECT public_key FROM vault.signing_keys"); do
     keys+=(--public-key "$k")

@@ -355,8 +355,8 @@ fn a_key_inserted_behind_the_triggers_back_is_rejected_by_both_verifiers() {
     let export = format!("{}/forge.export.jsonl", s.dir);
     let checkpoints = format!("{}/forge.checkpoints.jsonl", s.dir);
     for (file, sql) in [
-        (&export, "SELECT vault_export_audit('it_forge')"),
         (&checkpoints, "SELECT vault_export_checkpoints()"),
+        (&export, "SELECT vault_export_audit('it_forge')"),
     ] {
         let lines: Vec<String> = su
             .query(sql, &[])

@@ -303,13 +303,8 @@ pub fn login_roles(su: &mut Client, roles: &[(&str, Option<&str>)]) {
 pub fn offline_verdict(s: &Server, su: &mut Client, table: &str, tag: &str) -> (i32, String) {
     let export = format!("{}/{tag}.export.jsonl", s.dir);
     let checkpoints = format!("{}/{tag}.checkpoints.jsonl", s.dir);
-    let lines: Vec<String> = su
-        .query(&format!("SELECT vault_export_audit('{table}')"), &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+    // Checkpoints first, as the README says: one signed after the rows were exported (the export
+    // itself is recorded, and the writer checkpoints on its own) names a row the export lacks.
     let cps: Vec<String> = su
         .query("SELECT vault_export_checkpoints()", &[])
         .unwrap()
@@ -317,6 +312,13 @@ pub fn offline_verdict(s: &Server, su: &mut Client, table: &str, tag: &str) -> (
         .map(|r| r.get(0))
         .collect();
     std::fs::write(&checkpoints, cps.join("\n") + "\n").unwrap();
+    let lines: Vec<String> = su
+        .query(&format!("SELECT vault_export_audit('{table}')"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
     let identity = identity_of(su, table);
     run_verify(su, &export, &checkpoints, &["--table", &identity])
 }
