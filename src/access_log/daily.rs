@@ -31,7 +31,10 @@ thread_local! {
     /// ALTER EXTENSION UPDATE, counts the record itself and never asks).
     static ASKED: Cell<bool> = const { Cell::new(false) };
     static PENDING: RefCell<Vec<Count>> = const { RefCell::new(Vec::new()) };
-    static SUBXACT_CALLBACK: Cell<bool> = const { Cell::new(false) };
+    /// The transaction whose callbacks are registered: pgrx forgets transaction and
+    /// subtransaction callbacks alike when a transaction ends (as in chain/held.rs).
+    static CALLBACKS_OF: Cell<pg_sys::TransactionId> =
+        const { Cell::new(pg_sys::InvalidTransactionId) };
 }
 
 /// Asked by `vault.count_access()` for each statement on the access log: true while this backend
@@ -83,10 +86,9 @@ pub(crate) fn count(
             pg_sys::GetCurrentSubTransactionId(),
         )
     };
-    let first = PENDING.with(|p| {
+    PENDING.with(|p| {
         let mut p = p.borrow_mut();
         p.retain(|c| c.xid == xid);
-        let first = p.is_empty();
         p.push(Count {
             xid,
             subid,
@@ -99,16 +101,15 @@ pub(crate) fn count(
             chain,
             identified,
         });
-        first
     });
-    if first {
+    // A flag kept for the backend's life registered the subtransaction callback in its first
+    // such transaction only: later, calls rolled back to a savepoint were counted all the same.
+    if CALLBACKS_OF.with(|c| c.replace(xid)) != xid {
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, write_or_raise);
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, write_or_raise);
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
             PENDING.with(|p| p.borrow_mut().clear())
         });
-    }
-    if !SUBXACT_CALLBACK.with(|s| s.replace(true)) {
         pgrx::register_subxact_callback(
             pgrx::PgSubXactCallbackEvent::AbortSub,
             |aborted, _parent| {

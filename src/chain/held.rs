@@ -36,7 +36,11 @@ struct HeldChain {
 
 thread_local! {
     static HELD_CHAINS: RefCell<HashMap<u32, HeldChain>> = RefCell::new(HashMap::new());
-    static SUBXACT_CALLBACK: Cell<bool> = const { Cell::new(false) };
+    /// The transaction whose callbacks are registered: pgrx forgets transaction and
+    /// subtransaction callbacks alike when a transaction ends, so each transaction that holds a
+    /// chain registers its own, once.
+    static CALLBACKS_OF: Cell<pg_sys::TransactionId> =
+        const { Cell::new(pg_sys::InvalidTransactionId) };
 }
 
 fn current() -> (pg_sys::TransactionId, pg_sys::SubTransactionId) {
@@ -64,10 +68,9 @@ pub(crate) fn held(table: u32) -> Option<Head> {
 /// Records that this transaction has just locked `head` of `table`'s chain.
 pub(crate) fn hold(table: u32, head: &Head) {
     let (xid, subid) = current();
-    let first = HELD_CHAINS.with(|h| {
+    HELD_CHAINS.with(|h| {
         let mut h = h.borrow_mut();
         h.retain(|_, c| c.xid == xid);
-        let first = h.is_empty();
         h.insert(
             table,
             HeldChain {
@@ -78,9 +81,11 @@ pub(crate) fn hold(table: u32, head: &Head) {
                 moved: false,
             },
         );
-        first
     });
-    if first {
+    // A flag kept for the backend's life registered the subtransaction callback in its first
+    // such transaction only: a later ROLLBACK TO SAVEPOINT kept the rolled-back links, and the
+    // chain had a gap where they were.
+    if CALLBACKS_OF.with(|c| c.replace(xid)) != xid {
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, || {
             write_back_or_raise()
         });
@@ -90,8 +95,6 @@ pub(crate) fn hold(table: u32, head: &Head) {
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
             HELD_CHAINS.with(|h| h.borrow_mut().clear())
         });
-    }
-    if !SUBXACT_CALLBACK.with(|s| s.replace(true)) {
         pgrx::register_subxact_callback(
             pgrx::PgSubXactCallbackEvent::AbortSub,
             |aborted, _parent| take_back(aborted),
