@@ -63,9 +63,9 @@ REVOKE ALL ON vault.protected_tables, vault.chain_heads, vault.signing_keys, vau
 GRANT SELECT ON vault.protected_tables, vault.chain_heads, vault.signing_keys, vault.audit_checkpoints
     TO vault_auditor, vault_admin;
 
--- The chain trigger runs as the inserting role; its queries switch to the owner, so its
--- search_path is pinned like the API's.
-ALTER FUNCTION vault.chain_row() SET search_path = pg_catalog, pg_temp;
+-- The chain triggers run as the inserting role; their queries switch to the owner, and with it
+-- to the API's search_path (AsOwner). vault.chain_row() has no SET clause of its own: it runs per
+-- row, and a SET clause costs a GUC save and restore per call.
 ALTER FUNCTION vault.chain_flush() SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION vault.protect_builtin(oid, int) FROM PUBLIC;
 

@@ -1148,3 +1148,7 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
+
+-- vault.chain_row() runs per inserted row: its queries pin search_path where they switch to the
+-- owner (AsOwner) instead of a SET clause per call.
+ALTER FUNCTION vault.chain_row() RESET search_path;

@@ -232,6 +232,65 @@ fn a_protected_table_cannot_be_renamed_or_moved_under_any_keyword() {
 }
 
 #[test]
+fn chained_inserts_never_run_look_alike_operators_of_the_callers_search_path() {
+    let s = server();
+    let (mut su, mut m) = mallory(&s);
+    mallory_ledger(&mut m);
+    // Look-alikes of the comparisons the chain's queries make, in a schema mallory puts before
+    // pg_catalog: the chain trigger has no SET clause of its own (it runs per row), so its
+    // queries, the first of each statement and the head written back at commit, must pin the
+    // path themselves.
+    let mut plant = String::new();
+    for ty in ["oid", "int4", "int8", "text", "name", "bytea", "regclass"] {
+        plant.push_str(&format!(
+            "CREATE FUNCTION mallory.eq_{ty}(a {ty}, b {ty}) RETURNS bool LANGUAGE sql
+               AS 'SELECT mallory.spy() AND a OPERATOR(pg_catalog.=) b';
+             CREATE OPERATOR mallory.= (LEFTARG = {ty}, RIGHTARG = {ty}, FUNCTION = mallory.eq_{ty});"
+        ));
+    }
+    m.batch_execute(&plant).unwrap();
+    m.batch_execute(
+        "SET search_path = mallory, pg_catalog, public;
+         BEGIN;
+         INSERT INTO mallory.ledger VALUES (3, 'c');
+         INSERT INTO mallory.ledger SELECT g, 'd' FROM generate_series(4, 40) g;
+         SAVEPOINT s;
+         INSERT INTO mallory.ledger VALUES (41, 'e');
+         ROLLBACK TO SAVEPOINT s;
+         INSERT INTO mallory.ledger VALUES (42, 'f');
+         COMMIT;
+         INSERT INTO mallory.ledger VALUES (43, 'g');
+         RESET search_path;",
+    )
+    .unwrap();
+    assert!(
+        seen(&mut m).is_empty(),
+        "a chained insert ran mallory's operator"
+    );
+    // The planted operators work where they are meant to be used: the test would prove nothing
+    // otherwise.
+    let used: bool = m
+        .query_one("SELECT 1::int4 OPERATOR(mallory.=) 1::int4", &[])
+        .unwrap()
+        .get(0);
+    assert!(used);
+    assert_eq!(
+        seen(&mut m).len(),
+        1,
+        "the look-alike operator runs when called"
+    );
+    let verdict = su
+        .query_one(
+            "SELECT ok, rows_checked FROM vault_verify_audit('mallory.ledger')",
+            &[],
+        )
+        .unwrap();
+    assert!(verdict.get::<_, bool>(0));
+    assert_eq!(verdict.get::<_, i64>(1), 2 + 1 + 37 + 1 + 1);
+    assert!(!is_superuser(&mut su, "mallory"));
+}
+
+#[test]
 fn verification_goes_by_oid_and_never_runs_what_took_a_tables_name() {
     let s = server();
     let (mut su, mut m) = mallory(&s);

@@ -25,14 +25,35 @@ fn vault_owner() -> pg_sys::Oid {
     })
 }
 
-/// Restores the caller's user id when dropped, also when an error unwinds through it.
+/// The search_path the vault's own queries run under, as in the SET clause of the API functions.
+const VAULT_SEARCH_PATH: &str = "pg_catalog, pg_temp";
+
+/// Pins `search_path` unless it is pinned already (inside an API function), so that the vault's
+/// queries never resolve a name through a path the caller chose, and their saved plans are always
+/// made under one path. The chain trigger relies on this instead of a SET clause of its own, which
+/// cost a GUC save and restore per inserted row.
+fn pin_search_path() -> Option<TemporarySetting> {
+    // SAFETY: GetConfigOption returns the setting's current value (or NULL), valid until the
+    // setting changes; it is compared before anything else runs.
+    let pinned = unsafe {
+        let p = pg_sys::GetConfigOption(c"search_path".as_ptr(), true, false);
+        !p.is_null() && std::ffi::CStr::from_ptr(p).to_bytes() == VAULT_SEARCH_PATH.as_bytes()
+    };
+    (!pinned).then(|| TemporarySetting::set(c"search_path", VAULT_SEARCH_PATH))
+}
+
+/// Restores the caller's user id (and search_path) when dropped, also when an error unwinds
+/// through it.
 pub struct AsOwner {
     saved_user: pg_sys::Oid,
     saved_context: i32,
+    /// Dropped after `drop` has restored the user id: guards nest as scopes do.
+    _search_path: Option<TemporarySetting>,
 }
 
 impl AsOwner {
     pub fn enter() -> AsOwner {
+        let search_path = pin_search_path();
         let owner = vault_owner();
         let mut saved_user = pg_sys::Oid::INVALID;
         let mut saved_context = 0;
@@ -50,6 +71,7 @@ impl AsOwner {
         AsOwner {
             saved_user,
             saved_context,
+            _search_path: search_path,
         }
     }
 }
