@@ -629,6 +629,8 @@ before=$(psql_su -Atc "SELECT count(*) FROM vault.access_log")
 psql_su -v access_rows="$access_rows" -f benches/sql/compliance_access.sql >/dev/null
 s=$(elapsed "$a")
 added=$(($(psql_su -Atc "SELECT count(*) FROM vault.access_log") - before))
+[ $((before + added)) -ge "$access_rows" ] ||
+    fail "benches/sql/compliance_access.sql left the access log at $((before + added)) rows of $access_rows"
 info+=("- Compliance scenario: the access log topped up to $(commas "$access_rows") rows: $(commas "$added") rows with their chain fields computed in SQL (benches/sql/compliance_access.sql) and inserted as a restore would, in vsql_vault.restore_mode (the log refuses any other direct insert), 1,000 per transaction, in $s s ($(per_sec "$added" "$s") rows/s).")
 psql_su -c "VACUUM ANALYZE vault.entries, vault.access_log, vault.access_daily" >/dev/null
 psql_su -c "CREATE ROLE bench_auditor LOGIN IN ROLE vault_auditor"

@@ -64,9 +64,9 @@ GRANT SELECT ON vault.protected_tables, vault.chain_heads, vault.signing_keys, v
     TO vault_auditor, vault_admin;
 
 -- The chain triggers run as the inserting role; their queries switch to the owner, and with it
--- to the API's search_path (AsOwner). vault.chain_row() has no SET clause of its own: it runs per
--- row, and a SET clause costs a GUC save and restore per call.
-ALTER FUNCTION vault.chain_flush() SET search_path = pg_catalog, pg_temp;
+-- to the API's search_path (AsOwner). Neither has a SET clause of its own: vault.chain_row() runs
+-- per row and vault.chain_flush() per statement, and a SET clause costs a GUC save and restore
+-- per call.
 REVOKE ALL ON FUNCTION vault.protect_builtin(oid, int) FROM PUBLIC;
 
 -- The issue-2 append-only triggers of the access log give way to the uniform protection.

@@ -1149,6 +1149,7 @@ BEGIN
 END
 $fn$;
 
--- vault.chain_row() runs per inserted row: its queries pin search_path where they switch to the
--- owner (AsOwner) instead of a SET clause per call.
+-- vault.chain_row() runs per inserted row and vault.chain_flush() per statement: their queries
+-- pin search_path where they switch to the owner (AsOwner) instead of a SET clause per call.
 ALTER FUNCTION vault.chain_row() RESET search_path;
+ALTER FUNCTION vault.chain_flush() RESET search_path;
